@@ -1,0 +1,62 @@
+"""Expensive:cheap clip patterns (paper Tables 3 and 4; ../DESIGN.md "Patterns").
+
+``all-e``: every clip expensive. ``all-c``: every clip cheap. ``first``: only clip 0 expensive
+(Table 3). ``1:x``: positions 0, x+1, 2(x+1), ... expensive, the rest cheap, valid only when x+1
+divides the number of clips (Table 4 leaves the other cells empty). ``1:0`` equals ``all-e``.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+_RATIO = re.compile(r"^1:(\d+)$")
+NAMED = ("all-e", "all-c", "first")
+
+
+def check(pattern: str) -> str:
+    """Return ``pattern`` if its syntax is valid; raise ValueError naming it otherwise."""
+    if pattern in NAMED or _RATIO.match(pattern):
+        return pattern
+    raise ValueError(f"unknown pattern {pattern!r}; expected all-e, all-c, first or 1:x")
+
+
+def expensive_mask(pattern: str, num_clips: int) -> list[bool]:
+    """True at the clip positions the expensive backbone processes."""
+    check(pattern)
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    if pattern == "all-e":
+        return [True] * num_clips
+    if pattern == "all-c":
+        return [False] * num_clips
+    if pattern == "first":
+        return [i == 0 for i in range(num_clips)]
+    x = int(_RATIO.match(pattern).group(1))
+    if num_clips % (x + 1):
+        raise ValueError(f"pattern {pattern!r} needs the number of clips to be a multiple of {x + 1}, "
+                         f"got {num_clips}")
+    return [i % (x + 1) == 0 for i in range(num_clips)]
+
+
+def is_valid(pattern: str, num_clips: int) -> bool:
+    try:
+        expensive_mask(pattern, num_clips)
+    except ValueError:
+        return False
+    return True
+
+
+def counts(pattern: str, num_clips: int) -> tuple[int, int]:
+    """(#expensive, #cheap) clips."""
+    mask = expensive_mask(pattern, num_clips)
+    return sum(mask), num_clips - sum(mask)
+
+
+def subset_positions(num_extracted: int, num_clips: int) -> list[int]:
+    """Which of N extracted clips a run on n of them uses: round(i * (N-1) / (n-1)), half up."""
+    if not 1 <= num_clips <= num_extracted:
+        raise ValueError(f"--num-clips must be between 1 and the {num_extracted} extracted clips, "
+                         f"got {num_clips}")
+    if num_clips == 1:
+        return [0]
+    return [int(math.floor(i * (num_extracted - 1) / (num_clips - 1) + 0.5)) for i in range(num_clips)]

@@ -1,0 +1,178 @@
+"""The `faster` command line (click). Thin: parse options, build a config, call one library function.
+
+Heavy imports (torch, h5py, decord, torchvision) happen inside the command bodies so that
+`faster --help` answers at once; tests/test_cli.py checks sys.modules in a subprocess.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from faster import __version__
+
+MODEL_HELP = "backbone name (see `faster flops --help` / faster.extract.models.names())"
+
+
+def _pending(issue: int, what: str) -> None:
+    """A command not built yet: say which issue brings it and exit non-zero."""
+    raise click.ClickException(f"`faster {what}` is not built yet: it arrives with issue [{issue}]")
+
+
+def _fail(err: Exception) -> None:
+    """User errors (bad values, bad files) become one-line click errors (exit 2 for usage, 1 otherwise)."""
+    raise click.ClickException(str(err)) from err
+
+
+def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise click.BadParameter(f"{v!r}: expected NAME=PATH", param_hint="--weights")
+        out[name] = path
+    return out
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="faster")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def cli(verbose: int) -> None:
+    """FASTER: cheap video classification from cached clip features (Zhu et al., AAAI 2020).
+
+    \b
+    1. faster extract   decode videos once, run the clip backbones, cache res5 maps in HDF5 shards
+    2. faster fit       train an aggregator (FAST-GRU, avg, concat, lstm, gru) on cached features
+    3. faster ablate    grids of fits: the paper's Tables 3 and 4 from cached features
+    4. faster predict   classify new videos, running the expensive backbone only where the pattern says
+    """
+    import logging
+
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@cli.command()
+@click.argument("video_root", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Feature-set directory.")
+@click.option("--model", "models", multiple=True, required=True, help=MODEL_HELP + "; repeat for several.")
+@click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights file; random init without.")
+@click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--num-clips", type=click.IntRange(1), help="Clips per video [default: 256 // clip-len].")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Crop size in pixels.")
+@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Clips per forward.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Decoding processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False), help="CSV: path,label or Kinetics.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+              help="File with one class name per line (fixes class indices across splits).")
+@click.option("--shard-size", default=64, show_default=True, type=click.IntRange(1), help="Videos per shard.")
+@click.option("--num-shards", default=1, show_default=True, type=click.IntRange(1), help="Slurm array size.")
+@click.option("--shard-index", default=0, show_default=True, type=click.IntRange(0), help="Slurm array index.")
+@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "lzf", "gzip"]))
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds before a video whose decode hangs is recorded as failed.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of random initialisation.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
+def extract(**kw) -> None:
+    """Decode each video once, run every --model over its clips, write res5 maps to HDF5 shards.
+
+    Re-running the same command resumes: videos in complete shards are skipped, failed ones retried.
+    """
+    _pending(2, "extract")
+
+
+@cli.command()
+@click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+def verify(feats: tuple[str, ...]) -> None:
+    """Check every shard of feature sets against the schema; write the merged manifest and failures."""
+    _pending(2, "verify")
+
+
+@cli.command()
+@click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--agg", required=True, help="Aggregator: avg, concat, lstm, gru, fastgru.")
+@click.option("--expensive", required=True, help="Model name of the expensive features.")
+@click.option("--cheap", required=True, help="Model name of the cheap features.")
+@click.option("--pattern", required=True, help="all-e, all-c, first or 1:x.")
+@click.option("--num-clips", type=click.IntRange(1), help="Use n of the extracted clips [default: all].")
+@click.option("--val", multiple=True, type=click.Path(exists=True, file_okay=False), help="Validation feature set.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0))
+@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers.")
+def fit(**kw) -> None:
+    """Train an aggregator on cached features for one expensive:cheap pattern."""
+    _pending(3, "fit")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Predictions JSONL [default: RUN/predictions.jsonl].")
+def evaluate(**kw) -> None:
+    """Score a fitted run on feature sets; write per-video predictions."""
+    _pending(3, "evaluate")
+
+
+@cli.command()
+@click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Grid directory.")
+def ablate(**kw) -> None:
+    """Run a grid of fits (aggregators x clips x patterns); reuse finished cells; write tables and a plot."""
+    _pending(4, "ablate")
+
+
+@cli.command()
+@click.argument("videos", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--run", required=True, type=click.Path(exists=True, file_okay=False), help="A fitted run directory.")
+@click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights the features were made with.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="Predictions JSONL [default: stdout].")
+@click.option("--online", is_flag=True, help="Also write the running prediction after every clip.")
+def predict(**kw) -> None:
+    """Classify videos with a fitted run, calling the expensive backbone only where the pattern says."""
+    _pending(5, "predict")
+
+
+@cli.command()
+@click.option("--expensive", default="r2plus1d50", show_default=True, help=MODEL_HELP)
+@click.option("--cheap", default="r2d26", show_default=True, help=MODEL_HELP)
+@click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--num-clips", type=click.IntRange(1), help="[default: 256 // clip-len]")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8))
+@click.option("--pattern", default="all-e", show_default=True, help="all-e, all-c, first or 1:x.")
+@click.option("--agg", default="fastgru", show_default=True, help="Aggregator whose cost is added.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def flops(**kw) -> None:
+    """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern."""
+    _pending(1, "flops")
+
+
+@cli.command()
+@click.option("-o", "--out", default="faster-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="A reduced size for CI (seconds, not minutes).")
+@click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights (random init without).")
+def demo(**kw) -> None:
+    """Make a small labelled video set, extract, fit a small grid and print the accuracy/GFLOPs table."""
+    click.echo("faster demo will (issue [4]): make a small labelled set of videos whose classes differ by\n"
+               "motion, extract r2plus1d50 and r2d26 features, fit a small grid of aggregators and print\n"
+               "the accuracy / GFLOPs table. Commands that already work: " + ", ".join(_working()))
+
+
+def _working() -> list[str]:
+    return ["flops", "demo (this note)"]
+
+
+def main() -> None:
+    cli(prog_name="faster")
+
+
+if __name__ == "__main__":
+    main()
