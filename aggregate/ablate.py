@@ -1,0 +1,571 @@
+"""Ablation grids from cached features: the paper's Table 3, Table 4 and Figs. 3-4 (Zhu et al., AAAI 2020).
+
+Table 3 compares aggregators (avg-pool, concat, LSTM, GRU, FAST-GRU) over numbers of clips with
+only the first clip expensive; Table 4 varies the #E:#C pattern over clip length x clips
+(8x32, 16x16, 32x8) and reports V@1 with the GFLOPs of the whole pattern; Figs. 3 and 4 plot
+accuracy against log GFLOPs. Here every cell of such a grid is one ordinary ``faster fit`` run
+directory, ``DIR/cells/<key>/``, so any cell can be evaluated or used by ``predict`` like a run.
+
+A cell's key hashes its full fit configuration (minus out/progress/workers/threads, which do not
+change the result) with the checksums of the shards it reads, so running a grid again trains only
+the cells it has not seen: adding an aggregator costs one column. Grids over feature sets of
+different clip lengths run into the same DIR accumulate; ``DIR/index.json`` maps each table
+position (models, aggregator, clip length, clips, pattern, seed) to the cell that last filled it.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from faster.aggregate import patterns as P
+from faster.store import schema
+
+log = logging.getLogger(__name__)
+
+KEY_EXCLUDE = ("out", "progress", "workers", "threads")  # fit fields that never change a result
+CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5", "mean_class_acc",
+               "gflops_per_video", "num_expensive", "num_cheap", "expensive", "cheap", "run")
+AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU"}
+INDEX = "index.json"
+CELL_DONE = "cell.json"  # written last: a cell directory without it is unfinished and is redone
+
+
+@dataclass
+class AblateConfig:
+    """One grid: aggregators x numbers of clips x patterns x seeds, every other fit option shared."""
+
+    feats: list[str]                                     # training feature sets, joined by video id as in fit
+    out: str                                             # grid directory: cells/, results.csv/.md, the plot
+    aggs: list[str]                                      # aggregator names (Table 3's rows)
+    num_clips: list[int] | None = None                   # numbers of clips (Table 3's columns); None: all extracted
+    patterns: list[str] = field(default_factory=lambda: ["first"])  # #E:#C patterns (Table 4's rows)
+    seeds: list[int] = field(default_factory=lambda: [0])            # one cell per seed; tables show the mean
+    jobs: int = 1                                        # cells trained at once (joblib processes)
+    expensive: str | None = None                         # None: the model with more GFLOPs per clip
+    cheap: str | None = None                             # None: the model with fewer GFLOPs per clip
+    fit: dict[str, Any] = field(default_factory=dict)    # other FitConfig fields (val, epochs, lr, device, ...)
+    progress: bool = True                                # a progress bar over cells (and per fit when jobs=1)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One position of the grid."""
+
+    agg: str
+    num_clips: int
+    pattern: str
+    seed: int
+
+
+# ----------------------------------------------------------------------------------------------- grid
+
+
+def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: Iterable[str],
+                seeds: Iterable[int], num_extracted: int) -> tuple[list[Cell], list[str]]:
+    """The valid cells of a grid, and one note per skipped (pattern, number of clips) pair.
+
+    ``num_clips`` None means all ``num_extracted`` clips. A number of clips above the extracted
+    ones, or a ``1:x`` pattern whose x+1 does not divide it, is skipped (Table 4's empty cells).
+    """
+    aggs, patterns, seeds = _unique(aggs), _unique(patterns), _unique(seeds)
+    counts = _unique(num_clips) if num_clips is not None else [num_extracted]
+    if not aggs or not patterns or not seeds or not counts:
+        raise ValueError("a grid needs at least one aggregator, number of clips, pattern and seed")
+    for p in patterns:
+        P.check(p)
+    for n in counts:
+        if n < 1:
+            raise ValueError(f"numbers of clips must be >= 1, got {n}")
+    cells, notes = [], []
+    for n in counts:
+        if n > num_extracted:
+            notes.append(f"{n} clips skipped: the feature sets hold {num_extracted} clips per video")
+            continue
+        for p in patterns:
+            if not P.is_valid(p, n):
+                notes.append(f"pattern {p} at {n} clips skipped: x+1 must divide the number of clips")
+                continue
+            cells += [Cell(a, n, p, s) for a in aggs for s in seeds]
+    return cells, notes
+
+
+def _unique(values: Iterable) -> list:
+    out = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+# ------------------------------------------------------------------------------------ feature sets
+
+
+def _shards(feats_dir: str | Path) -> list[Path]:
+    shards = sorted(Path(feats_dir).glob(schema.SHARD_GLOB))
+    if not shards:
+        raise ValueError(f"no shards ({schema.SHARD_GLOB}) in feature set {str(feats_dir)!r}")
+    return shards
+
+
+def feature_info(feats: Iterable[str | Path]) -> dict[str, Any]:
+    """clip_len, num_clips and per model its gflops_per_clip, read from the first shard of each set."""
+    import h5py
+
+    info: dict[str, Any] = {"models": {}}
+    for d in feats:
+        with h5py.File(_shards(d)[0], "r") as f:
+            for attr in ("clip_len", "num_clips"):
+                value = int(f.attrs[attr])
+                if info.setdefault(attr, value) != value:
+                    raise ValueError(f"feature set {str(d)!r} has {attr}={value}, another has {info[attr]}")
+            for model, ds in f["features"].items():
+                info["models"][model] = float(ds.attrs.get("gflops_per_clip", math.nan))
+    return info
+
+
+def resolve_models(expensive: str | None, cheap: str | None, models: dict[str, float]) -> tuple[str, str]:
+    """Fill a missing expensive/cheap name from the feature sets: more GFLOPs per clip is expensive."""
+    for name in (expensive, cheap):
+        if name is not None and name not in models:
+            raise ValueError(f"model {name!r} is not in the feature sets; they hold {sorted(models)}")
+    if expensive is not None and cheap is not None:
+        return expensive, cheap
+    others = sorted((m for m in models if m not in (expensive, cheap)), key=lambda m: -models[m])
+    if expensive is None and cheap is None and len(models) == 2:
+        return others[0], others[1]
+    if len(others) == 1:
+        return (others[0], cheap) if expensive is None else (expensive, others[0])
+    raise ValueError(f"the feature sets hold {sorted(models)}: name --expensive and --cheap")
+
+
+def _manifest_checksums(feats_dir: Path) -> dict[str, str]:
+    """Shard name -> sha256 from manifest.json (or the per-part manifests) when they list checksums."""
+    found: dict[str, str] = {}
+    for path in sorted(feats_dir.glob("manifest*.json")):
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        found.update(_checksums_in(manifest))
+    return found
+
+
+def _checksums_in(manifest: Any) -> dict[str, str]:
+    """Tolerant reader: ``{"checksums": {name: sha}}`` or ``{"shards": [{"name"|"path"|"file": .., "sha256": ..}]}``."""
+    out: dict[str, str] = {}
+    if not isinstance(manifest, dict):
+        return out
+    sums = manifest.get("checksums")
+    if isinstance(sums, dict):
+        out.update({Path(k).name: v for k, v in sums.items() if isinstance(v, str)})
+    shards = manifest.get("shards")
+    if isinstance(shards, dict):
+        shards = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "sha256": v} for k, v in shards.items()]
+    for entry in shards if isinstance(shards, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
+            name = entry.get("name") or entry.get("path") or entry.get("file")
+            if name:
+                out[Path(name).name] = entry["sha256"]
+    return out
+
+
+class ChecksumCache:
+    """sha256 of shard files, cached in a JSON file by absolute path, size and mtime."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def sha256(self, shard: Path) -> str:
+        from faster.store.writer import sha256_file
+
+        st = shard.stat()
+        key = str(shard.resolve())
+        entry = self.entries.get(key)
+        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+            return entry["sha256"]
+        digest = sha256_file(shard)
+        self.entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            _write_json_atomic(self.path, self.entries)
+            self.dirty = False
+
+
+def feature_checksums(feats_dir: str | Path, cache: ChecksumCache) -> list[str]:
+    """The sorted checksums of a feature set's shards: manifest checksums when listed, else hashed."""
+    listed = _manifest_checksums(Path(feats_dir))
+    return sorted(listed.get(s.name) or cache.sha256(s) for s in _shards(feats_dir))
+
+
+def cell_key(fit_config: dict[str, Any], feats_sums: list[list[str]], val_sums: list[list[str]]) -> str:
+    """Hash of a cell's fit configuration (minus KEY_EXCLUDE; paths replaced by shard checksums)."""
+    keyed = {k: v for k, v in fit_config.items() if k not in KEY_EXCLUDE and k not in ("feats", "val")}
+    keyed["feats"], keyed["val"] = feats_sums, val_sums
+    blob = json.dumps(keyed, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cell_dirname(cell: Cell, clip_len: int, key: str) -> str:
+    pattern = cell.pattern.replace(":", "to")
+    return f"{cell.agg}-L{clip_len}-n{cell.num_clips}-{pattern}-s{cell.seed}-{key}"
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
+    """Train the grid's unfinished cells (``cfg.jobs`` at a time), then write results.csv, results.md
+    and accuracy_vs_gflops.png over every cell DIR holds. Returns a summary."""
+    t0 = time.perf_counter()
+    if cfg.jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
+    if not cfg.feats:
+        raise ValueError("ablate needs at least one feature set")
+    for name in ("out", "feats", "val", "agg", "pattern", "num_clips", "seed", "expensive", "cheap"):
+        if name in cfg.fit:
+            raise ValueError(f"fit option {name!r} is set by the grid itself, not through AblateConfig.fit")
+    _check_aggs(cfg.aggs)
+    out = Path(cfg.out)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+
+    val = list(cfg.fit.get("val", []))
+    info = feature_info(cfg.feats)
+    if val:
+        val_info = feature_info(val)
+        if (val_info["clip_len"], val_info["num_clips"]) != (info["clip_len"], info["num_clips"]):
+            raise ValueError(f"validation sets have {val_info['num_clips']} clips of {val_info['clip_len']} "
+                             f"frames, training sets {info['num_clips']} of {info['clip_len']}")
+    expensive, cheap = resolve_models(cfg.expensive, cfg.cheap, info["models"])
+    cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"])
+    clip_len = info["clip_len"]
+    for note in notes:
+        log.warning("L=%d: %s", clip_len, note)
+
+    from faster.aggregate.train import FitConfig
+
+    sums = ChecksumCache(out / ".checksums.json")
+    feats_sums = [feature_checksums(d, sums) for d in cfg.feats]
+    val_sums = [feature_checksums(d, sums) for d in val]
+    sums.save()
+
+    todo, plan = [], []
+    for cell in cells:
+        fit_cfg = FitConfig(feats=[str(d) for d in cfg.feats], out="", agg=cell.agg, expensive=expensive,
+                            cheap=cheap, pattern=cell.pattern, num_clips=cell.num_clips, seed=cell.seed,
+                            **{k: v for k, v in cfg.fit.items() if k != "val"}, val=[str(d) for d in val])
+        fit_dict = dataclasses.asdict(fit_cfg)
+        key = cell_key(fit_dict, feats_sums, val_sums)
+        run_dir = cells_dir / cell_dirname(cell, clip_len, key)
+        fit_dict["out"] = str(run_dir)
+        meta = {"key": key, "agg": cell.agg, "clip_len": clip_len, "num_clips": cell.num_clips,
+                "pattern": cell.pattern, "seed": cell.seed, "expensive": expensive, "cheap": cheap,
+                "feats": fit_dict["feats"], "val": fit_dict["val"]}
+        plan.append((cell, run_dir))
+        if not (run_dir / CELL_DONE).exists():
+            todo.append((fit_dict, meta))
+
+    jobs = max(1, min(cfg.jobs, len(todo)))
+    threads = max(1, _cores() // jobs)
+    log.info("%d cells: %d to train (%d at a time, %d threads each), %d finished",
+             len(cells), len(todo), jobs, threads, len(cells) - len(todo))
+    failed = _train_cells(todo, jobs=jobs, threads=threads, progress=cfg.progress)
+    skipped = list(notes)
+    for meta, error in failed:
+        notes.append(f"{meta['agg']} {meta['pattern']} at {meta['num_clips']} clips (seed {meta['seed']}) "
+                     f"failed: {error}")
+
+    index = _update_index(out, clip_len, expensive, cheap, plan, notes)
+    rows = collect_rows(out, index)
+    write_csv(rows, out / "results.csv")
+    (out / "results.md").write_text(render_markdown(rows, index["notes"]))
+    plot_path = plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png")
+    return {"out": str(out), "clip_len": clip_len, "expensive": expensive, "cheap": cheap,
+            "cells": len(cells), "trained": len(todo) - len(failed), "reused": len(cells) - len(todo),
+            "failed": len(failed), "skipped": skipped, "notes": notes, "rows": len(rows), "results_csv": str(out / "results.csv"),
+            "results_md": str(out / "results.md"), "plot": str(plot_path),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _check_aggs(aggs: list[str]) -> None:
+    """Unknown aggregator names fail before any training, when the aggregator registry is there."""
+    from faster.aggregate import names
+
+    try:
+        known = names()
+    except ImportError:  # the built-in aggregators are not importable: fit itself will name the bad value
+        return
+    for a in aggs:
+        if a not in known:
+            raise ValueError(f"unknown aggregator {a!r}; expected one of {', '.join(known)}")
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _train_cells(todo: list[tuple[dict, dict]], *, jobs: int, threads: int,
+                 progress: bool) -> list[tuple[dict, str]]:
+    """Run the cells (in-process when jobs=1, else joblib processes); return (meta, error) of failures."""
+    if not todo:
+        return []
+    from tqdm.auto import tqdm
+
+    per_fit_progress = progress and jobs == 1
+    args = [(fit_dict, meta, threads, per_fit_progress) for fit_dict, meta in todo]
+    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
+    failed = []
+    if jobs == 1:
+        results = (_run_cell(*a) for a in args)
+    else:
+        from joblib import Parallel, delayed
+
+        results = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(_run_cell)(*a) for a in args)
+    for meta, error in results:
+        if error:
+            log.error("cell %s failed: %s", meta["key"], error)
+            failed.append((meta, error))
+        bar.update(1)
+    bar.close()
+    return failed
+
+
+def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int,
+              progress: bool) -> tuple[dict[str, Any], str | None]:
+    """Fit one cell into its run directory; mark it finished by writing cell.json last."""
+    from faster.aggregate import train
+
+    run_dir = Path(fit_dict["out"])
+    if run_dir.exists():  # an unfinished cell from an interrupted grid: start it afresh
+        shutil.rmtree(run_dir)
+    cfg = train.FitConfig(**{**fit_dict, "threads": threads, "progress": progress})
+    try:
+        result = train.fit(cfg)
+    except Exception as err:  # one bad cell must not lose the others: reported in the summary and results.md
+        log.debug("cell %s", meta["key"], exc_info=True)
+        return meta, f"{type(err).__name__}: {err}"
+    _write_json_atomic(run_dir / CELL_DONE, {**meta, "result": result})
+    return meta, None
+
+
+# ---------------------------------------------------------------------------------------- results
+
+
+def _identity(expensive: str, cheap: str, agg: str, clip_len: int, num_clips: int, pattern: str, seed: int) -> str:
+    return json.dumps([expensive, cheap, agg, clip_len, num_clips, pattern, seed])
+
+
+def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: list[tuple[Cell, Path]],
+                  notes: list[str]) -> dict[str, Any]:
+    """Point each of this grid's table positions at its cell (the latest run wins); keep every note."""
+    path = out / INDEX
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, ValueError):
+        index = {"cells": {}, "notes": []}
+    for cell, run_dir in plan:
+        ident = _identity(expensive, cheap, cell.agg, clip_len, cell.num_clips, cell.pattern, cell.seed)
+        index["cells"][ident] = run_dir.name
+    for note in notes:
+        note = f"L={clip_len}: {note}"
+        if note not in index["notes"]:
+            index["notes"].append(note)
+    _write_json_atomic(path, index)
+    return index
+
+
+def collect_rows(out: str | Path, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per finished cell the index points at (all grids run into ``out``)."""
+    out = Path(out)
+    if index is None:
+        index = json.loads((out / INDEX).read_text())
+    rows = []
+    for name in index["cells"].values():
+        done = out / "cells" / name / CELL_DONE
+        if not done.exists():
+            continue
+        cell = json.loads(done.read_text())
+        result = cell["result"]
+        row = {c: result.get(c) for c in CSV_COLUMNS}
+        row.update({k: cell[k] for k in ("agg", "clip_len", "num_clips", "pattern", "seed", "expensive", "cheap")})
+        row["run"] = str(Path("cells") / name)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["expensive"], r["cheap"], r["clip_len"], _agg_order(r["agg"]), r["num_clips"],
+                             _pattern_order(r["pattern"]), r["seed"]))
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
+    tmp = Path(path).with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _agg_order(agg: str) -> tuple[int, str]:
+    order = list(AGG_NAMES)
+    return (order.index(agg) if agg in order else len(order), agg)
+
+
+def _pattern_order(pattern: str) -> tuple[int, int]:
+    """Table 4's row order: All E, 1:1, 1:3, ..., then first, then All C."""
+    if pattern == "all-e":
+        return (0, 0)
+    if pattern.startswith("1:"):
+        return (1, int(pattern[2:]))
+    return (2, 0) if pattern == "first" else (3, 0)
+
+
+def _pattern_label(pattern: str) -> str:
+    return {"all-e": "All E", "all-c": "All C", "1:0": "All E"}.get(pattern, pattern)
+
+
+def _mean(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def _fmt_acc(values: list[float]) -> str:
+    mean, std = _mean([100 * float(v) for v in values if v not in (None, "")])
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _fmt_gflops(values: list[float]) -> str:
+    mean, _ = _mean([float(v) for v in values if v not in (None, "")])
+    return "" if math.isnan(mean) else (f"{mean:.1f}" if mean >= 1 else f"{mean:.3g}")
+
+
+def _groups(rows: list[dict[str, Any]], *keys: str) -> dict[tuple, list[dict[str, Any]]]:
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(tuple(r[k] for k in keys), []).append(r)
+    return out
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in body]
+
+
+def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> str:
+    """Tables shaped like the paper's Table 3 (aggregator x number of clips, one per pattern, `first`
+    first) and Table 4 (pattern x clip length x clips, V@1 and GFLOPs, one per aggregator)."""
+    lines = ["# Ablation results", "",
+             "V@1: top-1 accuracy (%) on the validation videos, the mean over seeds (± their standard "
+             "deviation when there are several). GFLOPs per video (multiply-adds, the paper's convention) = "
+             "#E x expensive GFLOPs/clip + #C x cheap GFLOPs/clip + aggregator. Every value comes from a run "
+             "directory listed in results.csv.", ""]
+    if not rows:
+        lines += ["No finished cells yet.", ""]
+    for (expensive, cheap), group in _groups(rows, "expensive", "cheap").items():
+        models = f"E = {expensive}, C = {cheap}"
+        pats = sorted({r["pattern"] for r in group}, key=lambda p: (p != "first", _pattern_order(p)))
+        for clip_len in sorted({r["clip_len"] for r in group}):
+            at_len = [r for r in group if r["clip_len"] == clip_len]
+            counts = sorted({r["num_clips"] for r in at_len})
+            for pattern in pats:
+                cells = _groups([r for r in at_len if r["pattern"] == pattern], "agg", "num_clips")
+                if not cells:
+                    continue
+                aggs = sorted({a for a, _ in cells}, key=_agg_order)
+                lines += [f"## Table 3 layout: aggregator x number of clips ({models}, L = {clip_len}, "
+                          f"pattern {pattern})", ""]
+                lines += _table(["Model"] + [str(n) for n in counts],
+                                [[AGG_NAMES.get(a, a)] + [_fmt_acc([r["top1"] for r in cells.get((a, n), [])])
+                                                          for n in counts] for a in aggs])
+                lines.append("")
+        layouts = sorted({(r["clip_len"], r["num_clips"]) for r in group})
+        for agg in sorted({r["agg"] for r in group}, key=_agg_order):
+            cells = _groups([r for r in group if r["agg"] == agg], "pattern", "clip_len", "num_clips")
+            header = ["#E:#C"]
+            for L, n in layouts:
+                header += [f"{L}-frames x {n}-clips V@1", "GFLOPs"]
+            body = []
+            for pattern in sorted({p for p, _, _ in cells}, key=_pattern_order):
+                row = [_pattern_label(pattern)]
+                for L, n in layouts:
+                    rs = cells.get((pattern, L, n), [])
+                    row += [_fmt_acc([r["top1"] for r in rs]), _fmt_gflops([r["gflops_per_video"] for r in rs])]
+                body.append(row)
+            lines += [f"## Table 4 layout: #E:#C x clip length x clips ({AGG_NAMES.get(agg, agg)}, {models})", ""]
+            lines += _table(header, body) + [""]
+    notes = list(notes)
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Top-1 vs log GFLOPs (the paper's Figs. 3-4): one colour per aggregator, one marker per pattern,
+    lines joining the numbers of clips of one aggregator, pattern and clip length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    aggs = sorted({r["agg"] for r in rows}, key=_agg_order)
+    pats = sorted({r["pattern"] for r in rows}, key=_pattern_order)
+    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(aggs)}
+    markers = {p: "osD^v<>ph*"[i % 10] for i, p in enumerate(pats)}
+    for (agg, pattern, clip_len, expensive), group in _groups(rows, "agg", "pattern", "clip_len",
+                                                              "expensive").items():
+        points = sorted((_mean([float(r["gflops_per_video"]) for r in rs])[0],
+                         _mean([100 * float(r["top1"]) for r in rs])[0])
+                        for rs in _groups(group, "num_clips").values())
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, color=colours[agg], marker=markers[pattern], linewidth=1, markersize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("GFLOPs per video (multiply-adds, log scale)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("Accuracy vs. cost (cf. FASTER, Figs. 3 and 4)")
+    ax.grid(True, which="both", alpha=0.3)
+    if rows:
+        handles = [Line2D([], [], color=colours[a], linewidth=2, label=AGG_NAMES.get(a, a)) for a in aggs]
+        handles += [Line2D([], [], color="grey", marker=markers[p], linestyle="", label=_pattern_label(p))
+                    for p in pats]
+        ax.legend(handles=handles, loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no finished cells", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,220 @@
+"""faster ablate: grid expansion, the cell cache (a re-run trains nothing), tables, the plot, the CLI."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from faster.aggregate import ablate as A
+from faster.cli import cli
+from faster.store.writer import ShardWriter
+
+
+def write_features(root, *, clip_len=8, num_clips=8, videos=12, classes=3, seed=0):
+    """A tiny feature set with an expensive ("big", 10 GFLOPs/clip) and a cheap ("small", 1) model.
+
+    The class is planted in the order of the clips (a ramp up or down of one channel), so the
+    aggregators have something temporal to learn.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    attrs = {"clip_len": clip_len, "num_clips": num_clips, "frame_stride": 1, "size": 32,
+             "classes": [f"c{i}" for i in range(classes)], "software_version": "test", "torch_version": "test"}
+    model_attrs = {m: {"gflops_per_clip": g, "layer": "res5", "weights": "random-init:seed=0",
+                       "mean": [0.5] * 3, "std": [0.25] * 3, "compute_dtype": "float32"}
+                   for m, g in (("big", 10.0), ("small", 1.0))}
+    t = max(clip_len // 8, 1)
+    with ShardWriter(root, part=0, seq=0, attrs=attrs, model_attrs=model_attrs, capacity=videos) as w:
+        for v in range(videos):
+            label = v % classes
+            ramp = np.linspace(-1, 1, num_clips) * (label - (classes - 1) / 2)
+            feats = {}
+            for m in ("big", "small"):
+                x = rng.normal(0, 0.3, size=(num_clips, t, 2, 2, 8))
+                x[..., 0] += ramp[:, None, None, None]
+                feats[m] = x
+            w.add(id=f"v{v:03d}.mp4", label=label, num_frames=64, fps=30.0,
+                  clip_start=np.arange(num_clips) * 2, features=feats)
+    return root
+
+
+# ------------------------------------------------------------------------------------------ grid
+
+
+def test_expand_grid_skips_invalid_cells_with_a_note():
+    cells, notes = A.expand_grid(["avg", "fastgru"], [2, 3, 4, 16], ["first", "1:1", "1:3", "all-e"], [0, 1],
+                                 num_extracted=8)
+    keys = {(c.agg, c.num_clips, c.pattern, c.seed) for c in cells}
+    # 1:1 needs an even count, 1:3 a multiple of 4; 16 clips exceed the 8 extracted.
+    assert ("avg", 3, "1:1", 0) not in keys and ("fastgru", 2, "1:3", 1) not in keys
+    assert ("avg", 4, "1:3", 1) in keys and ("fastgru", 3, "first", 0) in keys
+    assert not any(c.num_clips == 16 for c in cells)
+    valid_pairs = {(2, "first"), (2, "1:1"), (2, "all-e"), (3, "first"), (3, "all-e"),
+                   (4, "first"), (4, "1:1"), (4, "1:3"), (4, "all-e")}
+    assert len(cells) == len(valid_pairs) * 2 * 2
+    assert any("16 clips" in n for n in notes)
+    assert any("1:1 at 3 clips" in n for n in notes) and any("1:3 at 2 clips" in n for n in notes)
+
+
+def test_expand_grid_defaults_to_all_clips_and_rejects_bad_patterns():
+    cells, notes = A.expand_grid(["gru"], None, ["1:3"], [0], num_extracted=8)
+    assert [(c.num_clips, c.pattern) for c in cells] == [(8, "1:3")] and notes == []
+    with pytest.raises(ValueError, match="1-3"):
+        A.expand_grid(["gru"], [4], ["1-3"], [0], num_extracted=8)
+
+
+def test_cell_key_ignores_paths_and_threads_but_not_data_or_options():
+    base = {"feats": ["/a"], "val": [], "out": "/x", "agg": "gru", "lr": 1e-3, "threads": 1, "workers": 2,
+            "progress": True}
+    k = A.cell_key(base, [["s1"]], [])
+    assert A.cell_key({**base, "feats": ["/b"], "out": "/y", "threads": 4, "workers": 0, "progress": False},
+                      [["s1"]], []) == k
+    assert A.cell_key({**base, "lr": 1e-2}, [["s1"]], []) != k
+    assert A.cell_key(base, [["s2"]], []) != k
+
+
+def test_checksums_come_from_the_manifest_or_a_cached_hash(tmp_path):
+    feats = write_features(tmp_path / "feats")
+    shard = next(feats.glob("shard-*.h5"))
+    cache = A.ChecksumCache(tmp_path / "sums.json")
+    hashed = A.feature_checksums(feats, cache)
+    cache.save()
+    assert len(hashed) == 1 and len(hashed[0]) == 64
+    again = A.ChecksumCache(tmp_path / "sums.json")
+    assert again.entries[str(shard.resolve())]["sha256"] == hashed[0]
+    (feats / "manifest.json").write_text(json.dumps({"shards": [{"name": shard.name, "sha256": "f" * 64}]}))
+    assert A.feature_checksums(feats, again) == ["f" * 64]
+
+
+def test_resolve_models_picks_the_costlier_model_as_expensive():
+    assert A.resolve_models(None, None, {"small": 1.0, "big": 10.0}) == ("big", "small")
+    assert A.resolve_models(None, "big", {"small": 1.0, "big": 10.0}) == ("small", "big")
+    with pytest.raises(ValueError, match="'huge'"):
+        A.resolve_models("huge", None, {"small": 1.0, "big": 10.0})
+    with pytest.raises(ValueError, match="--expensive"):
+        A.resolve_models(None, None, {"a": 1.0, "b": 2.0, "c": 3.0})
+
+
+# ---------------------------------------------------------------------------------------- tables
+
+
+def _row(agg, clip_len, n, pattern, seed, top1, gflops):
+    return {"agg": agg, "clip_len": clip_len, "num_clips": n, "pattern": pattern, "seed": seed, "top1": top1,
+            "top5": 1.0, "mean_class_acc": top1, "gflops_per_video": gflops, "num_expensive": 1,
+            "num_cheap": n - 1, "expensive": "big", "cheap": "small", "run": f"cells/{agg}-{n}-{seed}"}
+
+
+def test_markdown_tables_have_the_papers_shapes():
+    rows = [_row("avg", 8, 2, "first", 0, 0.5, 11.0), _row("avg", 8, 4, "first", 0, 0.6, 13.0),
+            _row("fastgru", 8, 2, "first", 0, 0.7, 11.1), _row("fastgru", 8, 2, "first", 1, 0.8, 11.1),
+            _row("fastgru", 8, 4, "1:1", 0, 0.9, 22.2), _row("fastgru", 16, 2, "all-e", 0, 0.95, 40.0)]
+    md = A.render_markdown(rows, ["L=8: pattern 1:1 at 3 clips skipped"])
+    lines = md.splitlines()
+    t3 = lines.index("## Table 3 layout: aggregator x number of clips (E = big, C = small, L = 8, pattern first)")
+    assert lines[t3 + 2] == "| Model | 2 | 4 |"
+    assert lines[t3 + 4] == "| Avg. pool | 50.0 | 60.0 |"
+    assert lines[t3 + 5].startswith("| FAST-GRU | 75.0 ± 7.1 |")  # mean and std over two seeds
+    t4 = [i for i, line in enumerate(lines) if line.startswith("## Table 4 layout") and "FAST-GRU" in line][0]
+    assert lines[t4 + 2] == ("| #E:#C | 8-frames x 2-clips V@1 | GFLOPs | 8-frames x 4-clips V@1 | GFLOPs "
+                             "| 16-frames x 2-clips V@1 | GFLOPs |")
+    body = lines[t4 + 4:t4 + 7]
+    assert [b.split(" | ")[0] for b in body] == ["| All E", "| 1:1", "| first"]  # Table 4's row order
+    assert body[0] == "| All E |  |  |  |  | 95.0 | 40.0 |"
+    assert "- L=8: pattern 1:1 at 3 clips skipped" in lines
+
+
+def test_plot_file_is_a_png(tmp_path):
+    rows = [_row("avg", 8, 2, "first", 0, 0.5, 11.0), _row("gru", 8, 4, "first", 0, 0.6, 13.0)]
+    path = A.plot_accuracy_vs_gflops(rows, tmp_path / "p.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+# ------------------------------------------------------------------------------------ whole grids
+
+
+FAST = {"epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu"}
+
+
+def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monkeypatch):
+    feats = write_features(tmp_path / "f8")
+    out = tmp_path / "grid"
+    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "fastgru"], num_clips=[2, 3, 4],
+                         patterns=["first", "1:1"], fit=dict(FAST), progress=False)
+    summary = A.run_ablate(cfg)
+    assert (summary["cells"], summary["trained"], summary["reused"], summary["failed"]) == (10, 10, 0, 0)
+    assert summary["expensive"] == "big" and summary["cheap"] == "small"
+    assert summary["skipped"] == ["pattern 1:1 at 3 clips skipped: x+1 must divide the number of clips"]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 10 and set(rows[0]) == set(A.CSV_COLUMNS)
+    assert {(r["agg"], r["num_clips"], r["pattern"]) for r in rows} >= {("avg", "3", "first"), ("fastgru", "4", "1:1")}
+    for r in rows:
+        run = out / r["run"]
+        assert {"config.json", "checkpoint.pt", "metrics.jsonl", "result.json"} <= {p.name for p in run.iterdir()}
+        assert 0.0 <= float(r["top1"]) <= 1.0 and r["clip_len"] == "8"
+        ne, nc = int(r["num_expensive"]), int(r["num_cheap"])
+        assert float(r["gflops_per_video"]) >= 10 * ne + 1 * nc
+    assert (out / "accuracy_vs_gflops.png").stat().st_size > 5000
+    md = (out / "results.md").read_text()
+    assert "pattern first)" in md and "| FAST-GRU |" in md and "Table 4 layout" in md
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()}
+
+    from faster.aggregate import train
+
+    def no_training(cfg):
+        raise AssertionError(f"fit called again for {cfg.out}")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    again = A.run_ablate(cfg)
+    assert (again["trained"], again["reused"], again["failed"]) == (0, 10, 0)
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()} == mtimes
+
+
+def test_adding_an_aggregator_trains_only_its_column_and_clip_lengths_accumulate(tmp_path, monkeypatch):
+    f8, f16 = write_features(tmp_path / "f8"), write_features(tmp_path / "f16", clip_len=16, num_clips=4)
+    out = tmp_path / "grid"
+    base = dict(out=str(out), num_clips=[2, 4], patterns=["first"], fit=dict(FAST), progress=False)
+    A.run_ablate(A.AblateConfig(feats=[str(f8)], aggs=["avg"], **base))
+
+    from faster.aggregate import train
+
+    real_fit, trained = train.fit, []
+    monkeypatch.setattr(train, "fit", lambda cfg: trained.append((cfg.agg, cfg.num_clips)) or real_fit(cfg))
+    summary = A.run_ablate(A.AblateConfig(feats=[str(f8)], aggs=["avg", "gru"], **base))
+    assert sorted(trained) == [("gru", 2), ("gru", 4)] and summary["reused"] == 2
+    trained.clear()
+    A.run_ablate(A.AblateConfig(feats=[str(f16)], aggs=["gru"], **base))
+    assert sorted(trained) == [("gru", 2), ("gru", 4)]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((r["clip_len"], r["agg"], r["num_clips"]) for r in rows) == [
+        ("16", "gru", "2"), ("16", "gru", "4"), ("8", "avg", "2"), ("8", "avg", "4"), ("8", "gru", "2"),
+        ("8", "gru", "4")]
+    md = (out / "results.md").read_text()
+    assert "L = 8, pattern first" in md and "L = 16, pattern first" in md
+    assert "8-frames x 4-clips V@1" in md and "16-frames x 4-clips V@1" in md
+
+
+def test_ablate_cli_runs_a_grid_in_parallel(tmp_path):
+    feats = write_features(tmp_path / "f8")
+    out = tmp_path / "grid"
+    args = ["ablate", str(feats), "-o", str(out), "--agg", "avg,gru", "--num-clips", "2,4", "--pattern",
+            "first,all-e", "-j", "2", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "| GRU |" in result.output and "8 trained, 0 reused" in result.output
+    assert len(os.listdir(out / "cells")) == 8
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0 and "0 trained, 8 reused" in result.output
+
+
+def test_ablate_cli_names_bad_values(tmp_path):
+    feats = write_features(tmp_path / "f8")
+    result = CliRunner().invoke(cli, ["ablate", str(feats), "-o", str(tmp_path / "g"), "--agg", "gru",
+                                      "--pattern", "1-3"])
+    assert result.exit_code == 1 and "'1-3'" in result.output
+    result = CliRunner().invoke(cli, ["ablate", str(feats), "-o", str(tmp_path / "g"), "--agg", "gru",
+                                      "--num-clips", "2,x"])
+    assert result.exit_code == 2 and "2,x" in result.output
