@@ -1,0 +1,82 @@
+"""Clip backbones by name: the paper's R(2+1)D-50 and R2D-26 (Table 1), R3D-50 (Table 6), their tiny
+test variants, and torchvision's video ResNets (r2plus1d_18, r3d_18, mc3_18).
+
+``build(name, weights=None, seed=0)`` returns a module in eval mode mapping float (B, 3, L, H, W),
+normalised with its ``.mean``/``.std``, to the last stage's map (B, C, T', H', W'), e.g.
+(B, 2048, L/8, 7, 7) at 224 px for the paper's models. The module carries ``.name``, ``.mean``,
+``.std``, ``.layer`` ("res5" or "layer4"), ``.weights`` (sha256 of the weights file, or
+``random-init:seed=S``), ``.out_channels``, ``.temporal_stride`` (L / T') and ``.spatial_stride``.
+
+Importing this package does not import torch: builders are registered as "module:function"
+strings and resolved on first use, so ``names()`` is cheap (the CLI's --help stays light).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Callable, Union
+
+from faster.extract.models.flops import clip_gflops, feature_shape
+from faster.extract.models.weights import save_weights
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["build", "clip_gflops", "feature_shape", "get", "names", "register", "save_weights"]
+
+Builder = Callable[[], "nn.Module"]
+_REGISTRY: dict[str, Union[Builder, str]] = {}
+
+
+def register(name: str, builder: Builder | str) -> None:
+    """Register ``builder`` (a callable returning the architecture, or a lazy "module:function")."""
+    if not name or not isinstance(name, str):
+        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _REGISTRY[name] = builder
+
+
+def names() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Builder:
+    """The builder of ``name`` (architecture with default init, no weights, no provenance)."""
+    try:
+        builder = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(names())}") from None
+    if isinstance(builder, str):
+        module, _, attr = builder.partition(":")
+        builder = getattr(importlib.import_module(module), attr)
+        _REGISTRY[name] = builder
+    return builder
+
+
+def build(name: str, weights: str | None = None, seed: int = 0) -> "nn.Module":
+    """The backbone ``name`` in eval mode, with ``weights`` or a random init deterministic in ``seed``.
+
+    ``weights``: a file (our :func:`save_weights` checkpoint, or a plain state dict such as
+    torchvision's ``r2plus1d_18-91a641e6.pth``), or for the torchvision models a weight enum
+    string like ``"R2Plus1D_18_Weights.KINETICS400_V1"`` (downloads once through torch.hub).
+    The global RNG is left untouched.
+    """
+    import torch
+
+    from faster.extract.models.weights import load_weights
+
+    builder = get(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = builder()
+    model.name = name
+    model.weights = f"random-init:seed={seed}" if weights is None else load_weights(model, weights)
+    return model.eval()
+
+
+for _name in ("r2plus1d50", "r2d26", "r3d50", "r2plus1d50_tiny", "r2d26_tiny", "r3d50_tiny"):
+    register(_name, f"faster.extract.models.resnet:{_name}")
+for _name in ("r2plus1d_18", "r3d_18", "mc3_18"):
+    register(_name, f"faster.extract.models.tv:{_name}")
+del _name

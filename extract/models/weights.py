@@ -1,0 +1,115 @@
+"""Backbone weights: our checkpoint format, plain state dicts, and torchvision's weight enums.
+
+Our format is ``{"format": "faster-backbone", "name": <registry name>, "state_dict": {...}}``.
+A plain state dict (e.g. torchvision's ``r2plus1d_18-91a641e6.pth``) loads too: a ``module.``
+prefix (DataParallel / DDP) is stripped and classifier keys (``fc.*``) are dropped, since a
+backbone here ends at res5 / layer4. Everything loads with ``torch.load(weights_only=True)``.
+The provenance recorded with extracted features is the weights file's sha256.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+FORMAT = "faster-backbone"
+_STRIP_PREFIXES = ("module.",)
+_HEAD_PREFIXES = ("fc.",)
+_SHOW = 6  # keys listed per kind in a mismatch error
+
+
+def save_weights(model: "nn.Module", path: str | Path) -> str:
+    """Save ``model`` (built by :func:`faster.extract.models.build`) in our format; return the file's sha256."""
+    import torch
+
+    from faster.store.writer import sha256_file
+
+    name = getattr(model, "name", None)
+    if not name:
+        raise ValueError("save_weights needs a model made by faster.extract.models.build (it has no .name)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"format": FORMAT, "name": name, "state_dict": state}, path)
+    return sha256_file(path)
+
+
+def load_weights(model: "nn.Module", weights: str | Path) -> str:
+    """Load ``weights`` (a file, or a torchvision enum string for torchvision models) into ``model``.
+
+    Returns the provenance string: the sha256 of the weights file.
+    """
+    path = Path(weights)
+    if not path.is_file():
+        if path.exists():
+            raise ValueError(f"weights {str(weights)!r} is not a file")
+        if hasattr(model, "enum_state_dict"):  # torchvision models: "R2Plus1D_18_Weights.KINETICS400_V1"
+            state, provenance = model.enum_state_dict(str(weights))
+            _load_state(model, _clean(state), str(weights))
+            return provenance
+        raise ValueError(f"weights file {str(weights)!r} does not exist")
+    from faster.store.writer import sha256_file
+
+    _load_state(model, read_state_dict(path, getattr(model, "name", None)), str(path))
+    return sha256_file(path)
+
+
+def read_state_dict(path: str | Path, name: str | None = None) -> dict[str, "torch.Tensor"]:
+    """The state dict held by ``path`` (our format or a plain state dict), cleaned of prefixes and heads.
+
+    ``name``: when given and the file is in our format, it must hold that backbone.
+    """
+    import torch
+
+    try:
+        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many types for a corrupt or foreign file
+        raise ValueError(f"weights file {str(path)!r} is not a readable PyTorch checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if name is not None and obj.get("name") != name:
+            raise ValueError(f"weights file {str(path)!r} holds {obj.get('name')!r} weights, not {name!r}")
+        obj = obj.get("state_dict")
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise ValueError(f"weights file {str(path)!r} holds no state dict (expected a {FORMAT!r} checkpoint "
+                         "or a dict of tensors)")
+    return _clean(obj)
+
+
+def _clean(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+    out = {}
+    for key, value in state.items():
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith(_HEAD_PREFIXES):
+            log.debug("dropping classifier key %s", key)
+            continue
+        out[key] = value
+    return out
+
+
+def _listing(kind: str, keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOW]) + (f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
+    return f"{len(keys)} {kind} [{shown}]"
+
+
+def _load_state(model: "nn.Module", state: dict[str, "torch.Tensor"], source: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = [_listing(kind, keys) for kind, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+        raise ValueError(f"weights {source!r} do not fit backbone {getattr(model, 'name', type(model).__name__)!r}: "
+                         + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
