@@ -150,9 +150,67 @@ def predict(**kw) -> None:
 @click.option("--pattern", default="all-e", show_default=True, help="all-e, all-c, first or 1:x.")
 @click.option("--agg", default="fastgru", show_default=True, help="Aggregator whose cost is added.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def flops(**kw) -> None:
-    """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern."""
-    _pending(1, "flops")
+def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size: int, pattern: str, agg: str,
+          as_json: bool) -> None:
+    """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern.
+
+    \b
+    video GFLOPs = #E * E-GFLOPs/clip + #C * C-GFLOPs/clip + aggregator GFLOPs
+    e.g. faster flops --clip-len 16 --pattern 1:7   (FASTER16 of the paper, Table 4)
+    """
+    import importlib.util
+    import json
+
+    from faster.aggregate import patterns
+    from faster.extract import models
+
+    n = num_clips or max(1, 256 // clip_len)
+    for hint, name in (("--expensive", expensive), ("--cheap", cheap)):
+        if name not in models.names():
+            raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())}",
+                                     param_hint=hint)
+    try:
+        num_e, num_c = patterns.counts(pattern, n)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--pattern") from None
+    try:
+        gflops = {m: models.clip_gflops(m, clip_len, size) for m in (expensive, cheap)}
+        shapes = {m: models.feature_shape(m, clip_len, size) for m in (expensive, cheap)}
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
+    used = [m for m, k in ((expensive, num_e), (cheap, num_c)) if k]
+    if len({shapes[m] for m in used}) > 1:
+        raise click.UsageError(f"{expensive} gives {shapes[expensive]} features but {cheap} gives "
+                               f"{shapes[cheap]}: a pattern mixing them needs equal (C, T', H', W')")
+    C, T, H, W = shapes[used[0]]
+    note = None
+    if importlib.util.find_spec("faster.aggregate.flops") is not None:
+        from faster.aggregate.flops import aggregator_gflops
+
+        try:
+            agg_gflops = aggregator_gflops(agg, C, (T, H, W), n)
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--agg") from None
+    else:
+        agg_gflops, note = 0.0, "aggregator cost not counted yet: issue [3] adds it"
+    video = num_e * gflops[expensive] + num_c * gflops[cheap] + agg_gflops
+    if as_json:
+        out = {"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "video_gflops": video,
+               "num_expensive": num_e, "num_cheap": num_c, "pattern": pattern, "num_clips": n,
+               "clip_len": clip_len, "size": size, "expensive": expensive, "cheap": cheap, "agg": agg,
+               "feature_shape": [C, T, H, W]}
+        if note:
+            out["note"] = note
+        click.echo(json.dumps(out))
+        return
+    click.echo(f"{n} clips of {clip_len} frames at {size} px, pattern {pattern}: {num_e} expensive, {num_c} cheap; "
+               f"features {C} x {T} x {H} x {W} (C x T' x H' x W')")
+    click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:3d} = "
+               f"{num_e * gflops[expensive]:9.2f}")
+    click.echo(f"  cheap      {cheap:<16} {gflops[cheap]:9.2f} GFLOPs/clip x {num_c:3d} = "
+               f"{num_c * gflops[cheap]:9.2f}")
+    click.echo(f"  aggregator {agg:<16} {'':>27} = {agg_gflops:9.2f}" + (f"  ({note})" if note else ""))
+    click.echo(f"  video      {'':<16} {'':>27} = {video:9.2f} GFLOPs")
 
 
 @cli.command()
