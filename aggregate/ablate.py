@@ -149,35 +149,18 @@ def resolve_models(expensive: str | None, cheap: str | None, models: dict[str, f
     raise ValueError(f"the feature sets hold {sorted(models)}: name --expensive and --cheap")
 
 
-def _manifest_checksums(feats_dir: Path) -> dict[str, str]:
-    """Shard name -> sha256 from manifest.json (or the per-part manifests) when they list checksums."""
-    found: dict[str, str] = {}
+def _manifest_checksums(feats_dir: Path) -> dict[str, tuple[str, int | None]]:
+    """Shard name -> (sha256, bytes) listed by manifest.json and the per-part manifests (store.manifest)."""
+    found: dict[str, tuple[str, int | None]] = {}
     for path in sorted(feats_dir.glob("manifest*.json")):
         try:
             manifest = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        found.update(_checksums_in(manifest))
+        for entry in manifest.get("shards", []) if isinstance(manifest, dict) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and entry.get("name"):
+                found[entry["name"]] = (entry["sha256"], entry.get("bytes"))
     return found
-
-
-def _checksums_in(manifest: Any) -> dict[str, str]:
-    """Tolerant reader: ``{"checksums": {name: sha}}`` or ``{"shards": [{"name"|"path"|"file": .., "sha256": ..}]}``."""
-    out: dict[str, str] = {}
-    if not isinstance(manifest, dict):
-        return out
-    sums = manifest.get("checksums")
-    if isinstance(sums, dict):
-        out.update({Path(k).name: v for k, v in sums.items() if isinstance(v, str)})
-    shards = manifest.get("shards")
-    if isinstance(shards, dict):
-        shards = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "sha256": v} for k, v in shards.items()]
-    for entry in shards if isinstance(shards, list) else []:
-        if isinstance(entry, dict) and isinstance(entry.get("sha256"), str):
-            name = entry.get("name") or entry.get("path") or entry.get("file")
-            if name:
-                out[Path(name).name] = entry["sha256"]
-    return out
 
 
 class ChecksumCache:
@@ -213,7 +196,11 @@ class ChecksumCache:
 def feature_checksums(feats_dir: str | Path, cache: ChecksumCache) -> list[str]:
     """The sorted checksums of a feature set's shards: manifest checksums when listed, else hashed."""
     listed = _manifest_checksums(Path(feats_dir))
-    return sorted(listed.get(s.name) or cache.sha256(s) for s in _shards(feats_dir))
+    sums = []
+    for shard in _shards(feats_dir):
+        sha, size = listed.get(shard.name, (None, None))
+        sums.append(sha if sha and size in (None, shard.stat().st_size) else cache.sha256(shard))
+    return sorted(sums)
 
 
 def cell_key(fit_config: dict[str, Any], feats_sums: list[list[str]], val_sums: list[list[str]]) -> str:

@@ -86,6 +86,9 @@ def test_checksums_come_from_the_manifest_or_a_cached_hash(tmp_path):
     assert again.entries[str(shard.resolve())]["sha256"] == hashed[0]
     (feats / "manifest.json").write_text(json.dumps({"shards": [{"name": shard.name, "sha256": "f" * 64}]}))
     assert A.feature_checksums(feats, again) == ["f" * 64]
+    stale = {"shards": [{"name": shard.name, "sha256": "f" * 64, "bytes": shard.stat().st_size + 1}]}
+    (feats / "manifest.json").write_text(json.dumps(stale))  # listed for another file size: hashed instead
+    assert A.feature_checksums(feats, again) == hashed
 
 
 def test_resolve_models_picks_the_costlier_model_as_expensive():
