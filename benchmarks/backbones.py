@@ -1,0 +1,119 @@
+"""Throughput of the clip backbones: clips/s and achieved GFLOP/s (multiply-adds, as Table 2 counts).
+
+    python benchmarks/backbones.py                       # CPU, every full-size backbone, 8 x 112 x 112
+    python benchmarks/backbones.py --size 224 --models r2plus1d50,r2d26,r3d50
+    python benchmarks/backbones.py --device cuda --batch-size 16 --iters 20
+
+On CUDA the backbones run as extraction runs them: bf16 autocast, channels_last_3d model and input,
+cudnn.benchmark with a fixed batch shape. Before timing, each model's bf16 output is checked once
+against fp32 on the same input (PyTorch 2.9 disabled cuDNN conv3d under autocast, and cuDNN
+9.8-9.10 gave wrong bf16 conv3d: see PITFALLS.md); the relative error is printed with the figures.
+Weights are random (seeded): throughput does not depend on their values.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from faster.extract import models
+
+DEFAULT_MODELS = "r2plus1d50,r2d26,r3d50,r2plus1d_18,r3d_18,mc3_18"
+BF16_TOLERANCE = 0.05  # relative max error; bf16 has an 8-bit mantissa, a broken kernel is off by O(1)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def bf16_error(model: torch.nn.Module, clip: torch.Tensor) -> float:
+    """max |bf16 - fp32| / max |fp32| of the model's output on ``clip`` (CUDA)."""
+    with torch.no_grad():
+        ref = model(clip).float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(clip).float()
+    return ((low - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    model = models.build(name, seed=0)
+    clip = torch.randn(args.batch_size, 3, args.clip_len, args.size, args.size)  # (B, 3, L, H, W)
+    cuda = device.type == "cuda"
+    err = None
+    if cuda:
+        model = model.to(device, memory_format=torch.channels_last_3d)
+        clip = clip.to(device).contiguous(memory_format=torch.channels_last_3d)
+        err = bf16_error(model, clip)
+
+    def step() -> None:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            model(clip)
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(args.warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    seconds = (time.perf_counter() - start) / args.iters
+    gflops = models.clip_gflops(name, args.clip_len, args.size)
+    clips_per_s = args.batch_size / seconds
+    return {"model": name, "gflops": gflops, "ms_per_clip": 1e3 * seconds / args.batch_size,
+            "clips_per_s": clips_per_s, "gflop_per_s": clips_per_s * gflops, "bf16_err": err}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbone names")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
+    p.add_argument("--clip-len", type=int, default=8)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=None, help="clips per forward [cpu 1, cuda 8]")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--iters", type=int, default=None, help="timed forwards [cpu 2, cuda 20]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    cuda = device.type == "cuda"
+    args.batch_size = args.batch_size or (8 if cuda else 1)
+    args.iters = args.iters or (20 if cuda else 2)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        hw = f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}, bf16 autocast, " \
+             "channels_last_3d"
+    else:
+        hw = f"{cpu_model()}, {torch.get_num_threads()} threads, fp32"
+    print(f"# {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {hw}")
+    print(f"# clip {args.clip_len} x {args.size} x {args.size}, batch {args.batch_size}, "
+          f"{args.warmup} warm-up + {args.iters} timed forwards, random init")
+    cols = "| model | GFLOPs/clip | ms/clip | clips/s | GFLOP/s |" + (" bf16 rel. err |" if cuda else "")
+    print(cols)
+    print("|" + "---|" * (cols.count("|") - 1))
+    for name in args.models.split(","):
+        r = bench(name.strip(), args, device)
+        row = (f"| {r['model']} | {r['gflops']:.2f} | {r['ms_per_clip']:.1f} | {r['clips_per_s']:.2f} | "
+               f"{r['gflop_per_s']:.1f} |")
+        if cuda:
+            row += f" {r['bf16_err']:.1e} |"
+        print(row, flush=True)
+        if cuda and r["bf16_err"] > BF16_TOLERANCE:
+            print(f"# WARNING {r['model']}: bf16 output differs from fp32 by {r['bf16_err']:.1e} (relative max): "
+                  "check the torch/cuDNN versions (PITFALLS.md)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
