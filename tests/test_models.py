@@ -190,3 +190,33 @@ def test_dataparallel_prefix_is_stripped(tmp_path):
     torch.save({"module." + k: v for k, v in src.state_dict().items()}, path)
     dst = models.build("r2d26_tiny", weights=str(path))
     assert torch.equal(dst.state_dict()["res5.1.conv3.weight"], src.state_dict()["res5.1.conv3.weight"])
+
+
+def test_torchvision_enum_errors_need_no_network():
+    """Naming a weight enum is for online users; the wrong names are refused before any download."""
+    with pytest.raises(ValueError, match=r"unknown torchvision weights 'R2Plus1D_18_Weights.NOPE'; expected "
+                                         r"R2Plus1D_18_Weights.KINETICS400_V1"):
+        models.build("r2plus1d_18", weights="R2Plus1D_18_Weights.NOPE")
+    with pytest.raises(ValueError, match=r"weights file 'R3D_18_Weights.KINETICS400_V1' does not exist \(for "
+                                         r"r2plus1d_18 you may also name torchvision's R2Plus1D_18_Weights"):
+        models.build("r2plus1d_18", weights="R3D_18_Weights.KINETICS400_V1")
+
+
+def test_torchvision_enum_loads_through_torch_hub(monkeypatch, tmp_path):
+    """The enum path, with torch.hub's download replaced by a local state dict (no network here)."""
+    import torchvision.models._api as tv_api
+    from torchvision.models import video
+
+    ref = video.mc3_18(weights=None).eval()
+    calls = []
+
+    def fake_download(url, *args, **kwargs):
+        calls.append(url)
+        return ref.state_dict()
+
+    monkeypatch.setattr(tv_api, "load_state_dict_from_url", fake_download)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # no cached file: provenance names the enum
+    model = models.build("mc3_18", weights="MC3_18_Weights.KINETICS400_V1")
+    assert calls == [video.MC3_18_Weights.KINETICS400_V1.url]
+    assert model.weights == "torchvision:MC3_18_Weights.KINETICS400_V1"
+    assert torch.equal(model.state_dict()["layer4.1.conv2.0.weight"], ref.state_dict()["layer4.1.conv2.0.weight"])

@@ -7,7 +7,8 @@ the output equals torchvision's ``layer4`` output exactly.
 
 Online users may pass a weight enum string instead of a file, e.g.
 ``build("r2plus1d_18", weights="R2Plus1D_18_Weights.KINETICS400_V1")``: torchvision downloads it
-once into the torch.hub cache, and the provenance is that file's sha256.
+once into the torch.hub cache, and the provenance is that file's sha256 (``torchvision:<enum>``
+if the file is not where torch.hub keeps it).
 
 Strides: r2plus1d_18 and r3d_18 halve time and space at layer2-4 (T' = L/8, H' = H/16: 7x7 at the
 112 px these models were trained at); mc3_18 never strides time (T' = L, H' = H/16).
@@ -62,15 +63,17 @@ class TorchvisionBackbone(nn.Module):
 
     def enum_state_dict(self, spec: str) -> tuple[dict[str, torch.Tensor], str]:
         """State dict and file sha256 of a torchvision weight enum ``"<Enum>.<MEMBER>"`` (downloads once)."""
-        from torchvision.models import get_weight
+        from torchvision.models import video
 
         enum_name, _, member = spec.partition(".")
-        if enum_name != self.weight_enum or not member:
-            raise ValueError(f"weights {spec!r} are not a file nor a {self.weight_enum}.<NAME> enum for {self.arch}")
-        try:
-            weights = get_weight(spec)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"unknown torchvision weights {spec!r} ({err})") from None
+        if enum_name != self.weight_enum:
+            raise ValueError(f"weights file {spec!r} does not exist (for {self.arch} you may also name "
+                             f"torchvision's {self.weight_enum}.<NAME>)")
+        members = getattr(video, enum_name).__members__
+        if member not in members:
+            raise ValueError(f"unknown torchvision weights {spec!r}; expected "
+                             + " or ".join(f"{enum_name}.{m}" for m in members))
+        weights = members[member]
         state = weights.get_state_dict(progress=True, check_hash=True)
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         from faster.store.writer import sha256_file
