@@ -220,3 +220,23 @@ def test_torchvision_enum_loads_through_torch_hub(monkeypatch, tmp_path):
     assert calls == [video.MC3_18_Weights.KINETICS400_V1.url]
     assert model.weights == "torchvision:MC3_18_Weights.KINETICS400_V1"
     assert torch.equal(model.state_dict()["layer4.1.conv2.0.weight"], ref.state_dict()["layer4.1.conv2.0.weight"])
+
+
+@pytest.mark.parametrize("name, conv1, depths, middle", [
+    ("r2d26", ((8, 7, 7), (8, 2, 2), 64), (2, 2, 2, 2), (1, 3, 3)),  # Table 1, R2D-26
+    ("r3d50", ((3, 7, 7), (1, 2, 2), 64), (3, 4, 6, 3), (3, 3, 3)),  # Table 6, R3D-50
+])
+def test_r2d26_and_r3d50_layers(name, conv1, depths, middle):
+    with torch.device("meta"):
+        model = models.get(name)()
+    stem = model.conv1[0]
+    assert (stem.kernel_size, stem.stride, stem.out_channels) == conv1
+    stages = (model.res2, model.res3, model.res4, model.res5)
+    assert tuple(len(s) for s in stages) == depths
+    for i, (stage, inner) in enumerate(zip(stages, (64, 128, 256, 512))):
+        conv = stage[0].conv2[0]
+        s = 1 if i == 0 else 2
+        t = 1 if name == "r2d26" or i == 0 else 2  # R2D strides time only in conv1
+        assert (conv.kernel_size, conv.stride, conv.in_channels, conv.out_channels) == (middle, (t, s, s), inner, inner)
+        assert stage[0].conv1.stride == stage[0].conv3.stride == (1, 1, 1)
+        assert stage[0].shortcut[0].stride == (t, s, s) and stage[-1].conv3.out_channels == 4 * inner
