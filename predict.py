@@ -1,0 +1,425 @@
+"""Online inference with a fitted FASTER run (paper: "Runtime vs. FLOPs", Table 5; Fig. 1's online use).
+
+A run (``faster fit``) holds an aggregator fitted on cached res5 maps for one expensive:cheap
+pattern. ``predict`` turns it back into a video classifier that spends only the FLOPs the pattern
+promises:
+
+1. rebuild both backbones and check that they are the ones the features were extracted with
+   (a weights file's sha256 against the provenance recorded in the shards and the checkpoint;
+   a recorded ``random-init:seed=S`` is rebuilt from S);
+2. decode and sample each video exactly as extraction did (the same functions: uniform clip starts
+   over the container's frame count, short-side resize to size*8/7, centre crop, the backbone's
+   mean/std), but only at the clip positions the run was fitted on (a ``--num-clips`` subset);
+3. at each position run only the backbone the pattern names (an expensive position never runs the
+   cheap model and vice versa), round the map to the shards' float16 as the aggregator saw it in
+   training, and step the aggregator clip by clip; a prediction exists after every clip;
+4. write one JSON line per video: id, probs, top5 (class names), gflops (#E * E + #C * C + the
+   aggregator's share: what the video actually cost), seconds; ``online`` adds the running
+   prediction after every clip. A broken video is one line with ``error`` and ``stage``; the run
+   goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from faster.extract.video import VideoItem
+
+log = logging.getLogger(__name__)
+
+_RANDOM_INIT = re.compile(r"^random-init:seed=(-?\d+)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class PredictConfig:
+    videos: list[str]                                       # video files, or directories searched for videos
+    run: str                                                # a run directory written by `faster fit`
+    weights: dict[str, str] = field(default_factory=dict)   # model name -> weights file (as at extraction)
+    out: str | None = None                                  # predictions JSONL; None: stdout (CLI) / iterator only
+    online: bool = False                                    # add the running prediction after every clip
+    device: str = "auto"                                    # auto, cpu, cuda or cuda:N
+    batch_size: int = 8                                     # clips per backbone forward (of one video)
+    workers: int = 1                                        # decoding processes (0: in this process, no timeout)
+    timeout: float = 300.0                                  # seconds before a hanging decode counts as failed
+    strict: bool = False                                    # raise at the end if any video failed
+    topk: int = 5                                           # classes listed in "top5"
+
+
+class PredictError(ValueError):
+    """A user-facing problem with the run or the weights (one line, names the bad value)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# backbone provenance
+
+
+def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | None, int]:
+    """Decide how to rebuild ``model`` so that it equals the backbone the features came from.
+
+    ``recorded`` is the provenance string of the run (a weights file's sha256, or
+    ``random-init:seed=S``); ``given`` is the ``--weights`` file for this model, if any.
+    Returns (weights path or None, seed). Raises PredictError naming the model, what the run
+    expects and what was given when they cannot be the same network.
+    """
+    m = _RANDOM_INIT.match(recorded)
+    if m:
+        if given is not None:
+            raise PredictError(f"{model}: the run's features came from a random initialisation ({recorded}), "
+                               f"but --weights {model}={given} was given; drop it to rebuild the same network")
+        return None, int(m.group(1))
+    if not _SHA256.match(recorded):
+        raise PredictError(f"{model}: unrecognised weights provenance {recorded!r} in the run; "
+                           f"expected a sha256 or 'random-init:seed=S'")
+    if given is None:
+        raise PredictError(f"{model}: the run's features were extracted with weights of sha256 {recorded}; "
+                           f"pass --weights {model}=PATH to that file")
+    path = Path(given)
+    if not path.is_file():
+        raise PredictError(f"{model}: weights file {given!r} not found (the run expects sha256 {recorded})")
+    from faster.store.writer import sha256_file
+
+    digest = sha256_file(path)
+    if digest != recorded:
+        raise PredictError(f"{model}: weights file {given!r} has sha256 {digest}, but the run's features "
+                           f"were extracted with sha256 {recorded}")
+    return str(path), 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the run: what predict needs from a checkpoint
+
+
+@dataclass
+class RunSpec:
+    """What predict reads from a fitted run's checkpoint (faster.aggregate.train.checkpoint_payload)."""
+
+    agg: str
+    expensive: str
+    cheap: str
+    pattern: str
+    classes: list[str]
+    clip_len: int
+    num_extracted: int                   # N clips per video at extraction
+    frame_stride: int
+    size: int
+    positions: list[int]                 # which of the N extracted clips the run uses (a --num-clips subset)
+    mask: list[bool]                     # per used clip: expensive?
+    models: dict[str, dict[str, Any]]    # per model: feature shape (T', H', W', C) and provenance attrs
+    agg_gflops: float                    # the aggregator's multiply-adds per video, GFLOPs
+
+    def model_at(self, k: int) -> str:
+        """The backbone that processes the run's k-th clip."""
+        return self.expensive if self.mask[k] else self.cheap
+
+    @property
+    def needed(self) -> list[str]:
+        """Backbones the pattern calls (all-c never builds the expensive one), expensive first."""
+        return [m for m in dict.fromkeys((self.expensive, self.cheap))
+                if any(self.model_at(k) == m for k in range(len(self.mask)))]
+
+
+def run_spec(ck: dict[str, Any]) -> RunSpec:
+    """The RunSpec of a loaded checkpoint; PredictError when it lacks what predict needs."""
+    try:
+        ext = ck["extraction"]
+        spec = RunSpec(agg=ck["agg"], expensive=ck["expensive"], cheap=ck["cheap"], pattern=ck["pattern"],
+                       classes=list(ck["classes"]), clip_len=int(ext["clip_len"]),
+                       num_extracted=int(ext["num_clips"]), frame_stride=int(ext["frame_stride"]),
+                       size=int(ext["size"]), positions=[int(p) for p in ck["positions"]],
+                       mask=[bool(m) for m in ck["mask"]], models=dict(ck["models"]),
+                       agg_gflops=float(ck["gflops"]["aggregator"]))
+    except KeyError as err:
+        raise PredictError(f"the run's checkpoint lacks {err.args[0]!r}: it was not written by `faster fit`") from None
+    assert len(spec.positions) == len(spec.mask), "one mask entry per used clip position"
+    for name in spec.needed:
+        if name not in spec.models:
+            raise PredictError(f"the run's checkpoint records no provenance for {name}")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------------
+# the predictor: the backbones and the aggregator of one run
+
+
+class Predictor:
+    """The backbones and the fitted aggregator of a run, ready to classify decoded clips.
+
+    ``calls[model]`` counts the clips each backbone has processed: tests check that the pattern is
+    obeyed, and each video's ``gflops`` is computed from what actually ran.
+    """
+
+    def __init__(self, run_dir: str | Path, weights: dict[str, str] | None = None, *, device: str = "auto",
+                 batch_size: int = 8) -> None:
+        from faster.aggregate import train
+
+        if batch_size < 1:
+            raise PredictError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = train._device(device)
+        self.batch_size = batch_size
+        ckpt, self.aggregator = train.load_run(run_dir, self.device)
+        self.spec = run_spec(ckpt)
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(self.spec.models))
+        if unknown:
+            raise PredictError(f"--weights for {', '.join(unknown)}, but the run's models are "
+                               f"{', '.join(self.spec.models)}")
+        self.backbones = {name: self._build_backbone(name, weights.get(name)) for name in self.spec.needed}
+        self.calls = {name: 0 for name in self.backbones}
+        # Extraction ran the backbones under bf16 autocast on CUDA (recorded as compute_dtype): so do we.
+        self.autocast = (self.device.type == "cuda"
+                         and any(self.spec.models[m].get("compute_dtype") == "bfloat16" for m in self.backbones))
+
+    def _build_backbone(self, name: str, given: str | None) -> "torch.nn.Module":
+        """``name`` as the features were extracted: same weights (checked), normalisation and layer."""
+        import torch
+
+        from faster.extract import models
+
+        recorded = self.spec.models[name]
+        path, seed = check_weights(name, str(recorded["weights"]), given)
+        module = models.build(name, weights=path, seed=seed)
+        if str(module.weights) != str(recorded["weights"]):
+            raise PredictError(f"{name}: the rebuilt backbone's provenance is {module.weights}, the run "
+                               f"recorded {recorded['weights']}")
+        for attr in ("mean", "std"):
+            want = [float(v) for v in recorded[attr]]
+            have = [float(v) for v in getattr(module, attr)]
+            if len(want) != len(have) or any(abs(a - b) > 1e-6 for a, b in zip(want, have)):
+                raise PredictError(f"{name}: the backbone normalises with {attr}={have}, the features were "
+                                   f"extracted with {attr}={want}")
+        if recorded.get("layer") and str(module.layer) != str(recorded["layer"]):
+            raise PredictError(f"{name}: the backbone outputs {module.layer}, the run's features are "
+                               f"{recorded['layer']}")
+        module = module.eval().to(self.device)
+        if self.device.type == "cuda":
+            module = module.to(memory_format=torch.channels_last_3d)
+        return module
+
+    def features(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
+        """res5 maps (B, C, T', H', W') of uint8 clips (B, L, S, S, 3), rounded to the shards' float16."""
+        import torch
+
+        from faster.extract.video import normalise_clips
+
+        module = self.backbones[name]
+        x = normalise_clips(clips.to(self.device, non_blocking=True), module.mean, module.std)  # (B, 3, L, S, S)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            y = module(x)  # (B, C, T', H', W')
+        self.calls[name] += int(clips.shape[0])
+        # The aggregator was fitted on the shards' float16 maps: give it the same values.
+        return y.to(torch.float16).float()
+
+    def steps(self, clips: "torch.Tensor") -> Iterator[dict[str, Any]]:
+        """Fold one video's clips (n, L, S, S, 3) uint8, taken at the run's positions, clip by clip.
+
+        Yields after every clip {"clip", "position", "model", "probs"} with the running class
+        probabilities (K,). Within a chunk of ``batch_size`` clips each backbone runs once, on the
+        clips the pattern gives it and no others; the aggregator then steps through the chunk in order.
+        """
+        import torch
+
+        spec = self.spec
+        n = len(spec.positions)
+        if clips.shape[0] != n:
+            raise ValueError(f"expected {n} clips (the run's positions), got {clips.shape[0]}")
+        with torch.inference_mode():
+            state = self.aggregator.init_state(1, self.device)
+            for lo in range(0, n, self.batch_size):
+                chunk = range(lo, min(lo + self.batch_size, n))
+                maps: dict[int, torch.Tensor] = {}
+                for name in self.backbones:
+                    ks = [k for k in chunk if spec.model_at(k) == name]
+                    if ks:
+                        out = self.features(name, clips[ks])  # (len(ks), C, T', H', W')
+                        maps.update((k, out[i:i + 1]) for i, k in enumerate(ks))
+                for k in chunk:
+                    state = self.aggregator.step(state, maps.pop(k), expensive=spec.mask[k])
+                    probs = torch.softmax(self.aggregator.logits(state).float(), dim=-1)[0].cpu()
+                    yield {"clip": k, "position": spec.positions[k], "model": spec.model_at(k), "probs": probs}
+
+    def gflops(self, num_expensive: int, num_cheap: int) -> float:
+        """A video's cost: #E x E + #C x C per-clip GFLOPs (as recorded at extraction) + the aggregator's."""
+        m, spec = self.spec.models, self.spec
+        e = float(m[spec.expensive]["gflops_per_clip"]) if num_expensive else 0.0
+        c = float(m[spec.cheap]["gflops_per_clip"]) if num_cheap else 0.0
+        return num_expensive * e + num_cheap * c + spec.agg_gflops  # the order of train.make_plan
+
+    def classify(self, clips: "torch.Tensor", *, video_id: str = "", label: int = -1,
+                 online: bool = False) -> dict[str, Any]:
+        """One video's line: the fields of `faster evaluate` (id, label, probs, top5, gflops), then
+        num_expensive/num_cheap and, with ``online``, the running prediction after every clip."""
+        from faster.aggregate.train import prediction_rows
+
+        classes = self.spec.classes
+        running, probs, num_e = [], None, 0
+        for step in self.steps(clips):
+            probs = step["probs"].numpy()
+            num_e += bool(self.spec.mask[step["clip"]])
+            if online:
+                row = next(prediction_rows([video_id], [label], probs[None], classes, None))
+                running.append({k: step[k] for k in ("clip", "position", "model")}
+                               | {"probs": row["probs"], "top5": row["top5"]})
+        assert probs is not None, "a run has at least one clip"
+        num_c = len(self.spec.positions) - num_e
+        record = next(prediction_rows([video_id], [label], probs[None], classes, self.gflops(num_e, num_c)))
+        record.update(num_expensive=num_e, num_cheap=num_c)
+        if online:
+            record["online"] = running
+        return record
+
+
+# ----------------------------------------------------------------------------------------------
+# the command: videos in, JSON lines out
+
+
+def list_videos(paths: list[str], classes: list[str]) -> list["VideoItem"]:
+    """Every video to classify: a file as given (id: its path as given, unlabelled), or the videos
+    extraction's discovery finds under a directory (ids relative to it; a class folder named like
+    one of the run's classes gives the label, as an index into the run's classes)."""
+    from faster.extract.video import VideoItem, discover, is_video
+
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for p in paths:
+        path = Path(p)
+        if path.is_dir():
+            found = discover(path)
+            for item in found.items:
+                name = found.classes[item.label] if item.label >= 0 else None
+                out.append(VideoItem(item.id, item.path, index.get(name, -1)))
+        elif path.is_file():
+            if not is_video(path):
+                log.warning("%s: not a video file name; trying it anyway", p)
+            out.append(VideoItem(p, path))
+        else:
+            raise PredictError(f"video {p!r} not found")
+    return out
+
+
+def decoded_videos(items: list["VideoItem"], spec: RunSpec, *, workers: int = 1, timeout: float = 300.0,
+                   pin_memory: bool = False) -> Iterator[tuple["VideoItem", Any]]:
+    """(item, pipeline.Decoded or pipeline.Failed) per video, as extraction decodes them (the same
+    worker processes, timeout and sampling) but only at the run's clip positions. Order: as decoded."""
+    import queue
+
+    from faster.extract.pipeline import DecodePool, InlineDecoder
+
+    kw = dict(num_clips=spec.num_extracted, clip_len=spec.clip_len, size=spec.size,
+              frame_stride=spec.frame_stride, positions=spec.positions)
+    decoder = (DecodePool(items, workers=workers, timeout=timeout, pin_memory=pin_memory, **kw) if workers
+               else InlineDecoder(items, **kw))
+    with decoder:
+        while True:
+            try:
+                out = decoder.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if out is None:
+                return
+            yield out.item, out
+
+
+@dataclass
+class PredictSummary:
+    predicted: int = 0
+    failed: int = 0
+    correct: int = 0                     # top-1 hits among the labelled videos
+    labelled: int = 0
+    seconds: float = 0.0
+    gflops: float = 0.0
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        parts = [f"predicted {self.predicted} videos", f"failed {self.failed}", f"{self.seconds:.1f} s"]
+        if self.predicted:
+            parts.append(f"{self.gflops / self.predicted:.4g} GFLOPs/video")
+        if self.labelled:
+            parts.append(f"top-1 {self.correct / self.labelled:.3f} on {self.labelled} labelled")
+        parts.append("clips: " + ", ".join(f"{m} {n}" for m, n in self.calls.items()))
+        return ", ".join(parts)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if "error" in record:
+            self.failed += 1
+            return
+        self.predicted += 1
+        self.gflops += record["gflops"]
+        if record["label"] >= 0:
+            self.labelled += 1
+            self.correct += int(max(range(len(record["probs"])), key=record["probs"].__getitem__) == record["label"])
+
+
+def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iterator[dict[str, Any]]:
+    """One record per video, as decoded: its prediction line, or {"id", "error", "stage"} when it
+    could not be decoded or classified (logged; the run goes on). ``seconds`` is the wall time the
+    video took here: waiting for its frames plus the backbones and the aggregator."""
+    from tqdm import tqdm
+
+    predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size)
+    items = list_videos(cfg.videos, predictor.spec.classes)
+    if not items:
+        raise PredictError(f"no video files in {', '.join(cfg.videos)}")
+    bar = tqdm(total=len(items), unit="video", desc="predict", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    try:
+        for item, decoded in decoded_videos(items, predictor.spec, workers=cfg.workers, timeout=cfg.timeout,
+                                            pin_memory=predictor.device.type == "cuda"):
+            if not hasattr(decoded, "frames"):  # pipeline.Failed
+                log.warning("%s: %s failed: %s", item.id, decoded.stage, decoded.error)
+                yield {"id": item.id, "error": decoded.error, "stage": decoded.stage}
+            else:
+                try:
+                    record = predictor.classify(decoded.frames, video_id=item.id, label=item.label,
+                                                online=cfg.online)
+                except Exception as err:  # e.g. clips the backbone cannot take: this video's, not the run's
+                    log.warning("%s: model failed: %s", item.id, err)
+                    yield {"id": item.id, "error": f"{type(err).__name__}: {err}", "stage": "model"}
+                else:
+                    now = time.perf_counter()
+                    yield {**record, "num_frames": decoded.num_frames, "seconds": round(now - t0, 4)}
+            t0 = time.perf_counter()
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def predict(cfg: PredictConfig, stream: IO[str] | None = None) -> PredictSummary:
+    """Classify ``cfg.videos`` with the run; write JSON lines to ``cfg.out`` (else ``stream``, else stdout).
+
+    A broken video is written as {"id", "error", "stage"} and skipped. With ``cfg.strict`` a
+    PredictError is raised at the end when any failed (the output is complete anyway).
+    """
+    import contextlib
+    import sys
+
+    t0 = time.perf_counter()
+    predictor = Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size)
+    summary = PredictSummary()
+    with contextlib.ExitStack() as stack:
+        if cfg.out is not None:
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            stream = stack.enter_context(open(cfg.out, "w"))
+        elif stream is None:
+            stream = sys.stdout
+        for record in iter_predict(cfg, predictor):
+            stream.write(json.dumps(record) + "\n")
+            stream.flush()
+            summary.add(record)
+    summary.seconds = time.perf_counter() - t0
+    summary.calls = dict(predictor.calls)
+    log.info("%s", summary.line())
+    if cfg.strict and summary.failed:
+        raise PredictError(f"{summary.failed} of {summary.failed + summary.predicted} videos failed (--strict); "
+                           f"{summary.line()}")
+    return summary
