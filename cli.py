@@ -136,9 +136,30 @@ def ablate(**kw) -> None:
 @click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights the features were made with.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Predictions JSONL [default: stdout].")
 @click.option("--online", is_flag=True, help="Also write the running prediction after every clip.")
-def predict(**kw) -> None:
-    """Classify videos with a fitted run, calling the expensive backbone only where the pattern says."""
-    _pending(5, "predict")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Clips per backbone forward (within one video).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(0),
+              help="Decoding processes (0: decode in this process, no timeout).")
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds before a video whose decode hangs is reported as failed.")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
+def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, strict) -> None:
+    """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
+
+    VIDEOS are files or directories (searched for video files; ids are paths relative to them).
+    Writes one JSON line per video: id, probs, top5, gflops, seconds (and, with --online, the
+    running prediction after every clip); a broken video is a line with "error" and "stage".
+    """
+    from faster.predict import PredictConfig, PredictError, predict as run_predict
+
+    cfg = PredictConfig(videos=list(videos), run=run, weights=_parse_weights(weights), out=out, online=online,
+                        device=device, batch_size=batch_size, workers=workers, timeout=timeout, strict=strict)
+    try:
+        summary = run_predict(cfg)
+    except (PredictError, ValueError, FileNotFoundError) as err:
+        _fail(err)
+    click.echo(summary.line(), err=True)
 
 
 @cli.command()
