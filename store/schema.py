@@ -63,3 +63,16 @@ def failures_name(part: int) -> str:
 
 def features_key(model: str) -> str:
     return f"features/{model}"
+
+
+def plain_attr(value):
+    """An HDF5 attribute as plain Python: bytes -> str, arrays -> lists, numpy scalars -> Python scalars."""
+    import numpy as np
+
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [plain_attr(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

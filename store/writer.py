@@ -69,11 +69,25 @@ class ShardWriter:
         import h5py
 
         self._file = h5py.File(self.tmp_path, "w")
+        try:
+            self._init_file(h5py)
+        except BaseException:
+            self._file.close()
+            self._file = None
+            self.tmp_path.unlink(missing_ok=True)
+            raise
+        return self
+
+    def _init_file(self, h5py) -> None:
         f = self._file
         f.attrs["format"] = schema.FORMAT
         f.attrs["format_version"] = schema.FORMAT_VERSION
         for key, value in self.attrs.items():
-            f.attrs[key] = json.dumps(value) if key == "classes" else value
+            if key == "classes":
+                value = json.dumps(list(value))
+            elif isinstance(value, str):
+                value = str(value)  # str subclasses (torch.__version__) have no HDF5 type
+            f.attrs[key] = value
         num_clips = int(self.attrs["num_clips"])
         str_dtype = h5py.string_dtype("utf-8")
         v = f.create_group("videos")
@@ -85,7 +99,6 @@ class ShardWriter:
         v.create_dataset("clip_start", (0, num_clips), maxshape=(cap, num_clips), dtype="int64",
                          chunks=(cap, num_clips))
         f.create_group("features")
-        return self
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -124,7 +137,7 @@ class ShardWriter:
                 ds = f.create_dataset(key, (0, *array.shape), maxshape=(self.capacity, *array.shape),
                                       dtype="float16", chunks=(1, *array.shape), compression=self.compression)
                 for a, val in self.model_attrs[model].items():
-                    ds.attrs[a] = val
+                    ds.attrs[a] = str(val) if isinstance(val, str) else val
             ds = f[key]
             if ds.shape[1:] != array.shape:
                 raise ValueError(f"{model}: features of shape {array.shape}, the shard holds {ds.shape[1:]}")

@@ -1,0 +1,375 @@
+"""Finding the videos of a collection and decoding the clips FASTER needs from each.
+
+Discovery (DESIGN.md "Command line"): folder-per-class (``ROOT/<class>/.../<video>``, classes
+sorted by name), an annotation CSV (``path,label``, or Kinetics' ``label,youtube_id,time_start,
+time_end,split`` whose files are named ``<youtube_id>_<start:06d>_<end:06d>.<ext>``), or
+unlabelled. Only video extensions are considered; ids are POSIX paths relative to the root.
+
+Decoding (paper, "Experimental Setups": N clips of L frames uniformly covering the video,
+N x L = 256): decord with one thread per reader, only the sampled frames, requested in sorted
+order and in chunks so a worker never holds a whole long video; indices clamped to the frames
+that exist (a video shorter than one clip repeats its last frame). Each frame's short side is
+resized to ``size * 8/7`` (256 for 224) and the centre ``size x size`` crop kept, as uint8 RGB:
+scaling to [0, 1] and the backbone's normalisation happen on the model's device
+(``normalise_clips``), which is cheaper than on the decoding CPU.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from faster.extract import sampling
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                              ".3gp", ".ts", ".ogv", ".vob", ".mts", ".m2ts"})
+CHUNK_FRAMES = 32  # frames decoded and resized at once: bounds a worker's memory on large videos
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+def is_video(path: str | Path) -> bool:
+    """A file name with a video extension that is not hidden (``._x.mp4`` AppleDouble files are not videos)."""
+    p = PurePosixPath(str(path))
+    return p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".")
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    """One video to extract. ``path`` is None when an annotation lists a file that is not under the root."""
+
+    id: str
+    path: Path | None
+    label: int = -1
+    split: str | None = None
+    error: str | None = None  # why ``path`` is None
+
+
+@dataclass
+class Discovery:
+    """What ``discover`` found: the items (sorted by id), the class list and the layout it used."""
+
+    items: list[VideoItem]
+    classes: list[str]
+    layout: str  # "folders", "csv", "kinetics" or "unlabelled"
+    ignored: int = 0  # files without a video extension
+    notes: list[str] = field(default_factory=list)
+
+
+def scan(root: str | Path) -> list[str]:
+    """Every video under ``root`` as a sorted list of POSIX paths relative to it (hidden entries skipped)."""
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in filenames:
+            if is_video(name):
+                found.append((rel_dir / name).as_posix())
+    return sorted(found)
+
+
+def _count_ignored(root: Path) -> int:
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        n += sum(1 for f in filenames if not f.startswith(".") and not is_video(f))
+    return n
+
+
+def read_classes(path: str | Path) -> list[str]:
+    """One class name per line (blank lines skipped); names must be unique."""
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"classes file {str(path)!r} lists no class")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"classes file {str(path)!r} repeats {dup[:5]}")
+    return names
+
+
+def safe_relative(root: Path, value: str, where: str) -> str:
+    """``value`` (relative to ``root`` or absolute inside it) as a normalised POSIX path; refuse one that leaves it."""
+    if not value:
+        raise ValueError(f"{where}: empty path")
+    p = Path(value)
+    joined = p if p.is_absolute() else root / p
+    norm = Path(os.path.normpath(joined))
+    root_norm = Path(os.path.normpath(root.absolute()))
+    norm_abs = Path(os.path.normpath(norm.absolute()))
+    if norm_abs != root_norm and root_norm not in norm_abs.parents:
+        raise ValueError(f"{where}: path {value!r} leaves the video root {str(root)!r}; refused")
+    rel = norm_abs.relative_to(root_norm).as_posix()
+    if rel in ("", "."):
+        raise ValueError(f"{where}: path {value!r} is the video root itself, not a video")
+    return rel
+
+
+def _label_index(label: str, classes: list[str], index: dict[str, int], where: str) -> int:
+    if label == "":
+        return -1
+    if label in index:
+        return index[label]
+    if label.isdigit() and int(label) < len(classes):
+        return int(label)  # an index into a --classes file
+    raise ValueError(f"{where}: label {label!r} is not in the class list ({len(classes)} classes)")
+
+
+def _classes_from_labels(labels: list[str]) -> list[str]:
+    """Sorted names; integer labels 0..K-1 give the classes '0'..'K-1' so indices keep their meaning."""
+    distinct = sorted({lab for lab in labels if lab != ""})
+    if distinct and all(lab.isdigit() for lab in distinct):
+        return [str(i) for i in range(max(int(lab) for lab in distinct) + 1)]
+    return distinct
+
+
+def _read_csv(path: Path) -> tuple[str, list[dict[str, str]]]:
+    """("kinetics" | "csv", rows as dicts with at least a path or a youtube_id column)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        sample = f.read(4096)
+        f.seek(0)
+        try:
+            dialect = csv.Sniffer().sniff(sample, delimiters=",;\t ")
+        except csv.Error:
+            dialect = csv.excel
+        rows = [r for r in csv.reader(f, dialect) if r and any(c.strip() for c in r)]
+    if not rows:
+        raise ValueError(f"annotations {str(path)!r} are empty")
+    header = [c.strip().lower() for c in rows[0]]
+    if all(c in header for c in KINETICS_COLUMNS):
+        kind = "kinetics"
+    elif "path" in header:
+        kind = "csv"
+    elif len(header) in (1, 2) and is_video(rows[0][0].strip()):
+        header = ["path", "label"][: len(header)]  # no header row: path[,label]
+        rows = [header] + rows
+        kind = "csv"
+    else:
+        raise ValueError(f"annotations {str(path)!r}: header {rows[0]!r} has neither a 'path' column nor "
+                         f"Kinetics' {','.join(KINETICS_COLUMNS)}")
+    out = []
+    for n, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"annotations {str(path)!r} line {n}: {len(row)} fields, header has {len(header)}")
+        out.append({k: v.strip() for k, v in zip(header, row)})
+    return kind, out
+
+
+def _kinetics_stem(row: dict[str, str], where: str) -> str:
+    try:
+        start, end = int(float(row["time_start"])), int(float(row["time_end"]))
+    except ValueError as err:
+        raise ValueError(f"{where}: time_start/time_end {row['time_start']!r}/{row['time_end']!r} are not numbers") from err
+    return f"{row['youtube_id']}_{start:06d}_{end:06d}"
+
+
+def discover(root: str | Path, annotations: str | Path | None = None, classes_file: str | Path | None = None,
+             unlabelled: bool = False) -> Discovery:
+    """Find the videos under ``root`` and their labels.
+
+    Without ``annotations``: folder-per-class when every video lies in a sub-folder of the root
+    (the first path component is the class), unlabelled when some lie directly in the root or
+    ``unlabelled`` is set. With ``annotations``: each row names a file by its path (``path,label``)
+    or by Kinetics' ``<youtube_id>_<start>_<end>``; a row matches the file at that path, else the
+    file with that stem and any video extension anywhere under the root. A listed file that is not
+    found becomes an item with ``path=None`` (recorded as failure stage ``missing``).
+    ``classes_file`` fixes the class list (and so the indices) whatever subset is present.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"video root {str(root)!r} is not a directory")
+    files = scan(root)
+    ignored = _count_ignored(root)
+    fixed = read_classes(classes_file) if classes_file else None
+    if annotations is None:
+        if unlabelled or not files or any("/" not in f for f in files):
+            classes = fixed or []
+            items = [VideoItem(f, root / f) for f in files]
+            return Discovery(items, classes, "unlabelled", ignored)
+        folder_of = {f: f.split("/", 1)[0] for f in files}
+        classes = fixed or sorted(set(folder_of.values()))
+        index = {c: i for i, c in enumerate(classes)}
+        unknown = sorted(set(folder_of.values()) - set(index))
+        if unknown:
+            raise ValueError(f"class folders {unknown[:5]} are not in the classes file {str(classes_file)!r}")
+        items = [VideoItem(f, root / f, index[folder_of[f]]) for f in files]
+        return Discovery(items, classes, "folders", ignored)
+
+    annotations = Path(annotations)
+    kind, rows = _read_csv(annotations)
+    by_path = set(files)
+    by_noext: dict[str, list[str]] = {}
+    by_stem: dict[str, list[str]] = {}
+    for f in files:
+        p = PurePosixPath(f)
+        by_noext.setdefault(str(p.with_suffix("")), []).append(f)
+        by_stem.setdefault(p.stem, []).append(f)
+
+    labels = [r.get("label", "") for r in rows]
+    classes = fixed or ([] if unlabelled else _classes_from_labels(labels))
+    index = {c: i for i, c in enumerate(classes)}
+    items: dict[str, VideoItem] = {}
+    missing = 0
+    for n, row in enumerate(rows, start=2):
+        where = f"{annotations.name} line {n}"
+        if kind == "kinetics":
+            stem, rel, candidates = _kinetics_stem(row, where), None, None
+        else:
+            rel = safe_relative(root, row["path"], where)
+            stem = PurePosixPath(rel).stem
+            candidates = [rel] if rel in by_path else by_noext.get(str(PurePosixPath(rel).with_suffix("")))
+        if not candidates:
+            candidates = by_stem.get(stem, [])
+        label = -1 if unlabelled else _label_index(row.get("label", ""), classes, index, where)
+        split = row.get("split") or None
+        if len(candidates) > 1:
+            log.warning("%s: %d files match %r (%s); using %s", where, len(candidates), stem,
+                        ", ".join(candidates[:3]), candidates[0])
+        if candidates:
+            vid = candidates[0]
+            item = VideoItem(vid, root / vid, label, split)
+        else:
+            vid = rel or stem
+            item = VideoItem(vid, None, label, split,
+                             error=f"listed in {annotations.name} line {n} but no video named {stem}.* under the root")
+            missing += 1
+        if vid in items:
+            log.warning("%s: %s is listed again; keeping its first row", where, vid)
+            continue
+        items[vid] = item
+    notes = [f"{missing} listed videos are missing"] if missing else []
+    unlisted = len(by_path - set(items))
+    if unlisted:
+        notes.append(f"{unlisted} videos under the root are not in the annotations and are skipped")
+    return Discovery(sorted(items.values(), key=lambda it: it.id), classes, kind, ignored, notes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+
+@dataclass
+class DecodedVideo:
+    """Sampled clips of one video: ``frames`` is (N, L, size, size, 3) uint8 RGB."""
+
+    frames: np.ndarray
+    num_frames: int
+    fps: float
+    clip_start: list[int]
+    short: bool  # shorter than one clip span: the last frame is repeated
+
+
+class DecodeError(Exception):
+    """A video that cannot be decoded; ``stage`` is "open" (not a readable video) or "decode"."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+def resize_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(h, w) after resizing the short side to round(size * 8 / 7), keeping the aspect ratio."""
+    short = sampling.round_half_up(size * 8 / 7)
+    if height <= width:
+        return short, max(short, sampling.round_half_up(width * short / height))
+    return max(short, sampling.round_half_up(height * short / width)), short
+
+
+def resize_crop(frames: Any, size: int) -> Any:
+    """(k, H, W, 3) uint8 tensor -> (k, size, size, 3) uint8: short side to size*8/7 (antialiased bilinear), centre crop."""
+    import torch.nn.functional as F
+
+    k, h, w, _ = frames.shape
+    rh, rw = resize_size(h, w, size)
+    x = frames.permute(0, 3, 1, 2)  # (k, 3, H, W), a channels-last view: the fast uint8 path
+    if (rh, rw) != (h, w):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (rh - size) // 2, (rw - size) // 2
+    return x[:, :, top:top + size, left:left + size].permute(0, 2, 3, 1)  # (k, size, size, 3)
+
+
+def open_reader(path: str | Path):
+    """A decord VideoReader with one decoding thread (more fail on some files and are rarely faster)."""
+    import decord
+
+    try:
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
+    except Exception as err:  # decord raises RuntimeError or DECORDError for anything it cannot open
+        raise DecodeError("open", _short_error(err)) from None
+    if len(vr) < 1:
+        raise DecodeError("open", "no video frames")
+    return vr
+
+
+def _short_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    msg = next((line for line in reversed(text) if line.strip()), type(err).__name__) if text else type(err).__name__
+    return f"{type(err).__name__}: {msg[:300]}"
+
+
+def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
+                 out: np.ndarray | None = None, positions: list[int] | None = None) -> DecodedVideo:
+    """Decode the ``num_clips`` uniformly sampled clips of one video (DESIGN.md "Clip sampling").
+
+    ``positions``, when given, keeps only those of the ``num_clips`` clips (a fitted run's subset,
+    for predict): their frames are exactly the ones a full decode gives at those positions.
+
+    Only the needed frames are read, in sorted order, ``CHUNK_FRAMES`` at a time; each chunk is
+    resized and cropped before the next is decoded. ``out`` (N, L, size, size, 3) uint8, when
+    given, receives the frames (a shared-memory buffer of a decode worker).
+    Raises DecodeError with stage "open" or "decode".
+    """
+    import torch
+
+    vr = open_reader(path)
+    num_frames = len(vr)
+    try:
+        fps = float(vr.get_avg_fps())
+    except Exception:  # some containers have no rate
+        fps = 0.0
+    if not np.isfinite(fps):
+        fps = 0.0
+    starts = sampling.clip_starts(num_frames, num_clips, clip_len, frame_stride)
+    if positions is not None:
+        starts = [starts[p] for p in positions]
+        num_clips = len(starts)
+    flat = np.asarray(sampling.frame_indices(starts, num_frames, clip_len, frame_stride), dtype=np.int64).reshape(-1)
+    unique, inverse = np.unique(flat, return_inverse=True)  # sorted: decord seeks forward only
+    shape = (num_clips, clip_len, size, size, 3)
+    if out is None:
+        out = np.empty(shape, dtype=np.uint8)
+    elif out.shape != shape or out.dtype != np.uint8:
+        raise ValueError(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
+    dest = torch.from_numpy(out).view(num_clips * clip_len, size, size, 3)
+    for a in range(0, len(unique), CHUNK_FRAMES):
+        b = min(a + CHUNK_FRAMES, len(unique))
+        try:
+            chunk = vr.get_batch(unique[a:b].tolist()).asnumpy()  # (k, H, W, 3) uint8
+        except Exception as err:
+            raise DecodeError("decode", f"frames {int(unique[a])}-{int(unique[b - 1])} of {num_frames}: "
+                                        f"{_short_error(err)}") from None
+        if chunk.ndim != 4 or chunk.shape[0] != b - a or chunk.shape[-1] != 3:
+            raise DecodeError("decode", f"decoder returned frames of shape {chunk.shape} for {b - a} frames")
+        small = resize_crop(torch.from_numpy(chunk), size)  # (k, size, size, 3)
+        mask = (inverse >= a) & (inverse < b)
+        positions = torch.from_numpy(np.nonzero(mask)[0])
+        dest[positions] = small[torch.from_numpy(inverse[mask] - a)]
+    del vr
+    span = sampling.clip_span(clip_len, frame_stride)
+    return DecodedVideo(out, num_frames, fps, starts, num_frames < span)
+
+
+def normalise_clips(clips: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """(B, L, H, W, 3) uint8 -> (B, 3, L, H, W) float: scaled to [0, 1], minus mean, over std (per channel)."""
+    import torch
+
+    x = clips.permute(0, 4, 1, 2, 3).float().div_(255.0)  # (B, 3, L, H, W)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1, 1)
+    return x.sub_(m).div_(s)

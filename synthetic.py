@@ -1,0 +1,148 @@
+"""Synthetic test videos (H.264 mp4 via PyAV): small labelled sets whose class is a motion direction.
+
+A square moves across a static textured background in one of several directions. A single frame
+cannot tell the class; the order of frames can, so a temporal backbone (R(2+1)D, paper Table 1)
+and a temporal aggregator (FAST-GRU, paper Eq. 3-6) have something to learn that a per-frame
+model does not. ``make_motion_dataset`` writes the folder-per-class layout that ``faster extract``
+reads; ``write_kinetics_like`` writes 340x256, 30 fps clips shaped like Kinetics videos for the
+benchmarks; ``write_audio_only`` writes an mp4 with no video stream (a failure case).
+
+PyAV is imported lazily: it is a test/demo dependency, not a runtime one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+# Unit velocity (dx, dy) per direction, image coordinates (y grows downwards).
+DIRECTIONS: dict[str, tuple[int, int]] = {
+    "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
+    "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1),
+}
+DEFAULT_CLASSES = ("left", "right", "up", "down")
+
+
+def _av():
+    try:
+        import av
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("faster.synthetic writes videos with PyAV: pip install av (or pip install 'faster[test]')") from err
+    return av
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str = "libx264", crf: int = 23) -> Path:
+    """Encode ``frames`` (T, H, W, 3) uint8 RGB into ``path`` (H.264, yuv420p); H and W must be even."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+    t, h, w, _ = frames.shape
+    if t < 1 or h % 2 or w % 2:
+        raise ValueError(f"need >= 1 frame and even height/width for yuv420p, got {t} frames of {h}x{w}")
+    av = _av()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def motion_frames(direction: str, frames: int = 32, size: int = 64, seed: int = 0) -> np.ndarray:
+    """(frames, size, size, 3) uint8: a square moving in ``direction`` (wrapping at the borders)."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; expected one of {sorted(DIRECTIONS)}")
+    if frames < 1 or size < 8 or size % 2:
+        raise ValueError(f"need frames >= 1 and an even size >= 8, got frames={frames}, size={size}")
+    rng = np.random.default_rng(seed)
+    # A smooth static background texture (blocky noise, upsampled) in muted colours.
+    coarse = rng.integers(40, 140, size=(size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
+    background = np.kron(coarse, np.ones((8, 8, 1), dtype=np.uint8))[:size, :size]
+    side = max(size // 5, 3)
+    colour = rng.integers(180, 256, size=3, dtype=np.uint8)
+    dx, dy = DIRECTIONS[direction]
+    speed = rng.uniform(1.0, 2.0) * size / 64  # pixels per frame
+    x0, y0 = rng.uniform(0, size, size=2)
+    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    rows = np.arange(size)
+    for t in range(frames):
+        x = int(x0 + dx * speed * t) % size
+        y = int(y0 + dy * speed * t) % size
+        frame = background.copy()
+        ys = (y + rows[:side]) % size
+        xs = (x + rows[:side]) % size
+        frame[np.ix_(ys, xs)] = colour
+        out[t] = frame
+    return out
+
+
+def make_motion_dataset(root: str | Path, classes: Iterable[str] = DEFAULT_CLASSES, per_class: int = 4,
+                        frames: int = 32, size: int = 64, seed: int = 0, fps: int = 30) -> list[Path]:
+    """Write ``root/<class>/<class>_<i>.mp4`` for every class (a direction) and return the paths, sorted.
+
+    Videos are deterministic given ``seed``; each video gets its own start, speed and colours.
+    """
+    classes = list(classes)
+    if not classes:
+        raise ValueError("classes is empty")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    root = Path(root)
+    paths = []
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            video_seed = seed * 1_000_003 + c * 10_007 + i
+            paths.append(write_video(root / name / f"{name}_{i:03d}.mp4",
+                                     motion_frames(name, frames=frames, size=size, seed=video_seed), fps=fps))
+    return sorted(paths)
+
+
+def write_kinetics_like(path: str | Path, seconds: float = 10.0, fps: int = 30, width: int = 340, height: int = 256,
+                        seed: int = 0) -> Path:
+    """A Kinetics-shaped clip (340x256, 30 fps, H.264): a scrolling textured background and a moving square.
+
+    Camera-like global motion keeps the encoder (and so the decoder) busy as real footage does.
+    """
+    rng = np.random.default_rng(seed)
+    n = max(1, int(round(seconds * fps)))
+    coarse = rng.integers(0, 256, size=(height // 4 + 1, 2 * width // 4 + 1, 3), dtype=np.uint8)
+    texture = np.kron(coarse, np.ones((4, 4, 1), dtype=np.uint8))[:height, : 2 * width]
+    out = np.empty((n, height, width, 3), dtype=np.uint8)
+    side = height // 5
+    for t in range(n):
+        shift = (3 * t) % width
+        out[t] = texture[:, shift:shift + width]
+        x = (5 * t) % (width - side)
+        y = (height - side) // 2 + int(40 * np.sin(t / 15))
+        out[t, y:y + side, x:x + side] = (250, 40, 40)
+    return write_video(path, out, fps=fps)
+
+
+def write_audio_only(path: str | Path, seconds: float = 0.5, rate: int = 16000) -> Path:
+    """An mp4 holding one AAC audio stream and no video: a file with a video extension that has no frames."""
+    av = _av()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    samples = int(seconds * rate)
+    tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(samples) / rate)).astype(np.float32)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        step = 1024
+        for start in range(0, samples, step):
+            chunk = tone[None, start:start + step]
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="flt", layout="mono")
+            frame.sample_rate = rate
+            frame.pts = start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
