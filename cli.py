@@ -75,19 +75,62 @@ def cli(verbose: int) -> None:
               help="Seconds before a video whose decode hangs is recorded as failed.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random initialisation.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
+@click.option("--unlabelled", is_flag=True, help="Ignore folder names and CSV labels: every label is -1.")
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
+@click.option("--debug-decode-fault", hidden=True, help="Tests: SUBSTRING:sleep=S or SUBSTRING:exit in the decoder.")
+@click.option("--debug-kill-after-shards", hidden=True, type=click.IntRange(0),
+              help="Tests: SIGKILL the process inside the shard after K complete ones.")
 def extract(**kw) -> None:
     """Decode each video once, run every --model over its clips, write res5 maps to HDF5 shards.
 
     Re-running the same command resumes: videos in complete shards are skipped, failed ones retried.
+    Broken videos are recorded in OUT/failures.jsonl (exit 0; non-zero with --strict). Under
+    torchrun each rank takes every WORLD_SIZE-th video; --num-shards/--shard-index split a Slurm array.
     """
-    _pending(2, "extract")
+    from faster.extract.pipeline import ExtractConfig, run_extract
+
+    strict = kw.pop("strict")
+    kw["weights"] = _parse_weights(kw["weights"])
+    try:
+        cfg = ExtractConfig(**kw)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    try:
+        summary = run_extract(cfg, echo=lambda line: click.echo(line, err=True))
+    except ValueError as err:
+        _fail(err)
+    failed = summary["failed"]
+    click.echo(f"extracted {summary['extracted']}, skipped {summary['skipped']} (done before), failed {failed}"
+               + (f" (see {summary['failures_file']})" if failed else "")
+               + (f", {summary['short']} shorter than one clip" if summary["short"] else "")
+               + f"; {summary['run_seconds']:.1f} s, {summary['clips_per_s']:.1f} clips/s, "
+                 f"{summary['videos_per_s']:.2f} videos/s on {summary['device']}")
+    if summary["interrupted"]:
+        click.echo(f"stopped by {summary['interrupted']}: complete shards are kept; run the same command to resume",
+                   err=True)
+        sys.exit(130 if summary["interrupted"] == "SIGINT" else 143)
+    if strict and failed:
+        raise click.ClickException(f"{failed} videos failed (--strict)")
 
 
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 def verify(feats: tuple[str, ...]) -> None:
     """Check every shard of feature sets against the schema; write the merged manifest and failures."""
-    _pending(2, "verify")
+    from faster.store.verify import verify as verify_dirs
+
+    report = verify_dirs(feats)
+    for r in report["dirs"]:
+        stages = ", ".join(f"{k} {v}" for k, v in r["failed_by_stage"].items())
+        click.echo(f"{r['dir']}: {r['shards']} shards, {r['videos']} videos, {r['failed']} failed"
+                   + (f" ({stages})" if stages else "") + f", models {', '.join(r['models']) or '-'}: "
+                   + ("ok" if r["ok"] else f"{len(r['problems'])} problems"))
+        for note in r["notes"]:
+            click.echo(f"  note: {note}")
+    for problem in report["problems"]:
+        click.echo(f"  problem: {problem}", err=True)
+    if not report["ok"]:
+        raise click.ClickException(f"{len(report['problems'])} problems found")
 
 
 @cli.command()
