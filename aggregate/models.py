@@ -1,0 +1,366 @@
+"""Aggregators of clip feature maps (paper, "Learning to Aggregate"): FAST-GRU (Eq. 4) and the
+baselines of Table 3 — average pooling of clip scores, Concat (Eq. 5), LSTM and GRU.
+
+Every aggregator reads N clip maps x_0 .. x_{N-1} (res5 maps, T' x H' x W' x C) that come from the
+expensive or the cheap backbone according to the E:C pattern, and returns class logits. The
+recurrent ones follow Eq. 1: o_0 = x_0, o_t = f(o_{t-1}, x_t) for t = 1..N-1, then global average
+pooling, dropout and a fully-connected layer on o_{N-1}.
+
+Sources of different widths or grids (a 512-channel torchvision map beside a 2048-channel one) are
+aligned before aggregation: each map is average-pooled to the common grid (the smallest T', H', W'
+of the sources in use) and projected by a learned 1x1x1 convolution to the common width (the
+expensive source's C). When the sources agree, as in the paper, nothing is added.
+
+Two ways to run one aggregator, which give the same result (tests/test_aggregate.py):
+  * ``forward(x, mask)`` on a batch of whole videos (training, evaluation);
+  * ``init_state`` / ``step`` / ``logits``, one clip at a time (online prediction): the prediction
+    after the clips seen so far.
+
+1x1x1 convolutions are applied to channels-last maps as matrix products over the channel axis
+(``Conv1x1x1``): the same maths and multiply-adds as ``nn.Conv3d(kernel_size=1)``, without the
+layout changes (the shards store channels last).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from faster.aggregate import register
+
+SOURCES = ("expensive", "cheap")
+State = dict[str, Any]
+
+
+class Conv1x1x1(nn.Linear):
+    """A 1x1x1 3D convolution over a channels-last map (..., C_in) -> (..., C_out)."""
+
+
+class Align(nn.Module):
+    """Pool a source's map to the common grid and project it to the common width (identity when equal).
+
+    ``pooled=True``: the aggregator works on globally pooled vectors, so only the width is aligned.
+    """
+
+    def __init__(self, shape: Sequence[int], width: int, grid: Sequence[int], *, pooled: bool):
+        super().__init__()
+        c, *src_grid = shape
+        self.pooled = pooled
+        self.grid = tuple(grid)
+        self.pool = not pooled and tuple(src_grid) != self.grid
+        self.proj = Conv1x1x1(c, width) if c != width else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: (M, T', H', W', C) channels last
+        if self.pooled:
+            x = x.mean(dim=(1, 2, 3))  # (M, C)
+        elif self.pool:
+            x = F.adaptive_avg_pool3d(x.movedim(-1, 1), self.grid).movedim(1, -1)  # (M, t, h, w, C)
+        return self.proj(x) if self.proj is not None else x
+
+
+class Aggregator(nn.Module):
+    """Base class: alignment of the sources, the batched forward and the online step API.
+
+    Args:
+        num_classes: output classes.
+        sources: per source in use ("expensive", "cheap"), its map shape [C, T', H', W'].
+        dropout: dropout before the final fully-connected layer.
+
+    Subclasses set ``pooled`` and implement ``_start`` (o_0 from x_0), ``_update`` (Eq. 1's f) and
+    ``_readout`` (logits from the state); they may override ``_run`` with a faster batched loop.
+    """
+
+    pooled = False
+
+    def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not sources or set(sources) - set(SOURCES):
+            raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {sorted(sources)}")
+        for name, shape in sources.items():
+            if len(shape) != 4 or min(shape) < 1:
+                raise ValueError(f"source {name!r}: shape must be [C, T', H', W'] with positive sizes, got {shape}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.kwargs: dict[str, Any] = {"num_classes": int(num_classes), "dropout": float(dropout),
+                                       "sources": {k: [int(v) for v in s] for k, s in sources.items()}}
+        self.num_classes = int(num_classes)
+        main = sources["expensive"] if "expensive" in sources else sources["cheap"]
+        self.width = int(main[0])
+        self.grid = tuple(min(int(s[i]) for s in sources.values()) for i in (1, 2, 3))
+        self.align = nn.ModuleDict({k: Align(s, self.width, self.grid, pooled=self.pooled)
+                                    for k, s in sources.items()})
+        self.dropout = nn.Dropout(dropout)
+
+    # -- batched -----------------------------------------------------------------------------------
+    def forward(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:
+        """Logits (B, num_classes) of whole videos.
+
+        ``x[source]``: (B, n_source, C, T', H', W') channels first, the clips of that source in
+        order; ``mask[i]`` says whether clip i is expensive. Channels-last storage (a permuted
+        view) is what the layers use, so passing ``feats.movedim(-1, 2)`` costs no copy.
+        """
+        seq = self._sequence(x, mask)  # (B, N, *feature)
+        return self._readout(self._run(seq), len(mask))
+
+    def _sequence(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:
+        positions = {"expensive": [i for i, m in enumerate(mask) if m],
+                     "cheap": [i for i, m in enumerate(mask) if not m]}
+        parts = {}
+        for src, pos in positions.items():
+            if not pos:
+                continue
+            if src not in x or src not in self.align:
+                raise ValueError(f"the pattern needs {len(pos)} {src} clips but the aggregator "
+                                 f"or the batch has no {src} source")
+            xs = x[src]
+            if xs.dim() != 6 or xs.shape[1] != len(pos):
+                raise ValueError(f"{src} clips: expected (B, {len(pos)}, C, T', H', W'), got {tuple(xs.shape)}")
+            B, n = xs.shape[:2]
+            xs = xs.movedim(2, -1).flatten(0, 1)  # (B*n, T', H', W', C)
+            xs = self._embed(self.align[src](xs), src)
+            parts[src] = xs.unflatten(0, (B, n))  # (B, n, *feature)
+        if len(parts) == 1:
+            return next(iter(parts.values()))
+        first = parts["expensive"]
+        seq = first.new_empty((first.shape[0], len(mask), *first.shape[2:]))  # (B, N, *feature)
+        for src, part in parts.items():
+            seq[:, positions[src]] = part.to(seq.dtype)
+        return seq
+
+    def _embed(self, x: Tensor, source: str) -> Tensor:
+        """Per-source hook after alignment (avg classifies each clip here)."""
+        return x
+
+    def _run(self, seq: Tensor) -> Any:
+        state = self._start(seq[:, 0])
+        for t in range(1, seq.shape[1]):
+            state = self._update(state, seq[:, t])
+        return state
+
+    # -- online ------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
+        """An empty state for ``batch_size`` videos (no clip seen yet)."""
+        return {"t": 0, "h": None, "batch_size": int(batch_size), "device": str(device or "cpu")}
+
+    def step(self, state: State, x: Tensor, expensive: bool) -> State:
+        """Fold one clip's map x (B, C_src, T', H', W'), channels first, from the given source."""
+        src = "expensive" if expensive else "cheap"
+        if src not in self.align:
+            raise ValueError(f"this aggregator was built without a {src} source")
+        if x.dim() != 5 or x.shape[0] != state["batch_size"]:
+            raise ValueError(f"step expects (B={state['batch_size']}, C, T', H', W'), got {tuple(x.shape)}")
+        xa = self._embed(self.align[src](x.movedim(1, -1)), src)
+        h = self._start(xa) if state["t"] == 0 else self._update(state["h"], xa)
+        return {**state, "t": state["t"] + 1, "h": h}
+
+    def logits(self, state: State) -> Tensor:
+        """(B, num_classes): the prediction after the clips folded so far."""
+        if state["t"] == 0:
+            raise ValueError("no clip has been stepped yet")
+        return self._readout(state["h"], state["t"])
+
+    # -- to implement ------------------------------------------------------------------------------
+    def _start(self, x0: Tensor) -> Any:
+        raise NotImplementedError
+
+    def _update(self, state: Any, x: Tensor) -> Any:
+        raise NotImplementedError
+
+    def _readout(self, state: Any, num_seen: int) -> Tensor:
+        raise NotImplementedError
+
+
+class _MapHead(nn.Module):
+    """Global average pooling over (T', H', W'), dropout, fc (paper: applied to o_{N-1})."""
+
+    def __init__(self, width: int, num_classes: int, dropout: nn.Module):
+        super().__init__()
+        self.dropout = dropout
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, o: Tensor) -> Tensor:
+        return self.fc(self.dropout(o.mean(dim=(1, 2, 3))))  # (B, T', H', W', C) -> (B, K)
+
+
+@register("avg")
+class AvgPool(Aggregator):
+    """Average pooling (Table 3 "Avg. pool"): a linear classifier per backbone on globally pooled
+    features; the video's score is the mean of the clips' softmax scores, whichever backbone made
+    them. Trained end to end on that mean: logits = log(mean_i softmax_i), so softmax(logits) is
+    exactly the averaged score."""
+
+    pooled = True
+
+    def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
+        super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
+        # a classifier per backbone, on its own width: no projection needed
+        self.align = nn.ModuleDict({k: Align(s, int(s[0]), self.grid, pooled=True) for k, s in sources.items()})
+        self.classifier = nn.ModuleDict({k: nn.Linear(int(s[0]), num_classes) for k, s in sources.items()})
+
+    def _embed(self, x: Tensor, source: str) -> Tensor:
+        return F.log_softmax(self.classifier[source](self.dropout(x)).float(), dim=-1)  # (M, K) log-scores
+
+    def _run(self, seq: Tensor) -> Tensor:
+        return torch.logsumexp(seq, dim=1)  # (B, K): log of the summed scores
+
+    def _start(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+        return torch.logaddexp(state, x)
+
+    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+        return state - math.log(num_seen)
+
+
+@register("concat")
+class Concat(Aggregator):
+    """Concat (Eq. 5): o_t = ReLU(BN(W o_{t-1} + U x_t)), W and U 1x1x1 convolutions that keep the
+    map's resolution; o_0 = x_0; then pooling, dropout, fc."""
+
+    def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
+        super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
+        C = self.width
+        self.W = Conv1x1x1(C, C, bias=False)
+        self.U = Conv1x1x1(C, C, bias=False)
+        self.bn = nn.BatchNorm1d(C)  # over every map position: the statistics of BatchNorm3d
+        self.head = _MapHead(C, num_classes, self.dropout)
+
+    def _cell(self, o: Tensor, ux: Tensor) -> Tensor:
+        y = self.W(o) + ux  # (B, T', H', W', C)
+        return F.relu(self.bn(y.reshape(-1, y.shape[-1])).view_as(y))
+
+    def _run(self, seq: Tensor) -> Tensor:
+        ux = self.U(seq[:, 1:])  # (B, N-1, T', H', W', C): the input side of every step at once
+        o = seq[:, 0]
+        for t in range(ux.shape[1]):
+            o = self._cell(o, ux[:, t])
+        return o
+
+    def _start(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+        return self._cell(state, self.U(x))
+
+    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+        return self.head(state)
+
+
+class _PooledRNN(Aggregator):
+    """torch's recurrent cells on globally pooled clip features, hidden size C; o_0 = x_0 (Eq. 1)."""
+
+    pooled = True
+    cell_type: type[nn.Module] = nn.GRUCell
+
+    def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
+        super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
+        self.cell = self.cell_type(self.width, self.width)
+        self.fc = nn.Linear(self.width, num_classes)
+
+    def _hidden(self, state: Any) -> Tensor:
+        return state
+
+    def _readout(self, state: Any, num_seen: int) -> Tensor:
+        return self.fc(self.dropout(self._hidden(state)))
+
+
+@register("gru")
+class GRU(_PooledRNN):
+    """GRU baseline (Eqs. 2-3, torch.nn.GRUCell) on pooled features; o_0 = x_0."""
+
+    cell_type = nn.GRUCell
+
+    def _start(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+        return self.cell(x, state.to(x.dtype))
+
+
+@register("lstm")
+class LSTM(_PooledRNN):
+    """LSTM baseline (Graves 2013's three-gate variant, torch.nn.LSTMCell) on pooled features;
+    hidden state h_0 = x_0, cell c_0 = 0."""
+
+    cell_type = nn.LSTMCell
+
+    def _start(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        return x0, torch.zeros_like(x0)
+
+    def _update(self, state: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+        h, c = state
+        return self.cell(x, (h.to(x.dtype), c.to(x.dtype)))
+
+    def _hidden(self, state: tuple[Tensor, Tensor]) -> Tensor:
+        return state[0]
+
+
+@register("fastgru")
+class FastGRU(Aggregator):
+    """FAST-GRU (Eq. 4 and Fig. 2b): a GRU whose transforms are 1x1x1 3D convolutions over the full
+    T' x H' x W' map, with bottleneck gates.
+
+        r'_t = ReLU(U_rx x_t + U_ro o_{t-1}),   r_t = sigmoid(W_r r'_t)      (C -> C/r -> C)
+        z'_t = ReLU(U_zx x_t + U_zo o_{t-1}),   z_t = sigmoid(W_z z'_t)
+        c_t  = tanh(V_x x_t + V_o (r_t * o_{t-1}))                           (two C -> C convolutions)
+        o_t  = (1 - z_t) * o_{t-1} + z_t * c_t,   o_0 = x_0
+
+    then global average pooling, dropout, fc. Multiply-adds per map position and step:
+    4 C^2/r (U) + 2 C^2/r (W) + 2 C^2 (V) = 3.5 C^2 at r = 4, the cost Table 4 implies.
+    """
+
+    def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5,
+                 reduction: int = 4):
+        super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
+        C = self.width
+        if reduction < 1 or C % reduction:
+            raise ValueError(f"reduction must divide the width {C}, got {reduction}")
+        self.kwargs["reduction"] = int(reduction)
+        Cr = C // reduction
+        self.gates_x = Conv1x1x1(C, 2 * Cr)  # [U_rx; U_zx]
+        self.gates_o = Conv1x1x1(C, 2 * Cr, bias=False)  # [U_ro; U_zo]
+        self.recover_r = Conv1x1x1(Cr, C)  # W_r
+        self.recover_z = Conv1x1x1(Cr, C)  # W_z
+        self.cand_x = Conv1x1x1(C, C)  # V_x
+        self.cand_o = Conv1x1x1(C, C, bias=False)  # V_o
+        self.head = _MapHead(C, num_classes, self.dropout)
+
+    def _cell(self, o: Tensor, gx: Tensor, vx: Tensor) -> Tensor:
+        # o: (B, T', H', W', C); gx: (B, T', H', W', 2C/r) = U_*x x_t; vx: (B, T', H', W', C) = V_x x_t
+        o = o.to(vx.dtype)
+        r_, z_ = F.relu(gx + self.gates_o(o)).chunk(2, dim=-1)  # r'_t, z'_t: (B, T', H', W', C/r)
+        r = torch.sigmoid(self.recover_r(r_))
+        z = torch.sigmoid(self.recover_z(z_))
+        cand = torch.tanh(vx + self.cand_o(r * o))
+        return (1 - z) * o + z * cand
+
+    def _run(self, seq: Tensor) -> Tensor:
+        rest = seq[:, 1:]  # (B, N-1, T', H', W', C): the input side of steps 1..N-1 at once
+        gx, vx = self.gates_x(rest), self.cand_x(rest)
+        o = seq[:, 0]
+        for t in range(rest.shape[1]):
+            o = self._cell(o, gx[:, t], vx[:, t])
+        return o
+
+    def _start(self, x0: Tensor) -> Tensor:
+        return x0
+
+    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+        return self._cell(state, self.gates_x(x), self.cand_x(x))
+
+    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+        return self.head(state)
+
+
+def build(name: str, **kwargs: Any) -> Aggregator:
+    """The aggregator ``name`` built from its constructor kwargs (as stored in a checkpoint)."""
+    from faster.aggregate import get
+
+    return get(name)(**kwargs)

@@ -1,0 +1,451 @@
+"""Fitting and evaluating an aggregator on cached clip features (paper, "Setups for learning to
+aggregate": the backbones are fixed; only the aggregator is trained, with a cosine schedule).
+
+``fit(FitConfig)`` streams the shards (faster.store.reader), reads only the model each clip position
+needs under the E:C pattern, trains, validates every epoch and writes the run directory
+(faster.aggregate.run). ``evaluate(run_dir, feats)`` rebuilds the run and writes per-video
+predictions. Neither imports a backbone, torchvision or decord.
+
+Cost per video (../DESIGN.md "Patterns"): #E x the expensive model's gflops_per_clip + #C x the
+cheap one's (both from the shards) + the aggregator's own multiply-adds, counted on meta tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from faster.aggregate import patterns, run
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass
+class FitConfig:
+    """Everything a fit depends on; stored in config.json and in the checkpoint."""
+
+    feats: list[str]  # training feature-set directories (parts pooled, different models joined by id)
+    out: str  # run directory to write
+    agg: str  # aggregator name: avg, concat, lstm, gru, fastgru (faster.aggregate.names())
+    expensive: str  # model name of the expensive features (True positions of the pattern)
+    cheap: str  # model name of the cheap features (False positions)
+    pattern: str  # all-e, all-c, first or 1:x (faster.aggregate.patterns)
+    num_clips: int | None = None  # use n of the N extracted clips (positions subset_positions(N, n)); None: all
+    val: list[str] = field(default_factory=list)  # validation feature sets; empty: hold out val_fraction of feats
+    epochs: int = 10  # passes over the training videos
+    batch_size: int = 32  # videos per step
+    lr: float = 1e-3  # peak learning rate (cosine decay to 0 over all steps)
+    weight_decay: float = 1e-4  # decoupled (AdamW) or L2 (SGD) weight decay
+    dropout: float = 0.5  # before the final fully-connected layer
+    optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
+    seed: int = 0  # model init, shuffling and dropout
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    workers: int = 2  # DataLoader worker processes (0: read in the main process)
+    threads: int | None = None  # torch intra-op threads for this fit (None: leave as is); ablate runs fits in parallel
+    val_fraction: float = 0.2  # held-out fraction of feats, chosen by hashing video ids, when val is empty
+    progress: bool = True  # tqdm progress bars
+
+    def validate(self) -> None:
+        """Check every value that needs no data; ValueError naming the bad one."""
+        from faster.aggregate import names
+
+        if not self.feats:
+            raise ValueError("no training feature set given")
+        if self.agg not in names():
+            raise ValueError(f"unknown aggregator {self.agg!r}; expected one of {', '.join(names())}")
+        patterns.check(self.pattern)
+        if self.num_clips is not None:
+            if self.num_clips < 1:
+                raise ValueError(f"num_clips must be >= 1, got {self.num_clips}")
+            patterns.expensive_mask(self.pattern, self.num_clips)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.val and not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1) when no val set is given, got {self.val_fraction}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        _device(self.device)
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def holdout(ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Boolean mask of the ids held out for validation: sha1(id) / 2^64 < fraction (order- and seed-free)."""
+    h = np.fromiter((int.from_bytes(hashlib.sha1(str(i).encode()).digest()[:8], "big") for i in ids),
+                    dtype=np.float64, count=len(ids))
+    return h / 2.0 ** 64 < fraction
+
+
+@dataclass
+class Plan:
+    """What a run reads and builds: clip positions, pattern mask, sources, aggregator kwargs, cost."""
+
+    num_extracted: int
+    positions: list[int]  # the N-clip indices used, subset_positions(N, n)
+    mask: list[bool]  # per used clip: expensive?
+    sources: dict[str, tuple[str, list[int]]]  # source -> (model, extracted clip positions)
+    agg_kwargs: dict[str, Any]
+    gflops: dict[str, Any]
+
+
+def make_plan(fs: Any, *, agg: str, expensive: str, cheap: str, pattern: str, num_clips: int | None,
+              num_classes: int, dropout: float, extra_kwargs: dict[str, Any] | None = None) -> Plan:
+    """Positions, mask and sources of ``pattern`` on feature set ``fs``; ValueError before any read."""
+    from faster.aggregate.flops import count_gflops
+
+    N = int(fs.config["num_clips"])
+    n = N if num_clips is None else int(num_clips)
+    positions = patterns.subset_positions(N, n)
+    mask = patterns.expensive_mask(pattern, n)
+    models = {"expensive": expensive, "cheap": cheap}
+    sources: dict[str, tuple[str, list[int]]] = {}
+    shapes: dict[str, list[int]] = {}
+    for src, want in (("expensive", True), ("cheap", False)):
+        pos = [p for p, m in zip(positions, mask) if m == want]
+        if pos:
+            info = fs.model(models[src])
+            sources[src] = (models[src], pos)
+            shapes[src] = info.channels_first
+    kwargs = {"num_classes": int(num_classes), "sources": shapes, "dropout": float(dropout), **(extra_kwargs or {})}
+    agg_gflops = count_gflops(agg, kwargs, mask)
+    n_e, n_c = sum(mask), len(mask) - sum(mask)
+    per_clip = {src: fs.model(models[src]).attrs.get("gflops_per_clip") for src in sources}
+    if any(v is None for v in per_clip.values()):
+        log.warning("a shard lacks gflops_per_clip: the video cost leaves the backbones out")
+        video = None
+    else:
+        video = n_e * float(per_clip.get("expensive", 0.0)) + n_c * float(per_clip.get("cheap", 0.0)) + agg_gflops
+    return Plan(N, positions, mask, sources, kwargs,
+                {"per_video": video, "aggregator": agg_gflops, "per_clip": per_clip})
+
+
+def _check_compatible(fs: Any, ref: Any, what: str, models: Sequence[str]) -> None:
+    if fs.classes != ref.classes:
+        raise ValueError(f"{what} {fs.dirs}: its class list differs from the training set's")
+    if fs.config != ref.config:
+        raise ValueError(f"{what} {fs.dirs}: extraction {fs.config} differs from the training set's {ref.config}")
+    for m in models:
+        if fs.model(m).shape != ref.model(m).shape:
+            raise ValueError(f"{what} {fs.dirs}: {m} clips are {fs.model(m).shape}, training has {ref.model(m).shape}")
+
+
+@contextmanager
+def _torch_settings(threads: int | None, deterministic: bool) -> Iterator[None]:
+    """Set torch threads / deterministic algorithms for one fit and restore them afterwards."""
+    import torch
+
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        if deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def _loader(ds: Any, batch_size: int, workers: int, shuffle: bool, seed: int, pin: bool) -> Any:
+    import torch
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=g,
+                      pin_memory=pin, persistent_workers=workers > 0, drop_last=False)
+
+
+def _inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """float16 channels-last clips -> float32 (B, n, C, T', H', W') views on device (no layout copy)."""
+    return {src: batch[src].to(device, non_blocking=True).float().movedim(-1, 2)
+            for src in ("expensive", "cheap") if src in batch}
+
+
+def _autocast(device: Any) -> Any:
+    import torch
+
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def predict_loader(model: Any, loader: Any, mask: Sequence[bool], device: Any,
+                   progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(probs (V, K) float32, labels (V,), indices (V,), mean loss over labelled videos) in eval mode."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    model.eval()
+    probs, labels, indices = [], [], []
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
+            with _autocast(device):
+                logits = model(_inputs(batch, device), mask)
+            logits = logits.float()
+            y = batch["label"].to(device)
+            known = y >= 0
+            if known.any():
+                loss_sum += float(F.cross_entropy(logits[known], y[known], reduction="sum"))
+                count += int(known.sum())
+            probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+            labels.append(batch["label"].numpy())
+            indices.append(batch["index"].numpy())
+    cat = (lambda a, shape: np.concatenate(a) if a else np.zeros(shape))
+    return (cat(probs, (0, 0)).astype(np.float32), cat(labels, (0,)).astype(np.int64),
+            cat(indices, (0,)).astype(np.int64), loss_sum / max(count, 1))
+
+
+def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """top1, top5 (fractions) and mean per-class accuracy over the labelled videos."""
+    known = labels >= 0
+    p, y = probs[known], labels[known]
+    if not len(y):
+        return {"top1": None, "top5": None, "mean_class_acc": None, "num_labelled": 0}
+    k = min(5, p.shape[1])
+    topk = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    hit1 = topk[:, 0] == y
+    hit5 = (topk == y[:, None]).any(axis=1)
+    per_class = [hit1[y == c].mean() for c in np.unique(y)]
+    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "mean_class_acc": float(np.mean(per_class)),
+            "num_labelled": int(len(y))}
+
+
+def prediction_rows(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                    gflops: float | None) -> Iterator[dict[str, Any]]:
+    """Per-video JSON objects: id, label, probs, top5 [[class, prob], ...], gflops."""
+    k = min(5, len(classes))
+    for vid, y, p in zip(ids, labels, probs):
+        top = np.argsort(-p, kind="stable")[:k]
+        yield {"id": str(vid), "label": int(y), "probs": [float(v) for v in p],
+               "top5": [[classes[int(c)], float(p[c])] for c in top], "gflops": gflops}
+
+
+def fit(cfg: FitConfig) -> dict[str, Any]:
+    """Train ``cfg.agg`` on ``cfg.feats`` for ``cfg.pattern``; write the run directory; return result.json."""
+    import torch
+
+    from faster.aggregate.models import build
+    from faster.store.reader import FeatureSet
+
+    t0 = time.perf_counter()
+    cfg.validate()
+    device = _device(cfg.device)
+    out = Path(cfg.out)
+    fs = FeatureSet(cfg.feats)
+    plan = make_plan(fs, agg=cfg.agg, expensive=cfg.expensive, cheap=cfg.cheap, pattern=cfg.pattern,
+                     num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout)
+    used = [m for m, _ in plan.sources.values()]
+    if (fs.labels >= len(fs.classes)).any():
+        raise ValueError(f"{cfg.feats}: labels beyond the {len(fs.classes)} classes")
+    labelled = fs.labels >= 0
+    if cfg.val:
+        vs = FeatureSet(cfg.val)
+        _check_compatible(vs, fs, "validation set", used)
+        train_idx = np.flatnonzero(labelled)
+        val_idx = np.flatnonzero(vs.labels >= 0)
+    else:
+        vs = fs
+        held = holdout(fs.ids, cfg.val_fraction)
+        train_idx, val_idx = np.flatnonzero(labelled & ~held), np.flatnonzero(labelled & held)
+    if not len(train_idx):
+        raise ValueError(f"{cfg.feats}: no labelled training videos")
+    if not len(val_idx):
+        raise ValueError("no labelled validation videos: give val feature sets or a larger val_fraction")
+    if (~labelled).any():
+        log.warning("%d unlabelled videos are left out of training", int((~labelled).sum()))
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (run.RESULT, run.METRICS):  # a re-run must not look finished before it is
+        (out / name).unlink(missing_ok=True)
+    run.write_json(out / run.CONFIG, asdict(cfg))
+
+    with _torch_settings(cfg.threads, deterministic=device.type == "cpu"):
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = build(cfg.agg, **plan.agg_kwargs).to(device)
+        pin = device.type == "cuda"
+        train_ds = fs.dataset(plan.sources, train_idx)
+        val_ds = vs.dataset(plan.sources, val_idx)
+        train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, pin)
+        val_loader = _loader(val_ds, cfg.batch_size, cfg.workers, False, cfg.seed, pin)
+        opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+               if cfg.optimizer == "adamw" else
+               torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(train_loader))
+        best: dict[str, Any] = {}
+        for epoch in range(1, cfg.epochs + 1):
+            t_epoch = time.perf_counter()
+            train_loss = _train_epoch(model, train_loader, opt, sched, plan.mask, device, cfg, epoch)
+            t_train = time.perf_counter() - t_epoch
+            probs, labels, indices, val_loss = predict_loader(model, val_loader, plan.mask, device, cfg.progress,
+                                                              f"val {epoch}/{cfg.epochs}")
+            m = metrics(probs, labels)
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "top1": m["top1"],
+                   "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
+                   "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
+            run.append_jsonl(out / run.METRICS, row)
+            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
+                     train_loss, val_loss, m["top1"], m["top5"])
+            if not best or m["top1"] > best["top1"]:
+                best = {"epoch": epoch, "top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"]}
+        train_ds.close()
+        val_ds.close()
+
+    run.save_checkpoint(out / run.CHECKPOINT, checkpoint_payload(cfg, fs, plan, model))
+    run.write_jsonl(out / run.VAL_PREDICTIONS,
+                    prediction_rows(vs.ids[indices], labels, probs, fs.classes, plan.gflops["per_video"]))
+    n_e = sum(plan.mask)
+    result = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "best": best,
+              "gflops_per_video": plan.gflops["per_video"], "aggregator_gflops": plan.gflops["aggregator"],
+              "num_expensive": n_e, "num_cheap": len(plan.mask) - n_e, "agg": cfg.agg, "pattern": cfg.pattern,
+              "num_clips": len(plan.positions), "clip_len": fs.config["clip_len"], "expensive": cfg.expensive,
+              "cheap": cfg.cheap, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
+              "join": fs.join, "seconds": round(time.perf_counter() - t0, 3)}
+    run.write_json(out / run.RESULT, result)
+    log.info("fit %s %s n=%d: top-1 %.4f top-5 %.4f, %.1f GFLOPs/video, %.1f s", cfg.agg, cfg.pattern,
+             len(plan.positions), result["top1"], result["top5"], result["gflops_per_video"] or math.nan,
+             result["seconds"])
+    return result
+
+
+def _train_epoch(model: Any, loader: Any, opt: Any, sched: Any, mask: Sequence[bool], device: Any,
+                 cfg: FitConfig, epoch: int) -> float:
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+    for batch in bar:
+        y = batch["label"].to(device, non_blocking=True)
+        with _autocast(device):
+            logits = model(_inputs(batch, device), mask)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item() * len(y)
+        count += len(y)
+        bar.set_postfix(loss=f"{total / count:.4f}")
+    return total / max(count, 1)
+
+
+def checkpoint_payload(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> dict[str, Any]:
+    """Everything predict needs to rebuild the aggregator and sample frames as extraction did."""
+    import torch
+
+    from faster import __version__
+
+    models = {}
+    for name in dict.fromkeys([cfg.expensive, cfg.cheap]):
+        if name in fs.models:
+            info = fs.models[name]
+            models[name] = {"shape": list(info.shape), **info.attrs}
+    return {
+        "config": asdict(cfg),
+        "agg": cfg.agg,
+        "agg_kwargs": plan.agg_kwargs,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "classes": list(fs.classes),
+        "expensive": cfg.expensive,
+        "cheap": cfg.cheap,
+        "models": models,  # per model: shape (T', H', W', C) and provenance (weights, mean, std, ...)
+        "extraction": dict(fs.config),  # clip_len, num_clips (N extracted), frame_stride, size
+        "positions": list(plan.positions),
+        "num_clips": len(plan.positions),
+        "pattern": cfg.pattern,
+        "mask": list(plan.mask),
+        "gflops": dict(plan.gflops),
+        "software_version": __version__,
+        "torch_version": str(torch.__version__),
+    }
+
+
+def rebuild(ck: dict[str, Any], device: Any = "cpu") -> Any:
+    """The fitted aggregator of checkpoint ``ck``, in eval mode on ``device``."""
+    from faster.aggregate.models import build
+
+    model = build(ck["agg"], **ck["agg_kwargs"])
+    model.load_state_dict(ck["state_dict"])
+    return model.to(device).eval()
+
+
+def load_run(run_dir: str | Path, device: Any = "cpu") -> tuple[dict[str, Any], Any]:
+    """(checkpoint, aggregator in eval mode on ``device``) of a fitted run."""
+    ck = run.load_checkpoint(run_dir)
+    return ck, rebuild(ck, device)
+
+
+def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, batch_size: int | None = None,
+             workers: int | None = None, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Score a fitted run on ``feats``; write per-video predictions (default RUN/predictions.jsonl);
+    return the metrics over the labelled videos (top1, top5, mean_class_acc) and the counts."""
+    from faster.store.reader import FeatureSet
+
+    t0 = time.perf_counter()
+    ck = run.load_checkpoint(run_dir)
+    cfg = ck["config"]
+    dev = _device(device or "auto")
+    model = rebuild(ck, dev)
+    fs = FeatureSet(feats)
+    if fs.classes != ck["classes"]:
+        raise ValueError(f"{feats}: class list differs from the run's ({len(fs.classes)} vs {len(ck['classes'])} classes)")
+    if fs.config != ck["extraction"]:
+        raise ValueError(f"{feats}: extraction {fs.config} differs from the run's {ck['extraction']}")
+    sources = {}
+    for src, want in (("expensive", True), ("cheap", False)):
+        pos = [p for p, m in zip(ck["positions"], ck["mask"]) if m == want]
+        if pos:
+            name = ck[src]
+            if list(fs.model(name).shape) != ck["models"][name]["shape"]:
+                raise ValueError(f"{feats}: {name} clips are {fs.model(name).shape}, the run was fitted on "
+                                 f"{ck['models'][name]['shape']}")
+            sources[src] = (name, pos)
+    ds = fs.dataset(sources)
+    pin = dev.type == "cuda"
+    loader = _loader(ds, batch_size or cfg["batch_size"], cfg["workers"] if workers is None else workers,
+                     False, cfg["seed"], pin)
+    probs, labels, indices, loss = predict_loader(model, loader, ck["mask"], dev, progress, "evaluate")
+    ds.close()
+    gflops = ck["gflops"]["per_video"]
+    path = Path(out) if out else Path(run_dir) / run.PREDICTIONS
+    run.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, ck["classes"], gflops))
+    result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)), "gflops_per_video": gflops,
+              "agg": ck["agg"], "pattern": ck["pattern"], "num_clips": ck["num_clips"], "predictions": str(path),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("evaluate %s: %d videos, top-1 %s", run_dir, len(indices), result["top1"])
+    return result

@@ -1,0 +1,373 @@
+"""Reading feature sets (../DESIGN.md "Shard schema"): index the shards, join directories, stream clips.
+
+A feature set is one or more directories of ``shard-*.h5`` files (the shards are the truth; manifests
+are not needed). Shards holding the same models are parts of one extraction and simply pooled,
+whatever directory or process wrote them; groups holding different models (an expensive extraction
+beside a cheap one) are joined by video id, and the join reports how many videos matched. Every
+shard must carry format "faster-features", format_version 1, and the same clip_len, num_clips,
+frame_stride, size and classes; joined videos must have the same clip starts. Any violation is a
+ValueError naming the file.
+
+``FeatureSet.dataset(sources)`` is a torch Dataset that reads, for each source ("expensive",
+"cheap"), only that source's model at that source's clip positions: an expensive position never
+reads cheap features. HDF5 files are opened lazily in each process (DataLoader worker) and kept in
+a small LRU; reads are per index (h5py list indexing is very slow) straight into a preallocated
+array; ids, labels and row pointers live in numpy arrays (no per-worker copies by refcounting).
+Memory is bounded by the batch, never by the set's size. Nothing here knows models or training.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from faster.store import schema
+
+log = logging.getLogger(__name__)
+
+MAX_OPEN_FILES = 32  # per process
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model's features in a feature set."""
+
+    name: str
+    shape: tuple[int, int, int, int]  # per clip: (T', H', W', C), channels last as stored
+    attrs: dict[str, Any] = field(default_factory=dict)  # schema.MODEL_ATTRS as plain Python values
+    compression: str | None = None
+
+    @property
+    def channels_first(self) -> list[int]:
+        """[C, T', H', W']: the shape an aggregator's source is built with."""
+        t, h, w, c = self.shape
+        return [c, t, h, w]
+
+    @property
+    def gflops_per_clip(self) -> float:
+        return float(self.attrs.get("gflops_per_clip", float("nan")))
+
+
+def _plain(value: Any) -> Any:
+    """HDF5 attribute -> plain Python (str, int, float, list), as a weights_only checkpoint needs."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def list_shards(directory: str | Path) -> list[Path]:
+    """The complete shards of one directory, in (part, seq) order."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"{d}: not a directory")
+    shards = [p for p in d.glob(schema.SHARD_GLOB) if schema.parse_shard_name(p.name)]
+    return sorted(shards, key=lambda p: schema.parse_shard_name(p.name))
+
+
+@dataclass
+class _Shard:
+    path: Path
+    config: dict[str, Any]
+    models: dict[str, ModelInfo]
+    ids: list[str]
+    labels: np.ndarray
+    clip_start: np.ndarray
+
+
+def read_header(path: str | Path) -> _Shard:
+    """A shard's configuration, models and video table (no features); ValueError naming the file."""
+    import h5py
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 shard ({err})") from None
+    with f:
+        fmt = _plain(f.attrs.get("format"))
+        if fmt != schema.FORMAT:
+            raise ValueError(f"{path}: format {fmt!r}, expected {schema.FORMAT!r}")
+        version = _plain(f.attrs.get("format_version"))
+        if version != schema.FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {version!r}; this reader knows {schema.FORMAT_VERSION}")
+        missing = [a for a in schema.CONFIG_ATTRS if a not in f.attrs]
+        if missing:
+            raise ValueError(f"{path}: missing root attributes {missing}")
+        config = {a: _plain(f.attrs[a]) for a in schema.CONFIG_ATTRS}
+        try:
+            config["classes"] = list(json.loads(config["classes"]))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: attribute classes is not a JSON list") from None
+        for name in schema.VIDEO_FIELDS:
+            if f"videos/{name}" not in f:
+                raise ValueError(f"{path}: missing dataset videos/{name}")
+        try:
+            ids = [s for s in f["videos/id"].asstr()[()]]
+            labels = np.asarray(f["videos/label"][()], dtype=np.int64)
+            clip_start = np.asarray(f["videos/clip_start"][()], dtype=np.int64)
+        except (OSError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: cannot read the video table ({err})") from None
+        V, N = len(ids), int(config["num_clips"])
+        if labels.shape != (V,) or clip_start.shape != (V, N):
+            raise ValueError(f"{path}: videos/label {labels.shape} or videos/clip_start {clip_start.shape} "
+                             f"do not match {V} videos x {N} clips")
+        if "features" not in f or not len(f["features"]):
+            raise ValueError(f"{path}: no features")
+        models = {}
+        for name, ds in f["features"].items():
+            if ds.ndim != 6 or ds.shape[0] != V or ds.shape[1] != N:
+                raise ValueError(f"{path}: features/{name} has shape {ds.shape}, expected ({V}, {N}, T', H', W', C)")
+            if ds.dtype != np.dtype(schema.FEATURE_DTYPE):
+                raise ValueError(f"{path}: features/{name} is {ds.dtype}, expected {schema.FEATURE_DTYPE}")
+            attrs = {a: _plain(ds.attrs[a]) for a in schema.MODEL_ATTRS if a in ds.attrs}
+            models[name] = ModelInfo(name, tuple(int(s) for s in ds.shape[2:]), attrs, ds.compression)
+    return _Shard(path, config, models, ids, labels, clip_start)
+
+
+class _Group:
+    """Shards that hold the same models: parts of one extraction, pooled."""
+
+    def __init__(self, models: tuple[str, ...]):
+        self.models = models
+        self.paths: list[str] = []
+        self.infos: dict[str, ModelInfo] = {}
+        self.first: dict[str, Path] = {}
+        self.index: dict[str, int] = {}  # id -> position in the lists below
+        self.shard: list[int] = []
+        self.row: list[int] = []
+        self.labels: list[int] = []
+        self.clip_start: list[np.ndarray] = []
+        self.duplicates = 0
+
+    def add(self, sh: _Shard) -> None:
+        for name, info in sh.models.items():
+            if name not in self.infos:
+                self.infos[name], self.first[name] = info, sh.path
+            elif info.shape != self.infos[name].shape:
+                raise ValueError(f"{sh.path}: features/{name} clips are {info.shape}, "
+                                 f"{self.first[name]} has {self.infos[name].shape}")
+        k = len(self.paths)
+        self.paths.append(str(sh.path))
+        for r, vid in enumerate(sh.ids):
+            if vid in self.index:
+                self.duplicates += 1  # a re-run's copy: the first complete shard wins
+                continue
+            self.index[vid] = len(self.shard)
+            self.shard.append(k)
+            self.row.append(r)
+            self.labels.append(int(sh.labels[r]))
+            self.clip_start.append(sh.clip_start[r])
+
+
+class FeatureSet:
+    """One or more feature-set directories, indexed and joined by video id.
+
+    Attributes: ``ids`` (V,) str and ``labels`` (V,) int64 numpy arrays in a stable order (the first
+    group's shard order), ``classes``, ``config`` (clip_len, num_clips, frame_stride, size),
+    ``models`` (name -> ModelInfo), ``join`` (how many videos each group had and how many matched).
+    """
+
+    def __init__(self, dirs: Sequence[str | Path]):
+        if isinstance(dirs, (str, Path)):
+            dirs = [dirs]
+        if not dirs:
+            raise ValueError("no feature-set directory given")
+        self.dirs = [str(d) for d in dirs]
+        groups: dict[tuple[str, ...], _Group] = {}
+        config: dict[str, Any] | None = None
+        config_from: Path | None = None
+        for d in dirs:
+            shards = list_shards(d)
+            if not shards:
+                raise ValueError(f"{d}: no complete shards ({schema.SHARD_GLOB})")
+            for path in shards:
+                sh = read_header(path)
+                if config is None:
+                    config, config_from = sh.config, path
+                for key in schema.CONFIG_ATTRS:
+                    if sh.config[key] != config[key]:
+                        what = "class list" if key == "classes" else key
+                        raise ValueError(f"{path}: {what} {sh.config[key]!r} differs from "
+                                         f"{config[key]!r} in {config_from}")
+                key = tuple(sorted(sh.models))
+                groups.setdefault(key, _Group(key)).add(sh)
+        assert config is not None, "at least one shard was read"
+        self.config = {k: config[k] for k in ("clip_len", "num_clips", "frame_stride", "size")}
+        self.classes: list[str] = list(config["classes"])
+        seen: dict[str, tuple[str, ...]] = {}
+        for key in groups:
+            for m in key:
+                if m in seen:
+                    raise ValueError(f"model {m!r} appears in shards holding {list(seen[m])} and in shards "
+                                     f"holding {list(key)}; give one extraction of each model")
+                seen[m] = key
+        self._groups = list(groups.values())
+        for g in self._groups:
+            if g.duplicates:
+                log.warning("%d duplicate video ids among the shards of %s: the first copy is used",
+                            g.duplicates, ", ".join(g.models))
+        self._join()
+
+    def _join(self) -> None:
+        first, rest = self._groups[0], self._groups[1:]
+        ids = [v for v in first.index if all(v in g.index for g in rest)]
+        self.join = {"groups": {"+".join(g.models): len(g.index) for g in self._groups}, "matched": len(ids)}
+        if rest:
+            msg = (f"joined {len(self._groups)} feature sets by video id: {len(ids)} matched "
+                   f"({', '.join(f'{k}: {v}' for k, v in self.join['groups'].items())})")
+            (log.warning if any(len(g.index) != len(ids) for g in self._groups) else log.info)(msg)
+        if not ids:
+            raise ValueError(f"no video is present in every feature set of {self.dirs}")
+        self.ids = np.array(ids, dtype=str)
+        idx0 = np.fromiter((first.index[v] for v in ids), dtype=np.int64, count=len(ids))
+        self.labels = np.asarray(first.labels, dtype=np.int64)[idx0]
+        self._ptr: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # model -> (paths, shard, row)
+        self.models: dict[str, ModelInfo] = {}
+        for g in self._groups:
+            idx = idx0 if g is first else np.fromiter((g.index[v] for v in ids), dtype=np.int64, count=len(ids))
+            if g is not first:
+                labels = np.asarray(g.labels, dtype=np.int64)[idx]
+                bad = np.flatnonzero(labels != self.labels)
+                if bad.size:
+                    raise ValueError(f"video {ids[bad[0]]!r}: label {labels[bad[0]]} in {g.paths[g.shard[idx[bad[0]]]]}, "
+                                     f"{self.labels[bad[0]]} in {first.paths[first.shard[idx0[bad[0]]]]}")
+                for j, (a, b) in enumerate(zip(idx0, idx)):
+                    if not np.array_equal(first.clip_start[a], g.clip_start[b]):
+                        raise ValueError(f"video {ids[j]!r}: clip starts {first.clip_start[a].tolist()} in "
+                                         f"{first.paths[first.shard[a]]} differ from {g.clip_start[b].tolist()} in "
+                                         f"{g.paths[g.shard[b]]}")
+            ptr = (np.array(g.paths, dtype=str), np.asarray(g.shard, dtype=np.int32)[idx],
+                   np.asarray(g.row, dtype=np.int32)[idx])
+            for m in g.models:
+                self._ptr[m] = ptr
+                self.models[m] = g.infos[m]
+        for g in self._groups:  # the per-id dicts are only needed for the join
+            g.index, g.clip_start = {}, []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def model(self, name: str) -> ModelInfo:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ValueError(f"model {name!r} is not in {self.dirs}; it holds {sorted(self.models)}") from None
+
+    def dataset(self, sources: dict[str, tuple[str, Sequence[int]]], indices: np.ndarray | None = None,
+                max_open_files: int = MAX_OPEN_FILES) -> "FeatureDataset":
+        """A Dataset over ``indices`` (default all) yielding, per source, ``model``'s clips at ``positions``."""
+        return FeatureDataset(self, sources, indices, max_open_files)
+
+
+class FeatureDataset:
+    """torch Dataset: item i -> {source: float16 tensor (n_source, T', H', W', C), "label", "index"}.
+
+    ``sources``: source name -> (model, clip positions). Only those models and positions are read.
+    ``index`` is the video's row in the FeatureSet (``fs.ids[index]``).
+    """
+
+    def __init__(self, fs: FeatureSet, sources: dict[str, tuple[str, Sequence[int]]],
+                 indices: np.ndarray | None = None, max_open_files: int = MAX_OPEN_FILES):
+        N = fs.config["num_clips"]
+        self.indices = np.arange(len(fs), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(fs)):
+            raise ValueError(f"indices out of range for {len(fs)} videos")
+        self.labels = fs.labels[self.indices]
+        self.sources: list[tuple[str, str, np.ndarray, tuple[int, ...]]] = []
+        self._ptr = {}
+        for src, (model, positions) in sources.items():
+            info = fs.model(model)
+            pos = np.asarray(list(positions), dtype=np.int64)
+            if pos.size and (pos.min() < 0 or pos.max() >= N):
+                raise ValueError(f"{src}: clip positions {pos.tolist()} outside the {N} extracted clips")
+            if pos.size:
+                self.sources.append((src, model, pos, info.shape))
+                paths, shard, row = fs._ptr[model]
+                self._ptr[model] = (paths, shard[self.indices], row[self.indices])
+        # A compressed chunk (one video of one model) is decompressed whole: cache it so the other
+        # positions of that video hit the cache. Uncompressed chunks larger than the cache are read
+        # straight from the file, exactly the bytes of the requested positions.
+        chunk = max((int(np.prod(shape)) * N * 2 for _, m, _, shape in self.sources if fs.models[m].compression),
+                    default=0)
+        self._rdcc = chunk + (1 << 20) if chunk else None
+        # per source: read the span of its positions in one call when HDF5 reads whole chunks anyway
+        # (compressed, or small enough for the default 1 MiB chunk cache)
+        self._span = [bool(fs.models[m].compression) or int(np.prod(shape)) * N * 2 <= (1 << 20)
+                      for _, m, _, shape in self.sources]
+        self.max_open_files = min(max_open_files, 8) if chunk else max_open_files
+        self._files: OrderedDict[str, Any] = OrderedDict()
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_files"], state["_pid"] = OrderedDict(), None  # never ship open HDF5 handles to a worker
+        return state
+
+    def close(self) -> None:
+        for f, _ in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _dataset(self, path: str, model: str) -> Any:
+        """The open h5py Dataset of ``model`` in shard ``path`` (files opened lazily, per process, LRU)."""
+        import h5py
+
+        if self._pid != os.getpid():  # first use in this process (e.g. a forked DataLoader worker)
+            self._files, self._pid = OrderedDict(), os.getpid()
+        entry = self._files.get(path)
+        if entry is None:
+            try:
+                f = h5py.File(path, "r", **({"rdcc_nbytes": self._rdcc} if self._rdcc else {}))
+            except OSError as err:
+                raise ValueError(f"{path}: cannot open shard ({err})") from None
+            entry = self._files[path] = (f, {})
+            if len(self._files) > self.max_open_files:
+                self._files.popitem(last=False)[1][0].close()
+        else:
+            self._files.move_to_end(path)
+        f, datasets = entry
+        ds = datasets.get(model)
+        if ds is None:  # looking a dataset up by name costs more than a small read: keep it
+            ds = datasets[model] = f[schema.features_key(model)]
+        return ds
+
+    def read(self, i: int, src_index: int) -> np.ndarray:
+        """Source ``src_index``'s clips of item i: (n, T', H', W', C) float16."""
+        src, model, pos, shape = self.sources[src_index]
+        paths, shard, row = self._ptr[model]
+        path, r = paths[shard[i]], int(row[i])
+        try:
+            ds = self._dataset(path, model)
+            p0, p1 = int(pos[0]), int(pos[-1]) + 1
+            if p1 - p0 == len(pos):
+                out = ds[r, p0:p1]  # contiguous positions: one read
+            elif self._span[src_index]:
+                out = ds[r, p0:p1][pos - p0]  # the chunk is read whole anyway: one call, then select
+            else:
+                out = np.empty((len(pos), *shape), dtype=np.float16)
+                for k, p in enumerate(pos.tolist()):  # exactly the bytes of these positions
+                    out[k] = ds[r, p]  # (h5py's read_direct costs more per call than this copy)
+        except (OSError, KeyError) as err:
+            raise ValueError(f"{path}: cannot read features/{model} of row {r} ({err})") from None
+        return out
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        item: dict[str, Any] = {src: torch.from_numpy(self.read(i, k)) for k, (src, *_) in enumerate(self.sources)}
+        item["label"] = torch.tensor(int(self.labels[i]))
+        item["index"] = torch.tensor(int(self.indices[i]))
+        return item
