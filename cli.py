@@ -34,6 +34,30 @@ def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+# Training options shared by `fit` and `ablate` (every cell of a grid is a fit): defined once here.
+FIT_OPTIONS = [
+    click.option("--val", multiple=True, type=click.Path(exists=True, file_okay=False),
+                 help="Validation feature set [default: a held-out fraction of the training videos]."),
+    click.option("--epochs", default=10, show_default=True, type=click.IntRange(1)),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1)),
+    click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True)),
+    click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0)),
+    click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
+    click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"])),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers."),
+    click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 help="Without --val: the fraction of videos held out for validation (chosen by hashing ids)."),
+]
+
+
+def _fit_options(command):
+    """Apply FIT_OPTIONS to a command, in order."""
+    for option in reversed(FIT_OPTIONS):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="faster")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
@@ -141,36 +165,112 @@ def verify(feats: tuple[str, ...]) -> None:
 @click.option("--cheap", required=True, help="Model name of the cheap features.")
 @click.option("--pattern", required=True, help="all-e, all-c, first or 1:x.")
 @click.option("--num-clips", type=click.IntRange(1), help="Use n of the extracted clips [default: all].")
-@click.option("--val", multiple=True, type=click.Path(exists=True, file_okay=False), help="Validation feature set.")
-@click.option("--epochs", default=10, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0))
-@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"]))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers.")
-def fit(**kw) -> None:
-    """Train an aggregator on cached features for one expensive:cheap pattern."""
-    _pending(3, "fit")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
+@_fit_options
+def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
+    """Train an aggregator on cached features for one expensive:cheap pattern.
+
+    \b
+    Writes RUN/config.json, checkpoint.pt, metrics.jsonl (one line per epoch), result.json and
+    val_predictions.jsonl. Only the model each clip position needs is read; no backbone is loaded.
+    e.g. faster fit feats/ -o runs/fg --agg fastgru --expensive r2plus1d50 --cheap r2d26 --pattern 1:3
+    """
+    from faster.aggregate.train import FitConfig, fit as fit_run
+
+    try:
+        r = fit_run(FitConfig(feats=list(feats), val=list(val), **kw))
+    except ValueError as err:
+        _fail(err)
+    best = r["best"]
+    gflops = "?" if r["gflops_per_video"] is None else f"{r['gflops_per_video']:.1f}"
+    click.echo(f"{r['agg']} {r['pattern']} on {r['num_clips']} clips ({r['num_expensive']} E + {r['num_cheap']} C): "
+               f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
+               f"(best top-1 {best['top1']:.4f} at epoch {best['epoch']}); {gflops} GFLOPs/video; "
+               f"{r['num_train']} train / {r['num_val']} val videos; {r['seconds']:.1f} s -> {kw['out']}")
 
 
 @cli.command()
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Predictions JSONL [default: RUN/predictions.jsonl].")
-def evaluate(**kw) -> None:
-    """Score a fitted run on feature sets; write per-video predictions."""
-    _pending(3, "evaluate")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(0), help="DataLoader workers [default: the run's].")
+def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None) -> None:
+    """Score a fitted run on feature sets; write per-video predictions.
+
+    Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops"}.
+    """
+    from faster.aggregate.train import evaluate as evaluate_run
+
+    try:
+        r = evaluate_run(run, list(feats), out, device=device, workers=workers)
+    except ValueError as err:
+        _fail(err)
+    scores = ("no labelled videos" if r["top1"] is None else
+              f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
+              f"on {r['num_labelled']} labelled")
+    click.echo(f"{r['agg']} {r['pattern']}: {r['num_videos']} videos, {scores}; -> {r['predictions']}")
+
+
+def _split_list(ctx, param, value: str | None) -> list[str] | None:
+    """A comma-separated option value as a list (None stays None)."""
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise click.BadParameter(f"{value!r}: expected a comma-separated list", param_hint=param.opts[-1])
+    return items
+
+
+def _split_ints(ctx, param, value: str | None) -> list[int] | None:
+    items = _split_list(ctx, param, value)
+    try:
+        return None if items is None else [int(v) for v in items]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers", param_hint=param.opts[-1]) from None
 
 
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Grid directory.")
-def ablate(**kw) -> None:
-    """Run a grid of fits (aggregators x clips x patterns); reuse finished cells; write tables and a plot."""
-    _pending(4, "ablate")
+@click.option("--agg", "aggs", required=True, callback=_split_list, help="Aggregators, e.g. avg,gru,fastgru.")
+@click.option("--num-clips", callback=_split_ints, help="Numbers of clips, e.g. 2,4,8 [default: all extracted].")
+@click.option("--pattern", "patterns", default="first", show_default=True, callback=_split_list,
+              help="Patterns, e.g. first,1:1,all-e.")
+@click.option("--seeds", default="0", show_default=True, callback=_split_ints, help="Seeds, e.g. 0,1,2.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Cells trained at once.")
+@click.option("--expensive", help="Expensive model [default: the one with more GFLOPs per clip].")
+@click.option("--cheap", help="Cheap model [default: the one with fewer GFLOPs per clip].")
+@_fit_options
+def ablate(feats, out, aggs, num_clips, patterns, seeds, jobs, expensive, cheap, **fit_kw) -> None:
+    """Run a grid of fits (aggregators x clips x patterns); reuse finished cells; write tables and a plot.
+
+    Each cell is a run directory OUT/cells/<key>/; running the grid again trains only new cells, and
+    grids over feature sets of other clip lengths run into the same OUT fill Table 4's columns.
+    Writes OUT/results.csv, OUT/results.md (Tables 3 and 4) and OUT/accuracy_vs_gflops.png.
+    """
+    from faster.aggregate.ablate import AblateConfig, run_ablate
+
+    fit_kw["val"] = list(fit_kw["val"])
+    cfg = AblateConfig(feats=list(feats), out=out, aggs=aggs, num_clips=num_clips, patterns=patterns,
+                       seeds=seeds, jobs=jobs, expensive=expensive, cheap=cheap, fit=fit_kw)
+    try:
+        summary = run_ablate(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    _echo_ablate(summary)
+    if summary["failed"]:
+        raise click.ClickException(f"{summary['failed']} cell(s) failed: see {summary['results_md']}")
+
+
+def _echo_ablate(summary: dict) -> None:
+    """Print results.md's tables and a one-line summary of the grid."""
+    click.echo(open(summary["results_md"]).read())
+    click.echo(f"{summary['cells']} cells (L={summary['clip_len']}, E={summary['expensive']}, C={summary['cheap']}): "
+               f"{summary['trained']} trained, {summary['reused']} reused, {summary['failed']} failed, "
+               f"{len(summary['skipped'])} skipped in {summary['seconds']:.1f}s; "
+               f"{summary['results_csv']}, plot {summary['plot']}", err=True)
 
 
 @cli.command()
@@ -222,7 +322,6 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     video GFLOPs = #E * E-GFLOPs/clip + #C * C-GFLOPs/clip + aggregator GFLOPs
     e.g. faster flops --clip-len 16 --pattern 1:7   (FASTER16 of the paper, Table 4)
     """
-    import importlib.util
     import json
 
     from faster.aggregate import patterns
@@ -243,20 +342,18 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     except ValueError as err:
         raise click.UsageError(str(err)) from None
     used = [m for m, k in ((expensive, num_e), (cheap, num_c)) if k]
-    if len({shapes[m] for m in used}) > 1:
-        raise click.UsageError(f"{expensive} gives {shapes[expensive]} features but {cheap} gives "
-                               f"{shapes[cheap]}: a pattern mixing them needs equal (C, T', H', W')")
     C, T, H, W = shapes[used[0]]
-    note = None
-    if importlib.util.find_spec("faster.aggregate.flops") is not None:
-        from faster.aggregate.flops import aggregator_gflops
+    note = None if len({shapes[m] for m in used}) == 1 else (
+        f"{cheap}'s {list(shapes[cheap])} maps are aligned to {expensive}'s {list(shapes[expensive])}: "
+        "the projection is counted")
+    from faster.aggregate.flops import count_gflops
 
-        try:
-            agg_gflops = aggregator_gflops(agg, C, (T, H, W), n)
-        except ValueError as err:
-            raise click.BadParameter(str(err), param_hint="--agg") from None
-    else:
-        agg_gflops, note = 0.0, "aggregator cost not counted yet: issue [3] adds it"
+    sources = {src: list(shapes[m]) for src, m, k in (("expensive", expensive, num_e), ("cheap", cheap, num_c)) if k}
+    try:
+        agg_gflops = count_gflops(agg, {"num_classes": 400, "sources": sources, "dropout": 0.0},
+                                  patterns.expensive_mask(pattern, n))
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--agg") from None
     video = num_e * gflops[expensive] + num_c * gflops[cheap] + agg_gflops
     if as_json:
         out = {"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "video_gflops": video,
@@ -279,17 +376,33 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
 
 @cli.command()
 @click.option("-o", "--out", default="faster-demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--quick", is_flag=True, help="A reduced size for CI (seconds, not minutes).")
+@click.option("--quick", is_flag=True, help="A reduced size for CI: tiny backbones, fewer and smaller videos.")
 @click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights (random init without).")
-def demo(**kw) -> None:
-    """Make a small labelled video set, extract, fit a small grid and print the accuracy/GFLOPs table."""
-    click.echo("faster demo will (issue [4]): make a small labelled set of videos whose classes differ by\n"
-               "motion, extract r2plus1d50 and r2d26 features, fit a small grid of aggregators and print\n"
-               "the accuracy / GFLOPs table. Commands that already work: " + ", ".join(_working()))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Grid cells trained at once.")
+def demo(out, quick, weights, device, jobs) -> None:
+    """Make a small labelled video set, extract, fit a small grid and print the accuracy/GFLOPs table.
 
+    The videos' classes are motion directions (one frame cannot tell them apart). Full size: the
+    paper's R(2+1)D-50 and R2D-26 at 112 px, a few minutes on a 2-core CPU; --quick: seconds.
+    Running it again into the same directory reuses what is already there.
+    """
+    from faster.demo import DemoConfig, run_demo
 
-def _working() -> list[str]:
-    return ["flops", "demo (this note)"]
+    cfg = DemoConfig(out=out, quick=quick, weights=_parse_weights(weights), device=device, jobs=jobs)
+    if not cfg.weights:
+        click.echo("faster demo: the backbones are randomly initialised (no --weights given).", err=True)
+    try:
+        summary = run_demo(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    _echo_ablate(summary)
+    timings = ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items())
+    click.echo(f"Demo in {out} ({timings}). Plot: {summary['plot']}")
+    if summary["random_init"]:
+        click.echo(f"Note: {' and '.join(summary['random_init'])} were randomly initialised (no --weights), so "
+                   "these accuracies only show that the pipeline works, not what FASTER reaches with trained "
+                   "backbones.")
 
 
 def main() -> None:
