@@ -56,7 +56,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str 
 
 
 def motion_frames(direction: str, frames: int = 32, size: int = 64, seed: int = 0) -> np.ndarray:
-    """(frames, size, size, 3) uint8: a square moving in ``direction`` (wrapping at the borders)."""
+    """(frames, size, size, 3) uint8: a square moving in ``direction`` (wrapping at the borders).
+
+    Use size 32, 40 or >= 64 for videos decord will read: it misreads frames 8-24, 48 or 72 px wide.
+    """
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; expected one of {sorted(DIRECTIONS)}")
     if frames < 1 or size < 8 or size % 2:

@@ -44,6 +44,7 @@ import numpy as np
 from faster.extract import video as vid
 from faster.store import manifest as mf
 from faster.store import schema
+from faster.store.writer import next_seq
 
 log = logging.getLogger(__name__)
 
@@ -794,11 +795,12 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -
             raise ValueError(f"not enough disk space in {out}: the features need about {_fmt_bytes(need)} "
                              f"({len(todo)} videos x {_fmt_bytes(per_video)}), {_fmt_bytes(free)} are free; free "
                              f"space or choose fewer --num-clips, a smaller --size or --compression lzf")
+        first_seq = next_seq(out, place.part)  # before cleaning: a killed run's temporary name is not reused
         _clean_stale_tmp(out, place.part)
         attrs = {"clip_len": cfg.clip_len, "num_clips": cfg.num_clips, "frame_stride": cfg.frame_stride,
                  "size": cfg.size, "classes": list(found.classes), "software_version": faster.__version__,
                  "torch_version": torch.__version__}
-        run = _Run(cfg, place, out, models, attrs, config, shard_videos, checksums)
+        run = _Run(cfg, place, out, models, attrs, config, shard_videos, checksums, first_seq)
         summary = run.execute(todo, missing, skipped=len(mine) - len(todo) - len(missing))
     finally:
         torch.set_num_threads(old_threads)
@@ -811,8 +813,10 @@ class _Run:
     """The state of one process's extraction: its shards, manifest, failures and counters."""
 
     def __init__(self, cfg: ExtractConfig, place: Placement, out: Path, models: ClipModels, attrs: dict[str, Any],
-                 config: dict[str, Any], shard_videos: dict[str, list[str]], checksums: dict[str, str]):
+                 config: dict[str, Any], shard_videos: dict[str, list[str]], checksums: dict[str, str],
+                 first_seq: int):
         self.cfg, self.place, self.out, self.models = cfg, place, out, models
+        self.seq = first_seq  # the next shard's sequence number
         self.attrs, self.config = attrs, config
         self.shard_videos = shard_videos  # every complete shard of the directory -> its ids
         self.failures = mf.FailureLog(out, place.part)
@@ -832,11 +836,12 @@ class _Run:
     # -- shards and manifests --
 
     def _add(self, p: _Pending) -> None:
-        from faster.store.writer import ShardWriter, next_seq
+        from faster.store.writer import ShardWriter
 
         d = p.decoded
         if self.writer is None:
-            self.writer = ShardWriter(self.out, part=self.place.part, seq=next_seq(self.out, self.place.part),
+            self.seq = max(self.seq, next_seq(self.out, self.place.part))
+            self.writer = ShardWriter(self.out, part=self.place.part, seq=self.seq,
                                       attrs=self.attrs, model_attrs=self.models.attrs, capacity=self.cfg.shard_size,
                                       compression=self.cfg.compression).__enter__()
         feats = {m: np.concatenate(chunks) for m, chunks in p.outputs.items()}  # (N, T', H', W', C)
@@ -858,6 +863,7 @@ class _Run:
         if w is None:
             return
         w.__exit__(None, None, None)
+        self.seq += 1
         self.shard_videos[w.path.name] = list(w.ids)
         self.my_shards[w.path.name] = mf.shard_entry(w.path, len(w.ids), w.sha256)
         self.shards_this_run += 1

@@ -354,8 +354,9 @@ def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, 
         except Exception as err:
             raise DecodeError("decode", f"frames {int(unique[a])}-{int(unique[b - 1])} of {num_frames}: "
                                         f"{_short_error(err)}") from None
-        if chunk.ndim != 4 or chunk.shape[0] != b - a or chunk.shape[-1] != 3:
-            raise DecodeError("decode", f"decoder returned frames of shape {chunk.shape} for {b - a} frames")
+        if chunk.ndim != 4 or chunk.shape[0] != b - a or chunk.shape[-1] != 3:  # decord misreads some
+            raise DecodeError("decode", f"decoder returned frames of shape {chunk.shape} for {b - a} frames "
+                                        f"(decord misreads frames narrower than 80 px of some widths)")
         small = resize_crop(torch.from_numpy(chunk), size)  # (k, size, size, 3)
         mask = (inverse >= a) & (inverse < b)
         positions = torch.from_numpy(np.nonzero(mask)[0])

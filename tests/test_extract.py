@@ -1,0 +1,257 @@
+"""`faster extract` end to end on small generated videos with the tiny backbones.
+
+One reference extraction (module fixture) of 6 motion videos, a video shorter than one clip and
+four broken files; the other tests resume, kill, distribute and refuse against it.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from faster.cli import cli
+from faster.extract import sampling
+from faster.store import schema
+
+av = pytest.importorskip("av")
+from faster import synthetic  # noqa: E402  (needs av)
+
+MODELS = ["--model", "r2plus1d50_tiny", "--model", "r2d26_tiny"]
+OPTS = MODELS + ["--clip-len", "8", "--num-clips", "3", "--size", "32", "--shard-size", "2", "--no-progress"]
+BROKEN = {"left/empty.mp4": "open", "left/truncated.mp4": "open", "right/text.mp4": "open",
+          "right/audio.mp4": "open"}
+GOOD = [f"{c}/{c}_{i:03d}.mp4" for c in ("left", "right") for i in range(3)] + ["right/short.mp4"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: tiny models on a shared 2-core box are far faster without OpenMP barriers."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        yield
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    r = tmp_path_factory.mktemp("videos")
+    synthetic.make_motion_dataset(r, classes=("left", "right"), per_class=3, frames=16, size=32)
+    synthetic.write_video(r / "right" / "short.mp4", synthetic.motion_frames("right", frames=5, size=32))
+    (r / "left" / "empty.mp4").write_bytes(b"")
+    (r / "left" / "truncated.mp4").write_bytes((r / "left" / "left_000.mp4").read_bytes()[:400])
+    (r / "right" / "text.mp4").write_text("not a video\n" * 40)
+    synthetic.write_audio_only(r / "right" / "audio.mp4")
+    (r / "left" / "README.txt").write_text("ignored: not a video extension")
+    return r
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, ["extract", *map(str, args)], catch_exceptions=False)
+
+
+def read_features(out):
+    """{id: {model: features}} over every complete shard, asserting each id appears once."""
+    feats = {}
+    for path in sorted(Path(out).glob(schema.SHARD_GLOB)):
+        with h5py.File(path) as f:
+            for k, i in enumerate(f["videos/id"][()]):
+                i = i.decode()
+                assert i not in feats, f"{i} is in two shards"
+                feats[i] = {m: f[f"features/{m}"][k] for m in f["features"]}
+    return feats
+
+
+def failures(out, name="failures.jsonl"):
+    return {r["id"]: r["stage"] for r in map(json.loads, (Path(out) / name).read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def reference(root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("feats") / "ref"
+    result = invoke(root, "-o", out, *OPTS, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_extracts_good_videos_and_records_broken_ones(root, reference):
+    out, output = reference
+    assert "extracted 7, skipped 0 (done before), failed 4" in output and "1 shorter than one clip" in output
+    feats = read_features(out)
+    assert sorted(feats) == sorted(GOOD)
+    assert failures(out) == BROKEN  # README.txt is ignored, not a failure
+    assert len(list(out.glob(schema.SHARD_GLOB))) == 4 and not list(out.glob(".*.tmp"))
+    part = json.loads((out / "manifest-00000.json").read_text())
+    assert part["short"] == ["right/short.mp4"]
+    merged = json.loads((out / "manifest.json").read_text())
+    assert merged["num_videos"] == 7 and merged["failed_by_stage"] == {"open": 4}
+    with h5py.File(sorted(out.glob(schema.SHARD_GLOB))[0]) as f:
+        assert json.loads(f.attrs["classes"]) == ["left", "right"]
+        assert [i.decode() for i in f["videos/id"][()]] and f.attrs["num_clips"] == 3
+        for i, start, n, label in zip(f["videos/id"][()], f["videos/clip_start"][()], f["videos/num_frames"][()],
+                                      f["videos/label"][()]):
+            assert list(start) == sampling.clip_starts(int(n), 3, 8)
+            assert label == (0 if i.decode().startswith("left") else 1)
+        ds = f["features/r2d26_tiny"]
+        assert ds.dtype == np.float16 and ds.chunks[0] == 1
+        assert ds.attrs["weights"] == "random-init:seed=0" and ds.attrs["compute_dtype"] == "float32"
+        assert ds.attrs["gflops_per_clip"] > 0
+
+
+def test_features_equal_the_backbone_on_the_decoded_clips(root, reference):
+    import torch
+
+    from faster.extract import models
+    from faster.extract.video import decode_clips, normalise_clips
+
+    feats = read_features(reference[0])["left/left_001.mp4"]
+    clips = decode_clips(root / "left" / "left_001.mp4", num_clips=3, clip_len=8, size=32).frames
+    for name in ("r2plus1d50_tiny", "r2d26_tiny"):
+        model = models.build(name, seed=0)
+        with torch.inference_mode():
+            want = model(normalise_clips(torch.from_numpy(clips), model.mean, model.std)).permute(0, 2, 3, 4, 1)
+        np.testing.assert_allclose(feats[name].astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_rerun_skips_done_retries_failed_and_strict_exits_nonzero(root, reference, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    result = invoke(root, "-o", out, *OPTS, "--workers", "0", "--strict")
+    assert result.exit_code == 1, result.output
+    assert "extracted 0, skipped 7 (done before), failed 4" in result.output and "--strict" in result.output
+    assert sorted(read_features(out)) == sorted(GOOD) and failures(out) == BROKEN
+
+
+def test_configuration_change_into_the_same_directory_is_refused(root, reference):
+    out = reference[0]
+    before = sorted(p.name for p in out.iterdir())
+    for change in (["--clip-len", "16"], ["--num-clips", "2"], ["--size", "40"]):
+        opts = OPTS + change
+        result = invoke(root, "-o", out, *opts)
+        assert result.exit_code != 0
+        assert "another configuration" in result.output and change[0][2:].replace("-", "_") in result.output
+    result = invoke(root, "-o", out, "--model", "r2d26_tiny", *OPTS[4:])
+    assert result.exit_code != 0 and "models" in result.output
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_kill_mid_shard_then_rerun_gives_every_video_once_with_the_same_features(root, reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS, "--workers", "0",
+           "--debug-kill-after-shards", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert len(list(out.glob(schema.SHARD_GLOB))) == 1 and len(list(out.glob(".shard-*.tmp"))) == 1
+    result = invoke(root, "-o", out, *OPTS, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 (done before)" in result.output
+    assert not list(out.glob(".shard-*.tmp"))
+    assert [p.name for p in sorted(out.glob(schema.SHARD_GLOB))][1] == "shard-00000-000002.h5"  # 1 never reused
+    got, want = read_features(out), read_features(reference[0])
+    assert sorted(got) == sorted(want)
+    for i in want:
+        for m in want[i]:
+            np.testing.assert_allclose(got[i][m].astype(np.float32), want[i][m].astype(np.float32),
+                                       rtol=1e-3, atol=1e-3)
+    assert failures(out) == BROKEN
+
+
+def test_decoder_timeout_and_crash_are_recorded_and_the_run_goes_on(root, tmp_path):
+    out = tmp_path / "faulty"
+    result = invoke(root, "-o", out, *OPTS, "--workers", "2", "--timeout", "2",
+                    "--debug-decode-fault", "left_001:sleep=60")
+    assert result.exit_code == 0, result.output
+    assert failures(out) == {**BROKEN, "left/left_001.mp4": "timeout"}
+    assert sorted(read_features(out)) == sorted(set(GOOD) - {"left/left_001.mp4"})
+    out2 = tmp_path / "crashy"
+    result = invoke(root, "-o", out2, *OPTS, "--workers", "1", "--debug-decode-fault", "right_002:exit")
+    assert result.exit_code == 0, result.output
+    assert failures(out2) == {**BROKEN, "right/right_002.mp4": "crash"}
+    assert len(read_features(out2)) == len(GOOD) - 1
+
+
+def test_kinetics_annotations_store_split_and_record_missing(root, tmp_path):
+    videos = tmp_path / "kin"
+    (videos / "train").mkdir(parents=True)
+    for yt, label in (("aaa", "left"), ("bbb", "right")):
+        shutil.copy(root / label / f"{label}_000.mp4", videos / "train" / f"{yt}_000001_000011.mp4")
+    csv = tmp_path / "k.csv"
+    csv.write_text("label,youtube_id,time_start,time_end,split\n"
+                   "left,aaa,1,11,train\nright,bbb,1,11,val\nright,ccc,1,11,val\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("left\nright\nup\n")
+    out = tmp_path / "kfeats"
+    result = invoke(videos, "-o", out, *OPTS, "--workers", "0", "--annotations", csv, "--classes", classes)
+    assert result.exit_code == 0, result.output
+    assert failures(out) == {"ccc_000001_000011": "missing"}
+    with h5py.File(next(out.glob(schema.SHARD_GLOB))) as f:
+        assert json.loads(f.attrs["classes"]) == ["left", "right", "up"]
+        rows = {i.decode(): (int(lab), s.decode()) for i, lab, s in
+                zip(f["videos/id"][()], f["videos/label"][()], f["videos/split"][()])}
+    assert rows == {"train/aaa_000001_000011.mp4": (0, "train"), "train/bbb_000001_000011.mp4": (1, "val")}
+
+
+def test_not_enough_disk_space_is_refused(root, tmp_path, monkeypatch):
+    from faster.extract import pipeline
+
+    monkeypatch.setattr(pipeline.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1000))
+    result = invoke(root, "-o", tmp_path / "full", *OPTS, "--workers", "0")
+    assert result.exit_code != 0 and "not enough disk space" in result.output
+    assert not list((tmp_path / "full").glob("shard-*"))
+
+
+def test_slurm_array_parts_partition_the_videos(root, reference, tmp_path):
+    out = tmp_path / "array"
+    for index in (0, 1, 2):
+        result = invoke(root, "-o", out, *OPTS, "--workers", "0", "--num-shards", "3", "--shard-index", index)
+        assert result.exit_code == 0, result.output
+    assert {p.name.split("-")[1] for p in out.glob(schema.SHARD_GLOB)} == {"00000", "00001", "00002"}
+    assert not (out / "manifest.json").exists()  # only a single process or verify merges
+    assert sorted(read_features(out)) == sorted(GOOD)
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+    assert failures(out) == BROKEN
+
+
+def test_torchrun_two_processes_give_the_same_videos_as_one(root, reference, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "faster",
+           "extract", str(root), "-o", str(out), *OPTS, "--workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.name for p in out.glob("manifest-*.json")} == {"manifest-00000.json", "manifest-00001.json"}
+    assert sorted(read_features(out)) == sorted(read_features(reference[0]))
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+    assert failures(out) == BROKEN
+
+
+def test_sigterm_closes_the_open_shard_and_stops_then_resume_completes(root, reference, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    # One worker decodes in id order and hangs on right_000; a batch is one video's 3 clips, so by then
+    # left_000 and left_001 fill shard 0 and left_002 sits in the open shard 1.
+    cmd = [sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS, "--workers", "1",
+           "--batch-size", "3", "--timeout", "300", "--debug-decode-fault", "right_000:sleep=60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (out / ".shard-00000-000001.h5.tmp").exists():  # shard 0 done, left_002 in shard 1
+            assert proc.poll() is None and time.monotonic() < deadline, "no open second shard"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "stopped by SIGTERM" in stderr
+    assert not list(out.glob(".shard-*.tmp"))
+    assert sorted(read_features(out)) == ["left/left_000.mp4", "left/left_001.mp4", "left/left_002.mp4"]
+    result = invoke(root, "-o", out, *OPTS, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert sorted(read_features(out)) == sorted(GOOD) and failures(out) == BROKEN

@@ -1,0 +1,136 @@
+"""The shard format: writer (temporary name, rename), manifests and failures, verify."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from faster.store import manifest as mf
+from faster.store import schema
+from faster.store.verify import verify
+from faster.store.writer import ShardWriter, next_seq, sha256_file
+
+N, SHAPE = 3, (1, 2, 2, 4)  # clips per video; per clip (T', H', W', C)
+ATTRS = {"clip_len": 8, "num_clips": N, "frame_stride": 1, "size": 32, "classes": ["a", "b"],
+         "software_version": "0.1.0", "torch_version": "2.0"}
+MODEL_ATTRS = {"m": {"gflops_per_clip": 0.5, "layer": "res5", "weights": "random-init:seed=0",
+                     "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2], "compute_dtype": "float32"}}
+
+
+def write_shard(out, part, ids, value=1.0, split=None):
+    with ShardWriter(out, part=part, seq=next_seq(out, part), attrs=ATTRS, model_attrs=MODEL_ATTRS,
+                     capacity=len(ids)) as w:
+        for k, i in enumerate(ids):
+            w.add(id=i, label=k % 2, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                  features={"m": np.full((N, *SHAPE), value + k, np.float32)}, split=split)
+    return w
+
+
+def test_writer_renames_when_complete_and_stores_the_schema(tmp_path):
+    w = write_shard(tmp_path, 3, ["x.mp4", "y.mp4"], split="train")
+    assert w.path.name == "shard-00003-000000.h5" and w.path.exists() and not w.tmp_path.exists()
+    assert w.sha256 == sha256_file(w.path)
+    with h5py.File(w.path) as f:
+        assert f.attrs["format"] == schema.FORMAT and f.attrs["format_version"] == 1
+        assert json.loads(f.attrs["classes"]) == ["a", "b"]
+        feats = f["features/m"]
+        assert feats.shape == (2, N, *SHAPE) and feats.dtype == np.float16 and feats.chunks[0] == 1
+        assert feats.attrs["weights"] == "random-init:seed=0"
+        assert [s.decode() for s in f["videos/split"][()]] == ["train", "train"]
+        np.testing.assert_array_equal(f["videos/clip_start"][1], [0, 6, 12])
+    assert next_seq(tmp_path, 3) == 1 and next_seq(tmp_path, 4) == 0
+
+
+def test_writer_deletes_its_temporary_file_when_an_exception_escapes(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardWriter(tmp_path, part=0, seq=0, attrs=ATTRS, model_attrs=MODEL_ATTRS, capacity=2) as w:
+            w.add(id="x", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                  features={"m": np.zeros((N, *SHAPE))})
+            assert w.tmp_path.exists() and not list(tmp_path.glob(schema.SHARD_GLOB))
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_accepts_str_subclasses_as_attributes(tmp_path):
+    class Version(str):
+        pass
+
+    attrs = {**ATTRS, "torch_version": Version("2.14.1+cu130")}
+    with ShardWriter(tmp_path, part=0, seq=0, attrs=attrs, model_attrs=MODEL_ATTRS, capacity=1) as w:
+        w.add(id="x", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12], features={"m": np.zeros((N, *SHAPE))})
+    with h5py.File(w.path) as f:
+        assert f.attrs["torch_version"] == "2.14.1+cu130"
+
+
+def test_failure_log_keeps_the_latest_record_per_video_and_drops_done_ones(tmp_path):
+    log = mf.FailureLog(tmp_path, 0)
+    log.append(mf.failure_record("a.mp4", "open", "bad", ))
+    log.append(mf.failure_record("b.mp4", "timeout", "slow"))
+    log.append({**mf.failure_record("a.mp4", "decode", "worse"), "time": 1e12})
+    with open(log.path, "a") as f:
+        f.write('{"id": "c.mp4", "sta')  # a line cut short by SIGKILL
+    log.compact(done={"b.mp4"})
+    records = mf.read_failures(log.path)
+    assert [(r["id"], r["stage"]) for r in records] == [("a.mp4", "decode")]
+    with pytest.raises(ValueError, match="stage"):
+        mf.failure_record("x", "exploded", "?")
+
+
+def test_verify_passes_a_good_directory_and_writes_merged_views(tmp_path):
+    a = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
+    b = write_shard(tmp_path, 1, ["c.mp4"])
+    for part, w in ((0, a), (1, b)):
+        mf.write_part_manifest(tmp_path, part, {"shards": [mf.shard_entry(w.path, len(w.ids), w.sha256)]})
+    mf.FailureLog(tmp_path, 1).append(mf.failure_record("d.mp4", "missing", "not found"))
+    mf.FailureLog(tmp_path, 0).append(mf.failure_record("a.mp4", "open", "fixed since"))  # a.mp4 is in a shard
+    report = verify([tmp_path])
+    assert report["ok"], report["problems"]
+    assert report["videos"] == 3 and report["failed"] == 1
+    merged = json.loads((tmp_path / mf.MANIFEST).read_text())
+    assert [s["name"] for s in merged["shards"]] == [a.path.name, b.path.name]
+    assert merged["shards"][0]["sha256"] == a.sha256
+    assert [json.loads(x)["id"] for x in (tmp_path / mf.FAILURES).read_text().splitlines()] == ["d.mp4"]
+
+
+@pytest.mark.parametrize("damage", ["nan", "changed", "duplicate", "not-hdf5", "other-config"])
+def test_verify_reports_problems(tmp_path, damage):
+    w = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
+    mf.write_part_manifest(tmp_path, 0, {"shards": [mf.shard_entry(w.path, 2, w.sha256)]})
+    if damage == "nan":
+        with h5py.File(w.path, "a") as f:
+            f["features/m"][1, 0, 0, 0, 0, 0] = np.nan
+        expect = "non-finite"
+    elif damage == "changed":
+        with h5py.File(w.path, "a") as f:
+            f["videos/fps"][0] = 25.0
+        expect = "sha256"
+    elif damage == "duplicate":
+        write_shard(tmp_path, 1, ["b.mp4"])
+        expect = "in both"
+    elif damage == "not-hdf5":
+        (tmp_path / "shard-00002-000000.h5").write_text("junk")
+        expect = "cannot be opened"
+    else:
+        with ShardWriter(tmp_path, part=5, seq=0, attrs={**ATTRS, "clip_len": 16}, model_attrs=MODEL_ATTRS,
+                         capacity=1) as w2:
+            w2.add(id="z", label=0, num_frames=20, fps=30.0, clip_start=[0, 2, 4],
+                   features={"m": np.zeros((N, *SHAPE))})
+        expect = "clip_len"
+    report = verify([tmp_path])
+    assert not report["ok"]
+    assert any(expect in p for p in report["problems"]), report["problems"]
+
+
+def test_verify_cli_exit_codes(tmp_path):
+    from click.testing import CliRunner
+
+    from faster.cli import cli
+
+    write_shard(tmp_path, 0, ["a.mp4"])
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "1 shards, 1 videos, 0 failed" in result.output
+    with h5py.File(next(tmp_path.glob(schema.SHARD_GLOB)), "a") as f:
+        f["features/m"][0, 0, 0, 0, 0, 0] = np.inf
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path)])
+    assert result.exit_code == 1 and "non-finite" in result.output
