@@ -23,7 +23,7 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -346,6 +346,13 @@ class FeatureDataset:
 
     def read(self, i: int, src_index: int) -> np.ndarray:
         """Source ``src_index``'s clips of item i: (n, T', H', W', C) float16."""
+        _, _, pos, shape = self.sources[src_index]
+        out = np.empty((len(pos), *shape), dtype=np.float16)
+        self.read_into(out, i, src_index)
+        return out
+
+    def read_into(self, out: np.ndarray, i: int, src_index: int) -> None:
+        """Read source ``src_index``'s clips of item i into ``out`` (n, T', H', W', C) float16, C-contiguous."""
         src, model, pos, shape = self.sources[src_index]
         paths, shard, row = self._ptr[model]
         path, r = paths[shard[i]], int(row[i])
@@ -353,16 +360,14 @@ class FeatureDataset:
             ds = self._dataset(path, model)
             p0, p1 = int(pos[0]), int(pos[-1]) + 1
             if p1 - p0 == len(pos):
-                out = ds[r, p0:p1]  # contiguous positions: one read
+                ds.read_direct(out, np.s_[r, p0:p1])  # contiguous positions: one read, no copy
             elif self._span[src_index]:
-                out = ds[r, p0:p1][pos - p0]  # the chunk is read whole anyway: one call, then select
+                out[...] = ds[r, p0:p1][pos - p0]  # the chunk is read whole anyway: one call, then select
             else:
-                out = np.empty((len(pos), *shape), dtype=np.float16)
                 for k, p in enumerate(pos.tolist()):  # exactly the bytes of these positions
-                    out[k] = ds[r, p]  # (h5py's read_direct costs more per call than this copy)
+                    ds.read_direct(out, np.s_[r, p], np.s_[k])
         except (OSError, KeyError) as err:
             raise ValueError(f"{path}: cannot read features/{model} of row {r} ({err})") from None
-        return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
@@ -371,3 +376,99 @@ class FeatureDataset:
         item["label"] = torch.tensor(int(self.labels[i]))
         item["index"] = torch.tensor(int(self.indices[i]))
         return item
+
+
+class ThreadedLoader:
+    """Batches of a FeatureDataset read by one background thread into a ring of reused buffers.
+
+    The in-process alternative to DataLoader worker processes (``workers=0`` in fit): no process
+    start-up, no copy into shared memory and no page faults on fresh buffers, which on a small CPU
+    cost more than the read itself (benchmarks/fit.py). HDF5 reads are serialised by h5py anyway,
+    so one reader thread is as fast as several; it overlaps with the consumer's torch compute.
+
+    Each batch is {source: float16 (b, n, T', H', W', C), "label": (b,), "index": (b,)}, views into
+    a ring buffer: valid until the next batch is requested (copy or move them to the device first).
+    ``pin``: page-locked buffers for fast host-to-GPU copies; the ring waits for the current CUDA
+    stream before reusing one.
+    """
+
+    def __init__(self, ds: FeatureDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 prefetch: int = 2, pin: bool = False):
+        if batch_size < 1 or prefetch < 1:
+            raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size}, {prefetch}")
+        self.ds, self.batch_size, self.shuffle, self.prefetch, self.pin = ds, batch_size, shuffle, prefetch, pin
+        self._rng = np.random.default_rng(seed)
+        self._buffers: list[dict[str, Any]] | None = None
+
+    def __len__(self) -> int:
+        return -(-len(self.ds) // self.batch_size)
+
+    def _ring(self) -> list[dict[str, Any]]:
+        import torch
+
+        if self._buffers is None:
+            B = self.batch_size
+            self._buffers = [{src: torch.empty((B, len(pos), *shape), dtype=torch.float16, pin_memory=self.pin)
+                              for src, _, pos, shape in self.ds.sources} | {
+                              "label": torch.empty(B, dtype=torch.int64), "index": torch.empty(B, dtype=torch.int64)}
+                             for _ in range(self.prefetch + 1)]
+        return self._buffers
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        import queue
+        import threading
+
+        import torch
+
+        order = self._rng.permutation(len(self.ds)) if self.shuffle else np.arange(len(self.ds))
+        ring = self._ring()
+        free: queue.Queue = queue.Queue()
+        for slot in range(len(ring)):
+            free.put(slot)
+        ready: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def reader() -> None:
+            try:
+                for start in range(0, len(order), self.batch_size):
+                    slot = free.get()
+                    if stop.is_set():
+                        return
+                    idx = order[start:start + self.batch_size]
+                    buf = ring[slot]
+                    for b, i in enumerate(idx.tolist()):
+                        for k, (src, *_) in enumerate(self.ds.sources):
+                            self.ds.read_into(buf[src][b].numpy(), i, k)
+                    buf["label"][:len(idx)] = torch.from_numpy(self.ds.labels[idx])
+                    buf["index"][:len(idx)] = torch.from_numpy(self.ds.indices[idx])
+                    ready.put((slot, len(idx)))
+            except BaseException as err:  # hand the error to the consumer
+                ready.put(err)
+            ready.put(None)
+
+        thread = threading.Thread(target=reader, name="faster-feature-reader", daemon=True)
+        thread.start()
+        previous = None
+        try:
+            while (got := ready.get()) is not None:
+                if isinstance(got, BaseException):
+                    raise got
+                if previous is not None:
+                    self._release(free, previous)
+                slot, n = got
+                previous = slot
+                yield {key: t[:n] for key, t in ring[slot].items()}
+        finally:
+            stop.set()
+            if previous is not None:
+                self._release(free, previous)
+            for _ in range(len(ring)):
+                free.put(0)  # unblock a reader waiting for a slot
+            thread.join()
+
+    def _release(self, free: Any, slot: int) -> None:
+        if self.pin:
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # pending host-to-device copies from this slot
+        free.put(slot)

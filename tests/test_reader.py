@@ -127,3 +127,30 @@ def test_corrupt_or_foreign_shards_are_named(tmp_path):
         del f["videos/clip_start"]
     with pytest.raises(ValueError, match="missing dataset videos/clip_start"):
         FeatureSet([d])
+
+
+def test_threaded_loader_batches_every_video_once_and_reuses_buffers(tmp_path):
+    from faster.store.reader import ThreadedLoader
+
+    fs = FeatureSet([write_set(tmp_path / "ec", ["exp", "chp"], range(7))])
+    ds = fs.dataset({"expensive": ("exp", [0, 2]), "cheap": ("chp", [5])}, np.arange(1, 7))
+    loader = ThreadedLoader(ds, 4, shuffle=True, seed=3)
+    assert len(loader) == 2
+    seen = []
+    for epoch in range(2):
+        batches = [{k: v.clone() for k, v in b.items()} for b in loader]
+        assert [len(b["index"]) for b in batches] == [4, 2]
+        index = torch.cat([b["index"] for b in batches])
+        assert sorted(index.tolist()) == [1, 2, 3, 4, 5, 6]
+        video = (torch.cat([b["expensive"][:, 1, 0, 0, 0, 0] for b in batches]).float() - 1002) / 10
+        assert video.tolist() == index.tolist()  # features belong to the video of their index
+        seen.append(index.tolist())
+    assert seen[0] != seen[1]  # reshuffled every epoch
+    it = iter(loader)
+    next(it)
+    it.close()  # an early stop does not hang the reader thread
+    ds.close()
+    for p in (tmp_path / "ec").glob("shard-*.h5"):
+        p.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot open shard"):
+        list(ThreadedLoader(fs.dataset({"expensive": ("exp", [0])}), 4))
