@@ -158,8 +158,11 @@ def resolve_device(device: str, local_rank: int = 0) -> str:
 
 def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | None = None) -> int:
     """Intra-op threads for a CPU model: OMP_NUM_THREADS when set (torchrun sets 1), else this process's
-    share of the cores. Decode workers are not subtracted: they sleep whenever the model is the
-    bottleneck, and the model is the bottleneck on a CPU."""
+    share of the cores less one core left to the decode workers (when there are any).
+
+    OpenMP barriers stall whenever another process takes a core from one of their threads: on the
+    2-core box of BENCHMARKS.md r2d26 ran 3x faster with 1 thread than with 2 next to busy decoders.
+    """
     env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return int(env["OMP_NUM_THREADS"])
@@ -167,7 +170,8 @@ def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | N
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, cores // max(local_world_size, 1))
+    share = max(1, cores // max(local_world_size, 1))
+    return max(1, share - 1) if workers > 0 else share
 
 
 # ----------------------------------------------------------------------------------------------

@@ -255,3 +255,17 @@ def test_sigterm_closes_the_open_shard_and_stops_then_resume_completes(root, ref
     result = invoke(root, "-o", out, *OPTS, "--workers", "2")
     assert result.exit_code == 0, result.output
     assert sorted(read_features(out)) == sorted(GOOD) and failures(out) == BROKEN
+
+
+def test_placement_combines_torchrun_ranks_and_slurm_array_index():
+    from faster.extract.pipeline import cpu_threads, placement
+
+    p = placement(num_shards=4, shard_index=2, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert (p.part, p.num_parts, p.local_rank) == (2 * 2 + 1, 8, 1)
+    assert placement(env={}).part == 0 and placement(env={}).num_parts == 1
+    with pytest.raises(ValueError, match="RANK=2"):
+        placement(env={"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="shard_index 3"):
+        placement(num_shards=3, shard_index=3, env={})
+    assert cpu_threads(2, env={"OMP_NUM_THREADS": "3"}) == 3
+    assert cpu_threads(0, env={}) >= cpu_threads(2, env={}) >= 1

@@ -1,0 +1,157 @@
+"""Extraction throughput: decode-only, model-only and the full `faster extract` pipeline, in one run.
+
+    python benchmarks/extract.py                                   # CPU: r2d26, 8 x 112 px, 8 videos
+    python benchmarks/extract.py --model r2plus1d50 --model r2d26 --videos 4
+    python benchmarks/extract.py --device cuda --size 224 --videos 32 --batch-size 32
+
+Videos are Kinetics-shaped (340x256, 10 s at 30 fps, H.264; generated once with faster.synthetic
+and cached under the temp dir). Every stage processes the same videos with the same settings as
+`faster extract` (N x L = 256 frames per video):
+
+* decode-only: the decode worker pool (``--workers`` processes, uint8 frames to the main process);
+* model-only: every backbone over the already decoded clips (batches of ``--batch-size``);
+* pipeline: ``run_extract`` end to end, shards written (its run time, models already built).
+
+Printed: clips/s of each stage and the ratio of seconds pipeline / (decode + model). On a CPU the
+stages share the cores, so the pipeline cannot beat their sum; the goal is <= 1.1 (no overhead
+beyond the two stages). On CUDA the stages run on different hardware and should overlap: the
+goal is pipeline / max(decode, model) <= 1.1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import queue
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from faster import synthetic
+from faster.extract import pipeline as pl
+from faster.extract import video as vid
+
+CACHE = Path(tempfile.gettempdir()) / "faster-bench-kinetics-340x256-10s-v1"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def make_videos(n: int) -> Path:
+    """A folder of ``n`` Kinetics-shaped videos (links into CACHE/pool, where each is written once)."""
+    pool, root = CACHE / "pool", CACHE / f"set-{n}"
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        path = pool / f"video_{i:03d}.mp4"
+        if not path.exists():
+            tmp = pool / f".tmp_{i:03d}.mp4"
+            synthetic.write_kinetics_like(tmp, seconds=10.0, fps=30, width=340, height=256, seed=i)
+            os.replace(tmp, path)
+        if not (root / path.name).exists():
+            (root / path.name).symlink_to(path)
+    return root
+
+
+def decode_only(items, cfg: pl.ExtractConfig, pin: bool) -> tuple[float, list]:
+    """Seconds to decode every video through the worker pool, and the decoded frames."""
+    frames = []
+    t0 = time.perf_counter()
+    with pl.DecodePool(items, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.size,
+                       frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=pin) as pool:
+        while True:
+            try:
+                r = pool.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if r is None:
+                break
+            if isinstance(r, pl.Failed):
+                raise RuntimeError(f"{r.item.id}: {r.stage}: {r.error}")
+            frames.append(r.frames)
+    return time.perf_counter() - t0, frames
+
+
+def model_only(models: pl.ClipModels, frames: list) -> float:
+    """Seconds to run every backbone over every decoded clip, in batches as the pipeline forms them."""
+    clips = torch.cat(frames)  # (V*N, L, S, S, 3) uint8
+    if models.cuda:
+        clips = clips.to(models.device)
+        models(clips[: models.batch_size])  # cudnn.benchmark tuning outside the timing
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for start in range(0, clips.shape[0], models.batch_size):
+        models(clips[start:start + models.batch_size])
+    if models.cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", help="backbone (repeat); default r2d26")
+    ap.add_argument("--videos", type=int, default=8)
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--clip-len", type=int, default=8)
+    ap.add_argument("--num-clips", type=int, help="default 256 // clip-len")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, help="CPU: torch threads for model-only and pipeline "
+                                                "(sets OMP_NUM_THREADS; default: faster's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+
+    root = make_videos(args.videos)
+    out = Path(tempfile.mkdtemp(prefix="faster-bench-extract-"))
+    cfg = pl.ExtractConfig(str(root), str(out / "feats"), tuple(args.model or ["r2d26"]), clip_len=args.clip_len,
+                           num_clips=args.num_clips, size=args.size, batch_size=args.batch_size,
+                           workers=args.workers, device=args.device, progress=False, shard_size=64)
+    device = pl.resolve_device(cfg.device)
+    if device == "cpu":
+        torch.set_num_threads(pl.cpu_threads(cfg.workers))
+    else:
+        torch.backends.cudnn.benchmark = True
+    items = vid.discover(root).items
+    clips = len(items) * cfg.num_clips
+    pl.warm_up_workers()
+    models = pl.ClipModels(cfg, device)
+    try:
+        t_decode, frames = decode_only(items, cfg, pin=models.cuda)
+        models(frames[0][: cfg.batch_size].to(models.device))  # warm-up forward
+        t_model = model_only(models, frames)
+        del frames
+        summary = pl.run_extract(cfg)
+        t_pipe = summary["run_seconds"]
+        assert summary["extracted"] == len(items), summary
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+    print(f"date {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {cpu_model()} "
+          f"({len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads), "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{len(items)} videos 340x256 10 s 30 fps H.264; models {', '.join(cfg.models)}; {cfg.num_clips} clips x "
+          f"{cfg.clip_len} frames at {cfg.size} px; batch {cfg.batch_size}; {cfg.workers} decode workers; {device} "
+          f"({models.compute_dtype})")
+    print("| stage | seconds | clips/s |\n|---|---|---|")
+    for name, t in (("decode only", t_decode), ("model only", t_model), ("pipeline", t_pipe)):
+        print(f"| {name} | {t:.2f} | {clips / t:.1f} |")
+    if device == "cpu":
+        print(f"pipeline / (decode + model) = {t_pipe / (t_decode + t_model):.3f}  (goal <= 1.1)")
+    else:
+        print(f"pipeline / max(decode, model) = {t_pipe / max(t_decode, t_model):.3f}  (goal <= 1.1)")
+
+
+if __name__ == "__main__":
+    main()
