@@ -227,7 +227,7 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
         raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
     if not cfg.feats:
         raise ValueError("ablate needs at least one feature set")
-    for name in ("out", "feats", "val", "agg", "pattern", "num_clips", "seed", "expensive", "cheap"):
+    for name in ("out", "feats", "agg", "pattern", "num_clips", "seed", "expensive", "cheap"):
         if name in cfg.fit:
             raise ValueError(f"fit option {name!r} is set by the grid itself, not through AblateConfig.fit")
     _check_aggs(cfg.aggs)
@@ -463,8 +463,9 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> str:
-    """Tables shaped like the paper's Table 3 (aggregator x number of clips, one per pattern, `first`
-    first) and Table 4 (pattern x clip length x clips, V@1 and GFLOPs, one per aggregator)."""
+    """Tables shaped like the paper's Table 3 (aggregator x number of clips, one per clip length and
+    pattern, `first` first) and Table 4 (pattern x clip length at its largest number of clips, V@1
+    and GFLOPs, one per aggregator)."""
     lines = ["# Ablation results", "",
              "V@1: top-1 accuracy (%) on the validation videos, the mean over seeds (± their standard "
              "deviation when there are several). GFLOPs per video (multiply-adds, the paper's convention) = "
@@ -489,14 +490,16 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
                                 [[AGG_NAMES.get(a, a)] + [_fmt_acc([r["top1"] for r in cells.get((a, n), [])])
                                                           for n in counts] for a in aggs])
                 lines.append("")
-        layouts = sorted({(r["clip_len"], r["num_clips"]) for r in group})
+        # Table 4's columns: each clip length at the most clips the grid ran it with (8x32, 16x16, 32x8).
+        layouts = sorted({(L, max(r["num_clips"] for r in group if r["clip_len"] == L))
+                          for L in {r["clip_len"] for r in group}})
         for agg in sorted({r["agg"] for r in group}, key=_agg_order):
             cells = _groups([r for r in group if r["agg"] == agg], "pattern", "clip_len", "num_clips")
             header = ["#E:#C"]
             for L, n in layouts:
                 header += [f"{L}-frames x {n}-clips V@1", "GFLOPs"]
             body = []
-            for pattern in sorted({p for p, _, _ in cells}, key=_pattern_order):
+            for pattern in sorted({p for p, L, n in cells if (L, n) in layouts}, key=_pattern_order):
                 row = [_pattern_label(pattern)]
                 for L, n in layouts:
                     rs = cells.get((pattern, L, n), [])

@@ -3,41 +3,21 @@ import csv
 import json
 import os
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 
 from faster.aggregate import ablate as A
 from faster.cli import cli
-from faster.store.writer import ShardWriter
 
 
-def write_features(root, *, clip_len=8, num_clips=8, videos=12, classes=3, seed=0):
-    """A tiny feature set with an expensive ("big", 10 GFLOPs/clip) and a cheap ("small", 1) model.
+def write_features(root, *, clip_len=8, num_clips=8, videos=16, seed=0):
+    """A tiny feature set of an expensive ("big", 10 GFLOPs/clip) and a cheap ("small", 1) model whose
+    class is planted in the order of the clips (faster.aggregate.synthetic, signal "order")."""
+    from faster.aggregate.synthetic import write_synthetic
 
-    The class is planted in the order of the clips (a ramp up or down of one channel), so the
-    aggregators have something temporal to learn.
-    """
-    rng = np.random.default_rng(seed)
-    root.mkdir(parents=True, exist_ok=True)
-    attrs = {"clip_len": clip_len, "num_clips": num_clips, "frame_stride": 1, "size": 32,
-             "classes": [f"c{i}" for i in range(classes)], "software_version": "test", "torch_version": "test"}
-    model_attrs = {m: {"gflops_per_clip": g, "layer": "res5", "weights": "random-init:seed=0",
-                       "mean": [0.5] * 3, "std": [0.25] * 3, "compute_dtype": "float32"}
-                   for m, g in (("big", 10.0), ("small", 1.0))}
     t = max(clip_len // 8, 1)
-    with ShardWriter(root, part=0, seq=0, attrs=attrs, model_attrs=model_attrs, capacity=videos) as w:
-        for v in range(videos):
-            label = v % classes
-            ramp = np.linspace(-1, 1, num_clips) * (label - (classes - 1) / 2)
-            feats = {}
-            for m in ("big", "small"):
-                x = rng.normal(0, 0.3, size=(num_clips, t, 2, 2, 8))
-                x[..., 0] += ramp[:, None, None, None]
-                feats[m] = x
-            w.add(id=f"v{v:03d}.mp4", label=label, num_frames=64, fps=30.0,
-                  clip_start=np.arange(num_clips) * 2, features=feats)
-    return root
+    return write_synthetic(root, num_videos=videos, num_clips=num_clips, clip_len=clip_len,
+                           models={"big": (t, 2, 2, 8), "small": (t, 2, 2, 8)}, gflops=(10.0, 1.0), seed=seed)
 
 
 # ------------------------------------------------------------------------------------------ grid
@@ -120,11 +100,9 @@ def test_markdown_tables_have_the_papers_shapes():
     assert lines[t3 + 4] == "| Avg. pool | 50.0 | 60.0 |"
     assert lines[t3 + 5].startswith("| FAST-GRU | 75.0 ± 7.1 |")  # mean and std over two seeds
     t4 = [i for i, line in enumerate(lines) if line.startswith("## Table 4 layout") and "FAST-GRU" in line][0]
-    assert lines[t4 + 2] == ("| #E:#C | 8-frames x 2-clips V@1 | GFLOPs | 8-frames x 4-clips V@1 | GFLOPs "
-                             "| 16-frames x 2-clips V@1 | GFLOPs |")
-    body = lines[t4 + 4:t4 + 7]
-    assert [b.split(" | ")[0] for b in body] == ["| All E", "| 1:1", "| first"]  # Table 4's row order
-    assert body[0] == "| All E |  |  |  |  | 95.0 | 40.0 |"
+    # Columns: each clip length at its largest number of clips (the paper's 8x32, 16x16, 32x8).
+    assert lines[t4 + 2] == "| #E:#C | 8-frames x 4-clips V@1 | GFLOPs | 16-frames x 2-clips V@1 | GFLOPs |"
+    assert lines[t4 + 4:t4 + 7] == ["| All E |  |  | 95.0 | 40.0 |", "| 1:1 | 90.0 | 22.2 |  |  |", ""]
     assert "- L=8: pattern 1:1 at 3 clips skipped" in lines
 
 
@@ -143,15 +121,15 @@ FAST = {"epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu"}
 def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monkeypatch):
     feats = write_features(tmp_path / "f8")
     out = tmp_path / "grid"
-    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "fastgru"], num_clips=[2, 3, 4],
+    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "fastgru"], num_clips=[3, 4],
                          patterns=["first", "1:1"], fit=dict(FAST), progress=False)
     summary = A.run_ablate(cfg)
-    assert (summary["cells"], summary["trained"], summary["reused"], summary["failed"]) == (10, 10, 0, 0)
+    assert (summary["cells"], summary["trained"], summary["reused"], summary["failed"]) == (6, 6, 0, 0)
     assert summary["expensive"] == "big" and summary["cheap"] == "small"
     assert summary["skipped"] == ["pattern 1:1 at 3 clips skipped: x+1 must divide the number of clips"]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10 and set(rows[0]) == set(A.CSV_COLUMNS)
+    assert len(rows) == 6 and set(rows[0]) == set(A.CSV_COLUMNS)
     assert {(r["agg"], r["num_clips"], r["pattern"]) for r in rows} >= {("avg", "3", "first"), ("fastgru", "4", "1:1")}
     for r in rows:
         run = out / r["run"]
@@ -171,7 +149,7 @@ def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monk
 
     monkeypatch.setattr(train, "fit", no_training)
     again = A.run_ablate(cfg)
-    assert (again["trained"], again["reused"], again["failed"]) == (0, 10, 0)
+    assert (again["trained"], again["reused"], again["failed"]) == (0, 6, 0)
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()} == mtimes
 
 
@@ -203,14 +181,14 @@ def test_adding_an_aggregator_trains_only_its_column_and_clip_lengths_accumulate
 def test_ablate_cli_runs_a_grid_in_parallel(tmp_path):
     feats = write_features(tmp_path / "f8")
     out = tmp_path / "grid"
-    args = ["ablate", str(feats), "-o", str(out), "--agg", "avg,gru", "--num-clips", "2,4", "--pattern",
+    args = ["ablate", str(feats), "-o", str(out), "--agg", "avg,gru", "--num-clips", "4", "--pattern",
             "first,all-e", "-j", "2", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "| GRU |" in result.output and "8 trained, 0 reused" in result.output
-    assert len(os.listdir(out / "cells")) == 8
+    assert "| GRU |" in result.output and "4 trained, 0 reused" in result.output
+    assert len(os.listdir(out / "cells")) == 4
     result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0 and "0 trained, 8 reused" in result.output
+    assert result.exit_code == 0 and "0 trained, 4 reused" in result.output
 
 
 def test_ablate_cli_names_bad_values(tmp_path):

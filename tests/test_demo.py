@@ -1,0 +1,37 @@
+"""faster demo --quick: the README's first command, at CI size, end to end."""
+import csv
+import json
+
+from click.testing import CliRunner
+
+from faster.cli import cli
+
+
+def test_demo_quick_runs_end_to_end_and_prints_the_table(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| Model | 4 |" in result.output and "| FAST-GRU |" in result.output and "| Avg. pool |" in result.output
+    assert "randomly initialised" in result.output
+    assert f"Plot: {out / 'ablate' / 'accuracy_vs_gflops.png'}" in result.output
+    assert (out / "ablate" / "accuracy_vs_gflops.png").stat().st_size > 5000
+    with open(out / "ablate" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["agg"], r["pattern"]) for r in rows} == {("avg", "first"), ("avg", "all-e"), ("fastgru", "first"),
+                                                         ("fastgru", "all-e")}
+    assert all(r["expensive"] == "r2plus1d50_tiny" and r["cheap"] == "r2d26_tiny" for r in rows)
+    first = {r["agg"]: float(r["gflops_per_video"]) for r in rows if r["pattern"] == "first"}
+    all_e = {r["agg"]: float(r["gflops_per_video"]) for r in rows if r["pattern"] == "all-e"}
+    assert all(first[a] < all_e[a] for a in first)  # cheap clips cost less than expensive ones
+
+    # Again into the same directory: nothing is redone; other settings there are refused.
+    again = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(out)])
+    assert again.exit_code == 0 and "0 trained, 4 reused" in again.output
+    refused = CliRunner().invoke(cli, ["demo", "-o", str(out)])
+    assert refused.exit_code == 1 and "other settings" in refused.output
+    assert json.loads((out / "demo.json").read_text())["size"]["expensive"] == "r2plus1d50_tiny"
+
+
+def test_demo_rejects_weights_for_models_it_does_not_use(tmp_path):
+    result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(tmp_path / "d"), "--weights", "r3d50=x.pt"])
+    assert result.exit_code == 1 and "r3d50" in result.output
