@@ -330,6 +330,7 @@ class DecodePool:
         if workers < 1:
             raise ValueError(f"DecodePool needs workers >= 1, got {workers}")
         # positions: only those of the num_clips clips are decoded (predict on a fitted run's subset)
+        positions = vid.check_positions(positions, num_clips)
         self.shape = (num_clips if positions is None else len(positions), clip_len, size, size, 3)
         self.nbytes = int(np.prod(self.shape))
         self.timeout = timeout

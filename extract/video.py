@@ -313,6 +313,16 @@ def _short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {msg[:300]}"
 
 
+def check_positions(positions: list[int] | None, num_clips: int) -> list[int] | None:
+    """None (every clip) or distinct clip positions in [0, num_clips), as ints; ValueError otherwise."""
+    if positions is None:
+        return None
+    positions = [int(p) for p in positions]
+    if not positions or len(set(positions)) != len(positions) or not all(0 <= p < num_clips for p in positions):
+        raise ValueError(f"clip positions {positions} must be distinct indices in [0, {num_clips})")
+    return positions
+
+
 def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
                  out: np.ndarray | None = None, positions: list[int] | None = None) -> DecodedVideo:
     """Decode the ``num_clips`` uniformly sampled clips of one video (DESIGN.md "Clip sampling").
@@ -327,6 +337,7 @@ def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, 
     """
     import torch
 
+    positions = check_positions(positions, num_clips)
     vr = open_reader(path)
     num_frames = len(vr)
     try:
@@ -359,8 +370,8 @@ def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, 
                                         f"(decord misreads frames narrower than 80 px of some widths)")
         small = resize_crop(torch.from_numpy(chunk), size)  # (k, size, size, 3)
         mask = (inverse >= a) & (inverse < b)
-        positions = torch.from_numpy(np.nonzero(mask)[0])
-        dest[positions] = small[torch.from_numpy(inverse[mask] - a)]
+        where = torch.from_numpy(np.nonzero(mask)[0])
+        dest[where] = small[torch.from_numpy(inverse[mask] - a)]
     del vr
     span = sampling.clip_span(clip_len, frame_stride)
     return DecodedVideo(out, num_frames, fps, starts, num_frames < span)

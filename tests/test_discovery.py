@@ -178,3 +178,13 @@ def test_motion_dataset_is_deterministic_and_classes_are_directions():
     assert sum(shifts) >= len(shifts)  # 1-2 px per frame at 64 px
     with pytest.raises(ValueError, match="sideways"):
         synthetic.motion_frames("sideways")
+
+
+def test_positions_decode_a_subset_of_the_clips_exactly(root):
+    path = root / "right" / "right_001.mp4"
+    full = vid.decode_clips(path, num_clips=4, clip_len=4, size=32)
+    part = vid.decode_clips(path, num_clips=4, clip_len=4, size=32, positions=[3, 0])
+    assert part.clip_start == [full.clip_start[3], full.clip_start[0]]
+    np.testing.assert_array_equal(part.frames, full.frames[[3, 0]])
+    with pytest.raises(ValueError, match="positions"):
+        vid.decode_clips(path, num_clips=4, clip_len=4, size=32, positions=[4])
