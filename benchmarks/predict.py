@@ -22,25 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from backbones import cpu_model  # benchmarks/backbones.py, beside this script
+
 RUNS = (("all-c", "avg"), ("all-e", "avg"), ("1:1", "fastgru"), ("1:3", "fastgru"))
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _sync(device: torch.device) -> None:
