@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import queue
 import shutil
 import tempfile
@@ -30,22 +29,13 @@ from pathlib import Path
 
 import torch
 
+from backbones import cpu_model  # benchmarks/backbones.py, beside this script
+
 from faster import synthetic
 from faster.extract import pipeline as pl
 from faster.extract import video as vid
 
 CACHE = Path(tempfile.gettempdir()) / "faster-bench-kinetics-340x256-10s-v1"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_videos(n: int) -> Path:
