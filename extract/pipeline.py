@@ -335,6 +335,12 @@ class DecodePool:
         self.nbytes = int(np.prod(self.shape))
         self.timeout = timeout
         self.pin_memory = pin_memory
+        # Pinned buffers are allocated by the dispatcher thread: on the main thread's device, not cuda:0.
+        self._cuda_device = None
+        if pin_memory:
+            import torch
+
+            self._cuda_device = torch.cuda.current_device()
         self.recycle_every = max(1, recycle_every)
         self.prefetch = max(1, prefetch)
         self.spec = {"shape": self.shape, "frame_stride": frame_stride, "fault": fault, "num_clips": num_clips,
@@ -456,6 +462,10 @@ class DecodePool:
         from multiprocessing.connection import wait
 
         try:
+            if self._cuda_device is not None:
+                import torch
+
+                torch.cuda.set_device(self._cuda_device)
             while not self._stop.is_set():
                 self._dispatch_tasks()
                 if not self._todo and not self._in_flight():

@@ -269,3 +269,27 @@ def test_placement_combines_torchrun_ranks_and_slurm_array_index():
         placement(num_shards=3, shard_index=3, env={})
     assert cpu_threads(2, env={"OMP_NUM_THREADS": "3"}) == 3
     assert cpu_threads(0, env={}) >= cpu_threads(2, env={}) >= 1
+
+
+def test_decode_pool_recycles_workers_and_returns_every_video(root):
+    import queue
+
+    from faster.extract import video as vid
+    from faster.extract.pipeline import Decoded, DecodePool
+
+    items = [it for it in vid.discover(root).items if it.id in GOOD]
+    got, pids = [], set()
+    with DecodePool(items, workers=2, num_clips=2, clip_len=8, size=32, recycle_every=2) as pool:
+        while True:
+            try:
+                r = pool.get(timeout=0.1)
+            except queue.Empty:
+                pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
+                continue
+            if r is None:
+                break
+            assert isinstance(r, Decoded) and tuple(r.frames.shape) == (2, 8, 32, 32, 3)
+            got.append(r.item.id)
+            pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
+    assert sorted(got) == sorted(GOOD)
+    assert len(pids) >= 3  # 7 videos, 2 per worker process: workers were replaced
