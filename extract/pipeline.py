@@ -918,7 +918,7 @@ class _Run:
         for item in missing:
             self._fail(item, "missing", item.error or "not found")
         self._write_manifest()
-        decoder_cls = DecodePool if cfg.workers > 0 else InlineDecoder
+        decoder_cls = DecodePool if cfg.workers > 0 and todo else InlineDecoder  # nothing to do: no processes
         bar = tqdm(total=len(todo), unit="video", disable=not cfg.progress or not todo, dynamic_ncols=True,
                    desc="extract" if self.place.num_parts == 1 else f"extract part {self.place.part}")
         pending: deque[_Pending] = deque()
