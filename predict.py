@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _RANDOM_INIT = re.compile(r"^random-init:seed=(-?\d+)$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass
@@ -51,7 +50,15 @@ class PredictConfig:
     workers: int = 1                                        # decoding processes (0: in this process, no timeout)
     timeout: float = 300.0                                  # seconds before a hanging decode counts as failed
     strict: bool = False                                    # raise at the end if any video failed
-    topk: int = 5                                           # classes listed in "top5"
+
+    def __post_init__(self) -> None:
+        if not self.videos:
+            raise PredictError("no videos given")
+        for name, low in (("batch_size", 1), ("workers", 0)):
+            if getattr(self, name) < low:
+                raise PredictError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if not self.timeout > 0:
+            raise PredictError(f"timeout must be > 0 seconds, got {self.timeout}")
 
 
 class PredictError(ValueError):
@@ -65,10 +72,11 @@ class PredictError(ValueError):
 def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | None, int]:
     """Decide how to rebuild ``model`` so that it equals the backbone the features came from.
 
-    ``recorded`` is the provenance string of the run (a weights file's sha256, or
-    ``random-init:seed=S``); ``given`` is the ``--weights`` file for this model, if any.
-    Returns (weights path or None, seed). Raises PredictError naming the model, what the run
-    expects and what was given when they cannot be the same network.
+    ``recorded`` is the run's provenance string (a weights file's sha256, ``random-init:seed=S``,
+    or for a torchvision weight enum whose file was not cached, ``torchvision:<enum>``); ``given``
+    is the ``--weights`` value for this model, if any: a file (hashed and compared here) or a
+    torchvision weight enum (compared by :class:`Predictor` once built). Returns (weights or None,
+    seed). Raises PredictError naming the model, what the run expects and what was given.
     """
     m = _RANDOM_INIT.match(recorded)
     if m:
@@ -76,22 +84,21 @@ def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | N
             raise PredictError(f"{model}: the run's features came from a random initialisation ({recorded}), "
                                f"but --weights {model}={given} was given; drop it to rebuild the same network")
         return None, int(m.group(1))
-    if not _SHA256.match(recorded):
-        raise PredictError(f"{model}: unrecognised weights provenance {recorded!r} in the run; "
-                           f"expected a sha256 or 'random-init:seed=S'")
     if given is None:
-        raise PredictError(f"{model}: the run's features were extracted with weights of sha256 {recorded}; "
+        raise PredictError(f"{model}: the run's features were extracted with weights {recorded}; "
                            f"pass --weights {model}=PATH to that file")
     path = Path(given)
-    if not path.is_file():
-        raise PredictError(f"{model}: weights file {given!r} not found (the run expects sha256 {recorded})")
-    from faster.store.writer import sha256_file
+    if path.is_file():
+        from faster.store.writer import sha256_file
 
-    digest = sha256_file(path)
-    if digest != recorded:
-        raise PredictError(f"{model}: weights file {given!r} has sha256 {digest}, but the run's features "
-                           f"were extracted with sha256 {recorded}")
-    return str(path), 0
+        digest = sha256_file(path)
+        if digest != recorded:
+            raise PredictError(f"{model}: weights file {given!r} has sha256 {digest}, but the run's features "
+                               f"were extracted with {recorded}")
+        return str(path), 0
+    if path.exists() or "/" in given or "\\" in given or path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
+        raise PredictError(f"{model}: weights file {given!r} not found (the run expects {recorded})")
+    return given, 0  # a weight name such as a torchvision enum: its provenance is compared once built
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,6 +179,10 @@ class Predictor:
         if unknown:
             raise PredictError(f"--weights for {', '.join(unknown)}, but the run's models are "
                                f"{', '.join(self.spec.models)}")
+        if self.device.type == "cuda":
+            import torch
+
+            torch.backends.cudnn.benchmark = True  # a run's chunks have few distinct shapes: tune once each
         self.backbones = {name: self._build_backbone(name, weights.get(name)) for name in self.spec.needed}
         self.calls = {name: 0 for name in self.backbones}
         # Extraction ran the backbones under bf16 autocast on CUDA (recorded as compute_dtype): so do we.
@@ -186,10 +197,13 @@ class Predictor:
 
         recorded = self.spec.models[name]
         path, seed = check_weights(name, str(recorded["weights"]), given)
-        module = models.build(name, weights=path, seed=seed)
+        try:
+            module = models.build(name, weights=path, seed=seed)
+        except ValueError as err:  # an unreadable file, a wrong architecture, an unknown weight name
+            raise PredictError(f"{name}: {err} (the run's features were extracted with {recorded['weights']})") from None
         if str(module.weights) != str(recorded["weights"]):
-            raise PredictError(f"{name}: the rebuilt backbone's provenance is {module.weights}, the run "
-                               f"recorded {recorded['weights']}")
+            raise PredictError(f"{name}: --weights {name}={given} gives {module.weights}, but the run's features "
+                               f"were extracted with {recorded['weights']}")
         for attr in ("mean", "std"):
             want = [float(v) for v in recorded[attr]]
             have = [float(v) for v in getattr(module, attr)]

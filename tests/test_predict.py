@@ -101,6 +101,28 @@ def test_only_the_backbone_the_pattern_names_runs(world, pattern):
     assert len(record["online"]) == N
 
 
+def test_chunking_does_not_change_the_prediction(world):
+    run = world["run"]("first")
+    clips = torch.randint(0, 255, (N, 8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    one = Predictor(run, device="cpu", batch_size=1).classify(clips, online=True)
+    many = Predictor(run, device="cpu", batch_size=8).classify(clips, online=True)
+    for a, b in zip(one["online"], many["online"]):
+        assert a["model"] == b["model"]
+        np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4)
+    assert len(set(tuple(np.round(s["probs"], 4)) for s in one["online"])) > 1  # the running prediction moves
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_predict_on_cuda_agrees_with_evaluate(world, tmp_path):
+    run = world["run"]("1:1")
+    evaluate(run, [str(world["feats"])], str(tmp_path / "eval.jsonl"), workers=0, progress=False, device="cpu")
+    summary, pred = _predict(world, run, tmp_path / "pred.jsonl", device="cuda")
+    ev = _lines(tmp_path / "eval.jsonl")
+    assert summary.predicted == len(ev)
+    for vid, e in ev.items():  # CPU-extracted features (float32), TF32 convolutions on the GPU
+        np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+
+
 def test_num_clips_subset_decodes_the_runs_positions(world):
     run = world["run"]("1:1", 2)
     predictor = Predictor(run, device="cpu")
@@ -132,8 +154,10 @@ def test_check_weights_decisions(tmp_path):
         check_weights("m", "random-init:seed=7", str(good))
     other = tmp_path / "other.pt"
     other.write_bytes(b"other")
-    with pytest.raises(PredictError, match=rf"m: weights file .*other.pt.* has sha256 [0-9a-f]{{64}}, .*sha256 {sha}"):
+    with pytest.raises(PredictError, match=rf"m: weights file .*other.pt.* has sha256 [0-9a-f]{{64}}, .*with {sha}"):
         check_weights("m", sha, str(other))
+    # a name that is no file (a torchvision weight enum) is built, then its provenance compared
+    assert check_weights("m", sha, "R2Plus1D_18_Weights.KINETICS400_V1") == ("R2Plus1D_18_Weights.KINETICS400_V1", 0)
 
 
 def test_weights_provenance_end_to_end(world, tmp_path):
@@ -166,6 +190,8 @@ def test_weights_provenance_end_to_end(world, tmp_path):
     res = runner.invoke(cli, ["predict", str(video), "--run", str(dst), "--weights", f"{E}={other}"])
     assert res.exit_code == 1, res.output
     assert all(s in res.output for s in (E, sha, other_sha, "other.pt")), res.output
+    res = runner.invoke(cli, ["predict", str(video), "--run", str(dst), "--weights", f"{E}=NotAWeightName"])
+    assert res.exit_code == 1 and E in res.output and "NotAWeightName" in res.output and sha in res.output
     res = runner.invoke(cli, ["predict", str(video), "--run", str(dst), "--weights", f"nosuch={other}"])
     assert res.exit_code == 1 and "nosuch" in res.output
 
