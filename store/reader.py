@@ -54,17 +54,6 @@ class ModelInfo:
         return float(self.attrs.get("gflops_per_clip", float("nan")))
 
 
-def _plain(value: Any) -> Any:
-    """HDF5 attribute -> plain Python (str, int, float, list), as a weights_only checkpoint needs."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        return [_plain(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def list_shards(directory: str | Path) -> list[Path]:
     """The complete shards of one directory, in (part, seq) order."""
     d = Path(directory)
@@ -94,16 +83,16 @@ def read_header(path: str | Path) -> _Shard:
     except OSError as err:
         raise ValueError(f"{path}: not a readable HDF5 shard ({err})") from None
     with f:
-        fmt = _plain(f.attrs.get("format"))
+        fmt = schema.plain_attr(f.attrs.get("format"))
         if fmt != schema.FORMAT:
             raise ValueError(f"{path}: format {fmt!r}, expected {schema.FORMAT!r}")
-        version = _plain(f.attrs.get("format_version"))
+        version = schema.plain_attr(f.attrs.get("format_version"))
         if version != schema.FORMAT_VERSION:
             raise ValueError(f"{path}: format_version {version!r}; this reader knows {schema.FORMAT_VERSION}")
         missing = [a for a in schema.CONFIG_ATTRS if a not in f.attrs]
         if missing:
             raise ValueError(f"{path}: missing root attributes {missing}")
-        config = {a: _plain(f.attrs[a]) for a in schema.CONFIG_ATTRS}
+        config = {a: schema.plain_attr(f.attrs[a]) for a in schema.CONFIG_ATTRS}
         try:
             config["classes"] = list(json.loads(config["classes"]))
         except (TypeError, ValueError):
@@ -129,7 +118,7 @@ def read_header(path: str | Path) -> _Shard:
                 raise ValueError(f"{path}: features/{name} has shape {ds.shape}, expected ({V}, {N}, T', H', W', C)")
             if ds.dtype != np.dtype(schema.FEATURE_DTYPE):
                 raise ValueError(f"{path}: features/{name} is {ds.dtype}, expected {schema.FEATURE_DTYPE}")
-            attrs = {a: _plain(ds.attrs[a]) for a in schema.MODEL_ATTRS if a in ds.attrs}
+            attrs = {a: schema.plain_attr(ds.attrs[a]) for a in schema.MODEL_ATTRS if a in ds.attrs}
             models[name] = ModelInfo(name, tuple(int(s) for s in ds.shape[2:]), attrs, ds.compression)
     return _Shard(path, config, models, ids, labels, clip_start)
 
