@@ -213,6 +213,10 @@ class Predictor:
         if recorded.get("layer") and str(module.layer) != str(recorded["layer"]):
             raise PredictError(f"{name}: the backbone outputs {module.layer}, the run's features are "
                                f"{recorded['layer']}")
+        C, T, H, W = models.feature_shape(name, self.spec.clip_len, self.spec.size)
+        if "shape" in recorded and [T, H, W, C] != [int(v) for v in recorded["shape"]]:
+            raise PredictError(f"{name}: the backbone maps {self.spec.clip_len}-frame clips at {self.spec.size} px "
+                               f"to {[T, H, W, C]} (T', H', W', C), the run's features are {list(recorded['shape'])}")
         module = module.eval().to(self.device)
         if self.device.type == "cuda":
             module = module.to(memory_format=torch.channels_last_3d)
