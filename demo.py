@@ -47,8 +47,8 @@ class DemoSize:
 
 FULL = DemoSize(classes=("left", "right", "up", "down"), train_per_class=10, val_per_class=5, frames=64,
                 video_size=80, size=64, clip_len=8, num_clips=8, expensive="r2plus1d50", cheap="r2d26",
-                aggs=("avg", "gru", "fastgru"), patterns=("first", "1:1", "all-e"), grid_clips=(4, 8), epochs=10,
-                batch_size=8)
+                aggs=("avg", "gru", "fastgru"), patterns=("first", "1:1", "all-e"), grid_clips=(4, 8), epochs=8,
+                batch_size=20)  # large batches: on a CPU a step of a C=2048 aggregator is bound by weight reads
 QUICK = DemoSize(classes=("left", "right", "up", "down"), train_per_class=3, val_per_class=2, frames=32,
                  video_size=64, size=32, clip_len=8, num_clips=4, expensive="r2plus1d50_tiny", cheap="r2d26_tiny",
                  aggs=("avg", "fastgru"), patterns=("first", "all-e"), grid_clips=(4,), epochs=2, batch_size=8)

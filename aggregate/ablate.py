@@ -521,6 +521,7 @@ def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
@@ -536,6 +537,9 @@ def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Pat
         xs, ys = zip(*points)
         ax.plot(xs, ys, color=colours[agg], marker=markers[pattern], linewidth=1, markersize=6)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2x10^1
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("GFLOPs per video (multiply-adds, log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy vs. cost (cf. FASTER, Figs. 3 and 4)")
