@@ -260,17 +260,22 @@ def ablate(feats, out, aggs, num_clips, patterns, seeds, jobs, expensive, cheap,
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     _echo_ablate(summary)
-    if summary["failed"]:
-        raise click.ClickException(f"{summary['failed']} cell(s) failed: see {summary['results_md']}")
+    _check_cells(summary)
 
 
 def _echo_ablate(summary: dict) -> None:
     """Print results.md's tables and a one-line summary of the grid."""
     click.echo(open(summary["results_md"]).read())
     click.echo(f"{summary['cells']} cells (L={summary['clip_len']}, E={summary['expensive']}, C={summary['cheap']}): "
-               f"{summary['trained']} trained, {summary['reused']} reused, {summary['failed']} failed, "
-               f"{len(summary['skipped'])} skipped in {summary['seconds']:.1f}s; "
+               f"{summary['trained']} trained, {summary['reused']} reused, {summary['failed']} failed "
+               f"({len(summary['skipped'])} pattern/clips pairs skipped) in {summary['seconds']:.1f}s; "
                f"{summary['results_csv']}, plot {summary['plot']}", err=True)
+
+
+def _check_cells(summary: dict) -> None:
+    """Exit 1 when cells failed (the tables hold the others; running again retries them)."""
+    if summary["failed"]:
+        raise click.ClickException(f"{summary['failed']} cell(s) failed: see {summary['results_md']}")
 
 
 @cli.command()
@@ -397,6 +402,7 @@ def demo(out, quick, weights, device, jobs) -> None:
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     _echo_ablate(summary)
+    _check_cells(summary)
     timings = ", ".join(f"{k} {v:.0f}s" for k, v in summary["timings"].items())
     click.echo(f"Demo in {out} ({timings}). Plot: {summary['plot']}")
     if summary["random_init"]:

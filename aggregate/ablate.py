@@ -276,19 +276,17 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     log.info("%d cells: %d to train (%d at a time, %d threads each), %d finished",
              len(cells), len(todo), jobs, threads, len(cells) - len(todo))
     failed = _train_cells(todo, jobs=jobs, threads=threads, progress=cfg.progress)
-    skipped = list(notes)
-    for meta, error in failed:
-        notes.append(f"{meta['agg']} {meta['pattern']} at {meta['num_clips']} clips (seed {meta['seed']}) "
-                     f"failed: {error}")
+    failures = [f"L={clip_len}: {m['agg']} {m['pattern']} at {m['num_clips']} clips (seed {m['seed']}) failed in "
+                f"the last run (run the grid again to retry): {error}" for m, error in failed]
 
-    index = _update_index(out, clip_len, expensive, cheap, plan, notes)
+    index = _update_index(out, clip_len, expensive, cheap, plan, notes)  # skip notes persist, failures do not
     rows = collect_rows(out, index)
     write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(render_markdown(rows, index["notes"]))
+    (out / "results.md").write_text(render_markdown(rows, index["notes"] + failures))
     plot_path = plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png")
     return {"out": str(out), "clip_len": clip_len, "expensive": expensive, "cheap": cheap,
             "cells": len(cells), "trained": len(todo) - len(failed), "reused": len(cells) - len(todo),
-            "failed": len(failed), "skipped": skipped, "notes": notes, "rows": len(rows), "results_csv": str(out / "results.csv"),
+            "failed": len(failed), "skipped": notes, "failures": failures, "rows": len(rows), "results_csv": str(out / "results.csv"),
             "results_md": str(out / "results.md"), "plot": str(plot_path),
             "seconds": round(time.perf_counter() - t0, 2)}
 

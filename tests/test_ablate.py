@@ -199,3 +199,30 @@ def test_ablate_cli_names_bad_values(tmp_path):
     result = CliRunner().invoke(cli, ["ablate", str(feats), "-o", str(tmp_path / "g"), "--agg", "gru",
                                       "--num-clips", "2,x"])
     assert result.exit_code == 2 and "2,x" in result.output
+
+
+def test_a_failing_cell_is_reported_and_retried_while_the_others_are_kept(tmp_path, monkeypatch):
+    feats = write_features(tmp_path / "f8", num_clips=4)
+    out = tmp_path / "grid"
+    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru"], patterns=["first"],
+                         fit=dict(FAST), progress=False)
+    from faster.aggregate import train
+
+    real_fit = train.fit
+
+    def gru_breaks(c):
+        if c.agg == "gru":
+            raise RuntimeError("out of patience")
+        return real_fit(c)
+
+    monkeypatch.setattr(train, "fit", gru_breaks)
+    summary = A.run_ablate(cfg)
+    assert (summary["trained"], summary["failed"]) == (1, 1)
+    assert "gru first at 4 clips (seed 0) failed" in (out / "results.md").read_text()
+    assert summary["failures"][0].endswith("RuntimeError: out of patience")
+    assert [r["agg"] for r in csv.DictReader(open(out / "results.csv"))] == ["avg"]
+    monkeypatch.setattr(train, "fit", real_fit)
+    again = A.run_ablate(cfg)
+    assert (again["trained"], again["reused"], again["failed"]) == (1, 1, 0)
+    assert sorted(r["agg"] for r in csv.DictReader(open(out / "results.csv"))) == ["avg", "gru"]
+    assert "failed" not in (out / "results.md").read_text()
