@@ -142,6 +142,9 @@ def resolve_models(expensive: str | None, cheap: str | None, models: dict[str, f
     if expensive is not None and cheap is not None:
         return expensive, cheap
     others = sorted((m for m in models if m not in (expensive, cheap)), key=lambda m: -models[m])
+    if len(models) == 1:  # one backbone: every pattern reads the same features (all-e = all-c)
+        only = next(iter(models))
+        return expensive or only, cheap or only
     if expensive is None and cheap is None and len(models) == 2:
         return others[0], others[1]
     if len(others) == 1:

@@ -74,6 +74,7 @@ def test_checksums_come_from_the_manifest_or_a_cached_hash(tmp_path):
 def test_resolve_models_picks_the_costlier_model_as_expensive():
     assert A.resolve_models(None, None, {"small": 1.0, "big": 10.0}) == ("big", "small")
     assert A.resolve_models(None, "big", {"small": 1.0, "big": 10.0}) == ("small", "big")
+    assert A.resolve_models(None, None, {"big": 10.0}) == ("big", "big")
     with pytest.raises(ValueError, match="'huge'"):
         A.resolve_models("huge", None, {"small": 1.0, "big": 10.0})
     with pytest.raises(ValueError, match="--expensive"):
