@@ -45,7 +45,8 @@ FIT_OPTIONS = [
     click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
     click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(["adamw", "sgd"])),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-    click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="DataLoader workers."),
+    click.option("--workers", default=0, show_default=True, type=click.IntRange(0),
+                 help="0: one reader thread; W: W DataLoader processes (compressed shards, many cores)."),
     click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="Without --val: the fraction of videos held out for validation (chosen by hashing ids)."),
 ]

@@ -49,7 +49,8 @@ class FitConfig:
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
     seed: int = 0  # model init, shuffling and dropout
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
-    workers: int = 2  # DataLoader worker processes; 0: one reader thread in this process (fastest on few cores)
+    workers: int = 0  # 0: one background reader thread (keeps up with raw h5py reads, BENCHMARKS.md);
+    #                   W > 0: a torch DataLoader with W processes (for compressed shards on many cores)
     threads: int | None = None  # torch intra-op threads for this fit (None: leave as is); ablate runs fits in parallel
     val_fraction: float = 0.2  # held-out fraction of feats, chosen by hashing video ids, when val is empty
     progress: bool = True  # tqdm progress bars
