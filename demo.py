@@ -33,6 +33,8 @@ class DemoSize:
     val_per_class: int              # validation videos per class (another seed: other videos)
     frames: int                     # frames per video
     video_size: int                 # side of the square videos, pixels
+    style: str                      # faster.synthetic.STYLES: "plain" (same colours everywhere) or "textured"
+    speed: tuple[float, float]      # range of the square's speed, pixels per frame at 64 px
     size: int                       # extraction crop size (the backbones see size x size)
     clip_len: int                   # L, frames per clip
     num_clips: int                  # N, clips extracted per video
@@ -46,11 +48,13 @@ class DemoSize:
 
 
 FULL = DemoSize(classes=("left", "right", "up", "down"), train_per_class=10, val_per_class=5, frames=64,
-                video_size=80, size=64, clip_len=8, num_clips=8, expensive="r2plus1d50", cheap="r2d26",
+                video_size=80, style="plain", speed=(1.0, 2.0), size=64, clip_len=8, num_clips=8,
+                expensive="r2plus1d50", cheap="r2d26",
                 aggs=("avg", "gru", "fastgru"), patterns=("first", "1:1", "all-e"), grid_clips=(4, 8), epochs=8,
                 batch_size=20)  # large batches: on a CPU a step of a C=2048 aggregator is bound by weight reads
 QUICK = DemoSize(classes=("left", "right", "up", "down"), train_per_class=3, val_per_class=2, frames=32,
-                 video_size=64, size=32, clip_len=8, num_clips=4, expensive="r2plus1d50_tiny", cheap="r2d26_tiny",
+                 video_size=64, style="plain", speed=(1.0, 2.0), size=32, clip_len=8, num_clips=4,
+                 expensive="r2plus1d50_tiny", cheap="r2d26_tiny",
                  aggs=("avg", "fastgru"), patterns=("first", "all-e"), grid_clips=(4,), epochs=2, batch_size=8)
 
 
@@ -89,7 +93,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             tmp = out / "videos" / f".{split}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             synthetic.make_motion_dataset(tmp, classes=size.classes, per_class=per_class, frames=size.frames,
-                                          size=size.video_size, seed=seed)
+                                          size=size.video_size, seed=seed, style=size.style,
+                                          speed=size.speed)
             tmp.rename(out / "videos" / split)
     timings["videos"] = time.perf_counter() - t
     log.info("videos: %d classes, %d train and %d val per class in %s", len(size.classes), size.train_per_class,

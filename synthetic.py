@@ -22,6 +22,7 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "up-left": (-1, -1), "up-right": (1, -1), "down-left": (-1, 1), "down-right": (1, 1),
 }
 DEFAULT_CLASSES = ("left", "right", "up", "down")
+STYLES = ("textured", "plain")
 
 
 def _av():
@@ -55,23 +56,37 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str 
     return path
 
 
-def motion_frames(direction: str, frames: int = 32, size: int = 64, seed: int = 0) -> np.ndarray:
+def motion_frames(direction: str, frames: int = 32, size: int = 64, seed: int = 0, style: str = "textured",
+                  speed: tuple[float, float] = (1.0, 2.0)) -> np.ndarray:
     """(frames, size, size, 3) uint8: a square moving in ``direction`` (wrapping at the borders).
 
+    ``style``: "textured" (a per-video random blocky background and square colour, side size/5) or
+    "plain" (the same mid-grey background and white square in every video, side 2*size/5), where
+    only the start, the speed and the direction differ between videos. ``speed``: the range of
+    the per-video speed in pixels per frame at 64 px (scaled with ``size``).
     Use size 32, 40 or >= 64 for videos decord will read: it misreads frames 8-24, 48 or 72 px wide.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; expected one of {sorted(DIRECTIONS)}")
     if frames < 1 or size < 8 or size % 2:
         raise ValueError(f"need frames >= 1 and an even size >= 8, got frames={frames}, size={size}")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
+    if not 0 < speed[0] <= speed[1]:
+        raise ValueError(f"speed must be a range 0 < low <= high, got {speed!r}")
     rng = np.random.default_rng(seed)
-    # A smooth static background texture (blocky noise, upsampled) in muted colours.
-    coarse = rng.integers(40, 140, size=(size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
-    background = np.kron(coarse, np.ones((8, 8, 1), dtype=np.uint8))[:size, :size]
-    side = max(size // 5, 3)
-    colour = rng.integers(180, 256, size=3, dtype=np.uint8)
+    if style == "textured":
+        # A smooth static background texture (blocky noise, upsampled) in muted colours.
+        coarse = rng.integers(40, 140, size=(size // 8 + 1, size // 8 + 1, 3), dtype=np.uint8)
+        background = np.kron(coarse, np.ones((8, 8, 1), dtype=np.uint8))[:size, :size]
+        side = max(size // 5, 3)
+        colour = rng.integers(180, 256, size=3, dtype=np.uint8)
+    else:
+        background = np.full((size, size, 3), 64, dtype=np.uint8)
+        side = max(2 * size // 5, 3)
+        colour = np.full(3, 224, dtype=np.uint8)
     dx, dy = DIRECTIONS[direction]
-    speed = rng.uniform(1.0, 2.0) * size / 64  # pixels per frame
+    speed = rng.uniform(*speed) * size / 64  # pixels per frame
     x0, y0 = rng.uniform(0, size, size=2)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
     rows = np.arange(size)
@@ -87,10 +102,12 @@ def motion_frames(direction: str, frames: int = 32, size: int = 64, seed: int = 
 
 
 def make_motion_dataset(root: str | Path, classes: Iterable[str] = DEFAULT_CLASSES, per_class: int = 4,
-                        frames: int = 32, size: int = 64, seed: int = 0, fps: int = 30) -> list[Path]:
+                        frames: int = 32, size: int = 64, seed: int = 0, fps: int = 30, style: str = "textured",
+                        speed: tuple[float, float] = (1.0, 2.0)) -> list[Path]:
     """Write ``root/<class>/<class>_<i>.mp4`` for every class (a direction) and return the paths, sorted.
 
-    Videos are deterministic given ``seed``; each video gets its own start, speed and colours.
+    Videos are deterministic given ``seed``; each video gets its own start and speed (and colours
+    with ``style="textured"``); ``style`` and ``speed`` as in :func:`motion_frames`.
     """
     classes = list(classes)
     if not classes:
@@ -103,7 +120,8 @@ def make_motion_dataset(root: str | Path, classes: Iterable[str] = DEFAULT_CLASS
         for i in range(per_class):
             video_seed = seed * 1_000_003 + c * 10_007 + i
             paths.append(write_video(root / name / f"{name}_{i:03d}.mp4",
-                                     motion_frames(name, frames=frames, size=size, seed=video_seed), fps=fps))
+                                     motion_frames(name, frames=frames, size=size, seed=video_seed, style=style,
+                                                   speed=speed), fps=fps))
     return sorted(paths)
 
 

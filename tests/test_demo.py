@@ -2,6 +2,8 @@
 import csv
 import json
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from faster.cli import cli
@@ -35,3 +37,19 @@ def test_demo_quick_runs_end_to_end_and_prints_the_table(tmp_path):
 def test_demo_rejects_weights_for_models_it_does_not_use(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(tmp_path / "d"), "--weights", "r3d50=x.pt"])
     assert result.exit_code == 1 and "r3d50" in result.output
+
+
+def test_plain_motion_videos_differ_only_by_the_square_and_reject_unknown_styles():
+    from faster import synthetic
+
+    a = synthetic.motion_frames("left", frames=6, size=64, seed=1, style="plain")
+    b = synthetic.motion_frames("up", frames=6, size=64, seed=2, style="plain")
+    # The same grey background and white square (side 2/5 of the frame) in every video: colours carry no class.
+    assert set(np.unique(a)) == set(np.unique(b)) == {64, 224}
+    assert (a[0, :, :, 0] == 224).sum() == (64 * 2 // 5) ** 2
+    # The square moves left by 1-2 px per frame in "left" videos.
+    assert any(np.array_equal(a[1], np.roll(a[0], -k, axis=1)) for k in (1, 2))
+    with pytest.raises(ValueError, match="unknown style 'noisy'"):
+        synthetic.motion_frames("left", style="noisy")
+    with pytest.raises(ValueError, match="speed"):
+        synthetic.motion_frames("left", speed=(2.0, 1.0))
