@@ -49,6 +49,8 @@ FIT_OPTIONS = [
                  help="0: one reader thread; W: W DataLoader processes (compressed shards, many cores)."),
     click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="Without --val: the fraction of videos held out for validation (chosen by hashing ids)."),
+    click.option("--standardize/--no-standardize", default=True, show_default=True,
+                 help="Standardise each input channel with training-set statistics (kept in the checkpoint)."),
 ]
 
 

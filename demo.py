@@ -47,10 +47,10 @@ class DemoSize:
     batch_size: int
 
 
-FULL = DemoSize(classes=("left", "right", "up", "down"), train_per_class=10, val_per_class=5, frames=64,
+FULL = DemoSize(classes=("left", "right", "up", "down"), train_per_class=20, val_per_class=5, frames=64,
                 video_size=80, style="plain", speed=(1.0, 2.0), size=64, clip_len=8, num_clips=8,
                 expensive="r2plus1d50", cheap="r2d26",
-                aggs=("avg", "gru", "fastgru"), patterns=("first", "1:1", "all-e"), grid_clips=(4, 8), epochs=8,
+                aggs=("avg", "gru", "fastgru"), patterns=("first", "1:1", "all-e"), grid_clips=(8,), epochs=10,
                 batch_size=20)  # large batches: on a CPU a step of a C=2048 aggregator is bound by weight reads
 QUICK = DemoSize(classes=("left", "right", "up", "down"), train_per_class=3, val_per_class=2, frames=32,
                  video_size=64, style="plain", speed=(1.0, 2.0), size=32, clip_len=8, num_clips=4,
@@ -116,7 +116,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                         num_clips=list(size.grid_clips), patterns=list(size.patterns), seeds=[cfg.seed],
                         jobs=cfg.jobs, expensive=size.expensive, cheap=size.cheap, progress=cfg.progress,
                         fit={"val": [str(out / "features" / "val")], "epochs": size.epochs,
-                             "batch_size": size.batch_size, "device": cfg.device, "workers": 0})
+                             "batch_size": size.batch_size, "dropout": 0.2, "device": cfg.device,
+                             "workers": 0})
     summary = run_ablate(acfg)
     timings["ablate"] = time.perf_counter() - t
     summary.update(extractions=extractions, timings={k: round(v, 1) for k, v in timings.items()},

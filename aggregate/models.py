@@ -52,9 +52,16 @@ class Align(nn.Module):
         self.grid = tuple(grid)
         self.pool = not pooled and tuple(src_grid) != self.grid
         self.proj = Conv1x1x1(c, width) if c != width else None
+        # Per-channel input standardisation, set from the training features by fit
+        # (Aggregator.set_input_stats) and saved in the state dict, so evaluate and predict apply the
+        # same. A backbone's res5 channels share large offsets (random-init ones: a mean ~10x the
+        # spread across videos) that a few epochs on the raw maps do not overcome. Identity by default.
+        self.register_buffer("in_mean", torch.zeros(c))
+        self.register_buffer("in_std", torch.ones(c))
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (M, T', H', W', C) channels last
+        x = (x - self.in_mean) / self.in_std
         if self.pooled:
             x = x.mean(dim=(1, 2, 3))  # (M, C)
         elif self.pool:
@@ -96,6 +103,15 @@ class Aggregator(nn.Module):
         self.align = nn.ModuleDict({k: Align(s, self.width, self.grid, pooled=self.pooled)
                                     for k, s in sources.items()})
         self.dropout = nn.Dropout(dropout)
+
+    def set_input_stats(self, source: str, mean: Tensor, std: Tensor) -> None:
+        """Standardise ``source``'s maps per channel with these training statistics, shape (C_src,)."""
+        align = self.align[source]
+        if mean.shape != align.in_mean.shape or std.shape != align.in_std.shape:
+            raise ValueError(f"{source}: statistics of shape {tuple(mean.shape)}, {tuple(std.shape)}; "
+                             f"expected {tuple(align.in_mean.shape)}")
+        align.in_mean.copy_(mean)
+        align.in_std.copy_(std.clamp_min(1e-6))
 
     # -- batched -----------------------------------------------------------------------------------
     def forward(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:

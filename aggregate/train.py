@@ -53,6 +53,8 @@ class FitConfig:
     #                   W > 0: a torch DataLoader with W processes (for compressed shards on many cores)
     threads: int | None = None  # torch intra-op threads for this fit (None: leave as is); ablate runs fits in parallel
     val_fraction: float = 0.2  # held-out fraction of feats, chosen by hashing video ids, when val is empty
+    standardize: bool = True  # standardise each input channel with statistics of (up to 1,024) training
+    #                          videos, stored in the checkpoint (see aggregate/models.py Align)
     progress: bool = True  # tqdm progress bars
 
     def validate(self) -> None:
@@ -194,6 +196,37 @@ def _loader(ds: Any, batch_size: int, workers: int, shuffle: bool, seed: int, pi
                       pin_memory=pin, persistent_workers=True, drop_last=False)
 
 
+def input_stats(fs: Any, sources: Any, train_idx: np.ndarray, cfg: FitConfig,
+                max_videos: int = 1024) -> dict[str, tuple[Any, Any]]:
+    """Per source, the per-channel mean and std (float32, (C,)) of its maps over the training videos
+    (a seeded sample of ``max_videos`` when there are more), every clip position and map position."""
+    import torch
+
+    idx = np.sort(train_idx)
+    if len(idx) > max_videos:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, max_videos, replace=False))
+    ds = fs.dataset(sources, idx)
+    sums: dict[str, list[Any]] = {}
+    try:
+        for batch in _loader(ds, cfg.batch_size, cfg.workers, False, cfg.seed, False):
+            for src in ("expensive", "cheap"):
+                if src not in batch:
+                    continue
+                x = batch[src].double().flatten(0, -2)  # (B * n * T' * H' * W', C)
+                s = sums.setdefault(src, [0, 0.0, 0.0])
+                s[0] += x.shape[0]
+                s[1] = s[1] + x.sum(0)
+                s[2] = s[2] + (x * x).sum(0)
+    finally:
+        ds.close()
+    out = {}
+    for src, (n, s1, s2) in sums.items():
+        mean = s1 / n
+        var = (s2 / n - mean * mean).clamp_min(0)
+        out[src] = (mean.float(), var.sqrt().float())
+    return out
+
+
 def _inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
     """float16 channels-last clips -> float32 (B, n, C, T', H', W') views on device (no layout copy)."""
     return {src: batch[src].to(device, non_blocking=True).float().movedim(-1, 2)
@@ -305,6 +338,9 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         pin = device.type == "cuda"
         train_ds = fs.dataset(plan.sources, train_idx)
         val_ds = vs.dataset(plan.sources, val_idx)
+        if cfg.standardize:
+            for src, (mean, std) in input_stats(fs, plan.sources, train_idx, cfg).items():
+                model.set_input_stats(src, mean.to(device), std.to(device))
         train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, pin)
         val_loader = _loader(val_ds, cfg.batch_size, cfg.workers, False, cfg.seed, pin)
         opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -158,3 +158,27 @@ def test_fit_never_imports_a_backbone(static_set, tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "r" / "result.json").exists()
+
+
+def test_fit_standardises_inputs_with_training_statistics(static_set, tmp_path):
+    import h5py
+
+    from faster.aggregate.train import load_run
+    from faster.store.reader import list_shards
+
+    fit(_cfg(static_set, tmp_path / "std", "fastgru", epochs=1, val=[static_set]))  # train = every video
+    _, agg = load_run(str(tmp_path / "std"))
+    for src, model, positions in (("expensive", "exp", [0, 2]), ("cheap", "chp", [1, 3])):  # 1:1 at 4 clips
+        maps = []
+        for shard in list_shards(static_set):
+            with h5py.File(shard, "r") as f:
+                maps.append(f[f"features/{model}"][()][:, positions].astype(np.float64))
+        x = np.concatenate(maps).reshape(-1, 16)  # (videos * clips * T' * H' * W', C)
+        align = agg.align[src]
+        np.testing.assert_allclose(align.in_mean.numpy(), x.mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(align.in_std.numpy(), x.std(0), rtol=1e-4, atol=1e-5)
+
+    fit(_cfg(static_set, tmp_path / "raw", "fastgru", epochs=1, standardize=False))
+    _, agg = load_run(str(tmp_path / "raw"))
+    assert torch.equal(agg.align["expensive"].in_mean, torch.zeros(16))
+    assert torch.equal(agg.align["expensive"].in_std, torch.ones(16))
