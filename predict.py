@@ -329,7 +329,6 @@ def decoded_videos(items: list["VideoItem"], spec: RunSpec, *, workers: int = 1,
                    pin_memory: bool = False) -> Iterator[tuple["VideoItem", Any]]:
     """(item, pipeline.Decoded or pipeline.Failed) per video, as extraction decodes them (the same
     worker processes, timeout and sampling) but only at the run's clip positions. Order: as decoded."""
-    import queue
 
     from faster.extract.pipeline import DecodePool, InlineDecoder
 
@@ -338,13 +337,7 @@ def decoded_videos(items: list["VideoItem"], spec: RunSpec, *, workers: int = 1,
     decoder = (DecodePool(items, workers=workers, timeout=timeout, pin_memory=pin_memory, **kw) if workers
                else InlineDecoder(items, **kw))
     with decoder:
-        while True:
-            try:
-                out = decoder.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if out is None:
-                return
+        for out in decoder:
             yield out.item, out
 
 

@@ -200,8 +200,6 @@ def input_stats(fs: Any, sources: Any, train_idx: np.ndarray, cfg: FitConfig,
                 max_videos: int = 1024) -> dict[str, tuple[Any, Any]]:
     """Per source, the per-channel mean and std (float32, (C,)) of its maps over the training videos
     (a seeded sample of ``max_videos`` when there are more), every clip position and map position."""
-    import torch
-
     idx = np.sort(train_idx)
     if len(idx) > max_videos:
         idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, max_videos, replace=False))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import shutil
 import tempfile
 import time
@@ -59,13 +58,7 @@ def decode_only(items, cfg: pl.ExtractConfig, pin: bool) -> tuple[float, list]:
     t0 = time.perf_counter()
     with pl.DecodePool(items, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.size,
                        frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=pin) as pool:
-        while True:
-            try:
-                r = pool.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if r is None:
-                break
+        for r in pool:
             if isinstance(r, pl.Failed):
                 raise RuntimeError(f"{r.item.id}: {r.stage}: {r.error}")
             frames.append(r.frames)

@@ -37,7 +37,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -313,7 +313,35 @@ class _Slot:
         self.sent = 0  # tasks sent to the current process
 
 
-class DecodePool:
+class _Decoder:
+    """What both decoders share: ``get`` (one result, or None when done) in a blocking iterator, and
+    closing as a context manager."""
+
+    def get(self, timeout: float = 0.1) -> "Decoded | Failed | None":
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator["Decoded | Failed"]:
+        """Every result, as it comes; ends after the last item."""
+        while True:
+            try:
+                out = self.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            if out is None:
+                return
+            yield out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DecodePool(_Decoder):
     """Decode ``items`` in ``workers`` processes; ``get()`` returns Decoded / Failed objects, then None.
 
     A video whose decode takes longer than ``timeout`` seconds has its worker killed and is
@@ -325,8 +353,6 @@ class DecodePool:
                  frame_stride: int = 1, timeout: float = 300.0, pin_memory: bool = False,
                  fault: str | None = None, recycle_every: int = 200, prefetch: int = 2,
                  positions: list[int] | None = None):
-        import multiprocessing as mp
-
         if workers < 1:
             raise ValueError(f"DecodePool needs workers >= 1, got {workers}")
         # positions: only those of the num_clips clips are decoded (predict on a fitted run's subset)
@@ -543,14 +569,9 @@ class DecodePool:
                     b.unlink()
                 slot.buffers = []
 
-    def __enter__(self) -> "DecodePool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
-class InlineDecoder:
+class InlineDecoder(_Decoder):
     """``workers=0``: decode in the main process, one video per ``get`` (no overlap, no timeout)."""
 
     def __init__(self, items: list[vid.VideoItem], *, num_clips: int, clip_len: int, size: int,
@@ -578,11 +599,6 @@ class InlineDecoder:
     def close(self) -> None:
         self._todo.clear()
 
-    def __enter__(self) -> "InlineDecoder":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from faster.aggregate import patterns
 from faster.aggregate.run import load_checkpoint
 from faster.aggregate.synthetic import write_synthetic
-from faster.aggregate.train import FitConfig, evaluate, fit, make_plan
+from faster.aggregate.train import FitConfig, fit, make_plan
 from faster.cli import cli
 from faster.store.reader import FeatureSet
 
@@ -141,6 +141,7 @@ def test_fit_is_deterministic_on_cpu_and_honours_a_val_set(static_set, tmp_path)
     a = fit(_cfg(static_set, tmp_path / "a", "concat", epochs=2, val=[val], optimizer="sgd"))
     b = fit(_cfg(static_set, tmp_path / "b", "concat", epochs=2, val=[val], optimizer="sgd"))
     assert a["num_train"] == 96 and a["num_val"] == 20
+    assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
     sa, sb = load_checkpoint(tmp_path / "a")["state_dict"], load_checkpoint(tmp_path / "b")["state_dict"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2

@@ -148,7 +148,7 @@ def test_check_weights_decisions(tmp_path):
     assert check_weights("m", sha, str(good)) == (str(good), 0)
     with pytest.raises(PredictError, match=r"m: weights file .*missing.pt.* not found .*" + sha):
         check_weights("m", sha, str(tmp_path / "missing.pt"))
-    with pytest.raises(PredictError, match=rf"pass --weights m=PATH"):
+    with pytest.raises(PredictError, match=r"pass --weights m=PATH"):
         check_weights("m", sha, None)
     with pytest.raises(PredictError, match=r"random initialisation \(random-init:seed=7\).*--weights m="):
         check_weights("m", "random-init:seed=7", str(good))
