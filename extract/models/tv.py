@@ -76,7 +76,7 @@ class TorchvisionBackbone(nn.Module):
         weights = members[member]
         state = weights.get_state_dict(progress=True, check_hash=True)
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        from faster.store.writer import sha256_file
+        from faster.store.files import sha256_file
 
         return state, sha256_file(cached) if cached.is_file() else f"torchvision:{spec}"
 

@@ -28,7 +28,7 @@ def save_weights(model: "nn.Module", path: str | Path) -> str:
     """Save ``model`` (built by :func:`faster.extract.models.build`) in our format; return the file's sha256."""
     import torch
 
-    from faster.store.writer import sha256_file
+    from faster.store.files import sha256_file
 
     name = getattr(model, "name", None)
     if not name:
@@ -54,7 +54,7 @@ def load_weights(model: "nn.Module", weights: str | Path) -> str:
             _load_state(model, _clean(state), str(weights))
             return provenance
         raise ValueError(f"weights file {str(weights)!r} does not exist")
-    from faster.store.writer import sha256_file
+    from faster.store.files import sha256_file
 
     _load_state(model, read_state_dict(path, getattr(model, "name", None)), str(path))
     return sha256_file(path)

@@ -1,0 +1,124 @@
+"""Files the project writes and checks: sha256 digests and atomic writes (temporary file, then rename).
+
+Every output of `faster` that another command reads (manifests, failure lists, run directories,
+grid indexes, plots) is written through one of these, so a crash or a kill leaves either the old
+file or the new one, never half of either. The temporary name is hidden (a leading dot), carries
+the writer's pid (two processes never share one) and is removed when the write fails.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+
+def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ChecksumCache:
+    """sha256 of files cached in a JSON file by absolute path, size and mtime: a changed file is
+    hashed again, an unchanged one never twice."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.dirty = False
+
+    def sha256(self, file: str | Path) -> str:
+        file = Path(file)
+        st = file.stat()
+        key = str(file.resolve())
+        entry = self.entries.get(key)
+        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+            return entry["sha256"]
+        digest = sha256_file(file)
+        self.entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self.dirty = True
+        return digest
+
+    def save(self) -> None:
+        if self.dirty:
+            write_json(self.path, self.entries)
+            self.dirty = False
+
+
+def replace_atomically(path: str | Path, write: Callable[[Path], None], *, fsync: bool = False) -> Path:
+    """Call ``write(tmp)`` on a hidden temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str, *, fsync: bool = False) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
+    return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=fsync)
+
+
+def write_json(path: str | Path, obj: Any, *, fsync: bool = False) -> Path:
+    """Write ``obj`` as indented JSON (keys sorted), atomically."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", fsync=fsync)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> Path:
+    """Write one JSON object per line, atomically."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, sort_keys=True) + "\n")
+
+    return replace_atomically(path, write)
+
+
+def append_jsonl(path: str | Path, obj: Any) -> None:
+    """Append one JSON line and flush it (a line cut short by a kill is skipped by ``read_jsonl``)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+        f.flush()
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The parsed file, or None when it does not exist; ValueError naming a file that is not JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The objects of a JSON-lines file ([] when absent); a line cut short by a crash is skipped."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows
