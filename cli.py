@@ -10,17 +10,14 @@ import sys
 import click
 
 from faster import __version__
+from faster.errors import UserError
 
 MODEL_HELP = "backbone name (see `faster flops --help` / faster.extract.models.names())"
 
 
-def _pending(issue: int, what: str) -> None:
-    """A command not built yet: say which issue brings it and exit non-zero."""
-    raise click.ClickException(f"`faster {what}` is not built yet: it arrives with issue [{issue}]")
-
-
 def _fail(err: Exception) -> None:
-    """User errors (bad values, bad files) become one-line click errors (exit 2 for usage, 1 otherwise)."""
+    """A faster.errors.UserError (bad value, bad file, incompatible inputs) becomes a one-line click
+    error, exit 1; anything else is a bug and keeps its traceback (it is never caught)."""
     raise click.ClickException(str(err)) from err
 
 
@@ -104,9 +101,6 @@ def cli(verbose: int) -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--unlabelled", is_flag=True, help="Ignore folder names and CSV labels: every label is -1.")
 @click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
-@click.option("--debug-decode-fault", hidden=True, help="Tests: SUBSTRING:sleep=S or SUBSTRING:exit in the decoder.")
-@click.option("--debug-kill-after-shards", hidden=True, type=click.IntRange(0),
-              help="Tests: SIGKILL the process inside the shard after K complete ones.")
 def extract(**kw) -> None:
     """Decode each video once, run every --model over its clips, write res5 maps to HDF5 shards.
 
@@ -120,11 +114,11 @@ def extract(**kw) -> None:
     kw["weights"] = _parse_weights(kw["weights"])
     try:
         cfg = ExtractConfig(**kw)
-    except ValueError as err:
+    except UserError as err:
         raise click.UsageError(str(err)) from err
     try:
         summary = run_extract(cfg, echo=lambda line: click.echo(line, err=True))
-    except ValueError as err:
+    except UserError as err:
         _fail(err)
     failed = summary["failed"]
     click.echo(f"extracted {summary['extracted']}, skipped {summary['skipped']} (done before), failed {failed}"
@@ -183,7 +177,7 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 
     try:
         r = fit_run(FitConfig(feats=list(feats), val=list(val), **kw))
-    except ValueError as err:
+    except UserError as err:
         _fail(err)
     best = r["best"]
     gflops = "?" if r["gflops_per_video"] is None else f"{r['gflops_per_video']:.1f}"
@@ -208,7 +202,7 @@ def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, wor
 
     try:
         r = evaluate_run(run, list(feats), out, device=device, workers=workers)
-    except ValueError as err:
+    except UserError as err:
         _fail(err)
     scores = ("no labelled videos" if r["top1"] is None else
               f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
@@ -260,7 +254,7 @@ def ablate(feats, out, aggs, num_clips, patterns, seeds, jobs, expensive, cheap,
                        seeds=seeds, jobs=jobs, expensive=expensive, cheap=cheap, fit=fit_kw)
     try:
         summary = run_ablate(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         _fail(err)
     _echo_ablate(summary)
     _check_cells(summary)
@@ -302,13 +296,13 @@ def predict(videos, run, weights, out, online, device, batch_size, workers, time
     Writes one JSON line per video: id, probs, top5, gflops, seconds (and, with --online, the
     running prediction after every clip); a broken video is a line with "error" and "stage".
     """
-    from faster.predict import PredictConfig, PredictError, predict as run_predict
+    from faster.predict import PredictConfig, predict as run_predict
 
     cfg = PredictConfig(videos=list(videos), run=run, weights=_parse_weights(weights), out=out, online=online,
                         device=device, batch_size=batch_size, workers=workers, timeout=timeout, strict=strict)
     try:
         summary = run_predict(cfg)
-    except (PredictError, ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         _fail(err)
     click.echo(summary.line(), err=True)
 
@@ -342,12 +336,12 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
                                      param_hint=hint)
     try:
         num_e, num_c = patterns.counts(pattern, n)
-    except ValueError as err:
+    except UserError as err:
         raise click.BadParameter(str(err), param_hint="--pattern") from None
     try:
         gflops = {m: models.clip_gflops(m, clip_len, size) for m in (expensive, cheap)}
         shapes = {m: models.feature_shape(m, clip_len, size) for m in (expensive, cheap)}
-    except ValueError as err:
+    except UserError as err:
         raise click.UsageError(str(err)) from None
     used = [m for m, k in ((expensive, num_e), (cheap, num_c)) if k]
     C, T, H, W = shapes[used[0]]
@@ -360,9 +354,9 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     try:
         agg_gflops = count_gflops(agg, {"num_classes": 400, "sources": sources, "dropout": 0.0},
                                   patterns.expensive_mask(pattern, n))
-    except ValueError as err:
+    except UserError as err:
         raise click.BadParameter(str(err), param_hint="--agg") from None
-    video = num_e * gflops[expensive] + num_c * gflops[cheap] + agg_gflops
+    video = patterns.video_gflops(num_e, num_c, gflops[expensive], gflops[cheap], agg_gflops)
     if as_json:
         out = {"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "video_gflops": video,
                "num_expensive": num_e, "num_cheap": num_c, "pattern": pattern, "num_clips": n,
@@ -402,7 +396,7 @@ def demo(out, quick, weights, device, jobs) -> None:
         click.echo("faster demo: the backbones are randomly initialised (no --weights given).", err=True)
     try:
         summary = run_demo(cfg)
-    except (ValueError, FileNotFoundError) as err:
+    except (UserError, FileNotFoundError) as err:
         _fail(err)
     _echo_ablate(summary)
     _check_cells(summary)

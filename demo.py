@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from faster.errors import BadValue, Incompatible
+
 log = logging.getLogger(__name__)
 
 
@@ -77,7 +79,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     size = QUICK if cfg.quick else FULL
     for name in cfg.weights:
         if name not in (size.expensive, size.cheap):
-            raise ValueError(f"--weights {name}=...: the demo extracts {size.expensive} and {size.cheap}")
+            raise BadValue(f"--weights {name}=...: the demo extracts {size.expensive} and {size.cheap}")
     from faster import synthetic
     from faster.aggregate.ablate import AblateConfig, run_ablate
     from faster.extract.pipeline import ExtractConfig, run_extract
@@ -131,10 +133,10 @@ def _claim(out: Path, settings: dict[str, Any]) -> None:
     settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back
     if path.exists():
         if json.loads(path.read_text()) != settings:
-            raise ValueError(f"{str(out)!r} holds a demo made with other settings (see {path}); "
+            raise Incompatible(f"{str(out)!r} holds a demo made with other settings (see {path}); "
                              f"choose another -o or remove it")
         return
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{str(out)!r} is not empty and holds no demo: choose another -o")
+        raise BadValue(f"{str(out)!r} is not empty and holds no demo: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")

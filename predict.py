@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator
 
+from faster.aggregate.run import Run
+from faster.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -61,7 +64,7 @@ class PredictConfig:
             raise PredictError(f"timeout must be > 0 seconds, got {self.timeout}")
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """A user-facing problem with the run or the weights (one line, names the bad value)."""
 
 
@@ -102,58 +105,6 @@ def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | N
 
 
 # ----------------------------------------------------------------------------------------------
-# the run: what predict needs from a checkpoint
-
-
-@dataclass
-class RunSpec:
-    """What predict reads from a fitted run's checkpoint (faster.aggregate.train.checkpoint_payload)."""
-
-    agg: str
-    expensive: str
-    cheap: str
-    pattern: str
-    classes: list[str]
-    clip_len: int
-    num_extracted: int                   # N clips per video at extraction
-    frame_stride: int
-    size: int
-    positions: list[int]                 # which of the N extracted clips the run uses (a --num-clips subset)
-    mask: list[bool]                     # per used clip: expensive?
-    models: dict[str, dict[str, Any]]    # per model: feature shape (T', H', W', C) and provenance attrs
-    agg_gflops: float                    # the aggregator's multiply-adds per video, GFLOPs
-
-    def model_at(self, k: int) -> str:
-        """The backbone that processes the run's k-th clip."""
-        return self.expensive if self.mask[k] else self.cheap
-
-    @property
-    def needed(self) -> list[str]:
-        """Backbones the pattern calls (all-c never builds the expensive one), expensive first."""
-        return [m for m in dict.fromkeys((self.expensive, self.cheap))
-                if any(self.model_at(k) == m for k in range(len(self.mask)))]
-
-
-def run_spec(ck: dict[str, Any]) -> RunSpec:
-    """The RunSpec of a loaded checkpoint; PredictError when it lacks what predict needs."""
-    try:
-        ext = ck["extraction"]
-        spec = RunSpec(agg=ck["agg"], expensive=ck["expensive"], cheap=ck["cheap"], pattern=ck["pattern"],
-                       classes=list(ck["classes"]), clip_len=int(ext["clip_len"]),
-                       num_extracted=int(ext["num_clips"]), frame_stride=int(ext["frame_stride"]),
-                       size=int(ext["size"]), positions=[int(p) for p in ck["positions"]],
-                       mask=[bool(m) for m in ck["mask"]], models=dict(ck["models"]),
-                       agg_gflops=float(ck["gflops"]["aggregator"]))
-    except KeyError as err:
-        raise PredictError(f"the run's checkpoint lacks {err.args[0]!r}: it was not written by `faster fit`") from None
-    assert len(spec.positions) == len(spec.mask), "one mask entry per used clip position"
-    for name in spec.needed:
-        if name not in spec.models:
-            raise PredictError(f"the run's checkpoint records no provenance for {name}")
-    return spec
-
-
-# ----------------------------------------------------------------------------------------------
 # the predictor: the backbones and the aggregator of one run
 
 
@@ -166,36 +117,36 @@ class Predictor:
 
     def __init__(self, run_dir: str | Path, weights: dict[str, str] | None = None, *, device: str = "auto",
                  batch_size: int = 8) -> None:
-        from faster.aggregate import train
+        from faster.extract.runner import BackboneRunner
+        from faster.runtime import resolve_device
 
         if batch_size < 1:
             raise PredictError(f"batch_size must be >= 1, got {batch_size}")
-        self.device = train._device(device)
+        self.device = resolve_device(device)
         self.batch_size = batch_size
-        ckpt, self.aggregator = train.load_run(run_dir, self.device)
-        self.spec = run_spec(ckpt)
+        self.run = Run.load(run_dir)
+        self.aggregator = self.run.aggregator(self.device)
         weights = dict(weights or {})
-        unknown = sorted(set(weights) - set(self.spec.models))
+        unknown = sorted(set(weights) - set(self.run.models))
         if unknown:
             raise PredictError(f"--weights for {', '.join(unknown)}, but the run's models are "
-                               f"{', '.join(self.spec.models)}")
+                               f"{', '.join(self.run.models)}")
         if self.device.type == "cuda":
             import torch
 
             torch.backends.cudnn.benchmark = True  # a run's chunks have few distinct shapes: tune once each
-        self.backbones = {name: self._build_backbone(name, weights.get(name)) for name in self.spec.needed}
-        self.calls = {name: 0 for name in self.backbones}
+        built = {name: self._build_backbone(name, weights.get(name)) for name in self.run.needed}
         # Extraction ran the backbones under bf16 autocast on CUDA (recorded as compute_dtype): so do we.
-        self.autocast = (self.device.type == "cuda"
-                         and any(self.spec.models[m].get("compute_dtype") == "bfloat16" for m in self.backbones))
+        amp = self.device.type == "cuda" and any(self.run.models[m].get("compute_dtype") == "bfloat16" for m in built)
+        self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp)
+        self.backbones = self.runner.models
+        self.calls = self.runner.calls
 
     def _build_backbone(self, name: str, given: str | None) -> "torch.nn.Module":
         """``name`` as the features were extracted: same weights (checked), normalisation and layer."""
-        import torch
-
         from faster.extract import models
 
-        recorded = self.spec.models[name]
+        recorded, run = self.run.models[name], self.run
         path, seed = check_weights(name, str(recorded["weights"]), given)
         try:
             module = models.build(name, weights=path, seed=seed)
@@ -213,30 +164,16 @@ class Predictor:
         if recorded.get("layer") and str(module.layer) != str(recorded["layer"]):
             raise PredictError(f"{name}: the backbone outputs {module.layer}, the run's features are "
                                f"{recorded['layer']}")
-        C, T, H, W = models.feature_shape(name, self.spec.clip_len, self.spec.size)
+        C, T, H, W = models.feature_shape(name, run.clip_len, run.size)
         if "shape" in recorded and [T, H, W, C] != [int(v) for v in recorded["shape"]]:
-            raise PredictError(f"{name}: the backbone maps {self.spec.clip_len}-frame clips at {self.spec.size} px "
+            raise PredictError(f"{name}: the backbone maps {run.clip_len}-frame clips at {run.size} px "
                                f"to {[T, H, W, C]} (T', H', W', C), the run's features are {list(recorded['shape'])}")
-        module = module.eval().to(self.device)
-        if self.device.type == "cuda":
-            module = module.to(memory_format=torch.channels_last_3d)
         return module
 
     def features(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
-        """res5 maps (B, C, T', H', W') of uint8 clips (B, L, S, S, 3), rounded to the shards' float16."""
-        import torch
-
-        from faster.extract.video import normalise_clips
-
-        module = self.backbones[name]
-        x = normalise_clips(clips.to(self.device, non_blocking=True), module.mean, module.std)  # (B, 3, L, S, S)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            y = module(x)  # (B, C, T', H', W')
-        self.calls[name] += int(clips.shape[0])
-        # The aggregator was fitted on the shards' float16 maps: give it the same values.
-        return y.to(torch.float16).float()
+        """res5 maps (B, C, T', H', W') float32 of uint8 clips (B, L, S, S, 3), rounded to the shards'
+        float16 first: the aggregator was fitted on those values."""
+        return self.runner(name, clips).float()
 
     def steps(self, clips: "torch.Tensor") -> Iterator[dict[str, Any]]:
         """Fold one video's clips (n, L, S, S, 3) uint8, taken at the run's positions, clip by clip.
@@ -247,7 +184,7 @@ class Predictor:
         """
         import torch
 
-        spec = self.spec
+        spec = self.run
         n = len(spec.positions)
         if clips.shape[0] != n:
             raise ValueError(f"expected {n} clips (the run's positions), got {clips.shape[0]}")
@@ -268,10 +205,7 @@ class Predictor:
 
     def gflops(self, num_expensive: int, num_cheap: int) -> float:
         """A video's cost: #E x E + #C x C per-clip GFLOPs (as recorded at extraction) + the aggregator's."""
-        m, spec = self.spec.models, self.spec
-        e = float(m[spec.expensive]["gflops_per_clip"]) if num_expensive else 0.0
-        c = float(m[spec.cheap]["gflops_per_clip"]) if num_cheap else 0.0
-        return num_expensive * e + num_cheap * c + spec.agg_gflops  # the order of train.make_plan
+        return self.run.video_gflops(num_expensive, num_cheap)
 
     def classify(self, clips: "torch.Tensor", *, video_id: str = "", label: int = -1,
                  online: bool = False) -> dict[str, Any]:
@@ -279,17 +213,17 @@ class Predictor:
         num_expensive/num_cheap and, with ``online``, the running prediction after every clip."""
         from faster.aggregate.train import prediction_rows
 
-        classes = self.spec.classes
+        classes = self.run.classes
         running, probs, num_e = [], None, 0
         for step in self.steps(clips):
             probs = step["probs"].numpy()
-            num_e += bool(self.spec.mask[step["clip"]])
+            num_e += bool(self.run.mask[step["clip"]])
             if online:
                 row = next(prediction_rows([video_id], [label], probs[None], classes, None))
                 running.append({k: step[k] for k in ("clip", "position", "model")}
                                | {"probs": row["probs"], "top5": row["top5"]})
         assert probs is not None, "a run has at least one clip"
-        num_c = len(self.spec.positions) - num_e
+        num_c = len(self.run.positions) - num_e
         record = next(prediction_rows([video_id], [label], probs[None], classes, self.gflops(num_e, num_c)))
         record.update(num_expensive=num_e, num_cheap=num_c)
         if online:
@@ -325,12 +259,12 @@ def list_videos(paths: list[str], classes: list[str]) -> list["VideoItem"]:
     return out
 
 
-def decoded_videos(items: list["VideoItem"], spec: RunSpec, *, workers: int = 1, timeout: float = 300.0,
+def decoded_videos(items: list["VideoItem"], spec: Run, *, workers: int = 1, timeout: float = 300.0,
                    pin_memory: bool = False) -> Iterator[tuple["VideoItem", Any]]:
-    """(item, pipeline.Decoded or pipeline.Failed) per video, as extraction decodes them (the same
+    """(item, decoders.Decoded or decoders.Failed) per video, as extraction decodes them (the same
     worker processes, timeout and sampling) but only at the run's clip positions. Order: as decoded."""
 
-    from faster.extract.pipeline import DecodePool, InlineDecoder
+    from faster.extract.decoders import DecodePool, InlineDecoder
 
     kw = dict(num_clips=spec.num_extracted, clip_len=spec.clip_len, size=spec.size,
               frame_stride=spec.frame_stride, positions=spec.positions)
@@ -378,15 +312,15 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
     from tqdm import tqdm
 
     predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size)
-    items = list_videos(cfg.videos, predictor.spec.classes)
+    items = list_videos(cfg.videos, predictor.run.classes)
     if not items:
         raise PredictError(f"no video files in {', '.join(cfg.videos)}")
     bar = tqdm(total=len(items), unit="video", desc="predict", dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
-        for item, decoded in decoded_videos(items, predictor.spec, workers=cfg.workers, timeout=cfg.timeout,
+        for item, decoded in decoded_videos(items, predictor.run, workers=cfg.workers, timeout=cfg.timeout,
                                             pin_memory=predictor.device.type == "cuda"):
-            if not hasattr(decoded, "frames"):  # pipeline.Failed
+            if not hasattr(decoded, "frames"):  # decoders.Failed
                 log.warning("%s: %s failed: %s", item.id, decoded.stage, decoded.error)
                 yield {"id": item.id, "error": decoded.error, "stage": decoded.stage}
             else:

@@ -16,6 +16,8 @@ from typing import Iterable
 
 import numpy as np
 
+from faster.errors import BadValue
+
 # Unit velocity (dx, dy) per direction, image coordinates (y grows downwards).
 DIRECTIONS: dict[str, tuple[int, int]] = {
     "left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1),
@@ -37,10 +39,10 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str 
     """Encode ``frames`` (T, H, W, 3) uint8 RGB into ``path`` (H.264, yuv420p); H and W must be even."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+        raise BadValue(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     t, h, w, _ = frames.shape
     if t < 1 or h % 2 or w % 2:
-        raise ValueError(f"need >= 1 frame and even height/width for yuv420p, got {t} frames of {h}x{w}")
+        raise BadValue(f"need >= 1 frame and even height/width for yuv420p, got {t} frames of {h}x{w}")
     av = _av()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -67,13 +69,13 @@ def motion_frames(direction: str, frames: int = 32, size: int = 64, seed: int = 
     Use size 32, 40 or >= 64 for videos decord will read: it misreads frames 8-24, 48 or 72 px wide.
     """
     if direction not in DIRECTIONS:
-        raise ValueError(f"unknown direction {direction!r}; expected one of {sorted(DIRECTIONS)}")
+        raise BadValue(f"unknown direction {direction!r}; expected one of {sorted(DIRECTIONS)}")
     if frames < 1 or size < 8 or size % 2:
-        raise ValueError(f"need frames >= 1 and an even size >= 8, got frames={frames}, size={size}")
+        raise BadValue(f"need frames >= 1 and an even size >= 8, got frames={frames}, size={size}")
     if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
+        raise BadValue(f"unknown style {style!r}; expected one of {', '.join(STYLES)}")
     if not 0 < speed[0] <= speed[1]:
-        raise ValueError(f"speed must be a range 0 < low <= high, got {speed!r}")
+        raise BadValue(f"speed must be a range 0 < low <= high, got {speed!r}")
     rng = np.random.default_rng(seed)
     if style == "textured":
         # A smooth static background texture (blocky noise, upsampled) in muted colours.
@@ -111,9 +113,9 @@ def make_motion_dataset(root: str | Path, classes: Iterable[str] = DEFAULT_CLASS
     """
     classes = list(classes)
     if not classes:
-        raise ValueError("classes is empty")
+        raise BadValue("classes is empty")
     if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
+        raise BadValue(f"per_class must be >= 1, got {per_class}")
     root = Path(root)
     paths = []
     for c, name in enumerate(classes):

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, TypeVar
 
+from faster.errors import BadValue
+
 __all__ = ["get", "names", "register"]
 
 _REGISTRY: dict[str, Any] = {}
@@ -19,11 +21,11 @@ T = TypeVar("T")
 def register(name: str) -> Callable[[T], T]:
     """Class decorator registering an aggregator under ``name``; a name already taken raises ValueError."""
     if not name or not isinstance(name, str):
-        raise ValueError(f"aggregator name must be a non-empty string, got {name!r}")
+        raise BadValue(f"aggregator name must be a non-empty string, got {name!r}")
 
     def decorate(cls: T) -> T:
         if name in _REGISTRY:
-            raise ValueError(f"aggregator {name!r} is already registered")
+            raise BadValue(f"aggregator {name!r} is already registered")
         _REGISTRY[name] = cls
         return cls
 
@@ -46,4 +48,4 @@ def get(name: str) -> Any:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown aggregator {name!r}; expected one of {', '.join(sorted(_REGISTRY))}") from None
+        raise BadValue(f"unknown aggregator {name!r}; expected one of {', '.join(sorted(_REGISTRY))}") from None

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import statistics
 import time
@@ -29,7 +28,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from faster.aggregate import patterns as P
-from faster.store import schema
+from faster.errors import BadFile, BadValue, Incompatible
+from faster.store import files, schema
+from faster.store.files import ChecksumCache
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,12 @@ def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: 
     aggs, patterns, seeds = _unique(aggs), _unique(patterns), _unique(seeds)
     counts = _unique(num_clips) if num_clips is not None else [num_extracted]
     if not aggs or not patterns or not seeds or not counts:
-        raise ValueError("a grid needs at least one aggregator, number of clips, pattern and seed")
+        raise BadValue("a grid needs at least one aggregator, number of clips, pattern and seed")
     for p in patterns:
         P.check(p)
     for n in counts:
         if n < 1:
-            raise ValueError(f"numbers of clips must be >= 1, got {n}")
+            raise BadValue(f"numbers of clips must be >= 1, got {n}")
     cells, notes = [], []
     for n in counts:
         if n > num_extracted:
@@ -112,25 +113,27 @@ def _unique(values: Iterable) -> list:
 
 
 def _shards(feats_dir: str | Path) -> list[Path]:
-    shards = sorted(Path(feats_dir).glob(schema.SHARD_GLOB))
+    from faster.store.reader import list_shards
+
+    shards = list_shards(feats_dir)
     if not shards:
-        raise ValueError(f"no shards ({schema.SHARD_GLOB}) in feature set {str(feats_dir)!r}")
+        raise BadFile(f"no shards ({schema.SHARD_GLOB}) in feature set {str(feats_dir)!r}")
     return shards
 
 
 def feature_info(feats: Iterable[str | Path]) -> dict[str, Any]:
     """clip_len, num_clips and per model its gflops_per_clip, read from the first shard of each set."""
-    import h5py
+    from faster.store.header import read_header
 
     info: dict[str, Any] = {"models": {}}
     for d in feats:
-        with h5py.File(_shards(d)[0], "r") as f:
-            for attr in ("clip_len", "num_clips"):
-                value = int(f.attrs[attr])
-                if info.setdefault(attr, value) != value:
-                    raise ValueError(f"feature set {str(d)!r} has {attr}={value}, another has {info[attr]}")
-            for model, ds in f["features"].items():
-                info["models"][model] = float(ds.attrs.get("gflops_per_clip", math.nan))
+        header = read_header(_shards(d)[0]).header
+        for attr in ("clip_len", "num_clips"):
+            value = int(getattr(header, attr))
+            if info.setdefault(attr, value) != value:
+                raise Incompatible(f"feature set {str(d)!r} has {attr}={value}, another has {info[attr]}")
+        for model, mh in header.models.items():
+            info["models"][model] = math.nan if mh.gflops_per_clip is None else float(mh.gflops_per_clip)
     return info
 
 
@@ -138,7 +141,7 @@ def resolve_models(expensive: str | None, cheap: str | None, models: dict[str, f
     """Fill a missing expensive/cheap name from the feature sets: more GFLOPs per clip is expensive."""
     for name in (expensive, cheap):
         if name is not None and name not in models:
-            raise ValueError(f"model {name!r} is not in the feature sets; they hold {sorted(models)}")
+            raise BadValue(f"model {name!r} is not in the feature sets; they hold {sorted(models)}")
     if expensive is not None and cheap is not None:
         return expensive, cheap
     others = sorted((m for m in models if m not in (expensive, cheap)), key=lambda m: -models[m])
@@ -149,7 +152,7 @@ def resolve_models(expensive: str | None, cheap: str | None, models: dict[str, f
         return others[0], others[1]
     if len(others) == 1:
         return (others[0], cheap) if expensive is None else (expensive, others[0])
-    raise ValueError(f"the feature sets hold {sorted(models)}: name --expensive and --cheap")
+    raise BadValue(f"the feature sets hold {sorted(models)}: name --expensive and --cheap")
 
 
 def _manifest_checksums(feats_dir: Path) -> dict[str, tuple[str, int | None]]:
@@ -157,43 +160,13 @@ def _manifest_checksums(feats_dir: Path) -> dict[str, tuple[str, int | None]]:
     found: dict[str, tuple[str, int | None]] = {}
     for path in sorted(feats_dir.glob("manifest*.json")):
         try:
-            manifest = json.loads(path.read_text())
+            manifest = files.read_json(path)
         except (OSError, ValueError):
             continue
         for entry in manifest.get("shards", []) if isinstance(manifest, dict) else []:
             if isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and entry.get("name"):
                 found[entry["name"]] = (entry["sha256"], entry.get("bytes"))
     return found
-
-
-class ChecksumCache:
-    """sha256 of shard files, cached in a JSON file by absolute path, size and mtime."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        try:
-            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.entries = {}
-        self.dirty = False
-
-    def sha256(self, shard: Path) -> str:
-        from faster.store.writer import sha256_file
-
-        st = shard.stat()
-        key = str(shard.resolve())
-        entry = self.entries.get(key)
-        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
-            return entry["sha256"]
-        digest = sha256_file(shard)
-        self.entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        self.dirty = True
-        return digest
-
-    def save(self) -> None:
-        if self.dirty:
-            _write_json_atomic(self.path, self.entries)
-            self.dirty = False
 
 
 def feature_checksums(feats_dir: str | Path, cache: ChecksumCache) -> list[str]:
@@ -227,12 +200,12 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     and accuracy_vs_gflops.png over every cell DIR holds. Returns a summary."""
     t0 = time.perf_counter()
     if cfg.jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {cfg.jobs}")
+        raise BadValue(f"jobs must be >= 1, got {cfg.jobs}")
     if not cfg.feats:
-        raise ValueError("ablate needs at least one feature set")
+        raise BadValue("ablate needs at least one feature set")
     for name in ("out", "feats", "agg", "pattern", "num_clips", "seed", "expensive", "cheap"):
         if name in cfg.fit:
-            raise ValueError(f"fit option {name!r} is set by the grid itself, not through AblateConfig.fit")
+            raise BadValue(f"fit option {name!r} is set by the grid itself, not through AblateConfig.fit")
     _check_aggs(cfg.aggs)
     out = Path(cfg.out)
     cells_dir = out / "cells"
@@ -243,7 +216,7 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     if val:
         val_info = feature_info(val)
         if (val_info["clip_len"], val_info["num_clips"]) != (info["clip_len"], info["num_clips"]):
-            raise ValueError(f"validation sets have {val_info['num_clips']} clips of {val_info['clip_len']} "
+            raise Incompatible(f"validation sets have {val_info['num_clips']} clips of {val_info['clip_len']} "
                              f"frames, training sets {info['num_clips']} of {info['clip_len']}")
     expensive, cheap = resolve_models(cfg.expensive, cfg.cheap, info["models"])
     cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"])
@@ -274,8 +247,10 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
         if not (run_dir / CELL_DONE).exists():
             todo.append((fit_dict, meta))
 
+    from faster.runtime import cores
+
     jobs = max(1, min(cfg.jobs, len(todo)))
-    threads = max(1, _cores() // jobs)
+    threads = max(1, cores() // jobs)
     log.info("%d cells: %d to train (%d at a time, %d threads each), %d finished",
              len(cells), len(todo), jobs, threads, len(cells) - len(todo))
     failed = _train_cells(todo, jobs=jobs, threads=threads, progress=cfg.progress)
@@ -285,7 +260,7 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     index = _update_index(out, clip_len, expensive, cheap, plan, notes)  # skip notes persist, failures do not
     rows = collect_rows(out, index)
     write_csv(rows, out / "results.csv")
-    (out / "results.md").write_text(render_markdown(rows, index["notes"] + failures))
+    files.write_text(out / "results.md", render_markdown(rows, index["notes"] + failures))
     plot_path = plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png")
     return {"out": str(out), "clip_len": clip_len, "expensive": expensive, "cheap": cheap,
             "cells": len(cells), "trained": len(todo) - len(failed), "reused": len(cells) - len(todo),
@@ -304,14 +279,7 @@ def _check_aggs(aggs: list[str]) -> None:
         return
     for a in aggs:
         if a not in known:
-            raise ValueError(f"unknown aggregator {a!r}; expected one of {', '.join(known)}")
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+            raise BadValue(f"unknown aggregator {a!r}; expected one of {', '.join(known)}")
 
 
 def _train_cells(todo: list[tuple[dict, dict]], *, jobs: int, threads: int,
@@ -354,7 +322,7 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int,
     except Exception as err:  # one bad cell must not lose the others: reported in the summary and results.md
         log.debug("cell %s", meta["key"], exc_info=True)
         return meta, f"{type(err).__name__}: {err}"
-    _write_json_atomic(run_dir / CELL_DONE, {**meta, "result": result})
+    files.write_json(run_dir / CELL_DONE, {**meta, "result": result})
     return meta, None
 
 
@@ -380,7 +348,7 @@ def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: li
         note = f"L={clip_len}: {note}"
         if note not in index["notes"]:
             index["notes"].append(note)
-    _write_json_atomic(path, index)
+    files.write_json(path, index)
     return index
 
 
@@ -406,12 +374,13 @@ def collect_rows(out: str | Path, index: dict[str, Any] | None = None) -> list[d
 
 
 def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
-    tmp = Path(path).with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    files.replace_atomically(path, write)
 
 
 def _agg_order(agg: str) -> tuple[int, str]:
@@ -553,14 +522,6 @@ def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Pat
     else:
         ax.text(0.5, 0.5, "no finished cells", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    files.replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)

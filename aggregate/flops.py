@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from faster.errors import BadValue
 from faster.flops import count_macs
 
 
@@ -35,7 +36,7 @@ def aggregator_gflops(agg: str, channels: int, grid: tuple[int, int, int], num_c
     """The aggregator's own GFLOPs per video for N = ``num_clips`` maps of ``grid`` (T', H', W') x
     ``channels`` from sources of equal shape (no alignment projections), as in the paper."""
     if num_clips < 1:
-        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        raise BadValue(f"num_clips must be >= 1, got {num_clips}")
     shape = [int(channels), *(int(g) for g in grid)]
     kwargs = {"num_classes": num_classes, "sources": {"expensive": shape, "cheap": shape}, "dropout": 0.0}
     mask = [i % 2 == 0 for i in range(num_clips)]  # any mix: the sources have equal shapes

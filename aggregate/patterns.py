@@ -1,4 +1,4 @@
-"""Expensive:cheap clip patterns (paper Tables 3 and 4; ../DESIGN.md "Patterns").
+"""Expensive:cheap clip patterns (paper Tables 3 and 4; docs/format.md "Patterns").
 
 ``all-e``: every clip expensive. ``all-c``: every clip cheap. ``first``: only clip 0 expensive
 (Table 3). ``1:x``: positions 0, x+1, 2(x+1), ... expensive, the rest cheap, valid only when x+1
@@ -8,23 +8,26 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Sequence
+
+from faster.errors import BadValue
 
 _RATIO = re.compile(r"^1:(\d+)$")
 NAMED = ("all-e", "all-c", "first")
 
 
 def check(pattern: str) -> str:
-    """Return ``pattern`` if its syntax is valid; raise ValueError naming it otherwise."""
+    """Return ``pattern`` if its syntax is valid; raise BadValue naming it otherwise."""
     if pattern in NAMED or _RATIO.match(pattern):
         return pattern
-    raise ValueError(f"unknown pattern {pattern!r}; expected all-e, all-c, first or 1:x")
+    raise BadValue(f"unknown pattern {pattern!r}; expected all-e, all-c, first or 1:x")
 
 
 def expensive_mask(pattern: str, num_clips: int) -> list[bool]:
     """True at the clip positions the expensive backbone processes."""
     check(pattern)
     if num_clips < 1:
-        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+        raise BadValue(f"num_clips must be >= 1, got {num_clips}")
     if pattern == "all-e":
         return [True] * num_clips
     if pattern == "all-c":
@@ -33,7 +36,7 @@ def expensive_mask(pattern: str, num_clips: int) -> list[bool]:
         return [i == 0 for i in range(num_clips)]
     x = int(_RATIO.match(pattern).group(1))
     if num_clips % (x + 1):
-        raise ValueError(f"pattern {pattern!r} needs the number of clips to be a multiple of {x + 1}, "
+        raise BadValue(f"pattern {pattern!r} needs the number of clips to be a multiple of {x + 1}, "
                          f"got {num_clips}")
     return [i % (x + 1) == 0 for i in range(num_clips)]
 
@@ -55,8 +58,28 @@ def counts(pattern: str, num_clips: int) -> tuple[int, int]:
 def subset_positions(num_extracted: int, num_clips: int) -> list[int]:
     """Which of N extracted clips a run on n of them uses: round(i * (N-1) / (n-1)), half up."""
     if not 1 <= num_clips <= num_extracted:
-        raise ValueError(f"--num-clips must be between 1 and the {num_extracted} extracted clips, "
+        raise BadValue(f"--num-clips must be between 1 and the {num_extracted} extracted clips, "
                          f"got {num_clips}")
     if num_clips == 1:
         return [0]
     return [int(math.floor(i * (num_extracted - 1) / (num_clips - 1) + 0.5)) for i in range(num_clips)]
+
+
+def sources(positions: Sequence[int], mask: Sequence[bool], expensive: str,
+            cheap: str) -> dict[str, tuple[str, list[int]]]:
+    """Source ("expensive", "cheap") -> (model, the extracted clip positions it reads) for ``mask``
+    over ``positions``; a source with no position is left out (an expensive position never reads
+    cheap features)."""
+    out: dict[str, tuple[str, list[int]]] = {}
+    for src, model, want in (("expensive", expensive, True), ("cheap", cheap, False)):
+        pos = [int(p) for p, m in zip(positions, mask) if bool(m) == want]
+        if pos:
+            out[src] = (model, pos)
+    return out
+
+
+def video_gflops(num_expensive: int, num_cheap: int, expensive_gflops: float, cheap_gflops: float,
+                 aggregator_gflops: float) -> float:
+    """A pattern's cost per video (docs/format.md "Patterns"): #E x E + #C x C per-clip GFLOPs + the
+    aggregator's own (Table 4's GFLOPs column)."""
+    return num_expensive * float(expensive_gflops) + num_cheap * float(cheap_gflops) + float(aggregator_gflops)

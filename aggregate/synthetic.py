@@ -1,4 +1,4 @@
-"""Synthetic feature sets with a planted signal, written with the real ShardWriter (format_version 1).
+"""Synthetic feature sets with a planted signal, written with the store's public FeatureSetWriter.
 
 Used by the tests, `benchmarks/fit.py` and the ablation tests: a feature set that looks like an
 extraction (root attributes, per-model provenance, uniform clip starts) whose class is decided by
@@ -14,23 +14,18 @@ The cheap model's features carry the same signal with more noise.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from faster.store.writer import ShardWriter, next_seq
+from faster.errors import BadValue
+from faster.sampling import clip_starts
+from faster.store.header import Header, ModelHeader
+from faster.store.writer import FeatureSetWriter
 
 SIGNALS = ("order", "static", "none")
 DEFAULT_MODELS = {"exp": (1, 2, 2, 16), "chp": (1, 2, 2, 16)}
-
-
-def _clip_starts(num_frames: int, num_clips: int, clip_len: int) -> list[int]:
-    room = max(num_frames - clip_len, 0)  # uniform sampling of DESIGN.md, stride 1
-    if num_clips == 1:
-        return [room // 2]
-    return [int(math.floor(i * room / (num_clips - 1) + 0.5)) for i in range(num_clips)]
 
 
 def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, clip_len: int = 8,
@@ -42,12 +37,11 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
     """Write ``num_videos`` videos of ``models`` (name -> per-clip (T', H', W', C); the first is
     "expensive", noise[0]/gflops[0], the others noise[1]/gflops[1]) to directory ``out``."""
     if signal not in SIGNALS:
-        raise ValueError(f"unknown signal {signal!r}; expected one of {SIGNALS}")
+        raise BadValue(f"unknown signal {signal!r}; expected one of {SIGNALS}")
     if signal == "order" and (num_classes != 2 or num_clips < 2):
-        raise ValueError("the order signal needs num_classes=2 and num_clips >= 2")
+        raise BadValue("the order signal needs num_classes=2 and num_clips >= 2")
     models = dict(models or DEFAULT_MODELS)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     names = list(models)
     shapes = {m: tuple(int(s) for s in models[m]) for m in names}
@@ -57,33 +51,29 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
     for m in names:
         dirs[m] /= np.linalg.norm(dirs[m], axis=1, keepdims=True)
     classes = (["a_before_b", "b_before_a"] if signal == "order" else [f"class{c:02d}" for c in range(num_classes)])
-    attrs = {"clip_len": clip_len, "num_clips": num_clips, "frame_stride": 1, "size": 32, "classes": classes,
-             "software_version": "synthetic", "torch_version": "none"}
-    model_attrs = {m: {"gflops_per_clip": float(gflops[0] if k == 0 else gflops[1]), "layer": "res5",
-                       "weights": f"synthetic:seed={seed}", "mean": [0.45, 0.45, 0.45], "std": [0.225, 0.225, 0.225],
-                       "compute_dtype": "float32"} for k, m in enumerate(names)}
-    starts = _clip_starts(num_frames, num_clips, clip_len)
-    done = 0
-    while done < num_videos:
-        n = min(shard_size, num_videos - done)
-        with ShardWriter(out, part=part, seq=next_seq(out, part), attrs=attrs, model_attrs=model_attrs,
-                         capacity=n, compression=compression) as w:
-            for k in range(done, done + n):
-                label = int(rng.integers(num_classes))
-                i, j = sorted(rng.choice(num_clips, size=2, replace=False)) if signal == "order" else (0, 0)
-                feats = {}
-                for mk, m in enumerate(names):
-                    sigma = noise[0] if mk == 0 else noise[1]
-                    x = rng.standard_normal((num_clips, *shapes[m]), dtype=np.float32) * sigma  # (N, T', H', W', C)
-                    if signal == "order":
-                        first, second = (dirs[m][0], dirs[m][1]) if label == 0 else (dirs[m][1], dirs[m][0])
-                        x[i] += amplitude * first
-                        x[j] += amplitude * second
-                    elif signal == "static":
-                        x += amplitude * dirs[m][label]
-                    feats[m] = x
-                w.add(id=f"{id_prefix}{first_id + k:06d}.mp4", label=label, num_frames=num_frames, fps=30.0,
-                      clip_start=starts, features=feats)
-        done += n
+    header = Header(clip_len=clip_len, num_clips=num_clips, frame_stride=1, size=32, classes=classes,
+                    software_version="synthetic", torch_version="none",
+                    models={m: ModelHeader(gflops_per_clip=float(gflops[0] if k == 0 else gflops[1]), layer="res5",
+                                           weights=f"synthetic:seed={seed}", mean=[0.45] * 3, std=[0.225] * 3,
+                                           compute_dtype="float32") for k, m in enumerate(names)})
+    starts = clip_starts(num_frames, num_clips, clip_len)
+    with FeatureSetWriter(out, header, part=part, num_parts=part + 1, shard_size=shard_size,
+                          compression=compression) as w:
+        for k in range(num_videos):
+            label = int(rng.integers(num_classes))
+            i, j = sorted(rng.choice(num_clips, size=2, replace=False)) if signal == "order" else (0, 0)
+            feats = {}
+            for mk, m in enumerate(names):
+                sigma = noise[0] if mk == 0 else noise[1]
+                x = rng.standard_normal((num_clips, *shapes[m]), dtype=np.float32) * sigma  # (N, T', H', W', C)
+                if signal == "order":
+                    first, second = (dirs[m][0], dirs[m][1]) if label == 0 else (dirs[m][1], dirs[m][0])
+                    x[i] += amplitude * first
+                    x[j] += amplitude * second
+                elif signal == "static":
+                    x += amplitude * dirs[m][label]
+                feats[m] = x
+            w.add(id=f"{id_prefix}{first_id + k:06d}.mp4", label=label, num_frames=num_frames, fps=30.0,
+                  clip_start=starts, features=feats)
     return out
 

@@ -6,7 +6,7 @@ needs under the E:C pattern, trains, validates every epoch and writes the run di
 (faster.aggregate.run). ``evaluate(run_dir, feats)`` rebuilds the run and writes per-video
 predictions. Neither imports a backbone, torchvision or decord.
 
-Cost per video (../DESIGN.md "Patterns"): #E x the expensive model's gflops_per_clip + #C x the
+Cost per video (docs/format.md "Patterns"): #E x the expensive model's gflops_per_clip + #C x the
 cheap one's (both from the shards) + the aggregator's own multiply-adds, counted on meta tensors.
 """
 from __future__ import annotations
@@ -23,6 +23,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from faster.aggregate import patterns, run
+from faster.aggregate.run import Run
+from faster.errors import BadValue, Incompatible
+from faster.store import files
 
 log = logging.getLogger(__name__)
 
@@ -62,46 +65,36 @@ class FitConfig:
         from faster.aggregate import names
 
         if not self.feats:
-            raise ValueError("no training feature set given")
+            raise BadValue("no training feature set given")
         if self.agg not in names():
-            raise ValueError(f"unknown aggregator {self.agg!r}; expected one of {', '.join(names())}")
+            raise BadValue(f"unknown aggregator {self.agg!r}; expected one of {', '.join(names())}")
         patterns.check(self.pattern)
         if self.num_clips is not None:
             if self.num_clips < 1:
-                raise ValueError(f"num_clips must be >= 1, got {self.num_clips}")
+                raise BadValue(f"num_clips must be >= 1, got {self.num_clips}")
             patterns.expensive_mask(self.pattern, self.num_clips)
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+            raise BadValue(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
             if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
+                raise BadValue(f"{name} must be >= {low}, got {value}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise BadValue(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise BadValue(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise BadValue(f"dropout must be in [0, 1), got {self.dropout}")
         if not self.val and not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1) when no val set is given, got {self.val_fraction}")
+            raise BadValue(f"val_fraction must be in (0, 1) when no val set is given, got {self.val_fraction}")
         if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
+            raise BadValue(f"threads must be >= 1, got {self.threads}")
         _device(self.device)
 
 
 def _device(name: str) -> Any:
-    import torch
+    from faster.runtime import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
-    return dev
+    return resolve_device(name)
 
 
 def holdout(ids: np.ndarray, fraction: float) -> np.ndarray:
@@ -132,36 +125,30 @@ def make_plan(fs: Any, *, agg: str, expensive: str, cheap: str, pattern: str, nu
     n = N if num_clips is None else int(num_clips)
     positions = patterns.subset_positions(N, n)
     mask = patterns.expensive_mask(pattern, n)
-    models = {"expensive": expensive, "cheap": cheap}
-    sources: dict[str, tuple[str, list[int]]] = {}
-    shapes: dict[str, list[int]] = {}
-    for src, want in (("expensive", True), ("cheap", False)):
-        pos = [p for p, m in zip(positions, mask) if m == want]
-        if pos:
-            info = fs.model(models[src])
-            sources[src] = (models[src], pos)
-            shapes[src] = info.channels_first
+    sources = patterns.sources(positions, mask, expensive, cheap)
+    shapes = {src: fs.model(model).channels_first for src, (model, _) in sources.items()}
     kwargs = {"num_classes": int(num_classes), "sources": shapes, "dropout": float(dropout), **(extra_kwargs or {})}
     agg_gflops = count_gflops(agg, kwargs, mask)
     n_e, n_c = sum(mask), len(mask) - sum(mask)
-    per_clip = {src: fs.model(models[src]).attrs.get("gflops_per_clip") for src in sources}
+    per_clip = {src: fs.model(model).attrs.get("gflops_per_clip") for src, (model, _) in sources.items()}
     if any(v is None for v in per_clip.values()):
         log.warning("a shard lacks gflops_per_clip: the video cost leaves the backbones out")
         video = None
     else:
-        video = n_e * float(per_clip.get("expensive", 0.0)) + n_c * float(per_clip.get("cheap", 0.0)) + agg_gflops
+        video = patterns.video_gflops(n_e, n_c, per_clip.get("expensive", 0.0), per_clip.get("cheap", 0.0),
+                                      agg_gflops)
     return Plan(N, positions, mask, sources, kwargs,
                 {"per_video": video, "aggregator": agg_gflops, "per_clip": per_clip})
 
 
 def _check_compatible(fs: Any, ref: Any, what: str, models: Sequence[str]) -> None:
     if fs.classes != ref.classes:
-        raise ValueError(f"{what} {fs.dirs}: its class list differs from the training set's")
+        raise Incompatible(f"{what} {fs.dirs}: its class list differs from the training set's")
     if fs.config != ref.config:
-        raise ValueError(f"{what} {fs.dirs}: extraction {fs.config} differs from the training set's {ref.config}")
+        raise Incompatible(f"{what} {fs.dirs}: extraction {fs.config} differs from the training set's {ref.config}")
     for m in models:
         if fs.model(m).shape != ref.model(m).shape:
-            raise ValueError(f"{what} {fs.dirs}: {m} clips are {fs.model(m).shape}, training has {ref.model(m).shape}")
+            raise Incompatible(f"{what} {fs.dirs}: {m} clips are {fs.model(m).shape}, training has {ref.model(m).shape}")
 
 
 @contextmanager
@@ -306,7 +293,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
                      num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout)
     used = [m for m, _ in plan.sources.values()]
     if (fs.labels >= len(fs.classes)).any():
-        raise ValueError(f"{cfg.feats}: labels beyond the {len(fs.classes)} classes")
+        raise BadValue(f"{cfg.feats}: labels beyond the {len(fs.classes)} classes")
     labelled = fs.labels >= 0
     if cfg.val:
         vs = FeatureSet(cfg.val)
@@ -318,16 +305,16 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         held = holdout(fs.ids, cfg.val_fraction)
         train_idx, val_idx = np.flatnonzero(labelled & ~held), np.flatnonzero(labelled & held)
     if not len(train_idx):
-        raise ValueError(f"{cfg.feats}: no labelled training videos")
+        raise BadValue(f"{cfg.feats}: no labelled training videos")
     if not len(val_idx):
-        raise ValueError("no labelled validation videos: give val feature sets or a larger val_fraction")
+        raise BadValue("no labelled validation videos: give val feature sets or a larger val_fraction")
     if (~labelled).any():
         log.warning("%d unlabelled videos are left out of training", int((~labelled).sum()))
 
     out.mkdir(parents=True, exist_ok=True)
     for name in (run.RESULT, run.METRICS):  # a re-run must not look finished before it is
         (out / name).unlink(missing_ok=True)
-    run.write_json(out / run.CONFIG, asdict(cfg))
+    files.write_json(out / run.CONFIG, asdict(cfg))
 
     with _torch_settings(cfg.threads, deterministic=device.type == "cpu"):
         torch.manual_seed(cfg.seed)
@@ -356,7 +343,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "top1": m["top1"],
                    "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
                    "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
-            run.append_jsonl(out / run.METRICS, row)
+            files.append_jsonl(out / run.METRICS, row)
             log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
                      train_loss, val_loss, m["top1"], m["top5"])
             if not best or m["top1"] > best["top1"]:
@@ -364,8 +351,8 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         train_ds.close()
         val_ds.close()
 
-    run.save_checkpoint(out / run.CHECKPOINT, checkpoint_payload(cfg, fs, plan, model))
-    run.write_jsonl(out / run.VAL_PREDICTIONS,
+    make_run(cfg, fs, plan, model).save(out)
+    files.write_jsonl(out / run.VAL_PREDICTIONS,
                     prediction_rows(vs.ids[indices], labels, probs, fs.classes, plan.gflops["per_video"]))
     n_e = sum(plan.mask)
     result = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "best": best,
@@ -374,7 +361,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
               "num_clips": len(plan.positions), "clip_len": fs.config["clip_len"], "expensive": cfg.expensive,
               "cheap": cfg.cheap, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
               "join": fs.join, "seconds": round(time.perf_counter() - t0, 3)}
-    run.write_json(out / run.RESULT, result)
+    files.write_json(out / run.RESULT, result)
     log.info("fit %s %s n=%d: top-1 %.4f top-5 %.4f, %.1f GFLOPs/video, %.1f s", cfg.agg, cfg.pattern,
              len(plan.positions), result["top1"], result["top5"], result["gflops_per_video"] or math.nan,
              result["seconds"])
@@ -404,8 +391,8 @@ def _train_epoch(model: Any, loader: Any, opt: Any, sched: Any, mask: Sequence[b
     return total / max(count, 1)
 
 
-def checkpoint_payload(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> dict[str, Any]:
-    """Everything predict needs to rebuild the aggregator and sample frames as extraction did."""
+def make_run(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> Run:
+    """The fitted run: everything predict needs to rebuild the aggregator and sample frames as extraction did."""
     import torch
 
     from faster import __version__
@@ -415,39 +402,11 @@ def checkpoint_payload(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> dict[
         if name in fs.models:
             info = fs.models[name]
             models[name] = {"shape": list(info.shape), **info.attrs}
-    return {
-        "config": asdict(cfg),
-        "agg": cfg.agg,
-        "agg_kwargs": plan.agg_kwargs,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "classes": list(fs.classes),
-        "expensive": cfg.expensive,
-        "cheap": cfg.cheap,
-        "models": models,  # per model: shape (T', H', W', C) and provenance (weights, mean, std, ...)
-        "extraction": dict(fs.config),  # clip_len, num_clips (N extracted), frame_stride, size
-        "positions": list(plan.positions),
-        "num_clips": len(plan.positions),
-        "pattern": cfg.pattern,
-        "mask": list(plan.mask),
-        "gflops": dict(plan.gflops),
-        "software_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
-
-
-def rebuild(ck: dict[str, Any], device: Any = "cpu") -> Any:
-    """The fitted aggregator of checkpoint ``ck``, in eval mode on ``device``."""
-    from faster.aggregate.models import build
-
-    model = build(ck["agg"], **ck["agg_kwargs"])
-    model.load_state_dict(ck["state_dict"])
-    return model.to(device).eval()
-
-
-def load_run(run_dir: str | Path, device: Any = "cpu") -> tuple[dict[str, Any], Any]:
-    """(checkpoint, aggregator in eval mode on ``device``) of a fitted run."""
-    ck = run.load_checkpoint(run_dir)
-    return ck, rebuild(ck, device)
+    return Run(config=asdict(cfg), agg=cfg.agg, agg_kwargs=plan.agg_kwargs,
+               state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, classes=list(fs.classes),
+               expensive=cfg.expensive, cheap=cfg.cheap, models=models, extraction=dict(fs.config),
+               positions=list(plan.positions), pattern=cfg.pattern, mask=list(plan.mask), gflops=dict(plan.gflops),
+               software_version=__version__, torch_version=str(torch.__version__))
 
 
 def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, batch_size: int | None = None,
@@ -457,35 +416,22 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
     from faster.store.reader import FeatureSet
 
     t0 = time.perf_counter()
-    ck = run.load_checkpoint(run_dir)
-    cfg = ck["config"]
+    r = Run.load(run_dir)
     dev = _device(device or "auto")
-    model = rebuild(ck, dev)
+    model = r.aggregator(dev)
     fs = FeatureSet(feats)
-    if fs.classes != ck["classes"]:
-        raise ValueError(f"{feats}: class list differs from the run's ({len(fs.classes)} vs {len(ck['classes'])} classes)")
-    if fs.config != ck["extraction"]:
-        raise ValueError(f"{feats}: extraction {fs.config} differs from the run's {ck['extraction']}")
-    sources = {}
-    for src, want in (("expensive", True), ("cheap", False)):
-        pos = [p for p, m in zip(ck["positions"], ck["mask"]) if m == want]
-        if pos:
-            name = ck[src]
-            if list(fs.model(name).shape) != ck["models"][name]["shape"]:
-                raise ValueError(f"{feats}: {name} clips are {fs.model(name).shape}, the run was fitted on "
-                                 f"{ck['models'][name]['shape']}")
-            sources[src] = (name, pos)
-    ds = fs.dataset(sources)
+    r.check_features(fs, str(feats))
+    ds = fs.dataset(r.sources())
     pin = dev.type == "cuda"
-    loader = _loader(ds, batch_size or cfg["batch_size"], cfg["workers"] if workers is None else workers,
-                     False, cfg["seed"], pin)
-    probs, labels, indices, loss = predict_loader(model, loader, ck["mask"], dev, progress, "evaluate")
+    loader = _loader(ds, batch_size or r.config["batch_size"], r.config["workers"] if workers is None else workers,
+                     False, r.config["seed"], pin)
+    probs, labels, indices, loss = predict_loader(model, loader, r.mask, dev, progress, "evaluate")
     ds.close()
-    gflops = ck["gflops"]["per_video"]
+    gflops = r.gflops["per_video"]
     path = Path(out) if out else Path(run_dir) / run.PREDICTIONS
-    run.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, ck["classes"], gflops))
+    files.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, r.classes, gflops))
     result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)), "gflops_per_video": gflops,
-              "agg": ck["agg"], "pattern": ck["pattern"], "num_clips": ck["num_clips"], "predictions": str(path),
+              "agg": r.agg, "pattern": r.pattern, "num_clips": r.num_clips, "predictions": str(path),
               "seconds": round(time.perf_counter() - t0, 3)}
     log.info("evaluate %s: %d videos, top-1 %s", run_dir, len(indices), result["top1"])
     return result

@@ -31,6 +31,8 @@ import torch
 from backbones import cpu_model  # benchmarks/backbones.py, beside this script
 
 from faster import synthetic
+from faster import runtime
+from faster.extract import decoders
 from faster.extract import pipeline as pl
 from faster.extract import video as vid
 
@@ -56,10 +58,10 @@ def decode_only(items, cfg: pl.ExtractConfig, pin: bool) -> tuple[float, list]:
     """Seconds to decode every video through the worker pool, and the decoded frames."""
     frames = []
     t0 = time.perf_counter()
-    with pl.DecodePool(items, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.size,
-                       frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=pin) as pool:
+    with decoders.DecodePool(items, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len,
+                             size=cfg.size, frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=pin) as pool:
         for r in pool:
-            if isinstance(r, pl.Failed):
+            if isinstance(r, decoders.Failed):
                 raise RuntimeError(f"{r.item.id}: {r.stage}: {r.error}")
             frames.append(r.frames)
     return time.perf_counter() - t0, frames
@@ -101,14 +103,14 @@ def main() -> None:
     cfg = pl.ExtractConfig(str(root), str(out / "feats"), tuple(args.model or ["r2d26"]), clip_len=args.clip_len,
                            num_clips=args.num_clips, size=args.size, batch_size=args.batch_size,
                            workers=args.workers, device=args.device, progress=False, shard_size=64)
-    device = pl.resolve_device(cfg.device)
-    if device == "cpu":
-        torch.set_num_threads(pl.cpu_threads(cfg.workers))
+    device = runtime.resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(runtime.cpu_threads(cfg.workers))
     else:
         torch.backends.cudnn.benchmark = True
     items = vid.discover(root).items
     clips = len(items) * cfg.num_clips
-    pl.warm_up_workers()
+    decoders.warm_up_workers()
     models = pl.ClipModels(cfg, device)
     try:
         t_decode, frames = decode_only(items, cfg, pin=models.cuda)

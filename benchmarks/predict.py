@@ -71,8 +71,8 @@ def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dic
     runs = {}
     for pattern, _ in RUNS:
         predictor = Predictor(paths[pattern], device=args.device, batch_size=args.batch_size)
-        items = list_videos([str(paths["videos"])], predictor.spec.classes)
-        clips = [d.frames for _, d in decoded_videos(items, predictor.spec, workers=0)]
+        items = list_videos([str(paths["videos"])], predictor.run.classes)
+        clips = [d.frames for _, d in decoded_videos(items, predictor.run, workers=0)]
         record = predictor.classify(clips[0])  # warm-up: kernel selection, allocator
         cfg = PredictConfig(videos=[str(paths["videos"])], run=str(paths[pattern]), device=args.device,
                             batch_size=args.batch_size, workers=0)
@@ -106,7 +106,7 @@ def time_parts(predictor, clips: torch.Tensor, repeats: int) -> dict[str, float]
     """Where a mixed pattern's time goes: wall ms per clip of each backbone (a batch of all of one
     video's clips) and per aggregator step, best of ``repeats``."""
 
-    spec, n = predictor.spec, clips.shape[0]
+    spec, n = predictor.run, clips.shape[0]
     parts: dict[str, float] = {}
     with torch.inference_mode():
         for role, name in (("expensive", spec.expensive), ("cheap", spec.cheap)):

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from faster.extract import sampling
+from faster import sampling
+from faster.errors import BadFile, BadValue, Incompatible
 
 log = logging.getLogger(__name__)
 
@@ -88,27 +89,27 @@ def read_classes(path: str | Path) -> list[str]:
     names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     names = [n for n in names if n]
     if not names:
-        raise ValueError(f"classes file {str(path)!r} lists no class")
+        raise BadFile(f"classes file {str(path)!r} lists no class")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"classes file {str(path)!r} repeats {dup[:5]}")
+        raise BadFile(f"classes file {str(path)!r} repeats {dup[:5]}")
     return names
 
 
 def safe_relative(root: Path, value: str, where: str) -> str:
     """``value`` (relative to ``root`` or absolute inside it) as a normalised POSIX path; refuse one that leaves it."""
     if not value:
-        raise ValueError(f"{where}: empty path")
+        raise BadFile(f"{where}: empty path")
     p = Path(value)
     joined = p if p.is_absolute() else root / p
     norm = Path(os.path.normpath(joined))
     root_norm = Path(os.path.normpath(root.absolute()))
     norm_abs = Path(os.path.normpath(norm.absolute()))
     if norm_abs != root_norm and root_norm not in norm_abs.parents:
-        raise ValueError(f"{where}: path {value!r} leaves the video root {str(root)!r}; refused")
+        raise BadFile(f"{where}: path {value!r} leaves the video root {str(root)!r}; refused")
     rel = norm_abs.relative_to(root_norm).as_posix()
     if rel in ("", "."):
-        raise ValueError(f"{where}: path {value!r} is the video root itself, not a video")
+        raise BadFile(f"{where}: path {value!r} is the video root itself, not a video")
     return rel
 
 
@@ -119,7 +120,7 @@ def _label_index(label: str, classes: list[str], index: dict[str, int], where: s
         return index[label]
     if label.isdigit() and int(label) < len(classes):
         return int(label)  # an index into a --classes file
-    raise ValueError(f"{where}: label {label!r} is not in the class list ({len(classes)} classes)")
+    raise BadFile(f"{where}: label {label!r} is not in the class list ({len(classes)} classes)")
 
 
 def _classes_from_labels(labels: list[str]) -> list[str]:
@@ -141,7 +142,7 @@ def _read_csv(path: Path) -> tuple[str, list[dict[str, str]]]:
             dialect = csv.excel
         rows = [r for r in csv.reader(f, dialect) if r and any(c.strip() for c in r)]
     if not rows:
-        raise ValueError(f"annotations {str(path)!r} are empty")
+        raise BadFile(f"annotations {str(path)!r} are empty")
     header = [c.strip().lower() for c in rows[0]]
     if all(c in header for c in KINETICS_COLUMNS):
         kind = "kinetics"
@@ -152,12 +153,12 @@ def _read_csv(path: Path) -> tuple[str, list[dict[str, str]]]:
         rows = [header] + rows
         kind = "csv"
     else:
-        raise ValueError(f"annotations {str(path)!r}: header {rows[0]!r} has neither a 'path' column nor "
+        raise BadFile(f"annotations {str(path)!r}: header {rows[0]!r} has neither a 'path' column nor "
                          f"Kinetics' {','.join(KINETICS_COLUMNS)}")
     out = []
     for n, row in enumerate(rows[1:], start=2):
         if len(row) != len(header):
-            raise ValueError(f"annotations {str(path)!r} line {n}: {len(row)} fields, header has {len(header)}")
+            raise BadFile(f"annotations {str(path)!r} line {n}: {len(row)} fields, header has {len(header)}")
         out.append({k: v.strip() for k, v in zip(header, row)})
     return kind, out
 
@@ -166,7 +167,7 @@ def _kinetics_stem(row: dict[str, str], where: str) -> str:
     try:
         start, end = int(float(row["time_start"])), int(float(row["time_end"]))
     except ValueError as err:
-        raise ValueError(f"{where}: time_start/time_end {row['time_start']!r}/{row['time_end']!r} are not numbers") from err
+        raise BadFile(f"{where}: time_start/time_end {row['time_start']!r}/{row['time_end']!r} are not numbers") from err
     return f"{row['youtube_id']}_{start:06d}_{end:06d}"
 
 
@@ -184,7 +185,7 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
     """
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"video root {str(root)!r} is not a directory")
+        raise BadFile(f"video root {str(root)!r} is not a directory")
     files = scan(root)
     ignored = _count_ignored(root)
     fixed = read_classes(classes_file) if classes_file else None
@@ -198,7 +199,7 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
         index = {c: i for i, c in enumerate(classes)}
         unknown = sorted(set(folder_of.values()) - set(index))
         if unknown:
-            raise ValueError(f"class folders {unknown[:5]} are not in the classes file {str(classes_file)!r}")
+            raise Incompatible(f"class folders {unknown[:5]} are not in the classes file {str(classes_file)!r}")
         items = [VideoItem(f, root / f, index[folder_of[f]]) for f in files]
         return Discovery(items, classes, "folders", ignored)
 
@@ -319,7 +320,7 @@ def check_positions(positions: list[int] | None, num_clips: int) -> list[int] | 
         return None
     positions = [int(p) for p in positions]
     if not positions or len(set(positions)) != len(positions) or not all(0 <= p < num_clips for p in positions):
-        raise ValueError(f"clip positions {positions} must be distinct indices in [0, {num_clips})")
+        raise BadValue(f"clip positions {positions} must be distinct indices in [0, {num_clips})")
     return positions
 
 
@@ -356,7 +357,7 @@ def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, 
     if out is None:
         out = np.empty(shape, dtype=np.uint8)
     elif out.shape != shape or out.dtype != np.uint8:
-        raise ValueError(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
+        raise BadValue(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
     dest = torch.from_numpy(out).view(num_clips * clip_len, size, size, 3)
     for a in range(0, len(unique), CHUNK_FRAMES):
         b = min(a + CHUNK_FRAMES, len(unique))

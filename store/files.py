@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from faster.errors import BadFile
+
 
 def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
     """Hex sha256 of a file's bytes, read in chunks."""
@@ -103,7 +105,7 @@ def read_json(path: str | Path) -> Any | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
+        raise BadFile(f"{str(path)!r} is not valid JSON: {err}") from err
 
 
 def read_jsonl(path: str | Path) -> list[Any]:

@@ -1,4 +1,4 @@
-"""Manifests and failure lists of a feature-set directory (DESIGN.md "Shard schema").
+"""Manifests and failure lists of a feature-set directory (docs/format.md "Directory layout").
 
 Each writing process (a *part*) owns ``manifest-<part>.json`` (its configuration and its complete
 shards with their sha256) and ``failures-<part>.jsonl`` (one JSON object per video it could not
@@ -9,41 +9,17 @@ a failure of a video that some shard holds is dropped). JSON files are replaced 
 """
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from faster.errors import BadValue
 from faster.store import schema
-from faster.store.writer import sha256_file
+from faster.store.files import append_jsonl, read_json, read_jsonl, sha256_file, write_json, write_jsonl
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
 STAGES = ("missing", "open", "decode", "timeout", "crash")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_json(path: str | Path) -> Any | None:
-    """The parsed file, or None when it does not exist."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {err}") from err
 
 
 def part_manifests(out_dir: str | Path) -> dict[int, dict[str, Any]]:
@@ -57,34 +33,19 @@ def part_manifests(out_dir: str | Path) -> dict[int, dict[str, Any]]:
 
 
 def write_part_manifest(out_dir: str | Path, part: int, manifest: dict[str, Any]) -> None:
-    write_json_atomic(Path(out_dir) / schema.manifest_name(part), manifest)
+    write_json(Path(out_dir) / schema.manifest_name(part), manifest)
 
 
 def failure_record(video_id: str, stage: str, error: str, **extra: Any) -> dict[str, Any]:
     """One line of a failures file."""
     if stage not in STAGES:
-        raise ValueError(f"unknown failure stage {stage!r}; expected one of {STAGES}")
+        raise BadValue(f"unknown failure stage {stage!r}; expected one of {STAGES}")
     return {"id": video_id, "stage": stage, "error": error, "time": round(time.time(), 3), **extra}
 
 
 def read_failures(path: str | Path) -> list[dict[str, Any]]:
     """The records of one failures file; a line cut short by a crash is skipped."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "id" in rec:
-                    records.append(rec)
-    except FileNotFoundError:
-        pass
-    return records
+    return [r for r in read_jsonl(path) if isinstance(r, dict) and "id" in r]
 
 
 def all_failures(out_dir: str | Path) -> list[dict[str, Any]]:
@@ -116,8 +77,7 @@ class FailureLog:
         self.count = 0
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        append_jsonl(self.path, record)
         self.count += 1
 
     def compact(self, done: set[str]) -> None:
@@ -126,11 +86,7 @@ class FailureLog:
         if not keep:
             self.path.unlink(missing_ok=True)
             return
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in keep:
-                f.write(json.dumps(r, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        write_jsonl(self.path, keep)
 
 
 def shard_entry(path: str | Path, videos: int, sha256: str | None = None) -> dict[str, Any]:
@@ -167,10 +123,6 @@ def merge(out_dir: str | Path, shard_videos: dict[str, list[str]], checksums: di
                             if any(r["stage"] == st for r in failures)},
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    tmp = out_dir / f".{FAILURES}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in failures:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / FAILURES)
+    write_json(out_dir / MANIFEST, manifest)
+    write_jsonl(out_dir / FAILURES, failures)
     return manifest

@@ -1,4 +1,4 @@
-"""Reading feature sets (../DESIGN.md "Shard schema"): index the shards, join directories, stream clips.
+"""Reading feature sets (docs/format.md "Shard schema"): index the shards, join directories, stream clips.
 
 A feature set is one or more directories of ``shard-*.h5`` files (the shards are the truth; manifests
 are not needed). Shards holding the same models are parts of one extraction and simply pooled,
@@ -17,110 +17,32 @@ Memory is bounded by the batch, never by the set's size. Nothing here knows mode
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from faster.errors import BadFile, BadValue, Incompatible
 from faster.store import schema
+from faster.store.header import ModelInfo, ShardHeader, read_header
+
+__all__ = ["FeatureDataset", "FeatureSet", "ModelInfo", "ThreadedLoader", "list_shards", "read_header"]
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 32  # per process
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """One model's features in a feature set."""
-
-    name: str
-    shape: tuple[int, int, int, int]  # per clip: (T', H', W', C), channels last as stored
-    attrs: dict[str, Any] = field(default_factory=dict)  # schema.MODEL_ATTRS as plain Python values
-    compression: str | None = None
-
-    @property
-    def channels_first(self) -> list[int]:
-        """[C, T', H', W']: the shape an aggregator's source is built with."""
-        t, h, w, c = self.shape
-        return [c, t, h, w]
-
-    @property
-    def gflops_per_clip(self) -> float:
-        return float(self.attrs.get("gflops_per_clip", float("nan")))
-
-
 def list_shards(directory: str | Path) -> list[Path]:
     """The complete shards of one directory, in (part, seq) order."""
     d = Path(directory)
     if not d.is_dir():
-        raise ValueError(f"{d}: not a directory")
+        raise BadFile(f"{d}: not a directory")
     shards = [p for p in d.glob(schema.SHARD_GLOB) if schema.parse_shard_name(p.name)]
     return sorted(shards, key=lambda p: schema.parse_shard_name(p.name))
-
-
-@dataclass
-class _Shard:
-    path: Path
-    config: dict[str, Any]
-    models: dict[str, ModelInfo]
-    ids: list[str]
-    labels: np.ndarray
-    clip_start: np.ndarray
-
-
-def read_header(path: str | Path) -> _Shard:
-    """A shard's configuration, models and video table (no features); ValueError naming the file."""
-    import h5py
-
-    path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable HDF5 shard ({err})") from None
-    with f:
-        fmt = schema.plain_attr(f.attrs.get("format"))
-        if fmt != schema.FORMAT:
-            raise ValueError(f"{path}: format {fmt!r}, expected {schema.FORMAT!r}")
-        version = schema.plain_attr(f.attrs.get("format_version"))
-        if version != schema.FORMAT_VERSION:
-            raise ValueError(f"{path}: format_version {version!r}; this reader knows {schema.FORMAT_VERSION}")
-        missing = [a for a in schema.CONFIG_ATTRS if a not in f.attrs]
-        if missing:
-            raise ValueError(f"{path}: missing root attributes {missing}")
-        config = {a: schema.plain_attr(f.attrs[a]) for a in schema.CONFIG_ATTRS}
-        try:
-            config["classes"] = list(json.loads(config["classes"]))
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: attribute classes is not a JSON list") from None
-        for name in schema.VIDEO_FIELDS:
-            if f"videos/{name}" not in f:
-                raise ValueError(f"{path}: missing dataset videos/{name}")
-        try:
-            ids = [s for s in f["videos/id"].asstr()[()]]
-            labels = np.asarray(f["videos/label"][()], dtype=np.int64)
-            clip_start = np.asarray(f["videos/clip_start"][()], dtype=np.int64)
-        except (OSError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}: cannot read the video table ({err})") from None
-        V, N = len(ids), int(config["num_clips"])
-        if labels.shape != (V,) or clip_start.shape != (V, N):
-            raise ValueError(f"{path}: videos/label {labels.shape} or videos/clip_start {clip_start.shape} "
-                             f"do not match {V} videos x {N} clips")
-        if "features" not in f or not len(f["features"]):
-            raise ValueError(f"{path}: no features")
-        models = {}
-        for name, ds in f["features"].items():
-            if ds.ndim != 6 or ds.shape[0] != V or ds.shape[1] != N:
-                raise ValueError(f"{path}: features/{name} has shape {ds.shape}, expected ({V}, {N}, T', H', W', C)")
-            if ds.dtype != np.dtype(schema.FEATURE_DTYPE):
-                raise ValueError(f"{path}: features/{name} is {ds.dtype}, expected {schema.FEATURE_DTYPE}")
-            attrs = {a: schema.plain_attr(ds.attrs[a]) for a in schema.MODEL_ATTRS if a in ds.attrs}
-            models[name] = ModelInfo(name, tuple(int(s) for s in ds.shape[2:]), attrs, ds.compression)
-    return _Shard(path, config, models, ids, labels, clip_start)
 
 
 class _Group:
@@ -138,12 +60,12 @@ class _Group:
         self.clip_start: list[np.ndarray] = []
         self.duplicates = 0
 
-    def add(self, sh: _Shard) -> None:
+    def add(self, sh: ShardHeader) -> None:
         for name, info in sh.models.items():
             if name not in self.infos:
                 self.infos[name], self.first[name] = info, sh.path
             elif info.shape != self.infos[name].shape:
-                raise ValueError(f"{sh.path}: features/{name} clips are {info.shape}, "
+                raise Incompatible(f"{sh.path}: features/{name} clips are {info.shape}, "
                                  f"{self.first[name]} has {self.infos[name].shape}")
         k = len(self.paths)
         self.paths.append(str(sh.path))
@@ -170,7 +92,7 @@ class FeatureSet:
         if isinstance(dirs, (str, Path)):
             dirs = [dirs]
         if not dirs:
-            raise ValueError("no feature-set directory given")
+            raise BadValue("no feature-set directory given")
         self.dirs = [str(d) for d in dirs]
         groups: dict[tuple[str, ...], _Group] = {}
         config: dict[str, Any] | None = None
@@ -178,7 +100,7 @@ class FeatureSet:
         for d in dirs:
             shards = list_shards(d)
             if not shards:
-                raise ValueError(f"{d}: no complete shards ({schema.SHARD_GLOB})")
+                raise BadFile(f"{d}: no complete shards ({schema.SHARD_GLOB})")
             for path in shards:
                 sh = read_header(path)
                 if config is None:
@@ -186,7 +108,7 @@ class FeatureSet:
                 for key in schema.CONFIG_ATTRS:
                     if sh.config[key] != config[key]:
                         what = "class list" if key == "classes" else key
-                        raise ValueError(f"{path}: {what} {sh.config[key]!r} differs from "
+                        raise Incompatible(f"{path}: {what} {sh.config[key]!r} differs from "
                                          f"{config[key]!r} in {config_from}")
                 key = tuple(sorted(sh.models))
                 groups.setdefault(key, _Group(key)).add(sh)
@@ -197,7 +119,7 @@ class FeatureSet:
         for key in groups:
             for m in key:
                 if m in seen:
-                    raise ValueError(f"model {m!r} appears in shards holding {list(seen[m])} and in shards "
+                    raise Incompatible(f"model {m!r} appears in shards holding {list(seen[m])} and in shards "
                                      f"holding {list(key)}; give one extraction of each model")
                 seen[m] = key
         self._groups = list(groups.values())
@@ -216,7 +138,7 @@ class FeatureSet:
                    f"({', '.join(f'{k}: {v}' for k, v in self.join['groups'].items())})")
             (log.warning if any(len(g.index) != len(ids) for g in self._groups) else log.info)(msg)
         if not ids:
-            raise ValueError(f"no video is present in every feature set of {self.dirs}")
+            raise Incompatible(f"no video is present in every feature set of {self.dirs}")
         self.ids = np.array(ids, dtype=str)
         idx0 = np.fromiter((first.index[v] for v in ids), dtype=np.int64, count=len(ids))
         self.labels = np.asarray(first.labels, dtype=np.int64)[idx0]
@@ -228,11 +150,11 @@ class FeatureSet:
                 labels = np.asarray(g.labels, dtype=np.int64)[idx]
                 bad = np.flatnonzero(labels != self.labels)
                 if bad.size:
-                    raise ValueError(f"video {ids[bad[0]]!r}: label {labels[bad[0]]} in {g.paths[g.shard[idx[bad[0]]]]}, "
+                    raise Incompatible(f"video {ids[bad[0]]!r}: label {labels[bad[0]]} in {g.paths[g.shard[idx[bad[0]]]]}, "
                                      f"{self.labels[bad[0]]} in {first.paths[first.shard[idx0[bad[0]]]]}")
                 for j, (a, b) in enumerate(zip(idx0, idx)):
                     if not np.array_equal(first.clip_start[a], g.clip_start[b]):
-                        raise ValueError(f"video {ids[j]!r}: clip starts {first.clip_start[a].tolist()} in "
+                        raise Incompatible(f"video {ids[j]!r}: clip starts {first.clip_start[a].tolist()} in "
                                          f"{first.paths[first.shard[a]]} differ from {g.clip_start[b].tolist()} in "
                                          f"{g.paths[g.shard[b]]}")
             ptr = (np.array(g.paths, dtype=str), np.asarray(g.shard, dtype=np.int32)[idx],
@@ -250,7 +172,7 @@ class FeatureSet:
         try:
             return self.models[name]
         except KeyError:
-            raise ValueError(f"model {name!r} is not in {self.dirs}; it holds {sorted(self.models)}") from None
+            raise BadValue(f"model {name!r} is not in {self.dirs}; it holds {sorted(self.models)}") from None
 
     def dataset(self, sources: dict[str, tuple[str, Sequence[int]]], indices: np.ndarray | None = None,
                 max_open_files: int = MAX_OPEN_FILES) -> "FeatureDataset":
@@ -270,7 +192,7 @@ class FeatureDataset:
         N = fs.config["num_clips"]
         self.indices = np.arange(len(fs), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(fs)):
-            raise ValueError(f"indices out of range for {len(fs)} videos")
+            raise BadValue(f"indices out of range for {len(fs)} videos")
         self.labels = fs.labels[self.indices]
         self.sources: list[tuple[str, str, np.ndarray, tuple[int, ...]]] = []
         self._ptr = {}
@@ -278,7 +200,7 @@ class FeatureDataset:
             info = fs.model(model)
             pos = np.asarray(list(positions), dtype=np.int64)
             if pos.size and (pos.min() < 0 or pos.max() >= N):
-                raise ValueError(f"{src}: clip positions {pos.tolist()} outside the {N} extracted clips")
+                raise BadValue(f"{src}: clip positions {pos.tolist()} outside the {N} extracted clips")
             if pos.size:
                 self.sources.append((src, model, pos, info.shape))
                 paths, shard, row = fs._ptr[model]
@@ -321,7 +243,7 @@ class FeatureDataset:
             try:
                 f = h5py.File(path, "r", **({"rdcc_nbytes": self._rdcc} if self._rdcc else {}))
             except OSError as err:
-                raise ValueError(f"{path}: cannot open shard ({err})") from None
+                raise BadFile(f"{path}: cannot open shard ({err})") from None
             entry = self._files[path] = (f, {})
             if len(self._files) > self.max_open_files:
                 self._files.popitem(last=False)[1][0].close()
@@ -356,7 +278,7 @@ class FeatureDataset:
                 for k, p in enumerate(pos.tolist()):  # exactly the bytes of these positions
                     ds.read_direct(out, np.s_[r, p], np.s_[k])
         except (OSError, KeyError) as err:
-            raise ValueError(f"{path}: cannot read features/{model} of row {r} ({err})") from None
+            raise BadFile(f"{path}: cannot read features/{model} of row {r} ({err})") from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
@@ -384,7 +306,7 @@ class ThreadedLoader:
     def __init__(self, ds: FeatureDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  prefetch: int = 2, pin: bool = False):
         if batch_size < 1 or prefetch < 1:
-            raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size}, {prefetch}")
+            raise BadValue(f"batch_size and prefetch must be >= 1, got {batch_size}, {prefetch}")
         self.ds, self.batch_size, self.shuffle, self.prefetch, self.pin = ds, batch_size, shuffle, prefetch, pin
         self._rng = np.random.default_rng(seed)
         self._buffers: list[dict[str, Any]] | None = None

@@ -1,4 +1,5 @@
-"""Shard schema, format_version 1 (../DESIGN.md "Shard schema"). The on-disk axis order is stated here once.
+"""Shard schema, format_version 1 (docs/format.md "Shard schema"): names and constants. The on-disk axis
+order is stated here once; the typed header that reads and writes the attributes is store/header.py.
 
 A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard holds V videos:
 
@@ -63,16 +64,3 @@ def failures_name(part: int) -> str:
 
 def features_key(model: str) -> str:
     return f"features/{model}"
-
-
-def plain_attr(value):
-    """An HDF5 attribute as plain Python: bytes -> str, arrays -> lists, numpy scalars -> Python scalars."""
-    import numpy as np
-
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.ndarray):
-        return [plain_attr(v) for v in value.tolist()]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

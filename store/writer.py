@@ -1,39 +1,68 @@
-"""The shard writer: one shard per context, written under a temporary name and renamed when complete.
+"""Writing feature sets (docs/format.md): ``FeatureSetWriter`` for a whole directory, ``ShardWriter`` for one shard.
 
-Features are written through to the open HDF5 file video by video (one video per chunk), so memory
-stays at one video whatever the shard size. If an exception escapes the ``with`` block, the
-temporary file is deleted: a crash never leaves a half shard that looks whole.
+``FeatureSetWriter`` is the public writer. Extraction, the synthetic feature sets of the tests and
+benchmarks, and any packer of other tools' features use it::
+
+    header = Header(clip_len=8, num_clips=4, frame_stride=1, size=112, classes=["a", "b"],
+                    models={"r2d26": ModelHeader(gflops_per_clip=1.6, layer="res5", weights="...",
+                                                 mean=[.45] * 3, std=[.225] * 3, compute_dtype="float32")})
+    with FeatureSetWriter("feats/", header) as w:
+        for video in videos:
+            if video.id in w.done:          # resume: already in a complete shard
+                continue
+            w.add(id=video.id, label=video.label, num_frames=..., fps=..., clip_start=[...],
+                  features={"r2d26": maps})   # (N, T', H', W', C) per model
+        w.fail("broken.mp4", "open", "moov atom not found")
+
+It owns the directory's state for one *part* (one writing process): shards written under a
+temporary name and renamed when complete, rolled over every ``shard_size`` videos, sequence
+numbers never reused (not even a killed run's temporary one), the part manifest with each shard's
+sha256 (rewritten atomically after every shard), the failures log, and, for a single-part run,
+the merged manifest. A directory holding shards of another configuration is refused before
+anything is written. If an exception escapes the ``with`` block the open shard is deleted; the
+complete ones and the manifest that lists them stay.
+
+``ShardWriter`` writes one shard: features go through to the open HDF5 file video by video (one
+video per chunk), so memory stays at one video whatever the shard size.
 """
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import os
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from faster.errors import BadValue, Incompatible
+from faster.store import manifest as mf
 from faster.store import schema
+from faster.store.files import read_json, sha256_file
+from faster.store.header import Header, config_diff, read_header
 
-
-def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
+log = logging.getLogger(__name__)
 
 
 def next_seq(out_dir: str | Path, part: int) -> int:
     """First sequence number this part has never used (complete or temporary): names are never reused."""
     used = [-1]
-    for p in Path(out_dir).iterdir():
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return 0
+    for p in out_dir.iterdir():
         name = p.name[1:-4] if p.name.startswith(".") and p.name.endswith(".tmp") else p.name
         parsed = schema.parse_shard_name(name)
         if parsed and parsed[0] == part:
             used.append(parsed[1])
     return max(used) + 1
+
+
+def check_compression(compression: str) -> str | None:
+    """The h5py filter name of a --compression value (None for "none"); BadValue naming an unknown one."""
+    if compression not in schema.COMPRESSIONS:
+        raise BadValue(f"unknown compression {compression!r}; expected one of {', '.join(schema.COMPRESSIONS)}")
+    return None if compression == "none" else compression
 
 
 class ShardWriter:
@@ -43,26 +72,23 @@ class ShardWriter:
         out_dir: the feature-set directory.
         part: the writing process's part number (its shards, manifest and failures carry it).
         seq: this shard's sequence number within the part (``next_seq``).
-        attrs: the root attributes of schema.ROOT_ATTRS except ``format``/``format_version``.
-        model_attrs: per model, the attributes of schema.MODEL_ATTRS.
+        header: the feature set's header (root attributes and per-model provenance).
         capacity: the most videos this shard will hold.
         compression: "none", "lzf" or "gzip".
     """
 
-    def __init__(self, out_dir: str | Path, *, part: int, seq: int, attrs: dict[str, Any],
-                 model_attrs: dict[str, dict[str, Any]], capacity: int, compression: str = "none"):
-        if compression not in schema.COMPRESSIONS:
-            raise ValueError(f"unknown compression {compression!r}; expected one of {schema.COMPRESSIONS}")
+    def __init__(self, out_dir: str | Path, *, part: int, seq: int, header: Header, capacity: int,
+                 compression: str = "none"):
+        self.compression = check_compression(compression)
         if capacity < 1:
-            raise ValueError(f"capacity must be >= 1, got {capacity}")
+            raise BadValue(f"capacity must be >= 1, got {capacity}")
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / schema.shard_name(part, seq)
         self.tmp_path = self.out_dir / schema.tmp_shard_name(part, seq)
-        self.attrs = dict(attrs)
-        self.model_attrs = {m: dict(a) for m, a in model_attrs.items()}
+        self.header = header
         self.capacity = capacity
-        self.compression = None if compression == "none" else compression
         self.ids: list[str] = []
+        self.sha256: str | None = None
         self._file = None
 
     def __enter__(self) -> "ShardWriter":
@@ -80,15 +106,8 @@ class ShardWriter:
 
     def _init_file(self, h5py) -> None:
         f = self._file
-        f.attrs["format"] = schema.FORMAT
-        f.attrs["format_version"] = schema.FORMAT_VERSION
-        for key, value in self.attrs.items():
-            if key == "classes":
-                value = json.dumps(list(value))
-            elif isinstance(value, str):
-                value = str(value)  # str subclasses (torch.__version__) have no HDF5 type
-            f.attrs[key] = value
-        num_clips = int(self.attrs["num_clips"])
+        self.header.write(f)
+        num_clips = int(self.header.num_clips)
         str_dtype = h5py.string_dtype("utf-8")
         v = f.create_group("videos")
         cap = self.capacity
@@ -113,8 +132,8 @@ class ShardWriter:
         assert self._file is not None, "ShardWriter.add outside its with-block"
         if self.full:
             raise RuntimeError(f"shard {self.path.name} is full ({self.capacity} videos)")
-        if set(features) != set(self.model_attrs):
-            raise ValueError(f"features for {sorted(features)}, expected {sorted(self.model_attrs)}")
+        if set(features) != set(self.header.models):
+            raise BadValue(f"features for {sorted(features)}, expected {sorted(self.header.models)}")
         f, i = self._file, len(self.ids)
         v = f["videos"]
         for name, value in (("id", id), ("label", label), ("num_frames", num_frames), ("fps", fps)):
@@ -136,11 +155,10 @@ class ShardWriter:
             if key not in f:
                 ds = f.create_dataset(key, (0, *array.shape), maxshape=(self.capacity, *array.shape),
                                       dtype="float16", chunks=(1, *array.shape), compression=self.compression)
-                for a, val in self.model_attrs[model].items():
-                    ds.attrs[a] = str(val) if isinstance(val, str) else val
+                self.header.models[model].write(ds)
             ds = f[key]
             if ds.shape[1:] != array.shape:
-                raise ValueError(f"{model}: features of shape {array.shape}, the shard holds {ds.shape[1:]}")
+                raise BadValue(f"{model}: features of shape {array.shape}, the shard holds {ds.shape[1:]}")
             ds.resize((i + 1, *array.shape))
             ds[i] = array
         self.ids.append(id)
@@ -157,3 +175,150 @@ class ShardWriter:
             os.fsync(fh.fileno())
         os.replace(self.tmp_path, self.path)
         self.sha256 = sha256_file(self.path)
+
+
+class FeatureSetWriter:
+    """Write one part of a feature-set directory (see the module docstring).
+
+    Args:
+        out: the feature-set directory (created on entering the ``with`` block).
+        header: the configuration and per-model provenance every shard carries.
+        part, num_parts: this process's part of a distributed job (faster.runtime.placement).
+        shard_size: videos per shard.
+        compression: "none", "lzf" or "gzip".
+        after_add: called with the writer after each video is added (progress, tests).
+
+    Constructing it only reads: the ids already held by complete shards (``done``) and the refusal
+    of a directory written with another configuration (Incompatible), so a caller can plan (and
+    check the disk) before anything is written.
+    """
+
+    def __init__(self, out: str | Path, header: Header, *, part: int = 0, num_parts: int = 1, shard_size: int = 64,
+                 compression: str = "none", after_add: Callable[["FeatureSetWriter"], None] | None = None):
+        if shard_size < 1:
+            raise BadValue(f"shard_size must be >= 1, got {shard_size}")
+        check_compression(compression)
+        self.out, self.header = Path(out), header
+        self.part, self.num_parts = part, num_parts
+        self.shard_size, self.compression, self.after_add = shard_size, compression, after_add
+        self.config = header.config()
+        self.shard_videos: dict[str, list[str]] = {}  # every complete shard of the directory -> its ids
+        self.my_shards: dict[str, dict[str, Any]] = {}  # this part's shards -> manifest entries
+        self.short: set[str] = set()  # ids whose video was shorter than one clip (recorded in the manifest)
+        self.runs: list[dict[str, Any]] = []
+        self.failures = mf.FailureLog(self.out, part)
+        self.shards_written = self.added = self.failed = 0
+        self.merged: dict[str, Any] | None = None
+        self._run: dict[str, Any] | None = None
+        self._shard: ShardWriter | None = None
+        self._seq = 0
+        if self.out.is_dir():
+            self._scan()
+
+    @property
+    def done(self) -> set[str]:
+        """Ids held by the complete shards of the directory (any part)."""
+        return {i for ids in self.shard_videos.values() for i in ids}
+
+    def _scan(self) -> None:
+        checksums: dict[str, str] = {}
+        for path in sorted(self.out.glob(schema.SHARD_GLOB)):
+            if schema.parse_shard_name(path.name) is None:
+                continue
+            sh = read_header(path)
+            diff = config_diff(sh.config, self.config, path.name, "this run")
+            if diff:
+                raise Incompatible(f"{self.out} holds features of another configuration ({'; '.join(diff[:4])}); "
+                                   f"use a new output directory, or the options that made it")
+            self.shard_videos[path.name] = sh.ids
+        for p, m in mf.part_manifests(self.out).items():
+            if m and m.get("config"):
+                diff = config_diff(m["config"], self.config, schema.manifest_name(p), "this run")
+                if diff:
+                    raise Incompatible(f"{self.out} was started with another configuration ({'; '.join(diff[:4])}); "
+                                       f"use a new output directory, or the options that made it")
+        old = read_json(self.out / schema.manifest_name(self.part)) or {}
+        checksums = {s["name"]: s["sha256"] for s in old.get("shards", []) if s["name"] in self.shard_videos}
+        self.short = set(old.get("short", []))
+        self.runs = list(old.get("runs", []))
+        for name in sorted(self.shard_videos):
+            parsed = schema.parse_shard_name(name)
+            if parsed and parsed[0] == self.part:
+                self.my_shards[name] = mf.shard_entry(self.out / name, len(self.shard_videos[name]), checksums.get(name))
+
+    # -- the with-block --
+
+    def __enter__(self) -> "FeatureSetWriter":
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._seq = next_seq(self.out, self.part)  # before cleaning: a killed run's temporary name is not reused
+        for p in self.out.glob(".shard-*.h5.tmp"):  # this part's, left by a killed run: incomplete by construction
+            parsed = schema.parse_shard_name(p.name[1:-4])
+            if parsed and parsed[0] == self.part:
+                log.info("removing %s, left by an interrupted run", p.name)
+                p.unlink(missing_ok=True)
+        self.failures.compact(self.done)
+        self._write_manifest()
+        return self
+
+    def add(self, *, id: str, label: int, num_frames: int, fps: float, clip_start, features: dict[str, np.ndarray],
+            split: str | None = None, short: bool = False) -> None:
+        """Append one video (``features[model]``: (N, T', H', W', C)); closes the shard when it is full."""
+        if self._shard is None:
+            self._seq = max(self._seq, next_seq(self.out, self.part))
+            self._shard = ShardWriter(self.out, part=self.part, seq=self._seq, header=self.header,
+                                      capacity=self.shard_size, compression=self.compression).__enter__()
+        self._shard.add(id=id, label=label, num_frames=num_frames, fps=fps, clip_start=clip_start,
+                        features=features, split=split)
+        self.added += 1
+        if short:
+            self.short.add(id)
+        if self.after_add is not None:
+            self.after_add(self)
+        if self._shard.full:
+            self.close_shard()
+
+    def fail(self, video_id: str, stage: str, error: str, **extra: Any) -> None:
+        """Record a video that could not be written (failures-<part>.jsonl; the latest record per id wins)."""
+        self.failures.append(mf.failure_record(video_id, stage, error, **extra))
+        self.failed += 1
+
+    def close_shard(self) -> None:
+        """Complete the open shard (rename, sha256) and list it in the part manifest."""
+        w, self._shard = self._shard, None
+        if w is None:
+            return
+        w.__exit__(None, None, None)
+        self._seq += 1
+        self.shard_videos[w.path.name] = list(w.ids)
+        self.my_shards[w.path.name] = mf.shard_entry(w.path, len(w.ids), w.sha256)
+        self.shards_written += 1
+        self._write_manifest()
+
+    @property
+    def open_shard(self) -> ShardWriter | None:
+        return self._shard
+
+    def finish(self, **run: Any) -> None:
+        """Record this run's summary (times, counts, device, ...) in the part manifest's ``runs``."""
+        self._run = run
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            w, self._shard = self._shard, None
+            if w is not None:
+                w.__exit__(exc_type, exc, tb)  # deletes the temporary file
+            return
+        self.close_shard()
+        self.failures.compact(self.done)
+        self._write_manifest(self._run)
+        if self.num_parts == 1:
+            self.merged = mf.merge(self.out, self.shard_videos, config=self.config)
+
+    def _write_manifest(self, finished: dict[str, Any] | None = None) -> None:
+        h = self.header
+        m = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "part": self.part,
+             "num_parts": self.num_parts, "config": self.config, "software_version": h.software_version,
+             "torch_version": h.torch_version, "shards": [self.my_shards[k] for k in sorted(self.my_shards)],
+             "videos": sum(s["videos"] for s in self.my_shards.values()), "short": sorted(self.short),
+             "runs": self.runs + ([finished] if finished else []), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        mf.write_part_manifest(self.out, self.part, m)

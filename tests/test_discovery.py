@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from faster.extract import sampling
+from faster import sampling
 from faster.extract import video as vid
 
 av = pytest.importorskip("av")

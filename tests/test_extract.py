@@ -3,6 +3,7 @@
 One reference extraction (module fixture) of 6 motion videos, a video shorter than one clip and
 four broken files; the other tests resume, kill, distribute and refuse against it.
 """
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from faster.cli import cli
-from faster.extract import sampling
+from faster import sampling
 from faster.store import schema
 
 av = pytest.importorskip("av")
@@ -29,12 +30,8 @@ BROKEN = {"left/empty.mp4": "open", "left/truncated.mp4": "open", "right/text.mp
 GOOD = [f"{c}/{c}_{i:03d}.mp4" for c in ("left", "right") for i in range(3)] + ["right/short.mp4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on a shared 2-core box are far faster without OpenMP barriers."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
+DRIVER = [sys.executable, str(Path(__file__).resolve().parent / "extract_driver.py")]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +49,15 @@ def root(tmp_path_factory):
 
 def invoke(*args):
     return CliRunner().invoke(cli, ["extract", *map(str, args)], catch_exceptions=False)
+
+
+def with_fault(monkeypatch, spec):
+    """`faster extract` in this process decodes with a fault injected (tests/helpers.py)."""
+    import helpers
+
+    from faster.extract import pipeline
+
+    monkeypatch.setattr(pipeline, "run_extract", functools.partial(pipeline.run_extract, decode=helpers.fault(spec)))
 
 
 def read_features(out):
@@ -141,8 +147,7 @@ def test_configuration_change_into_the_same_directory_is_refused(root, reference
 
 def test_kill_mid_shard_then_rerun_gives_every_video_once_with_the_same_features(root, reference, tmp_path):
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS, "--workers", "0",
-           "--debug-kill-after-shards", "1"]
+    cmd = [*DRIVER, "--kill-after-shards", "1", "--", str(root), "-o", str(out), *OPTS, "--workers", "0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert len(list(out.glob(schema.SHARD_GLOB))) == 1 and len(list(out.glob(".shard-*.tmp"))) == 1
@@ -160,15 +165,16 @@ def test_kill_mid_shard_then_rerun_gives_every_video_once_with_the_same_features
     assert failures(out) == BROKEN
 
 
-def test_decoder_timeout_and_crash_are_recorded_and_the_run_goes_on(root, tmp_path):
+def test_decoder_timeout_and_crash_are_recorded_and_the_run_goes_on(root, tmp_path, monkeypatch):
     out = tmp_path / "faulty"
-    result = invoke(root, "-o", out, *OPTS, "--workers", "2", "--timeout", "2",
-                    "--debug-decode-fault", "left_001:sleep=60")
+    with_fault(monkeypatch, "left_001:sleep=60")
+    result = invoke(root, "-o", out, *OPTS, "--workers", "2", "--timeout", "2")
     assert result.exit_code == 0, result.output
     assert failures(out) == {**BROKEN, "left/left_001.mp4": "timeout"}
     assert sorted(read_features(out)) == sorted(set(GOOD) - {"left/left_001.mp4"})
     out2 = tmp_path / "crashy"
-    result = invoke(root, "-o", out2, *OPTS, "--workers", "1", "--debug-decode-fault", "right_002:exit")
+    with_fault(monkeypatch, "right_002:exit")
+    result = invoke(root, "-o", out2, *OPTS, "--workers", "1")
     assert result.exit_code == 0, result.output
     assert failures(out2) == {**BROKEN, "right/right_002.mp4": "crash"}
     assert len(read_features(out2)) == len(GOOD) - 1
@@ -236,8 +242,8 @@ def test_sigterm_closes_the_open_shard_and_stops_then_resume_completes(root, ref
     out = tmp_path / "term"
     # One worker decodes in id order and hangs on right_000; a batch is one video's 3 clips, so by then
     # left_000 and left_001 fill shard 0 and left_002 sits in the open shard 1.
-    cmd = [sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS, "--workers", "1",
-           "--batch-size", "3", "--timeout", "300", "--debug-decode-fault", "right_000:sleep=60"]
+    cmd = [*DRIVER, "--fault", "right_000:sleep=60", "--", str(root), "-o", str(out), *OPTS, "--workers", "1",
+           "--batch-size", "3", "--timeout", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 90
@@ -258,7 +264,7 @@ def test_sigterm_closes_the_open_shard_and_stops_then_resume_completes(root, ref
 
 
 def test_placement_combines_torchrun_ranks_and_slurm_array_index():
-    from faster.extract.pipeline import cpu_threads, placement
+    from faster.runtime import cpu_threads, placement
 
     p = placement(num_shards=4, shard_index=2, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     assert (p.part, p.num_parts, p.local_rank) == (2 * 2 + 1, 8, 1)
@@ -275,7 +281,7 @@ def test_decode_pool_recycles_workers_and_returns_every_video(root):
     import queue
 
     from faster.extract import video as vid
-    from faster.extract.pipeline import Decoded, DecodePool
+    from faster.extract.decoders import Decoded, DecodePool
 
     items = [it for it in vid.discover(root).items if it.id in GOOD]
     got, pids = [], set()

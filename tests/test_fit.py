@@ -10,7 +10,7 @@ import torch
 from click.testing import CliRunner
 
 from faster.aggregate import patterns
-from faster.aggregate.run import load_checkpoint
+from faster.aggregate.run import Run
 from faster.aggregate.synthetic import write_synthetic
 from faster.aggregate.train import FitConfig, fit, make_plan
 from faster.cli import cli
@@ -123,14 +123,14 @@ def test_evaluate_reproduces_fit_and_checkpoint_has_what_predict_needs(static_se
         assert e["gflops"] == pytest.approx(result["gflops_per_video"])
     val_top1 = np.mean([r["top5"][0][0] == f"class{r['label']:02d}" for r in fitted.values()])
     assert val_top1 == pytest.approx(result["top1"])
-    ck = load_checkpoint(run)  # weights_only=True inside
+    ck = Run.load(run)  # weights_only=True inside
     torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ck["config"]["agg"] == "fastgru" and ck["agg_kwargs"]["sources"]["cheap"] == [16, 1, 2, 2]
-    assert ck["extraction"] == {"clip_len": 8, "num_clips": 4, "frame_stride": 1, "size": 32}
-    assert ck["positions"] == [0, 1, 2, 3] and ck["mask"] == [True, False, True, False] and ck["pattern"] == "1:1"
-    assert ck["models"]["exp"]["shape"] == [1, 2, 2, 16] and ck["models"]["chp"]["gflops_per_clip"] == 3.2
-    assert set(ck["models"]["exp"]) >= {"weights", "mean", "std", "gflops_per_clip", "compute_dtype", "layer"}
-    assert ck["classes"] == ["class00", "class01", "class02"]
+    assert ck.config["agg"] == "fastgru" and ck.agg_kwargs["sources"]["cheap"] == [16, 1, 2, 2]
+    assert ck.extraction == {"clip_len": 8, "num_clips": 4, "frame_stride": 1, "size": 32}
+    assert ck.positions == [0, 1, 2, 3] and ck.mask == [True, False, True, False] and ck.pattern == "1:1"
+    assert ck.models["exp"]["shape"] == [1, 2, 2, 16] and ck.models["chp"]["gflops_per_clip"] == 3.2
+    assert set(ck.models["exp"]) >= {"weights", "mean", "std", "gflops_per_clip", "compute_dtype", "layer"}
+    assert ck.classes == ["class00", "class01", "class02"]
     res = runner.invoke(cli, ["evaluate", str(tmp_path), static_set])
     assert res.exit_code != 0 and "no checkpoint" in res.output
 
@@ -142,7 +142,7 @@ def test_fit_is_deterministic_on_cpu_and_honours_a_val_set(static_set, tmp_path)
     b = fit(_cfg(static_set, tmp_path / "b", "concat", epochs=2, val=[val], optimizer="sgd"))
     assert a["num_train"] == 96 and a["num_val"] == 20
     assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
-    sa, sb = load_checkpoint(tmp_path / "a")["state_dict"], load_checkpoint(tmp_path / "b")["state_dict"]
+    sa, sb = Run.load(tmp_path / "a").state_dict, Run.load(tmp_path / "b").state_dict
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
 
@@ -164,11 +164,10 @@ def test_fit_never_imports_a_backbone(static_set, tmp_path):
 def test_fit_standardises_inputs_with_training_statistics(static_set, tmp_path):
     import h5py
 
-    from faster.aggregate.train import load_run
     from faster.store.reader import list_shards
 
     fit(_cfg(static_set, tmp_path / "std", "fastgru", epochs=1, val=[static_set]))  # train = every video
-    _, agg = load_run(str(tmp_path / "std"))
+    agg = Run.load(tmp_path / "std").aggregator()
     for src, model, positions in (("expensive", "exp", [0, 2]), ("cheap", "chp", [1, 3])):  # 1:1 at 4 clips
         maps = []
         for shard in list_shards(static_set):
@@ -180,6 +179,6 @@ def test_fit_standardises_inputs_with_training_statistics(static_set, tmp_path):
         np.testing.assert_allclose(align.in_std.numpy(), x.std(0), rtol=1e-4, atol=1e-5)
 
     fit(_cfg(static_set, tmp_path / "raw", "fastgru", epochs=1, standardize=False))
-    _, agg = load_run(str(tmp_path / "raw"))
+    agg = Run.load(tmp_path / "raw").aggregator()
     assert torch.equal(agg.align["expensive"].in_mean, torch.zeros(16))
     assert torch.equal(agg.align["expensive"].in_std, torch.ones(16))

@@ -1,5 +1,6 @@
 """faster predict: agrees with evaluate, runs only the backbone the pattern names, samples the run's
 clip positions, checks backbone weights against the run's provenance, skips broken videos."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def test_only_the_backbone_the_pattern_names_runs(world, pattern):
     assert predictor.calls == {m: calls[m] for m in predictor.backbones}
     assert [s["model"] for s in record["online"]] == [E if m else C for m in mask]
     assert (record["num_expensive"], record["num_cheap"]) == (n_e, N - n_e)
-    spec = predictor.spec
+    spec = predictor.run
     per_clip = {m: spec.models[m]["gflops_per_clip"] for m in spec.models}
     assert record["gflops"] == pytest.approx(n_e * per_clip[E] + (N - n_e) * per_clip[C] + spec.agg_gflops)
     # the prediction after the last clip is the video's prediction
@@ -126,11 +127,10 @@ def test_predict_on_cuda_agrees_with_evaluate(world, tmp_path):
 def test_num_clips_subset_decodes_the_runs_positions(world):
     run = world["run"]("1:1", 2)
     predictor = Predictor(run, device="cpu")
-    assert predictor.spec.positions == patterns.subset_positions(N, 2) == [0, 3]
-    items = list_videos([str(world["videos"])], predictor.spec.classes)[:2]
-    full = predictor.spec.__class__(**{**predictor.spec.__dict__, "positions": list(range(N)),
-                                       "mask": [True] * N})
-    subset = {it.id: d.frames for it, d in decoded_videos(items, predictor.spec, workers=0)}
+    assert predictor.run.positions == patterns.subset_positions(N, 2) == [0, 3]
+    items = list_videos([str(world["videos"])], predictor.run.classes)[:2]
+    full = dataclasses.replace(predictor.run, positions=list(range(N)), mask=[True] * N)
+    subset = {it.id: d.frames for it, d in decoded_videos(items, predictor.run, workers=0)}
     whole = {it.id: d.frames for it, d in decoded_videos(items, full, workers=0)}
     for vid in subset:
         assert subset[vid].shape == (2, 8, 32, 32, 3)
@@ -171,9 +171,9 @@ def test_weights_provenance_end_to_end(world, tmp_path):
     dst.mkdir()
     weights = tmp_path / "e.pt"
     sha = models.save_weights(models.build(E, seed=3), weights)
-    ck = rundir.load_checkpoint(src)
-    ck["models"][E] = {**ck["models"][E], "weights": sha}
-    rundir.save_checkpoint(dst / rundir.CHECKPOINT, {k: v for k, v in ck.items() if k not in ("format", "version")})
+    ck = rundir.Run.load(src)
+    ck.models[E] = {**ck.models[E], "weights": sha}
+    ck.save(dst)
 
     predictor = Predictor(dst, {E: str(weights)}, device="cpu")
     assert predictor.backbones[E].weights == sha

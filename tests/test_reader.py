@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import helpers
+
 from faster.store.reader import FeatureSet
 from faster.store.writer import ShardWriter, next_seq
 
@@ -18,15 +20,11 @@ CODE = {"exp": 1000.0, "chp": 2000.0}  # feature value = CODE[model] + 10 * vide
 def write_set(out, models, videos, *, classes=("a", "b"), starts_shift=0, part=0, clip_len=8, shard_size=3):
     """Write videos (ints) with every feature equal to CODE[model] + 10 * video + clip position."""
     out.mkdir(parents=True, exist_ok=True)
-    attrs = {"clip_len": clip_len, "num_clips": N, "frame_stride": 1, "size": 32, "classes": list(classes),
-             "software_version": "test", "torch_version": "test"}
-    model_attrs = {m: {"gflops_per_clip": 1.0, "layer": "res5", "weights": "random-init:seed=0",
-                       "mean": [0.5] * 3, "std": [0.25] * 3, "compute_dtype": "float32"} for m in models}
+    head = helpers.header(models, num_clips=N, clip_len=clip_len, classes=classes)
     videos = list(videos)
     for k in range(0, len(videos), shard_size):
         chunk = videos[k:k + shard_size]
-        with ShardWriter(out, part=part, seq=next_seq(out, part), attrs=attrs, model_attrs=model_attrs,
-                         capacity=len(chunk)) as w:
+        with ShardWriter(out, part=part, seq=next_seq(out, part), header=head, capacity=len(chunk)) as w:
             for v in chunk:
                 feats = {m: np.broadcast_to((CODE[m] + 10 * v + np.arange(N))[:, None, None, None, None],
                                             (N, *SHAPE)) for m in models}

@@ -2,7 +2,7 @@
 import pytest
 
 from faster.aggregate import patterns
-from faster.extract.sampling import clip_span, clip_starts, frame_indices
+from faster.sampling import clip_span, clip_starts, frame_indices
 
 
 def test_starts_follow_the_formula():

@@ -1,24 +1,25 @@
 """The shard format: writer (temporary name, rename), manifests and failures, verify."""
+import dataclasses
 import json
 
 import h5py
 import numpy as np
 import pytest
 
+import helpers
+
 from faster.store import manifest as mf
 from faster.store import schema
 from faster.store.verify import verify
-from faster.store.writer import ShardWriter, next_seq, sha256_file
+from faster.store.files import sha256_file
+from faster.store.writer import ShardWriter, next_seq
 
 N, SHAPE = 3, (1, 2, 2, 4)  # clips per video; per clip (T', H', W', C)
-ATTRS = {"clip_len": 8, "num_clips": N, "frame_stride": 1, "size": 32, "classes": ["a", "b"],
-         "software_version": "0.1.0", "torch_version": "2.0"}
-MODEL_ATTRS = {"m": {"gflops_per_clip": 0.5, "layer": "res5", "weights": "random-init:seed=0",
-                     "mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2], "compute_dtype": "float32"}}
+HEADER = helpers.header(["m"], num_clips=N, gflops=0.5, mean=0.4, std=0.2, software_version="0.1.0")
 
 
 def write_shard(out, part, ids, value=1.0, split=None):
-    with ShardWriter(out, part=part, seq=next_seq(out, part), attrs=ATTRS, model_attrs=MODEL_ATTRS,
+    with ShardWriter(out, part=part, seq=next_seq(out, part), header=HEADER,
                      capacity=len(ids)) as w:
         for k, i in enumerate(ids):
             w.add(id=i, label=k % 2, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
@@ -43,7 +44,7 @@ def test_writer_renames_when_complete_and_stores_the_schema(tmp_path):
 
 def test_writer_deletes_its_temporary_file_when_an_exception_escapes(tmp_path):
     with pytest.raises(RuntimeError):
-        with ShardWriter(tmp_path, part=0, seq=0, attrs=ATTRS, model_attrs=MODEL_ATTRS, capacity=2) as w:
+        with ShardWriter(tmp_path, part=0, seq=0, header=HEADER, capacity=2) as w:
             w.add(id="x", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
                   features={"m": np.zeros((N, *SHAPE))})
             assert w.tmp_path.exists() and not list(tmp_path.glob(schema.SHARD_GLOB))
@@ -55,8 +56,8 @@ def test_writer_accepts_str_subclasses_as_attributes(tmp_path):
     class Version(str):
         pass
 
-    attrs = {**ATTRS, "torch_version": Version("2.14.1+cu130")}
-    with ShardWriter(tmp_path, part=0, seq=0, attrs=attrs, model_attrs=MODEL_ATTRS, capacity=1) as w:
+    head = dataclasses.replace(HEADER, torch_version=Version("2.14.1+cu130"))
+    with ShardWriter(tmp_path, part=0, seq=0, header=head, capacity=1) as w:
         w.add(id="x", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12], features={"m": np.zeros((N, *SHAPE))})
     with h5py.File(w.path) as f:
         assert f.attrs["torch_version"] == "2.14.1+cu130"
@@ -111,7 +112,7 @@ def test_verify_reports_problems(tmp_path, damage):
         (tmp_path / "shard-00002-000000.h5").write_text("junk")
         expect = "cannot be opened"
     else:
-        with ShardWriter(tmp_path, part=5, seq=0, attrs={**ATTRS, "clip_len": 16}, model_attrs=MODEL_ATTRS,
+        with ShardWriter(tmp_path, part=5, seq=0, header=dataclasses.replace(HEADER, clip_len=16),
                          capacity=1) as w2:
             w2.add(id="z", label=0, num_frames=20, fps=30.0, clip_start=[0, 2, 4],
                    features={"m": np.zeros((N, *SHAPE))})

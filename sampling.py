@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from faster.errors import BadValue
+
 
 def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
@@ -22,9 +24,9 @@ def clip_span(clip_len: int, frame_stride: int = 1) -> int:
 def clip_starts(num_frames: int, num_clips: int, clip_len: int, frame_stride: int = 1) -> list[int]:
     """First frame of each of ``num_clips`` clips, spread evenly over ``num_frames`` frames."""
     if num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        raise BadValue(f"num_frames must be >= 1, got {num_frames}")
     if num_clips < 1 or clip_len < 1 or frame_stride < 1:
-        raise ValueError(f"num_clips, clip_len and frame_stride must be >= 1, got "
+        raise BadValue(f"num_clips, clip_len and frame_stride must be >= 1, got "
                          f"{num_clips}, {clip_len}, {frame_stride}")
     room = max(num_frames - clip_span(clip_len, frame_stride), 0)
     if num_clips == 1:

@@ -1,0 +1,87 @@
+"""Running backbones over uint8 clips: the one forward shared by extraction and predict.
+
+``BackboneRunner`` takes clips as decoded, (B, L, S, S, 3) uint8 on the device, and for one
+backbone: scales and normalises them with the backbone's mean/std on the device (cheaper than on
+the decoding CPU, PITFALLS), lays them out channels_last_3d on CUDA (model and input both), runs
+the backbone under bf16 autocast when asked, and rounds the res5 map to float16, the dtype of the
+shards, so that what predict feeds an aggregator equals what it was fitted on. On CUDA the batch
+shape is kept fixed (the last batch padded) so cudnn.benchmark tunes once, and on out-of-memory
+the batch is halved and the work goes on.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from faster.extract import video as vid
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class BackboneRunner:
+    """Backbones (name -> module with ``.mean``/``.std``) on ``device``, ``batch_size`` clips per forward.
+
+    ``amp``: run under bf16 autocast (extraction on a bf16-capable GPU, or predict of a run whose
+    features were computed so). ``calls[name]`` counts the clips each backbone has processed.
+    """
+
+    def __init__(self, models: dict[str, "nn.Module"], device: "torch.device", *, batch_size: int = 8,
+                 amp: bool = False):
+        import torch
+
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.amp = bool(amp)
+        self.batch_size = int(batch_size)
+        self.models = {}
+        for name, model in models.items():
+            model = model.to(self.device).eval()
+            if self.cuda:
+                model = model.to(memory_format=torch.channels_last_3d)
+            self.models[name] = model
+        self.calls = {name: 0 for name in self.models}
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.amp else "float32"
+
+    def _forward(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
+        import torch
+
+        model = self.models[name]
+        b = clips.shape[0]
+        if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
+            clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
+        x = vid.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
+        if self.cuda:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            y = model(x)  # (B, C, T', H', W')
+        return y[:b].to(torch.float16)
+
+    def __call__(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
+        """res5 maps (B, C, T', H', W') float16 on the device of ``clips`` (B, L, S, S, 3) uint8."""
+        import torch
+
+        clips = clips.to(self.device, non_blocking=True)
+        pieces: list[torch.Tensor] = []
+        start = 0
+        while start < clips.shape[0]:
+            piece = clips[start:start + self.batch_size]
+            try:
+                pieces.append(self._forward(name, piece))
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise RuntimeError("CUDA out of memory with a batch of one clip: use a smaller --size, "
+                                       "fewer --model, or a larger GPU") from None
+                self.batch_size = max(1, self.batch_size // 2)
+                torch.cuda.empty_cache()
+                log.warning("CUDA out of memory: batch size halved to %d clips", self.batch_size)
+                continue
+            start += piece.shape[0]
+        self.calls[name] += int(clips.shape[0])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

@@ -1,0 +1,225 @@
+"""The typed header of a feature set (docs/format.md "Shard schema"): one place that writes it to a
+shard's HDF5 attributes, reads it back, and compares two of them.
+
+A ``Header`` is what an extraction configuration fixes: clip_len, num_clips, frame_stride, size,
+the class list, and per model its provenance (``ModelHeader``: layer, weights, mean, std,
+compute_dtype, gflops_per_clip). Every shard of a directory carries the same header; resume,
+verify, the reader and ablate all read it through :func:`read_header`, and the resume refusal and
+verify's consistency check both use :func:`config_diff`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from faster.errors import BadFile
+from faster.store import schema
+
+# The per-model attributes that define a configuration (gflops_per_clip is a cost, not an identity).
+MODEL_CONFIG = ("layer", "weights", "mean", "std", "compute_dtype")
+
+
+def plain_attr(value: Any) -> Any:
+    """An HDF5 attribute as plain Python: bytes -> str, arrays -> lists, numpy scalars -> Python scalars."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        return [plain_attr(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _h5_value(value: Any) -> Any:
+    return str(value) if isinstance(value, str) else value  # str subclasses (torch.__version__) have no HDF5 type
+
+
+@dataclass
+class ModelHeader:
+    """One model's provenance and cost, the attributes of ``/features/<model>``."""
+
+    gflops_per_clip: float | None = None  # multiply-adds per clip / 1e9 (the paper's convention)
+    layer: str | None = None  # the stage whose map is stored: "res5", "layer4", ...
+    weights: str | None = None  # sha256 of the weights file, or random-init:seed=S
+    mean: list[float] | None = None  # the normalisation the backbone's input had
+    std: list[float] | None = None
+    compute_dtype: str | None = None  # "float32" or "bfloat16": what the backbone ran in
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> "ModelHeader":
+        """From HDF5 attributes or a dict; unknown keys are ignored, absent ones stay None."""
+        return cls(**{f.name: plain_attr(attrs[f.name]) for f in fields(cls) if f.name in attrs})
+
+    def attrs(self) -> dict[str, Any]:
+        """The attributes that are set (plain Python values)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def write(self, ds: Any) -> None:
+        for key, value in self.attrs().items():
+            ds.attrs[key] = _h5_value(value)
+
+
+@dataclass
+class Header:
+    """A feature set's extraction configuration and its models' provenance (the root attributes)."""
+
+    clip_len: int  # L, frames per clip
+    num_clips: int  # N, clips per video
+    frame_stride: int  # frame step inside a clip
+    size: int  # crop size in pixels
+    classes: list[str]  # class names; labels index them
+    models: dict[str, ModelHeader] = field(default_factory=dict)
+    software_version: str = ""  # faster's version that wrote the shard
+    torch_version: str = ""
+
+    def __post_init__(self) -> None:
+        self.classes = list(self.classes)
+        self.models = {m: h if isinstance(h, ModelHeader) else ModelHeader.from_attrs(h) for m, h in self.models.items()}
+
+    @property
+    def extraction(self) -> dict[str, int]:
+        """clip_len, num_clips, frame_stride and size: what a run records of the features it read."""
+        return {k: int(getattr(self, k)) for k in ("clip_len", "num_clips", "frame_stride", "size")}
+
+    def config(self) -> dict[str, Any]:
+        """What a feature-set directory must never mix, as plain JSON (kept in the part manifests)."""
+        return {**self.extraction, "classes": list(self.classes),
+                "models": {m: {k: h.attrs().get(k) for k in MODEL_CONFIG} for m, h in self.models.items()}}
+
+    def root_attrs(self) -> dict[str, Any]:
+        return {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, **self.extraction,
+                "classes": json.dumps(list(self.classes)), "software_version": str(self.software_version),
+                "torch_version": str(self.torch_version)}
+
+    def write(self, f: Any) -> None:
+        """The root attributes of an open HDF5 file (the models' go on their datasets: ModelHeader.write)."""
+        for key, value in self.root_attrs().items():
+            f.attrs[key] = _h5_value(value)
+
+    @classmethod
+    def read(cls, f: Any, where: str | Path) -> "Header":
+        """The header of an open shard; BadFile naming ``where`` when the format or an attribute is wrong."""
+        a = f.attrs
+        fmt = plain_attr(a.get("format"))
+        if fmt != schema.FORMAT:
+            raise BadFile(f"{where}: format {fmt!r}, expected {schema.FORMAT!r}")
+        version = plain_attr(a.get("format_version"))
+        if version != schema.FORMAT_VERSION:
+            raise BadFile(f"{where}: format_version {version!r}; this reader knows {schema.FORMAT_VERSION}")
+        missing = [k for k in schema.CONFIG_ATTRS if k not in a]
+        if missing:
+            raise BadFile(f"{where}: missing root attributes {missing}")
+        try:
+            classes = json.loads(plain_attr(a["classes"]))
+            if not isinstance(classes, list):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise BadFile(f"{where}: attribute classes is not a JSON list") from None
+        models = {name: ModelHeader.from_attrs(ds.attrs) for name, ds in f["features"].items()} if "features" in f else {}
+        return cls(clip_len=int(plain_attr(a["clip_len"])), num_clips=int(plain_attr(a["num_clips"])),
+                   frame_stride=int(plain_attr(a["frame_stride"])), size=int(plain_attr(a["size"])),
+                   classes=classes, models=models, software_version=str(plain_attr(a.get("software_version", ""))),
+                   torch_version=str(plain_attr(a.get("torch_version", ""))))
+
+
+def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str = "there", b_name: str = "here") -> list[str]:
+    """Human-readable differences between two ``Header.config()`` dicts (empty when they agree):
+    "<key> <a's value> in <a_name>, <b's value> in <b_name>"."""
+    def say(what: str, x: Any, y: Any) -> str:
+        return f"{what} {x} in {a_name}, {y} in {b_name}"
+
+    diffs = [say(k, a.get(k), b.get(k)) for k in ("clip_len", "num_clips", "frame_stride", "size")
+             if a.get(k) != b.get(k)]
+    ca, cb = list(a.get("classes") or []), list(b.get("classes") or [])
+    if ca != cb:
+        diffs.append(f"classes differ ({len(ca)} in {a_name}, {len(cb)} in {b_name})")
+    ma, mb = a.get("models") or {}, b.get("models") or {}
+    if set(ma) != set(mb):
+        diffs.append(say("models", sorted(ma), sorted(mb)))
+    for m in sorted(set(ma) & set(mb)):
+        for k in MODEL_CONFIG:
+            x, y = ma[m].get(k), mb[m].get(k)
+            if k in ("mean", "std"):
+                same = x is not None and y is not None and np.allclose(np.asarray(x, float), np.asarray(y, float))
+            else:
+                same = x == y
+            if not same:
+                diffs.append(say(f"{m} {k}", x, y))
+    return diffs
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model's features in a shard or a feature set."""
+
+    name: str
+    shape: tuple[int, int, int, int]  # per clip: (T', H', W', C), channels last as stored
+    attrs: dict[str, Any] = field(default_factory=dict)  # ModelHeader.attrs(): provenance and cost
+    compression: str | None = None
+
+    @property
+    def channels_first(self) -> list[int]:
+        """[C, T', H', W']: the shape an aggregator's source is built with."""
+        t, h, w, c = self.shape
+        return [c, t, h, w]
+
+    @property
+    def gflops_per_clip(self) -> float:
+        return float(self.attrs.get("gflops_per_clip", float("nan")))
+
+
+@dataclass
+class ShardHeader:
+    """What a shard holds, without its features: header, video table, feature shapes."""
+
+    path: Path
+    header: Header
+    ids: list[str]
+    labels: np.ndarray  # (V,) int64
+    clip_start: np.ndarray  # (V, N) int64
+    models: dict[str, ModelInfo]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.header.config()
+
+
+def read_header(path: str | Path) -> ShardHeader:
+    """A shard's header, video table and feature shapes (no features); BadFile naming the file."""
+    import h5py
+
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise BadFile(f"{path}: not a readable HDF5 shard: cannot be opened ({err})") from None
+    with f:
+        header = Header.read(f, path)
+        for name in schema.VIDEO_FIELDS:
+            if f"videos/{name}" not in f:
+                raise BadFile(f"{path}: missing dataset videos/{name}")
+        try:
+            ids = [str(s) for s in f["videos/id"].asstr()[()]]
+            labels = np.asarray(f["videos/label"][()], dtype=np.int64)
+            clip_start = np.asarray(f["videos/clip_start"][()], dtype=np.int64)
+        except (OSError, KeyError, TypeError) as err:
+            raise BadFile(f"{path}: cannot read the video table ({err})") from None
+        V, N = len(ids), header.num_clips
+        if labels.shape != (V,) or clip_start.shape != (V, N):
+            raise BadFile(f"{path}: videos/label {labels.shape} or videos/clip_start {clip_start.shape} "
+                          f"do not match {V} videos x {N} clips")
+        if "features" not in f or not len(f["features"]):
+            raise BadFile(f"{path}: no features")
+        models = {}
+        for name, ds in f["features"].items():
+            if ds.ndim != len(schema.FEATURE_AXES) or ds.shape[0] != V or ds.shape[1] != N:
+                raise BadFile(f"{path}: features/{name} has shape {ds.shape}, expected ({V}, {N}, T', H', W', C)")
+            if ds.dtype != np.dtype(schema.FEATURE_DTYPE):
+                raise BadFile(f"{path}: features/{name} is {ds.dtype}, expected {schema.FEATURE_DTYPE}")
+            models[name] = ModelInfo(name, tuple(int(s) for s in ds.shape[2:]), header.models[name].attrs(),
+                                     ds.compression)
+    return ShardHeader(path, header, ids, labels, clip_start, models)
