@@ -1,4 +1,4 @@
-"""A fitted run as a typed artifact (docs/runs.md): one place saves it, loads it and rebuilds it.
+"""A fitted run as a typed artifact (docs/format.md "Run directory"): one place saves it, loads it and rebuilds it.
 
 A run directory, written by `faster fit` (and by every cell of `faster ablate`):
 

@@ -1,4 +1,4 @@
-"""Decoding videos in worker processes for extraction and predict (docs/extract.md "Decoding").
+"""Decoding videos in worker processes for extraction and predict (README "faster extract").
 
 ``DecodePool`` decodes each video in one of ``workers`` processes so that decoding overlaps the
 model and a decoder that hangs (decord can, holding the GIL, PITFALLS) or dies is killed after

@@ -5,7 +5,7 @@ video (N x L = 256 by default), each passed through the clip-level backbones who
 aggregators of the second stage consume (Eq. 1-6). Here the maps are computed once and cached
 (docs/format.md) so any expensive:cheap pattern can be composed later.
 
-One process of an extraction (docs/extract.md):
+One process of an extraction (README "faster extract"):
 
   decoders.DecodePool --uint8 frames--> run loop (this module) --> runner.BackboneRunner --> store FeatureSetWriter
   worker processes, killed on timeout    batches clips across videos   normalise, bf16, fp16      shards, manifest

@@ -1,6 +1,6 @@
 """Finding the videos of a collection and decoding the clips FASTER needs from each.
 
-Discovery (DESIGN.md "Command line"): folder-per-class (``ROOT/<class>/.../<video>``, classes
+Discovery (README "faster extract"): folder-per-class (``ROOT/<class>/.../<video>``, classes
 sorted by name), an annotation CSV (``path,label``, or Kinetics' ``label,youtube_id,time_start,
 time_end,split`` whose files are named ``<youtube_id>_<start:06d>_<end:06d>.<ext>``), or
 unlabelled. Only video extensions are considered; ids are POSIX paths relative to the root.
@@ -326,7 +326,7 @@ def check_positions(positions: list[int] | None, num_clips: int) -> list[int] | 
 
 def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
                  out: np.ndarray | None = None, positions: list[int] | None = None) -> DecodedVideo:
-    """Decode the ``num_clips`` uniformly sampled clips of one video (DESIGN.md "Clip sampling").
+    """Decode the ``num_clips`` uniformly sampled clips of one video (docs/format.md "Clip sampling").
 
     ``positions``, when given, keeps only those of the ``num_clips`` clips (a fitted run's subset,
     for predict): their frames are exactly the ones a full decode gives at those positions.

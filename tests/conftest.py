@@ -13,3 +13,14 @@ def one_thread():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         yield
+
+
+@pytest.fixture(scope="session")
+def motion_videos(tmp_path_factory):
+    """ROOT/<class>/<class>_<i>.mp4: two motion classes (left, right), two 16-frame 32 px videos each."""
+    pytest.importorskip("av")
+    from faster import synthetic
+
+    root = tmp_path_factory.mktemp("motion")
+    synthetic.make_motion_dataset(root, classes=("left", "right"), per_class=2, frames=16, size=32)
+    return root

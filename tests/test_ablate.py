@@ -121,6 +121,7 @@ def test_plot_file_is_a_png(tmp_path):
 FAST = {"epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu"}
 
 
+@pytest.mark.slow
 def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monkeypatch):
     feats = write_features(tmp_path / "f8")
     out = tmp_path / "grid"
@@ -156,6 +157,7 @@ def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monk
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()} == mtimes
 
 
+@pytest.mark.slow
 def test_adding_an_aggregator_trains_only_its_column_and_clip_lengths_accumulate(tmp_path, monkeypatch):
     f8, f16 = write_features(tmp_path / "f8"), write_features(tmp_path / "f16", clip_len=16, num_clips=4)
     out = tmp_path / "grid"
@@ -181,6 +183,7 @@ def test_adding_an_aggregator_trains_only_its_column_and_clip_lengths_accumulate
     assert "8-frames x 4-clips V@1" in md and "16-frames x 4-clips V@1" in md
 
 
+@pytest.mark.slow
 def test_ablate_cli_runs_a_grid_in_parallel(tmp_path):
     feats = write_features(tmp_path / "f8")
     out = tmp_path / "grid"
@@ -204,6 +207,7 @@ def test_ablate_cli_names_bad_values(tmp_path):
     assert result.exit_code == 2 and "2,x" in result.output
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_reported_and_retried_while_the_others_are_kept(tmp_path, monkeypatch):
     feats = write_features(tmp_path / "f8", num_clips=4)
     out = tmp_path / "grid"

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from faster.cli import cli
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_end_to_end_and_prints_the_table(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(out)])
@@ -53,3 +54,20 @@ def test_plain_motion_videos_differ_only_by_the_square_and_reject_unknown_styles
         synthetic.motion_frames("left", style="noisy")
     with pytest.raises(ValueError, match="speed"):
         synthetic.motion_frames("left", speed=(2.0, 1.0))
+
+
+def test_motion_dataset_is_deterministic_and_classes_are_directions():
+    from faster import synthetic
+
+    a = synthetic.motion_frames("left", frames=8, size=64, seed=3)
+    np.testing.assert_array_equal(a, synthetic.motion_frames("left", frames=8, size=64, seed=3))
+    # Frame t+1 is frame t's square shifted k >= 0 pixels to the left (wrapping at the border).
+    mask = a.min(axis=-1) >= 180
+    shifts = []
+    for t in range(len(mask) - 1):
+        ks = [k for k in range(5) if np.array_equal(np.roll(mask[t], -k, axis=1), mask[t + 1])]
+        assert ks, f"frame {t + 1} is not frame {t} moved left"
+        shifts.append(ks[0])
+    assert sum(shifts) >= len(shifts)  # 1-2 px per frame at 64 px
+    with pytest.raises(ValueError, match="sideways"):
+        synthetic.motion_frames("sideways")

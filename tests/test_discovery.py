@@ -1,8 +1,8 @@
-"""Finding videos (folders, path,label CSV, Kinetics CSV, unlabelled) and decoding their clips."""
-import numpy as np
+"""Finding videos: folders, path,label CSV, Kinetics CSV, unlabelled (faster.extract.video.discover)."""
+import shutil
+
 import pytest
 
-from faster import sampling
 from faster.extract import video as vid
 
 av = pytest.importorskip("av")
@@ -10,10 +10,10 @@ from faster import synthetic  # noqa: E402  (needs av)
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory):
+def root(motion_videos, tmp_path_factory):
     """ROOT/<class>/<class>_<i>.mp4 for two classes, plus a note and a hidden file that are not videos."""
-    r = tmp_path_factory.mktemp("videos")
-    synthetic.make_motion_dataset(r, classes=("left", "right"), per_class=2, frames=16, size=32)
+    r = tmp_path_factory.mktemp("videos") / "root"
+    shutil.copytree(motion_videos, r)
     (r / "left" / "notes.txt").write_text("not a video")
     (r / "right" / "._right_000.mp4").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble junk
     return r
@@ -105,86 +105,3 @@ def test_csv_label_outside_the_class_list_is_refused(root, tmp_path):
     classes.write_text("left\nright\n")
     with pytest.raises(ValueError, match="jumping"):
         vid.discover(root, annotations=csv, classes_file=classes)
-
-
-def test_resize_size_short_side_is_size_times_8_over_7():
-    assert vid.resize_size(256, 340, 224) == (256, 340)  # Kinetics 340x256: already 256 on the short side
-    assert vid.resize_size(480, 640, 224) == (256, 341)
-    assert vid.resize_size(640, 480, 112) == (171, 128)
-
-
-def test_decoded_clips_start_where_sampling_says_and_hold_those_frames(root):
-    import decord
-    import torch
-
-    path = root / "left" / "left_000.mp4"
-    d = vid.decode_clips(path, num_clips=3, clip_len=4, size=16, frame_stride=2)
-    assert d.num_frames == 16 and not d.short and d.fps == pytest.approx(30.0)
-    assert d.clip_start == sampling.clip_starts(16, 3, 4, 2) == [0, 5, 9]  # round(4.5) = 5: half up
-    assert d.frames.shape == (3, 4, 16, 16, 3) and d.frames.dtype == np.uint8
-    vr = decord.VideoReader(str(path), num_threads=1)
-    for i, start in enumerate(d.clip_start):
-        want = vid.resize_crop(torch.from_numpy(vr.get_batch([start + 2 * j for j in range(4)]).asnumpy()), 16)
-        np.testing.assert_array_equal(d.frames[i], want.numpy())
-
-
-def test_video_shorter_than_a_clip_repeats_its_last_frame(tmp_path):
-    path = synthetic.write_video(tmp_path / "short.mp4", synthetic.motion_frames("right", frames=3, size=32))
-    d = vid.decode_clips(path, num_clips=2, clip_len=8, size=16)
-    assert d.short and d.num_frames == 3 and d.clip_start == [0, 0]
-    for j in range(3, 8):
-        np.testing.assert_array_equal(d.frames[0, j], d.frames[0, 2])
-    assert not np.array_equal(d.frames[0, 0], d.frames[0, 2])  # the square moved
-
-
-@pytest.mark.parametrize("kind", ["empty", "text", "truncated", "audio-only"])
-def test_broken_files_raise_decode_error_at_open(tmp_path, kind):
-    path = tmp_path / f"{kind}.mp4"
-    if kind == "empty":
-        path.write_bytes(b"")
-    elif kind == "text":
-        path.write_text("hello\n" * 50)
-    elif kind == "truncated":
-        good = synthetic.write_video(tmp_path / "good.mp4", synthetic.motion_frames("up", frames=8, size=32))
-        path.write_bytes(good.read_bytes()[:500])
-    else:
-        synthetic.write_audio_only(path)
-    with pytest.raises(vid.DecodeError) as info:
-        vid.decode_clips(path, num_clips=2, clip_len=4, size=16)
-    assert info.value.stage == "open"
-
-
-def test_normalise_clips_layout_and_values():
-    import torch
-
-    clips = torch.full((2, 4, 8, 8, 3), 255, dtype=torch.uint8)
-    clips[..., 1] = 0
-    x = vid.normalise_clips(clips, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
-    assert x.shape == (2, 3, 4, 8, 8)
-    assert torch.allclose(x[:, 0], torch.tensor(2.0)) and torch.allclose(x[:, 1], torch.tensor(-1.0))
-    assert torch.allclose(x[:, 2], torch.tensor(0.5))
-
-
-def test_motion_dataset_is_deterministic_and_classes_are_directions():
-    a = synthetic.motion_frames("left", frames=8, size=64, seed=3)
-    np.testing.assert_array_equal(a, synthetic.motion_frames("left", frames=8, size=64, seed=3))
-    # Frame t+1 is frame t's square shifted k >= 0 pixels to the left (wrapping at the border).
-    mask = a.min(axis=-1) >= 180
-    shifts = []
-    for t in range(len(mask) - 1):
-        ks = [k for k in range(5) if np.array_equal(np.roll(mask[t], -k, axis=1), mask[t + 1])]
-        assert ks, f"frame {t + 1} is not frame {t} moved left"
-        shifts.append(ks[0])
-    assert sum(shifts) >= len(shifts)  # 1-2 px per frame at 64 px
-    with pytest.raises(ValueError, match="sideways"):
-        synthetic.motion_frames("sideways")
-
-
-def test_positions_decode_a_subset_of_the_clips_exactly(root):
-    path = root / "right" / "right_001.mp4"
-    full = vid.decode_clips(path, num_clips=4, clip_len=4, size=32)
-    part = vid.decode_clips(path, num_clips=4, clip_len=4, size=32, positions=[3, 0])
-    assert part.clip_start == [full.clip_start[3], full.clip_start[0]]
-    np.testing.assert_array_equal(part.frames, full.frames[[3, 0]])
-    with pytest.raises(ValueError, match="positions"):
-        vid.decode_clips(path, num_clips=4, clip_len=4, size=32, positions=[4])

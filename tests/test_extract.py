@@ -30,7 +30,7 @@ BROKEN = {"left/empty.mp4": "open", "left/truncated.mp4": "open", "right/text.mp
 GOOD = [f"{c}/{c}_{i:03d}.mp4" for c in ("left", "right") for i in range(3)] + ["right/short.mp4"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # end to end: real extractions
 DRIVER = [sys.executable, str(Path(__file__).resolve().parent / "extract_driver.py")]
 
 
@@ -261,41 +261,3 @@ def test_sigterm_closes_the_open_shard_and_stops_then_resume_completes(root, ref
     result = invoke(root, "-o", out, *OPTS, "--workers", "2")
     assert result.exit_code == 0, result.output
     assert sorted(read_features(out)) == sorted(GOOD) and failures(out) == BROKEN
-
-
-def test_placement_combines_torchrun_ranks_and_slurm_array_index():
-    from faster.runtime import cpu_threads, placement
-
-    p = placement(num_shards=4, shard_index=2, env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
-    assert (p.part, p.num_parts, p.local_rank) == (2 * 2 + 1, 8, 1)
-    assert placement(env={}).part == 0 and placement(env={}).num_parts == 1
-    with pytest.raises(ValueError, match="RANK=2"):
-        placement(env={"RANK": "2", "WORLD_SIZE": "2"})
-    with pytest.raises(ValueError, match="shard_index 3"):
-        placement(num_shards=3, shard_index=3, env={})
-    assert cpu_threads(2, env={"OMP_NUM_THREADS": "3"}) == 3
-    assert cpu_threads(0, env={}) >= cpu_threads(2, env={}) >= 1
-
-
-def test_decode_pool_recycles_workers_and_returns_every_video(root):
-    import queue
-
-    from faster.extract import video as vid
-    from faster.extract.decoders import Decoded, DecodePool
-
-    items = [it for it in vid.discover(root).items if it.id in GOOD]
-    got, pids = [], set()
-    with DecodePool(items, workers=2, num_clips=2, clip_len=8, size=32, recycle_every=2) as pool:
-        while True:
-            try:
-                r = pool.get(timeout=0.1)
-            except queue.Empty:
-                pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
-                continue
-            if r is None:
-                break
-            assert isinstance(r, Decoded) and tuple(r.frames.shape) == (2, 8, 32, 32, 3)
-            got.append(r.item.id)
-            pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
-    assert sorted(got) == sorted(GOOD)
-    assert len(pids) >= 3  # 7 videos, 2 per worker process: workers were replaced

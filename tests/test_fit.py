@@ -147,6 +147,7 @@ def test_fit_is_deterministic_on_cpu_and_honours_a_val_set(static_set, tmp_path)
     assert (tmp_path / "a" / "metrics.jsonl").read_text().count("\n") == 2
 
 
+@pytest.mark.slow
 def test_fit_never_imports_a_backbone(static_set, tmp_path):
     code = ("import sys, json\nfrom faster.cli import cli\n"
             "try:\n"

@@ -52,6 +52,7 @@ def _predict(world, run, out, **kw):
     return predict(cfg), _lines(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern,num_clips", [("1:1", None), ("first", 2)])
 def test_predict_agrees_with_evaluate(world, tmp_path, pattern, num_clips):
     run = world["run"](pattern, num_clips)
@@ -70,6 +71,7 @@ def test_predict_agrees_with_evaluate(world, tmp_path, pattern, num_clips):
         assert p["seconds"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["first", "1:1", "all-c", "all-e"])
 def test_only_the_backbone_the_pattern_names_runs(world, pattern):
     run = world["run"](pattern)
@@ -102,6 +104,7 @@ def test_only_the_backbone_the_pattern_names_runs(world, pattern):
     assert len(record["online"]) == N
 
 
+@pytest.mark.slow
 def test_chunking_does_not_change_the_prediction(world):
     run = world["run"]("first")
     clips = torch.randint(0, 255, (N, 8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -113,6 +116,7 @@ def test_chunking_does_not_change_the_prediction(world):
     assert len(set(tuple(np.round(s["probs"], 4)) for s in one["online"])) > 1  # the running prediction moves
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_predict_on_cuda_agrees_with_evaluate(world, tmp_path):
     run = world["run"]("1:1")
@@ -124,6 +128,7 @@ def test_predict_on_cuda_agrees_with_evaluate(world, tmp_path):
         np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
 
 
+@pytest.mark.slow
 def test_num_clips_subset_decodes_the_runs_positions(world):
     run = world["run"]("1:1", 2)
     predictor = Predictor(run, device="cpu")
@@ -160,6 +165,7 @@ def test_check_weights_decisions(tmp_path):
     assert check_weights("m", sha, "R2Plus1D_18_Weights.KINETICS400_V1") == ("R2Plus1D_18_Weights.KINETICS400_V1", 0)
 
 
+@pytest.mark.slow
 def test_weights_provenance_end_to_end(world, tmp_path):
     """A run whose expensive features came from a weights file: the same file rebuilds it; a missing or
     different file is one clear CLI error naming the model, the expected and the given."""
@@ -196,6 +202,7 @@ def test_weights_provenance_end_to_end(world, tmp_path):
     assert res.exit_code == 1 and "nosuch" in res.output
 
 
+@pytest.mark.slow
 def test_cli_skips_a_broken_video_and_goes_on(world, tmp_path):
     mixed = tmp_path / "mixed"
     mixed.mkdir()

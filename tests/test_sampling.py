@@ -1,7 +1,6 @@
-"""Clip sampling and E:C patterns, as DESIGN.md defines them."""
+"""Uniform clip sampling (faster.sampling), as docs/format.md "Clip sampling" defines it."""
 import pytest
 
-from faster.aggregate import patterns
 from faster.sampling import clip_span, clip_starts, frame_indices
 
 
@@ -34,33 +33,3 @@ def test_short_video_repeats_its_last_frame():
 def test_bad_sampling_arguments(bad):
     with pytest.raises(ValueError):
         clip_starts(*bad)
-
-
-def test_pattern_positions():
-    assert patterns.expensive_mask("first", 4) == [True, False, False, False]
-    assert patterns.expensive_mask("all-c", 3) == [False] * 3
-    assert patterns.expensive_mask("1:0", 3) == patterns.expensive_mask("all-e", 3) == [True] * 3
-    assert patterns.expensive_mask("1:1", 4) == [True, False, True, False]
-    assert patterns.counts("1:3", 16) == (4, 12)  # Table 4's example
-    assert patterns.counts("1:31", 32) == (1, 31)
-
-
-@pytest.mark.parametrize("pattern,n", [("1:2", 8), ("1:7", 4), ("1:15", 8)])
-def test_pattern_needs_divisible_clip_count(pattern, n):
-    assert not patterns.is_valid(pattern, n)
-    with pytest.raises(ValueError, match=repr(pattern)):
-        patterns.expensive_mask(pattern, n)
-
-
-@pytest.mark.parametrize("bad", ["2:1", "1:x", "all", "", "1:-1"])
-def test_unknown_pattern_names_the_value(bad):
-    with pytest.raises(ValueError, match="unknown pattern"):
-        patterns.check(bad)
-
-
-def test_subset_positions():
-    assert patterns.subset_positions(32, 4) == [0, 10, 21, 31]  # round(i*31/3), half up
-    assert patterns.subset_positions(8, 8) == list(range(8))
-    assert patterns.subset_positions(8, 1) == [0]
-    with pytest.raises(ValueError, match="--num-clips"):
-        patterns.subset_positions(8, 9)

@@ -135,3 +135,48 @@ def test_verify_cli_exit_codes(tmp_path):
         f["features/m"][0, 0, 0, 0, 0, 0] = np.inf
     result = CliRunner().invoke(cli, ["verify", str(tmp_path)])
     assert result.exit_code == 1 and "non-finite" in result.output
+
+
+def test_feature_set_writer_output_verifies_and_trains(tmp_path):
+    """The store's public writer, used as another tool would (docs/format.md): rollover, failures,
+    resume, then `faster verify` passes and `faster fit` learns the planted class."""
+    from click.testing import CliRunner
+
+    from faster.cli import cli
+    from faster.store.writer import FeatureSetWriter
+
+    head = helpers.header(["m"], num_clips=N, gflops=0.5)
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal((2, SHAPE[-1])).astype(np.float32)
+
+    def videos(ids):
+        for i in ids:
+            label = i % 2
+            x = rng.standard_normal((N, *SHAPE)).astype(np.float32) * 0.3 + 2.0 * direction[label]
+            yield dict(id=f"v{i:03d}.mp4", label=label, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                       features={"m": x})
+
+    with FeatureSetWriter(tmp_path, head, shard_size=16) as w:
+        for v in videos(range(40)):
+            w.add(**v)
+        w.fail("broken.mp4", "open", "moov atom not found")
+    assert w.shards_written == 3 and len(list(tmp_path.glob(schema.SHARD_GLOB))) == 3
+    with FeatureSetWriter(tmp_path, head, shard_size=16) as again:  # resume: only what is missing
+        assert len(again.done) == 40
+        for v in videos(range(40, 48)):
+            again.add(**v)
+    with pytest.raises(ValueError, match="another configuration"):
+        FeatureSetWriter(tmp_path, dataclasses.replace(head, clip_len=16))
+    merged = json.loads((tmp_path / mf.MANIFEST).read_text())
+    assert merged["num_videos"] == 48 and merged["num_failed"] == 1 and len(merged["shards"]) == 4
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["verify", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "4 shards, 48 videos, 1 failed (open 1)" in res.output
+    res = runner.invoke(cli, ["fit", str(tmp_path), "-o", str(tmp_path.parent / "run"), "--agg", "avg",
+                              "--expensive", "m", "--cheap", "m", "--pattern", "all-e", "--epochs", "5",
+                              "--lr", "0.05", "--val-fraction", "0.3"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path.parent / "run" / "result.json").read_text())
+    assert result["top1"] >= 0.9 and result["num_train"] + result["num_val"] == 48
