@@ -3,6 +3,7 @@
     python benchmarks/backbones.py                       # CPU, every full-size backbone, 8 x 112 x 112
     python benchmarks/backbones.py --size 224 --models r2plus1d50,r2d26,r3d50
     python benchmarks/backbones.py --device cuda --batch-size 16 --iters 20
+    python benchmarks/backbones.py --native --models zoo   # each real-weights backbone at its own input size
 
 On CUDA the backbones run as extraction runs them: bf16 autocast, channels_last_3d model and input,
 cudnn.benchmark with a fixed batch shape. Before timing, each model's bf16 output is checked once
@@ -21,6 +22,13 @@ import torch
 from faster.extract import models
 
 DEFAULT_MODELS = "r2plus1d50,r2d26,r3d50,r2plus1d_18,r3d_18,mc3_18"
+# backbones with published weights (docs/backbones.md); the pv_* ones need the extra "zoo"
+ZOO_MODELS = ("r2plus1d_34,r2plus1d_152,ir_csn_152,ip_csn_152,pv_r2plus1d_r50,pv_slow_r50,pv_x3d_xs,pv_x3d_s,"
+              "pv_x3d_m,pv_csn_r101")
+# (frames, px) for --native where the backbone has no .native_input: the paper's 8-frame clips at 224 px,
+# torchvision's Kinetics training clips (16 x 112)
+NATIVE = {"r2plus1d50": (8, 224), "r2d26": (8, 224), "r3d50": (8, 224), "r2plus1d_18": (16, 112),
+          "r3d_18": (16, 112), "mc3_18": (16, 112)}
 BF16_TOLERANCE = 0.05  # relative max error; bf16 has an 8-bit mantissa, a broken kernel is off by O(1)
 
 
@@ -46,7 +54,10 @@ def bf16_error(model: torch.nn.Module, clip: torch.Tensor) -> float:
 
 def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     model = models.build(name, seed=0)
-    clip = torch.randn(args.batch_size, 3, args.clip_len, args.size, args.size)  # (B, 3, L, H, W)
+    clip_len, size = args.clip_len, args.size
+    if args.native:
+        clip_len, size = getattr(model, "native_input", None) or NATIVE.get(name, (clip_len, size))
+    clip = torch.randn(args.batch_size, 3, clip_len, size, size)  # (B, 3, L, H, W)
     cuda = device.type == "cuda"
     err = None
     if cuda:
@@ -66,15 +77,20 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     for _ in range(args.iters):
         step()
     seconds = (time.perf_counter() - start) / args.iters
-    gflops = models.clip_gflops(name, args.clip_len, args.size)
+    gflops = models.clip_gflops(name, clip_len, size)
     clips_per_s = args.batch_size / seconds
-    return {"model": name, "gflops": gflops, "ms_per_clip": 1e3 * seconds / args.batch_size,
+    with torch.no_grad():
+        shape = tuple(model(clip[:1]).shape[1:])  # (C, T', H', W')
+    return {"model": name, "input": f"{clip_len}x{size}", "shape": "x".join(map(str, shape)), "gflops": gflops, "ms_per_clip": 1e3 * seconds / args.batch_size,
             "clips_per_s": clips_per_s, "gflop_per_s": clips_per_s * gflops, "bf16_err": err}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbone names")
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbone names; 'zoo' stands for "
+                   "the backbones with published weights")
+    p.add_argument("--native", action="store_true", help="each backbone at its native clip length and size "
+                   "(.native_input), instead of --clip-len / --size")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
     p.add_argument("--clip-len", type=int, default=8)
     p.add_argument("--size", type=int, default=112)
@@ -98,14 +114,16 @@ def main() -> None:
     else:
         hw = f"{cpu_model()}, {torch.get_num_threads()} threads, fp32"
     print(f"# {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {hw}")
-    print(f"# clip {args.clip_len} x {args.size} x {args.size}, batch {args.batch_size}, "
+    print(f"# clip {'native per model' if args.native else f'{args.clip_len} x {args.size} x {args.size}'}, "
+          f"batch {args.batch_size}, "
           f"{args.warmup} warm-up + {args.iters} timed forwards, random init")
-    cols = "| model | GFLOPs/clip | ms/clip | clips/s | GFLOP/s |" + (" bf16 rel. err |" if cuda else "")
+    cols = "| model | input | map (C x T' x H' x W') | GFLOPs/clip | ms/clip | clips/s | GFLOP/s |" + (
+        " bf16 rel. err |" if cuda else "")
     print(cols)
     print("|" + "---|" * (cols.count("|") - 1))
-    for name in args.models.split(","):
+    for name in args.models.replace("zoo", ZOO_MODELS).split(","):
         r = bench(name.strip(), args, device)
-        row = (f"| {r['model']} | {r['gflops']:.2f} | {r['ms_per_clip']:.1f} | {r['clips_per_s']:.2f} | "
+        row = (f"| {r['model']} | {r['input']} | {r['shape']} | {r['gflops']:.2f} | {r['ms_per_clip']:.1f} | {r['clips_per_s']:.2f} | "
                f"{r['gflop_per_s']:.1f} |")
         if cuda:
             row += f" {r['bf16_err']:.1e} |"

@@ -1,11 +1,14 @@
 """Clip backbones by name: the paper's R(2+1)D-50 and R2D-26 (Table 1), R3D-50 (Table 6), their tiny
-test variants, and torchvision's video ResNets (r2plus1d_18, r3d_18, mc3_18).
+test variants, torchvision's video ResNets (r2plus1d_18, r3d_18, mc3_18), VMZ's R(2+1)D-34 / -152 and
+ir- / ip-CSN-152 (:mod:`.vmz`), and pytorchvideo's zoo models (``pv_*``, :mod:`.pv`, optional extra
+``zoo``), each loading its publisher's weights files as they are (:mod:`.layouts`).
 
 ``build(name, weights=None, seed=0)`` returns a module in eval mode mapping float (B, 3, L, H, W),
 normalised with its ``.mean``/``.std``, to the last stage's map (B, C, T', H', W'), e.g.
 (B, 2048, L/8, 7, 7) at 224 px for the paper's models. The module carries ``.name``, ``.mean``,
 ``.std``, ``.layer`` ("res5" or "layer4"), ``.weights`` (sha256 of the weights file, or
-``random-init:seed=S``), ``.out_channels``, ``.temporal_stride`` (L / T') and ``.spatial_stride``.
+``random-init:seed=S``), ``.out_channels``, ``.temporal_stride`` (L / T') and ``.spatial_stride``;
+built from a file it also has ``.weights_layout``, the layout the file was read in.
 
 Importing this package does not import torch: builders are registered as "module:function"
 strings and resolved on first use, so ``names()`` is cheap (the CLI's --help stays light).
@@ -57,8 +60,9 @@ def get(name: str) -> Builder:
 def build(name: str, weights: str | None = None, seed: int = 0) -> "nn.Module":
     """The backbone ``name`` in eval mode, with ``weights`` or a random init deterministic in ``seed``.
 
-    ``weights``: a file (our :func:`save_weights` checkpoint, or a plain state dict such as
-    torchvision's ``r2plus1d_18-91a641e6.pth``), or for the torchvision models a weight enum
+    ``weights``: a file (our :func:`save_weights` checkpoint, or a published file as downloaded:
+    torchvision's ``r2plus1d_18-91a641e6.pth``, VMZ's / ig65m-pytorch's ``.pth``, a pytorchvideo
+    zoo ``.pyth``, an ImageNet ResNet-50 for ``r2d26``), or for the torchvision models a weight enum
     string like ``"R2Plus1D_18_Weights.KINETICS400_V1"`` (downloads once through torch.hub).
     The global RNG is left untouched.
     """
@@ -79,4 +83,8 @@ for _name in ("r2plus1d50", "r2d26", "r3d50", "r2plus1d50_tiny", "r2d26_tiny", "
     register(_name, f"faster.extract.models.resnet:{_name}")
 for _name in ("r2plus1d_18", "r3d_18", "mc3_18"):
     register(_name, f"faster.extract.models.tv:{_name}")
+for _name in ("r2plus1d_34", "r2plus1d_152", "ir_csn_152", "ip_csn_152"):
+    register(_name, f"faster.extract.models.vmz:{_name}")
+for _name in ("pv_r2plus1d_r50", "pv_slow_r50", "pv_x3d_xs", "pv_x3d_s", "pv_x3d_m", "pv_csn_r101"):
+    register(_name, f"faster.extract.models.pv:{_name}")
 del _name

@@ -1,10 +1,16 @@
-"""Backbone weights: our checkpoint format, plain state dicts, and torchvision's weight enums.
+"""Backbone weights: our checkpoint format, published files as they are, and torchvision's weight enums.
 
 Our format is ``{"format": "faster-backbone", "name": <registry name>, "state_dict": {...}}``.
-A plain state dict (e.g. torchvision's ``r2plus1d_18-91a641e6.pth``) loads too: a ``module.``
-prefix (DataParallel / DDP) is stripped and classifier keys (``fc.*``) are dropped, since a
-backbone here ends at res5 / layer4. Everything loads with ``torch.load(weights_only=True)``.
-The provenance recorded with extracted features is the weights file's sha256.
+Published files load as downloaded: a plain state dict (torchvision's ``r2plus1d_18-91a641e6.pth``,
+VMZ's and ig65m-pytorch's ``.pth``, an ImageNet ResNet-50), or a pytorchvideo zoo ``.pyth``
+(``{"model_state": ...}``). A ``module.`` prefix (DataParallel / DDP) is stripped and classifier
+keys (``fc.*``) are dropped, since a backbone here ends at its last stage. The file's key layout
+is detected and converted by :mod:`faster.extract.models.layouts` (a 2D ResNet-50 is inflated
+into R2D-26, VMZ's torchvision-layout R(2+1)D-50 mapped into ours); the backbone keeps it as
+``.weights_layout`` and the load is logged. Everything loads with ``torch.load(weights_only=True)``.
+
+The provenance recorded with extracted features (``.weights``) is the weights file's sha256, also
+for a converted or inflated file: predict hashes the file it is given and compares.
 """
 from __future__ import annotations
 
@@ -54,18 +60,27 @@ def load_weights(model: "nn.Module", weights: str | Path) -> str:
             _load_state(model, _clean(state), str(weights))
             return provenance
         raise ValueError(f"weights file {str(weights)!r} does not exist")
+    from faster.extract.models import layouts
     from faster.store.files import sha256_file
 
-    _load_state(model, read_state_dict(path, getattr(model, "name", None)), str(path))
-    return sha256_file(path)
+    state, layout = read_state_dict(path, getattr(model, "name", None), with_layout=True)
+    _load_state(model, layouts.convert(state, layout, model, str(path)), str(path), layout)
+    digest = sha256_file(path)
+    model.weights_layout = layout
+    log.info("%s: loaded %s (%s layout, sha256 %s)", getattr(model, "name", type(model).__name__), path,
+             layout, digest[:12])
+    return digest
 
 
-def read_state_dict(path: str | Path, name: str | None = None) -> dict[str, "torch.Tensor"]:
-    """The state dict held by ``path`` (our format or a plain state dict), cleaned of prefixes and heads.
+def read_state_dict(path: str | Path, name: str | None = None, *, with_layout: bool = False):
+    """The state dict held by ``path``, cleaned of prefixes and heads (and, ``with_layout``, its layout).
 
+    ``path``: our format, a plain state dict, or a pytorchvideo ``{"model_state": ...}`` checkpoint.
     ``name``: when given and the file is in our format, it must hold that backbone.
     """
     import torch
+
+    from faster.extract.models import layouts
 
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
@@ -76,11 +91,14 @@ def read_state_dict(path: str | Path, name: str | None = None) -> dict[str, "tor
         if name is not None and obj.get("name") != name:
             raise ValueError(f"weights file {str(path)!r} holds {obj.get('name')!r} weights, not {name!r}")
         obj = obj.get("state_dict")
+    elif isinstance(obj, dict) and layouts.unwrap_pytorchvideo(obj) is not None:
+        obj = layouts.unwrap_pytorchvideo(obj)
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise ValueError(f"weights file {str(path)!r} holds no state dict (expected a {FORMAT!r} checkpoint "
                          "or a dict of tensors)")
-    return _clean(obj)
+    state = _clean(obj)
+    return (state, layouts.layout_of(state)) if with_layout else state
 
 
 def _clean(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
@@ -101,8 +119,13 @@ def _listing(kind: str, keys: list[str]) -> str:
     return f"{len(keys)} {kind} [{shown}]"
 
 
-def _load_state(model: "nn.Module", state: dict[str, "torch.Tensor"], source: str) -> None:
+def _load_state(model: "nn.Module", state: dict[str, "torch.Tensor"], source: str, layout: str | None = None) -> None:
     expected = model.state_dict()
+    # BatchNorm's batch counter carries no weights and converted files (ig65m-pytorch's) lack it
+    state = dict(state)
+    for k in expected:
+        if k.endswith(".num_batches_tracked") and k not in state:
+            state[k] = expected[k]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
@@ -110,6 +133,8 @@ def _load_state(model: "nn.Module", state: dict[str, "torch.Tensor"], source: st
     if missing or unexpected or shapes:
         parts = [_listing(kind, keys) for kind, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
-        raise ValueError(f"weights {source!r} do not fit backbone {getattr(model, 'name', type(model).__name__)!r}: "
+        read_as = f" (read as a {layout} state dict)" if layout else ""
+        raise ValueError(f"weights {source!r}{read_as} do not fit backbone "
+                         f"{getattr(model, 'name', type(model).__name__)!r}: "
                          + "; ".join(parts))
     model.load_state_dict(state, strict=True)
