@@ -380,3 +380,4 @@ def build(name: str, **kwargs: Any) -> Aggregator:
     from faster.aggregate import get
 
     return get(name)(**kwargs)
+from faster.aggregate import tam as _tam, vlad as _vlad  # noqa: E402,F401  registers netvlad, nextvlad, tam

@@ -1,0 +1,114 @@
+"""Training-step time of every registered aggregator on Kinetics-shaped clip maps, as ratios to FAST-GRU.
+
+    python benchmarks/aggregators.py                  # CPU, about a minute on 2 cores
+    python benchmarks/aggregators.py --device cuda --batch-size 32
+
+One training step = forward of a batch of B videos (pattern 1:1 over N clips of T' x H' x W' x C maps
+from two sources of equal shape), cross-entropy over 400 classes, backward, AdamW step, at each
+aggregator's defaults. Inputs are random (the cost does not depend on their values) and are built
+once, outside the timing. Every aggregator is timed in the same run, round-robin (one step of each
+in turn, so a machine that other work slows down slows them alike), after a warm-up step, as the
+median of ``--steps`` steps. Prints one row per aggregator: seconds per step and per video, the
+ratio to fastgru, and the aggregator's counted GFLOPs per video (faster.aggregate.flops).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+
+class Stepper:
+    """One aggregator at its defaults, its AdamW optimiser and a fixed random batch; ``step()`` times one
+    training step."""
+
+    def __init__(self, agg: str, shape: list[int], num_clips: int, batch_size: int, device: str):
+        import torch
+
+        from faster.aggregate.models import build
+        from faster.aggregate.patterns import expensive_mask
+
+        torch.manual_seed(0)
+        self.device = device
+        self.mask = expensive_mask("1:1", num_clips)
+        n_e = sum(self.mask)
+        self.model = build(agg, num_classes=400, sources={"expensive": shape, "cheap": shape},
+                           dropout=0.5).to(device).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.x = {src: torch.randn((batch_size, n, *shape), device=device)
+                  for src, n in (("expensive", n_e), ("cheap", num_clips - n_e))}
+        self.y = torch.randint(400, (batch_size,), device=device)
+
+    def step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(self.model(self.x, self.mask), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--aggs", nargs="*", default=None, help="default: every registered aggregator")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-clips", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=4, default=[2048, 1, 7, 7], metavar=("C", "T", "H", "W"),
+                   help="per-clip map, channels first (default: 8-frame clips at 224 px, 1 x 7 x 7 x 2048)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    args = p.parse_args()
+
+    import torch
+
+    from faster import aggregate
+    from faster.aggregate.flops import aggregator_gflops
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    aggs = args.aggs or aggregate.names()
+    if "fastgru" not in aggs:
+        aggs = [*aggs, "fastgru"]
+    C, T, H, W = args.shape
+    steppers = {agg: Stepper(agg, args.shape, args.num_clips, args.batch_size, args.device) for agg in aggs}
+    times: dict[str, list[float]] = {agg: [] for agg in aggs}
+    for i in range(args.steps + 1):  # round-robin, so a busy machine slows every aggregator alike
+        for agg, stepper in steppers.items():
+            t = stepper.step()
+            if i:  # step 0 warms up (allocator, kernels)
+                times[agg].append(t)
+    rows = {}
+    for agg in aggs:
+        s = statistics.median(times[agg])
+        rows[agg] = {"seconds_per_step": s, "seconds_per_video": s / args.batch_size,
+                     "gflops_per_video": aggregator_gflops(agg, C, (T, H, W), args.num_clips)}
+    ref = rows["fastgru"]["seconds_per_step"]
+    for r in rows.values():
+        r["ratio_to_fastgru"] = r["seconds_per_step"] / ref
+    setting = {"batch_size": args.batch_size, "num_clips": args.num_clips, "shape_cthw": args.shape,
+               "steps": args.steps, "device": args.device, "threads": torch.get_num_threads(),
+               "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    if args.json:
+        print(json.dumps({"setting": setting, "rows": rows}, indent=1))
+        return
+    print(f"# {json.dumps(setting)}")
+    print("| aggregator | s / step | s / video | x fastgru | GFLOPs / video |")
+    print("|---|---:|---:|---:|---:|")
+    for agg, r in rows.items():
+        print(f"| {agg} | {r['seconds_per_step']:.4f} | {r['seconds_per_video']:.4f} | "
+              f"{r['ratio_to_fastgru']:.3f} | {r['gflops_per_video']:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
