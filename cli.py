@@ -48,6 +48,8 @@ FIT_OPTIONS = [
                  help="Without --val: the fraction of videos held out for validation (chosen by hashing ids)."),
     click.option("--standardize/--no-standardize", default=True, show_default=True,
                  help="Standardise each input channel with training-set statistics (kept in the checkpoint)."),
+    click.option("--skip-bad", is_flag=True,
+                 help="Leave out (with a warning) shards changed since they were written and videos with NaN/inf."),
 ]
 
 
@@ -100,6 +102,8 @@ def cli(verbose: int) -> None:
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random initialisation.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--unlabelled", is_flag=True, help="Ignore folder names and CSV labels: every label is -1.")
+@click.option("--wait", is_flag=True, help="If another process writes this part of OUT, wait for it instead of refusing.")
+@click.option("--allow-empty", is_flag=True, help="Finding no video is not an error (writes an empty feature set).")
 @click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 def extract(**kw) -> None:
     """Decode each video once, run every --model over its clips, write res5 maps to HDF5 shards.
@@ -136,22 +140,41 @@ def extract(**kw) -> None:
 
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
-def verify(feats: tuple[str, ...]) -> None:
+@click.option("--repair", is_flag=True,
+              help="First resolve videos held by two shards: keep one copy, never a video's only one.")
+def verify(feats: tuple[str, ...], repair: bool) -> None:
     """Check every shard of feature sets against the schema; write the merged manifest and failures."""
-    from faster.store.verify import verify as verify_dirs
+    from faster.store.verify import repair_dir, verify as verify_dirs
 
+    if repair:
+        for d in feats:
+            try:
+                actions = repair_dir(d)
+            except UserError as err:
+                _fail(err)
+            for line in actions:
+                click.echo(f"{d}: {line}")
+            if not actions:
+                click.echo(f"{d}: nothing to repair")
     report = verify_dirs(feats)
     for r in report["dirs"]:
         stages = ", ".join(f"{k} {v}" for k, v in r["failed_by_stage"].items())
-        click.echo(f"{r['dir']}: {r['shards']} shards, {r['videos']} videos, {r['failed']} failed"
+        click.echo(f"{r['dir']}: {_n(r['shards'], 'shard')}, {_n(r['videos'], 'video')}, {r['failed']} failed"
                    + (f" ({stages})" if stages else "") + f", models {', '.join(r['models']) or '-'}: "
-                   + ("ok" if r["ok"] else f"{len(r['problems'])} problems"))
+                   + ("ok" if r["ok"] else _n(len(r["problems"]), "problem")))
         for note in r["notes"]:
             click.echo(f"  note: {note}")
     for problem in report["problems"]:
         click.echo(f"  problem: {problem}", err=True)
     if not report["ok"]:
-        raise click.ClickException(f"{len(report['problems'])} problems found")
+        raise click.ClickException(f"{_n(len(report['problems']), 'problem')} found"
+                                   + ("; `faster verify --repair` resolves duplicate videos"
+                                      if any("is in both" in p for p in report["problems"]) else ""))
+
+
+def _n(count: int, noun: str) -> str:
+    """'1 video', '2 videos'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @cli.command()
@@ -164,6 +187,7 @@ def verify(feats: tuple[str, ...]) -> None:
 @click.option("--num-clips", type=click.IntRange(1), help="Use n of the extracted clips [default: all].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o.")
 @_fit_options
 def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
     """Train an aggregator on cached features for one expensive:cheap pattern.
@@ -193,7 +217,9 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Predictions JSONL [default: RUN/predictions.jsonl].")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers [default: the run's].")
-def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None) -> None:
+@click.option("--skip-bad", is_flag=True, help="Leave out changed shards and videos with NaN/inf (with a warning).")
+def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None,
+             skip_bad: bool) -> None:
     """Score a fitted run on feature sets; write per-video predictions.
 
     Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops"}.
@@ -201,7 +227,7 @@ def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, wor
     from faster.aggregate.train import evaluate as evaluate_run
 
     try:
-        r = evaluate_run(run, list(feats), out, device=device, workers=workers)
+        r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad)
     except UserError as err:
         _fail(err)
     scores = ("no labelled videos" if r["top1"] is None else
@@ -408,8 +434,33 @@ def demo(out, quick, weights, device, jobs) -> None:
                    "backbones.")
 
 
-def main() -> None:
-    cli(prog_name="faster")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds (temporary files removed) like Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `faster` entry point: Ctrl-C exits 130 and SIGTERM 143 at any moment, without a traceback;
+    click's other errors print their one line (exit 1, or 2 for usage)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        rc = cli.main(args=argv, prog_name="faster", standalone_mode=False)
+    except click.exceptions.Abort as err:  # click turns KeyboardInterrupt into Abort
+        terminated = isinstance(err.__context__, Terminated) or isinstance(err.__cause__, Terminated)
+        click.echo("\nterminated" if terminated else "\ninterrupted", err=True)
+        sys.exit(143 if terminated else 130)
+    except KeyboardInterrupt as err:
+        click.echo("\nterminated" if isinstance(err, Terminated) else "\ninterrupted", err=True)
+        sys.exit(143 if isinstance(err, Terminated) else 130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ part = shard_index * WORLD_SIZE + RANK of num_shards * WORLD_SIZE parts.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -85,3 +86,14 @@ def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | N
         return int(env["OMP_NUM_THREADS"])
     share = max(1, cores() // max(local_world_size, 1))
     return max(1, share - 1) if workers > 0 else share
+
+
+_warned: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` as a warning the first time this process says it (a command that extracts
+    twice, like the demo, warns once)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)

@@ -34,10 +34,11 @@ from faster.store.files import ChecksumCache
 
 log = logging.getLogger(__name__)
 
-KEY_EXCLUDE = ("out", "progress", "workers", "threads")  # fit fields that never change a result
+KEY_EXCLUDE = ("out", "progress", "workers", "threads", "overwrite")  # fit fields that never change a result
 CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5", "mean_class_acc",
                "gflops_per_video", "num_expensive", "num_cheap", "expensive", "cheap", "run")
-AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU"}
+AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU",
+             "netvlad": "NetVLAD", "nextvlad": "NeXtVLAD", "tam": "TAM"}
 INDEX = "index.json"
 CELL_DONE = "cell.json"  # written last: a cell directory without it is unfinished and is redone
 

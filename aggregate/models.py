@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faster.aggregate import register
+from faster.errors import BadValue
 
 SOURCES = ("expensive", "cheap")
 State = dict[str, Any]
@@ -86,14 +87,14 @@ class Aggregator(nn.Module):
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise BadValue(f"num_classes must be >= 1, got {num_classes}")
         if not sources or set(sources) - set(SOURCES):
-            raise ValueError(f"sources must be a non-empty subset of {SOURCES}, got {sorted(sources)}")
+            raise BadValue(f"sources must be a non-empty subset of {SOURCES}, got {sorted(sources)}")
         for name, shape in sources.items():
             if len(shape) != 4 or min(shape) < 1:
-                raise ValueError(f"source {name!r}: shape must be [C, T', H', W'] with positive sizes, got {shape}")
+                raise BadValue(f"source {name!r}: shape must be [C, T', H', W'] with positive sizes, got {shape}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+            raise BadValue(f"dropout must be in [0, 1), got {dropout}")
         self.kwargs: dict[str, Any] = {"num_classes": int(num_classes), "dropout": float(dropout),
                                        "sources": {k: [int(v) for v in s] for k, s in sources.items()}}
         self.num_classes = int(num_classes)
@@ -108,7 +109,7 @@ class Aggregator(nn.Module):
         """Standardise ``source``'s maps per channel with these training statistics, shape (C_src,)."""
         align = self.align[source]
         if mean.shape != align.in_mean.shape or std.shape != align.in_std.shape:
-            raise ValueError(f"{source}: statistics of shape {tuple(mean.shape)}, {tuple(std.shape)}; "
+            raise BadValue(f"{source}: statistics of shape {tuple(mean.shape)}, {tuple(std.shape)}; "
                              f"expected {tuple(align.in_mean.shape)}")
         align.in_mean.copy_(mean)
         align.in_std.copy_(std.clamp_min(1e-6))
@@ -132,11 +133,11 @@ class Aggregator(nn.Module):
             if not pos:
                 continue
             if src not in x or src not in self.align:
-                raise ValueError(f"the pattern needs {len(pos)} {src} clips but the aggregator "
+                raise BadValue(f"the pattern needs {len(pos)} {src} clips but the aggregator "
                                  f"or the batch has no {src} source")
             xs = x[src]
             if xs.dim() != 6 or xs.shape[1] != len(pos):
-                raise ValueError(f"{src} clips: expected (B, {len(pos)}, C, T', H', W'), got {tuple(xs.shape)}")
+                raise BadValue(f"{src} clips: expected (B, {len(pos)}, C, T', H', W'), got {tuple(xs.shape)}")
             B, n = xs.shape[:2]
             xs = xs.movedim(2, -1).flatten(0, 1)  # (B*n, T', H', W', C)
             xs = self._embed(self.align[src](xs), src)
@@ -168,9 +169,9 @@ class Aggregator(nn.Module):
         """Fold one clip's map x (B, C_src, T', H', W'), channels first, from the given source."""
         src = "expensive" if expensive else "cheap"
         if src not in self.align:
-            raise ValueError(f"this aggregator was built without a {src} source")
+            raise BadValue(f"this aggregator was built without a {src} source")
         if x.dim() != 5 or x.shape[0] != state["batch_size"]:
-            raise ValueError(f"step expects (B={state['batch_size']}, C, T', H', W'), got {tuple(x.shape)}")
+            raise BadValue(f"step expects (B={state['batch_size']}, C, T', H', W'), got {tuple(x.shape)}")
         xa = self._embed(self.align[src](x.movedim(1, -1)), src)
         h = self._start(xa) if state["t"] == 0 else self._update(state["h"], xa)
         return {**state, "t": state["t"] + 1, "h": h}
@@ -178,7 +179,7 @@ class Aggregator(nn.Module):
     def logits(self, state: State) -> Tensor:
         """(B, num_classes): the prediction after the clips folded so far."""
         if state["t"] == 0:
-            raise ValueError("no clip has been stepped yet")
+            raise BadValue("no clip has been stepped yet")
         return self._readout(state["h"], state["t"])
 
     # -- to implement ------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ class FastGRU(Aggregator):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
         C = self.width
         if reduction < 1 or C % reduction:
-            raise ValueError(f"reduction must divide the width {C}, got {reduction}")
+            raise BadValue(f"reduction must divide the width {C}, got {reduction}")
         self.kwargs["reduction"] = int(reduction)
         Cr = C // reduction
         self.gates_x = Conv1x1x1(C, 2 * Cr)  # [U_rx; U_zx]

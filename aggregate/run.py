@@ -150,7 +150,8 @@ class Run:
     @classmethod
     def load(cls, path: str | Path) -> "Run":
         """The run of a run directory (or its checkpoint.pt), loaded with weights_only=True; BadFile
-        naming the file when it is missing, unreadable, not a run checkpoint, or of another version."""
+        naming the file when it is missing, unreadable, not a run checkpoint, of another version, or
+        when the run is incomplete (no result.json beside it: its fit was interrupted)."""
         import torch
 
         path = Path(path)
@@ -158,11 +159,14 @@ class Run:
             path = path / CHECKPOINT
         if not path.is_file():
             raise BadFile(f"{path}: no checkpoint (a run directory holds {CHECKPOINT})")
+        if not (path.parent / RESULT).is_file():
+            raise BadFile(f"{path.parent}: an incomplete run (no {RESULT}): its fit was interrupted or failed; "
+                          f"fit it again with --overwrite")
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # a truncated or foreign file: name it
-            raise BadFile(f"{path}: not a readable checkpoint ({err.__class__.__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+        except Exception as err:  # a truncated or foreign file: name it, without torch's advice on unpickling
+            raise BadFile(f"{path}: not a PyTorch checkpoint of a faster run "
+                          f"(torch.load with weights_only=True failed: {err.__class__.__name__})") from None
         if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
             raise BadFile(f"{path}: not a faster run checkpoint")
         if ck.get("version") != CHECKPOINT_VERSION:

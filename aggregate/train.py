@@ -30,6 +30,7 @@ from faster.store import files
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
+RUN_FILES = (run.CONFIG, run.CHECKPOINT, run.METRICS, run.RESULT, run.VAL_PREDICTIONS)  # what fit writes
 
 
 @dataclass
@@ -59,6 +60,8 @@ class FitConfig:
     standardize: bool = True  # standardise each input channel with statistics of (up to 1,024) training
     #                          videos, stored in the checkpoint (see aggregate/models.py Align)
     progress: bool = True  # tqdm progress bars
+    overwrite: bool = False  # replace a run already in ``out`` (refused otherwise)
+    skip_bad: bool = False  # leave out (with a warning) shards changed after writing and videos with NaN/inf
 
     def validate(self) -> None:
         """Check every value that needs no data; ValueError naming the bad one."""
@@ -284,11 +287,19 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     from faster.aggregate.models import build
     from faster.store.reader import FeatureSet
 
+    from faster.store import integrity
+
     t0 = time.perf_counter()
     cfg.validate()
     device = _device(cfg.device)
     out = Path(cfg.out)
-    fs = FeatureSet(cfg.feats)
+    held_run = [name for name in (run.CONFIG, run.CHECKPOINT, run.RESULT) if (out / name).exists()]
+    if held_run and not cfg.overwrite:
+        raise BadValue(f"{out} already holds a run ({', '.join(held_run)}); pass --overwrite to replace it, "
+                       f"or choose another -o")
+    checked = integrity.check([*cfg.feats, *cfg.val], skip_bad=cfg.skip_bad, models=[cfg.expensive, cfg.cheap])
+    skip = {"skip_shards": checked.bad_shards, "skip_videos": checked.bad_videos}
+    fs = FeatureSet(cfg.feats, **skip)
     plan = make_plan(fs, agg=cfg.agg, expensive=cfg.expensive, cheap=cfg.cheap, pattern=cfg.pattern,
                      num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout)
     used = [m for m, _ in plan.sources.values()]
@@ -296,7 +307,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         raise BadValue(f"{cfg.feats}: labels beyond the {len(fs.classes)} classes")
     labelled = fs.labels >= 0
     if cfg.val:
-        vs = FeatureSet(cfg.val)
+        vs = FeatureSet(cfg.val, **skip)
         _check_compatible(vs, fs, "validation set", used)
         train_idx = np.flatnonzero(labelled)
         val_idx = np.flatnonzero(vs.labels >= 0)
@@ -311,60 +322,69 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     if (~labelled).any():
         log.warning("%d unlabelled videos are left out of training", int((~labelled).sum()))
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (run.RESULT, run.METRICS):  # a re-run must not look finished before it is
+    created = not out.exists()
+    for name in RUN_FILES:  # --overwrite: the old run's files go; nothing else in the directory is touched
         (out / name).unlink(missing_ok=True)
-    files.write_json(out / run.CONFIG, asdict(cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        files.write_json(out / run.CONFIG, asdict(cfg))
 
-    with _torch_settings(cfg.threads, deterministic=device.type == "cpu"):
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        model = build(cfg.agg, **plan.agg_kwargs).to(device)
-        pin = device.type == "cuda"
-        train_ds = fs.dataset(plan.sources, train_idx)
-        val_ds = vs.dataset(plan.sources, val_idx)
-        if cfg.standardize:
-            for src, (mean, std) in input_stats(fs, plan.sources, train_idx, cfg).items():
-                model.set_input_stats(src, mean.to(device), std.to(device))
-        train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, pin)
-        val_loader = _loader(val_ds, cfg.batch_size, cfg.workers, False, cfg.seed, pin)
-        opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-               if cfg.optimizer == "adamw" else
-               torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(train_loader))
-        best: dict[str, Any] = {}
-        for epoch in range(1, cfg.epochs + 1):
-            t_epoch = time.perf_counter()
-            train_loss = _train_epoch(model, train_loader, opt, sched, plan.mask, device, cfg, epoch)
-            t_train = time.perf_counter() - t_epoch
-            probs, labels, indices, val_loss = predict_loader(model, val_loader, plan.mask, device, cfg.progress,
-                                                              f"val {epoch}/{cfg.epochs}")
-            m = metrics(probs, labels)
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "top1": m["top1"],
-                   "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
-                   "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
-            files.append_jsonl(out / run.METRICS, row)
-            log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
-                     train_loss, val_loss, m["top1"], m["top5"])
-            if not best or m["top1"] > best["top1"]:
-                best = {"epoch": epoch, "top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"]}
-        train_ds.close()
-        val_ds.close()
+        with _torch_settings(cfg.threads, deterministic=device.type == "cpu"):
+            torch.manual_seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            model = build(cfg.agg, **plan.agg_kwargs).to(device)
+            pin = device.type == "cuda"
+            train_ds = fs.dataset(plan.sources, train_idx)
+            val_ds = vs.dataset(plan.sources, val_idx)
+            if cfg.standardize:
+                for src, (mean, std) in input_stats(fs, plan.sources, train_idx, cfg).items():
+                    model.set_input_stats(src, mean.to(device), std.to(device))
+            train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, pin)
+            val_loader = _loader(val_ds, cfg.batch_size, cfg.workers, False, cfg.seed, pin)
+            opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                   if cfg.optimizer == "adamw" else
+                   torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(train_loader))
+            best: dict[str, Any] = {}
+            for epoch in range(1, cfg.epochs + 1):
+                t_epoch = time.perf_counter()
+                train_loss = _train_epoch(model, train_loader, opt, sched, plan.mask, device, cfg, epoch)
+                t_train = time.perf_counter() - t_epoch
+                probs, labels, indices, val_loss = predict_loader(model, val_loader, plan.mask, device, cfg.progress,
+                                                                  f"val {epoch}/{cfg.epochs}")
+                m = metrics(probs, labels)
+                row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "top1": m["top1"],
+                       "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
+                       "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
+                files.append_jsonl(out / run.METRICS, row)
+                log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
+                         train_loss, val_loss, m["top1"], m["top5"])
+                if not best or m["top1"] > best["top1"]:
+                    best = {"epoch": epoch, "top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"]}
+            train_ds.close()
+            val_ds.close()
 
-    make_run(cfg, fs, plan, model).save(out)
-    files.write_jsonl(out / run.VAL_PREDICTIONS,
-                    prediction_rows(vs.ids[indices], labels, probs, fs.classes, plan.gflops["per_video"]))
-    n_e = sum(plan.mask)
-    result = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "best": best,
-              "gflops_per_video": plan.gflops["per_video"], "aggregator_gflops": plan.gflops["aggregator"],
-              "num_expensive": n_e, "num_cheap": len(plan.mask) - n_e, "agg": cfg.agg, "pattern": cfg.pattern,
-              "num_clips": len(plan.positions), "clip_len": fs.config["clip_len"], "expensive": cfg.expensive,
-              "cheap": cfg.cheap, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
-              "join": fs.join, "seconds": round(time.perf_counter() - t0, 3)}
-    files.write_json(out / run.RESULT, result)
-    log.info("fit %s %s n=%d: top-1 %.4f top-5 %.4f, %.1f GFLOPs/video, %.1f s", cfg.agg, cfg.pattern,
-             len(plan.positions), result["top1"], result["top5"], result["gflops_per_video"] or math.nan,
-             result["seconds"])
+        make_run(cfg, fs, plan, model).save(out)
+        files.write_jsonl(out / run.VAL_PREDICTIONS,
+                        prediction_rows(vs.ids[indices], labels, probs, fs.classes, plan.gflops["per_video"]))
+        n_e = sum(plan.mask)
+        result = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "best": best,
+                  "gflops_per_video": plan.gflops["per_video"], "aggregator_gflops": plan.gflops["aggregator"],
+                  "num_expensive": n_e, "num_cheap": len(plan.mask) - n_e, "agg": cfg.agg, "pattern": cfg.pattern,
+                  "num_clips": len(plan.positions), "clip_len": fs.config["clip_len"], "expensive": cfg.expensive,
+                  "cheap": cfg.cheap, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
+                  "join": fs.join, "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
+              "seconds": round(time.perf_counter() - t0, 3)}
+        files.write_json(out / run.RESULT, result)
+        log.info("fit %s %s n=%d: top-1 %.4f top-5 %.4f, %.1f GFLOPs/video, %.1f s", cfg.agg, cfg.pattern,
+                 len(plan.positions), result["top1"], result["top5"], result["gflops_per_video"] or math.nan,
+                 result["seconds"])
+    except BaseException:  # interrupted or failed: no half run is left that looks like one
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return result
 
 
@@ -410,16 +430,20 @@ def make_run(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> Run:
 
 
 def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, batch_size: int | None = None,
-             workers: int | None = None, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+             workers: int | None = None, device: str | None = None, progress: bool = True,
+             skip_bad: bool = False) -> dict[str, Any]:
     """Score a fitted run on ``feats``; write per-video predictions (default RUN/predictions.jsonl);
     return the metrics over the labelled videos (top1, top5, mean_class_acc) and the counts."""
     from faster.store.reader import FeatureSet
 
     t0 = time.perf_counter()
+    from faster.store import integrity
+
     r = Run.load(run_dir)
     dev = _device(device or "auto")
     model = r.aggregator(dev)
-    fs = FeatureSet(feats)
+    checked = integrity.check(feats, skip_bad=skip_bad, models=[name for name, _ in r.sources().values()])
+    fs = FeatureSet(feats, skip_shards=checked.bad_shards, skip_videos=checked.bad_videos)
     r.check_features(fs, str(feats))
     ds = fs.dataset(r.sources())
     pin = dev.type == "cuda"
@@ -432,6 +456,7 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
     files.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, r.classes, gflops))
     result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)), "gflops_per_video": gflops,
               "agg": r.agg, "pattern": r.pattern, "num_clips": r.num_clips, "predictions": str(path),
+              "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
               "seconds": round(time.perf_counter() - t0, 3)}
     log.info("evaluate %s: %d videos, top-1 %s", run_dir, len(indices), result["top1"])
     return result

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from faster.aggregate import register
 from faster.aggregate.models import Aggregator
+from faster.errors import BadValue
 
 DESCRIPTORS = ("positions", "steps", "clips")
 
@@ -36,7 +37,7 @@ DESCRIPTORS = ("positions", "steps", "clips")
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise BadValue(f"{name} must be a positive integer, got {value!r}")
 
 
 class _VLAD(Aggregator):
@@ -53,7 +54,7 @@ class _VLAD(Aggregator):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
         _check_positive(dim=dim)
         if descriptors not in DESCRIPTORS:
-            raise ValueError(f"unknown descriptors {descriptors!r}; expected one of {', '.join(DESCRIPTORS)}")
+            raise BadValue(f"unknown descriptors {descriptors!r}; expected one of {', '.join(DESCRIPTORS)}")
         self.kwargs.update(dim=int(dim), descriptors=descriptors)
         self.descriptor_mode = descriptors
         # a reduction, never an expansion: maps narrower than dim are used as they are
@@ -152,11 +153,11 @@ class NetVLAD(_VLAD):
         M, D = d.shape
         K = self.clusters
         if D != self.dim:
-            raise ValueError(f"descriptors of width {D}; this netvlad clusters {self.dim}-d descriptors")
+            raise BadValue(f"descriptors of width {D}; this netvlad clusters {self.dim}-d descriptors")
         if M < K:
-            raise ValueError(f"k-means of {K} clusters needs at least {K} descriptors, got {M}")
+            raise BadValue(f"k-means of {K} clusters needs at least {K} descriptors, got {M}")
         if iters < 1:
-            raise ValueError(f"iters must be >= 1, got {iters}")
+            raise BadValue(f"iters must be >= 1, got {iters}")
         scale = d.norm(dim=1).mean()
         u = F.normalize(d, dim=1)  # (M, D)
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -211,9 +212,9 @@ class NeXtVLAD(_VLAD):
         _check_positive(clusters=clusters, expansion=expansion, groups=groups, hidden=hidden, reduction=reduction)
         E = expansion * self.dim
         if E % groups:
-            raise ValueError(f"groups must divide expansion x dim = {E}, got {groups}")
+            raise BadValue(f"groups must divide expansion x dim = {E}, got {groups}")
         if hidden % reduction:
-            raise ValueError(f"reduction must divide hidden = {hidden}, got {reduction}")
+            raise BadValue(f"reduction must divide hidden = {hidden}, got {reduction}")
         self.kwargs.update(clusters=int(clusters), expansion=int(expansion), groups=int(groups),
                            hidden=int(hidden), reduction=int(reduction))
         K, G, H = int(clusters), int(groups), int(hidden)

@@ -103,13 +103,18 @@ def warm_up_workers() -> None:
 
 @contextmanager
 def _main_not_reimported():
-    """Start a forkserver/spawn child without re-running ``__main__`` in it.
+    """Start a forkserver/spawn child without re-running ``__main__`` in it, and with SIGINT ignored.
 
     The decode worker lives in this module and needs nothing from the caller's script, so scripts
-    without the ``if __name__ == "__main__"`` guard, stdin and notebooks work too.
+    without the ``if __name__ == "__main__"`` guard, stdin and notebooks work too. A child started
+    while SIGINT is ignored keeps ignoring it (Python installs its KeyboardInterrupt handler only
+    where the parent did not ignore the signal): a Ctrl-C while the forkserver is still importing
+    torch no longer prints its traceback; the main process alone handles it and stops the children.
     """
     main = sys.modules.get("__main__")
     saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
     try:
         for k in saved:
             setattr(main, k, None) if k == "__spec__" else delattr(main, k)
@@ -117,6 +122,8 @@ def _main_not_reimported():
     finally:
         for k, v in saved.items():
             setattr(main, k, v)
+        if in_main_thread:
+            signal.signal(signal.SIGINT, old_sigint)
 
 
 @dataclass

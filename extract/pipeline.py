@@ -32,7 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from faster.errors import BadValue
+from faster.errors import BadFile, BadValue
+from faster.runtime import warn_once
 from faster.extract import video as vid
 from faster.extract.decoders import DecodeFn, Decoded, DecodePool, Failed, InlineDecoder, warm_up_workers
 from faster.store import schema
@@ -68,6 +69,8 @@ class ExtractConfig:
     seed: int = 0  # seed of random initialisation of backbones without weights
     progress: bool = True  # tqdm progress bar
     recycle_every: int = 200  # videos per decode worker before it is replaced (decord leaks a little)
+    wait: bool = False  # another process writes this part (store.lock): wait for it instead of refusing
+    allow_empty: bool = False  # no video found is not an error (an empty feature set is written)
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -113,11 +116,7 @@ class ClipModels:
         built, self.headers, self.shapes = {}, {}, {}
         amp = self.cuda and torch.cuda.is_bf16_supported()
         for name in cfg.models:
-            model = registry.build(name, weights=cfg.weights.get(name), seed=cfg.seed)
-            if cfg.weights.get(name) is None:
-                log.warning("%s is randomly initialised (seed %d): its features carry no learned information; "
-                            "pass --weights %s=PATH for real features", name, cfg.seed, name)
-            built[name] = model
+            built[name] = registry.build(name, weights=cfg.weights.get(name), seed=cfg.seed)
             C, T, H, W = registry.feature_shape(name, cfg.clip_len, cfg.size)
             self.shapes[name] = (T, H, W, C)  # per clip, channels last
         self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, amp=amp)
@@ -222,6 +221,11 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
     found = vid.discover(cfg.video_root, cfg.annotations, cfg.classes_file, cfg.unlabelled)
     for note in found.notes:
         log.warning("%s", note)
+    if not found.items and not cfg.allow_empty:
+        raise BadFile(f"no videos in {cfg.video_root}" + (f" or {cfg.annotations}" if cfg.annotations else "")
+                      + f" (looked for {', '.join(sorted(vid.VIDEO_EXTENSIONS))}"
+                      + (f"; {found.ignored} other files ignored" if found.ignored else "")
+                      + "); pass --allow-empty to write an empty feature set anyway")
     out = Path(cfg.out)
 
     old_threads = torch.get_num_threads()
@@ -237,31 +241,49 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
                         classes=found.classes, models=models.headers, software_version=faster.__version__,
                         torch_version=str(torch.__version__))
         writer = FeatureSetWriter(out, header, part=place.part, num_parts=place.num_parts, shard_size=cfg.shard_size,
-                                  compression=cfg.compression, after_add=after_add)
-        done = writer.done
+                                  compression=cfg.compression, after_add=after_add, wait=cfg.wait)
         mine = found.items[place.part::place.num_parts]
-        todo = [it for it in mine if it.id not in done]
-        missing = [it for it in todo if it.path is None]
-        todo = [it for it in todo if it.path is not None]
-        skipped = len(mine) - len(todo) - len(missing)
+        plan = _plan(mine, writer.done)
         per_video = models.bytes_per_video(cfg.num_clips)
-        need = per_video * len(todo)
+        need = per_video * len(plan.todo)
         free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
-        say(f"{len(todo)} videos to extract ({skipped} done already, {len(missing)} "
-            f"missing) of {len(found.items)} [{found.layout}, {len(found.classes)} classes]"
-            + (f", part {place.part} of {place.num_parts}" if place.num_parts > 1 else "")
-            + f"; {device}; about {_fmt_bytes(need)} of features ({_fmt_bytes(per_video)}/video), "
-              f"{_fmt_bytes(free)} free")
         if need > 0 and need * 1.02 + 64 * 2**20 > free:
             raise BadValue(f"not enough disk space in {out}: the features need about {_fmt_bytes(need)} "
-                           f"({len(todo)} videos x {_fmt_bytes(per_video)}), {_fmt_bytes(free)} are free; free "
+                           f"({len(plan.todo)} videos x {_fmt_bytes(per_video)}), {_fmt_bytes(free)} are free; free "
                            f"space or choose fewer --num-clips, a smaller --size or --compression lzf")
-        summary = _Run(cfg, place, models, writer, decode).execute(todo, missing, skipped)
+        with writer:  # holds this part's lock from here on
+            plan = _plan(mine, writer.done)  # under the lock: what a process that just finished wrote counts
+            say(f"{len(plan.todo)} videos to extract ({plan.skipped} done already, {len(plan.missing)} "
+                f"missing) of {len(found.items)} [{found.layout}, {len(found.classes)} classes]"
+                + (f", part {place.part} of {place.num_parts}" if place.num_parts > 1 else "")
+                + f"; {device}; about {_fmt_bytes(per_video * len(plan.todo))} of features "
+                  f"({_fmt_bytes(per_video)}/video), {_fmt_bytes(free)} free")
+            if plan.todo:
+                for name in cfg.models:
+                    if cfg.weights.get(name) is None:
+                        warn_once(log, f"{name} is randomly initialised (seed {cfg.seed}): its features carry no "
+                                       f"learned information; pass --weights {name}=PATH for real features")
+            summary = _Run(cfg, place, models, writer, decode).execute(plan.todo, plan.missing, plan.skipped)
+        summary["merged"] = writer.merged is not None  # written when the with-block closed
     finally:
         torch.set_num_threads(old_threads)
         torch.backends.cudnn.benchmark = old_benchmark
     summary.update(device=str(device), layout=found.layout, seconds=round(time.monotonic() - t0, 3))
     return summary
+
+
+@dataclass
+class _Plan:
+    todo: list  # VideoItems to extract
+    missing: list  # listed by an annotation file but not found
+    skipped: int  # already in a complete shard
+
+
+def _plan(mine: list, done: set[str]) -> _Plan:
+    todo = [it for it in mine if it.id not in done]
+    missing = [it for it in todo if it.path is None]
+    todo = [it for it in todo if it.path is not None]
+    return _Plan(todo, missing, len(mine) - len(todo) - len(missing))
 
 
 def _existing_parent(path: Path) -> Path:
@@ -304,7 +326,7 @@ class _Run:
         pending: deque[_Pending] = deque()
         exhausted = not todo
         interrupted = None
-        with w, _StopFlag() as stop, decoder_cls(
+        with _StopFlag() as stop, decoder_cls(
                 todo, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.size,
                 frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=self.models.cuda,
                 decode=self.decode, recycle_every=cfg.recycle_every) as decoder:
@@ -345,7 +367,7 @@ class _Run:
             "videos_per_s": round(w.added / seconds, 3) if seconds > 0 else 0.0,
             "shards_written": w.shards_written, "part": self.place.part, "num_parts": self.place.num_parts,
             "interrupted": interrupted, "out": str(w.out), "failures_file": str(w.failures.path),
-            "merged": w.merged is not None, "compute_dtype": self.models.compute_dtype,
+            "compute_dtype": self.models.compute_dtype,
             "batch_size": self.models.batch_size, "config": asdict(cfg),
         }
 

@@ -26,8 +26,8 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
 
 
 class ChecksumCache:
-    """sha256 of files cached in a JSON file by absolute path, size and mtime: a changed file is
-    hashed again, an unchanged one never twice."""
+    """Facts about files (their sha256, and whatever else ``value`` computes), cached in a JSON file
+    by absolute path, size and mtime: a changed file is looked at again, an unchanged one never twice."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -37,22 +37,33 @@ class ChecksumCache:
             self.entries = {}
         self.dirty = False
 
-    def sha256(self, file: str | Path) -> str:
+    def value(self, file: str | Path, key: str, compute: Callable[[Path], Any]) -> Any:
+        """``compute(file)``, or its cached value while the file keeps its size and mtime."""
         file = Path(file)
         st = file.stat()
-        key = str(file.resolve())
-        entry = self.entries.get(key)
-        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
-            return entry["sha256"]
-        digest = sha256_file(file)
-        self.entries[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-        self.dirty = True
-        return digest
+        name = str(file.resolve())
+        entry = self.entries.get(name)
+        if not entry or entry.get("size") != st.st_size or entry.get("mtime_ns") != st.st_mtime_ns:
+            entry = self.entries[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if key not in entry:
+            entry[key] = compute(file)
+            self.dirty = True
+        return entry[key]
+
+    def sha256(self, file: str | Path) -> str:
+        return self.value(file, "sha256", sha256_file)
 
     def save(self) -> None:
         if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             write_json(self.path, self.entries)
             self.dirty = False
+
+
+def user_cache(name: str = "checksums.json") -> ChecksumCache:
+    """The per-user cache of file facts: $FASTER_CACHE_DIR/NAME, default ~/.cache/faster/NAME."""
+    root = os.environ.get("FASTER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "faster")
+    return ChecksumCache(Path(root) / name)
 
 
 def replace_atomically(path: str | Path, write: Callable[[Path], None], *, fsync: bool = False) -> Path:

@@ -21,7 +21,7 @@ import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -88,17 +88,20 @@ class FeatureSet:
     ``models`` (name -> ModelInfo), ``join`` (how many videos each group had and how many matched).
     """
 
-    def __init__(self, dirs: Sequence[str | Path]):
+    def __init__(self, dirs: Sequence[str | Path], *, skip_shards: Iterable[str | Path] = (),
+                 skip_videos: Iterable[str] = ()):
         if isinstance(dirs, (str, Path)):
             dirs = [dirs]
         if not dirs:
             raise BadValue("no feature-set directory given")
         self.dirs = [str(d) for d in dirs]
+        self._skip_videos = set(skip_videos)
         groups: dict[tuple[str, ...], _Group] = {}
         config: dict[str, Any] | None = None
         config_from: Path | None = None
         for d in dirs:
-            shards = list_shards(d)
+            skip = {str(Path(p)) for p in skip_shards}
+            shards = [p for p in list_shards(d) if str(p) not in skip]
             if not shards:
                 raise BadFile(f"{d}: no complete shards ({schema.SHARD_GLOB})")
             for path in shards:
@@ -131,7 +134,7 @@ class FeatureSet:
 
     def _join(self) -> None:
         first, rest = self._groups[0], self._groups[1:]
-        ids = [v for v in first.index if all(v in g.index for g in rest)]
+        ids = [v for v in first.index if all(v in g.index for g in rest) and v not in self._skip_videos]
         self.join = {"groups": {"+".join(g.models): len(g.index) for g in self._groups}, "matched": len(ids)}
         if rest:
             msg = (f"joined {len(self._groups)} feature sets by video id: {len(ids)} matched "
@@ -194,6 +197,7 @@ class FeatureDataset:
         if self.indices.size and (self.indices.min() < 0 or self.indices.max() >= len(fs)):
             raise BadValue(f"indices out of range for {len(fs)} videos")
         self.labels = fs.labels[self.indices]
+        self.ids = fs.ids[self.indices]
         self.sources: list[tuple[str, str, np.ndarray, tuple[int, ...]]] = []
         self._ptr = {}
         for src, (model, positions) in sources.items():
@@ -279,6 +283,9 @@ class FeatureDataset:
                     ds.read_direct(out, np.s_[r, p], np.s_[k])
         except (OSError, KeyError) as err:
             raise BadFile(f"{path}: cannot read features/{model} of row {r} ({err})") from None
+        if not np.isfinite(out).all():
+            raise BadFile(f"{path}: video {self.ids[i]!r} has non-finite {model} features; `faster verify` lists "
+                          f"what is damaged, --skip-bad leaves such videos out")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch

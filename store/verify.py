@@ -122,7 +122,8 @@ def verify_dir(feats: str | Path) -> dict[str, Any]:
     if tmp:
         notes.append(f"{len(tmp)} temporary shards of interrupted or running extractions: {', '.join(tmp[:3])}")
     merged = mf.merge(feats, good, checksums, config=reference[1] if reference else None)
-    return {"dir": str(feats), "ok": not problems, "shards": len(shards), "videos": merged["num_videos"],
+    return {"dir": str(feats), "ok": not problems, "shards": len(shards), "videos": len(owner),
+            "videos_in_good_shards": merged["num_videos"],
             "failed": merged["num_failed"], "failed_by_stage": merged["failed_by_stage"],
             "models": sorted(reference[1]["models"]) if reference else [],
             "config": reference[1] if reference else None, "problems": problems, "notes": notes}
@@ -137,3 +138,71 @@ def verify(dirs: Iterable[str | Path]) -> dict[str, Any]:
         problems.append("the directories have different class lists: they cannot be used together")
     return {"ok": not problems, "dirs": reports, "problems": problems,
             "videos": sum(r["videos"] for r in reports), "failed": sum(r["failed"] for r in reports)}
+
+
+def repair_dir(feats: str | Path) -> list[str]:
+    """Resolve video ids held by more than one shard (two extractions of one part that ran at once):
+    the first copy in (part, seq) order is kept; a shard whose every video has a copy in the shards
+    kept is removed; a shard holding some duplicates is rewritten without them (a new shard of the
+    same part, then the old one is removed), so no video ever loses its only copy. The part manifests
+    follow. Refused while a writer holds a lock on the directory. Returns one line per action."""
+    from faster.errors import UserError
+    from faster.store.lock import live_locks
+    from faster.store.writer import ShardWriter, next_seq
+
+    feats = Path(feats)
+    locks = live_locks(feats)
+    if locks:
+        who = ", ".join(f"part {lk['part']} (pid {lk.get('pid')} on {lk.get('host')})" for lk in locks)
+        raise UserError(f"{feats}: cannot repair while extractions write to it: {who}")
+    shards = sorted((p for p in feats.glob(schema.SHARD_GLOB) if schema.parse_shard_name(p.name)),
+                    key=lambda p: schema.parse_shard_name(p.name))
+    owner: dict[str, str] = {}
+    actions: list[str] = []
+    replaced: dict[str, Path | None] = {}  # old shard name -> its rewrite (None: removed)
+    for path in shards:
+        try:
+            sh = read_header(path)
+        except BadFile:
+            continue  # verify reports it; repair never touches what it cannot read
+        dup = [i for i in sh.ids if i in owner]
+        if not dup:
+            owner.update((i, path.name) for i in sh.ids)
+            continue
+        where = sorted({owner[i] for i in dup})
+        if len(dup) == len(sh.ids):
+            path.unlink()
+            replaced[path.name] = None
+            actions.append(f"removed {path.name}: its {len(dup)} videos are also in {', '.join(where)}")
+            continue
+        keep = [r for r, i in enumerate(sh.ids) if i not in owner]
+        part = schema.parse_shard_name(path.name)[0]
+        import h5py
+
+        with h5py.File(path, "r") as f, ShardWriter(feats, part=part, seq=next_seq(feats, part), header=sh.header,
+                                                      capacity=len(keep)) as w:
+            v = f["videos"]
+            for r in keep:
+                w.add(id=sh.ids[r], label=int(v["label"][r]), num_frames=int(v["num_frames"][r]),
+                      fps=float(v["fps"][r]), clip_start=v["clip_start"][r],
+                      features={m: f[schema.features_key(m)][r] for m in sh.header.models},
+                      split=v["split"].asstr()[r] if "split" in v else None)
+        path.unlink()
+        replaced[path.name] = w.path
+        owner.update((sh.ids[r], w.path.name) for r in keep)
+        actions.append(f"rewrote {path.name} as {w.path.name} without {len(dup)} videos that are also in "
+                       f"{', '.join(where)} ({len(keep)} kept)")
+    if replaced:
+        for p, m in mf.part_manifests(feats).items():
+            if not m:
+                continue
+            entries = []
+            for entry in m.get("shards", []):
+                if entry["name"] not in replaced:
+                    entries.append(entry)
+                elif replaced[entry["name"]] is not None:
+                    new = replaced[entry["name"]]
+                    entries.append(mf.shard_entry(new, len(read_header(new).ids)))
+            m["shards"], m["videos"] = entries, sum(e["videos"] for e in entries)
+            mf.write_part_manifest(feats, p, m)
+    return actions

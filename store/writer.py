@@ -40,6 +40,7 @@ from faster.store import manifest as mf
 from faster.store import schema
 from faster.store.files import read_json, sha256_file
 from faster.store.header import Header, config_diff, read_header
+from faster.store.lock import PartLock
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,8 @@ class FeatureSetWriter:
         shard_size: videos per shard.
         compression: "none", "lzf" or "gzip".
         after_add: called with the writer after each video is added (progress, tests).
+        wait: when another live process holds this part's lock (store.lock), wait for it instead of
+            refusing at once.
 
     Constructing it only reads: the ids already held by complete shards (``done``) and the refusal
     of a directory written with another configuration (Incompatible), so a caller can plan (and
@@ -194,7 +197,8 @@ class FeatureSetWriter:
     """
 
     def __init__(self, out: str | Path, header: Header, *, part: int = 0, num_parts: int = 1, shard_size: int = 64,
-                 compression: str = "none", after_add: Callable[["FeatureSetWriter"], None] | None = None):
+                 compression: str = "none", after_add: Callable[["FeatureSetWriter"], None] | None = None,
+                 wait: bool = False):
         if shard_size < 1:
             raise BadValue(f"shard_size must be >= 1, got {shard_size}")
         check_compression(compression)
@@ -202,6 +206,7 @@ class FeatureSetWriter:
         self.part, self.num_parts = part, num_parts
         self.shard_size, self.compression, self.after_add = shard_size, compression, after_add
         self.config = header.config()
+        self.lock = PartLock(self.out, part, wait=wait)
         self.shard_videos: dict[str, list[str]] = {}  # every complete shard of the directory -> its ids
         self.my_shards: dict[str, dict[str, Any]] = {}  # this part's shards -> manifest entries
         self.short: set[str] = set()  # ids whose video was shorter than one clip (recorded in the manifest)
@@ -214,6 +219,9 @@ class FeatureSetWriter:
         self._seq = 0
         if self.out.is_dir():
             self._scan()
+
+    def _reset(self) -> None:
+        self.shard_videos, self.my_shards, self.short, self.runs = {}, {}, set(), []
 
     @property
     def done(self) -> set[str]:
@@ -250,6 +258,13 @@ class FeatureSetWriter:
 
     def __enter__(self) -> "FeatureSetWriter":
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            self._reset()
+            self._scan()  # again, under the lock: what another process of this part wrote meanwhile counts
+        except BaseException:
+            self.lock.release()
+            raise
         self._seq = next_seq(self.out, self.part)  # before cleaning: a killed run's temporary name is not reused
         for p in self.out.glob(".shard-*.h5.tmp"):  # this part's, left by a killed run: incomplete by construction
             parsed = schema.parse_shard_name(p.name[1:-4])
@@ -303,16 +318,19 @@ class FeatureSetWriter:
         self._run = run
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            w, self._shard = self._shard, None
-            if w is not None:
-                w.__exit__(exc_type, exc, tb)  # deletes the temporary file
-            return
-        self.close_shard()
-        self.failures.compact(self.done)
-        self._write_manifest(self._run)
-        if self.num_parts == 1:
-            self.merged = mf.merge(self.out, self.shard_videos, config=self.config)
+        try:
+            if exc_type is not None:
+                w, self._shard = self._shard, None
+                if w is not None:
+                    w.__exit__(exc_type, exc, tb)  # deletes the temporary file
+                return
+            self.close_shard()
+            self.failures.compact(self.done)
+            self._write_manifest(self._run)
+            if self.num_parts == 1:
+                self.merged = mf.merge(self.out, self.shard_videos, config=self.config)
+        finally:
+            self.lock.release()
 
     def _write_manifest(self, finished: dict[str, Any] | None = None) -> None:
         h = self.header

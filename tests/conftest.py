@@ -7,6 +7,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    """faster's per-user cache (checksums of shards) in a temporary folder, not in ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTER_CACHE_DIR", str(tmp_path_factory.mktemp("faster-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: tiny models on a shared 2-core box are far faster without OpenMP barriers."""

@@ -6,13 +6,13 @@ from faster import aggregate
 from faster.aggregate.flops import aggregator_gflops, count_gflops
 from faster.aggregate.models import Aggregator, build
 
-AGGS = ["avg", "concat", "fastgru", "gru", "lstm"]
+AGGS = ["avg", "concat", "fastgru", "gru", "lstm"]  # the paper's; tests/test_vlad.py covers netvlad, nextvlad, tam
 EQUAL = {"expensive": [16, 1, 2, 2], "cheap": [16, 1, 2, 2]}
 MIXED = {"expensive": [16, 2, 2, 2], "cheap": [8, 1, 4, 4]}  # other width and grid: aligned
 
 
 def test_registry_names_and_duplicates():
-    assert aggregate.names() == AGGS
+    assert aggregate.names() == sorted(AGGS + ["netvlad", "nextvlad", "tam"])
     with pytest.raises(ValueError, match="already registered"):
         aggregate.register("fastgru")(Aggregator)
     with pytest.raises(ValueError, match="unknown aggregator 'nope'"):

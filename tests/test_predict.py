@@ -2,6 +2,7 @@
 clip positions, checks backbone weights against the run's provenance, skips broken videos."""
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,7 @@ def test_weights_provenance_end_to_end(world, tmp_path):
     ck = rundir.Run.load(src)
     ck.models[E] = {**ck.models[E], "weights": sha}
     ck.save(dst)
+    shutil.copy(src / rundir.RESULT, dst / rundir.RESULT)
 
     predictor = Predictor(dst, {E: str(weights)}, device="cpu")
     assert predictor.backbones[E].weights == sha

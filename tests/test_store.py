@@ -130,7 +130,7 @@ def test_verify_cli_exit_codes(tmp_path):
     write_shard(tmp_path, 0, ["a.mp4"])
     result = CliRunner().invoke(cli, ["verify", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "1 shards, 1 videos, 0 failed" in result.output
+    assert "1 shard, 1 video, 0 failed" in result.output  # [8]: singular for one
     with h5py.File(next(tmp_path.glob(schema.SHARD_GLOB)), "a") as f:
         f["features/m"][0, 0, 0, 0, 0, 0] = np.inf
     result = CliRunner().invoke(cli, ["verify", str(tmp_path)])

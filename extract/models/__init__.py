@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Callable, Union
 
+from faster.errors import BadValue
 from faster.extract.models.flops import clip_gflops, feature_shape
 from faster.extract.models.weights import save_weights
 
@@ -33,9 +34,9 @@ _REGISTRY: dict[str, Union[Builder, str]] = {}
 def register(name: str, builder: Builder | str) -> None:
     """Register ``builder`` (a callable returning the architecture, or a lazy "module:function")."""
     if not name or not isinstance(name, str):
-        raise ValueError(f"backbone name must be a non-empty string, got {name!r}")
+        raise BadValue(f"backbone name must be a non-empty string, got {name!r}")
     if name in _REGISTRY:
-        raise ValueError(f"backbone {name!r} is already registered")
+        raise BadValue(f"backbone {name!r} is already registered")
     _REGISTRY[name] = builder
 
 
@@ -49,7 +50,7 @@ def get(name: str) -> Builder:
     try:
         builder = _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(names())}") from None
+        raise BadValue(f"unknown backbone {name!r}; expected one of {', '.join(names())}") from None
     if isinstance(builder, str):
         module, _, attr = builder.partition(":")
         builder = getattr(importlib.import_module(module), attr)

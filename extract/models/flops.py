@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 
+from faster.errors import BadValue
+
 
 @functools.lru_cache(maxsize=None)
 def clip_gflops(name: str, clip_len: int, size: int = 224) -> float:
@@ -30,7 +32,7 @@ def _meta_forward(name: str, clip_len: int, size: int) -> tuple[int, tuple[int, 
 
     builder = get(name)
     if clip_len < 1 or size < 1:
-        raise ValueError(f"clip_len and size must be >= 1, got clip_len={clip_len}, size={size}")
+        raise BadValue(f"clip_len and size must be >= 1, got clip_len={clip_len}, size={size}")
     with torch.device("meta"):
         model = builder().eval()
         model.name = name
@@ -39,7 +41,7 @@ def _meta_forward(name: str, clip_len: int, size: int) -> tuple[int, tuple[int, 
     try:
         macs = count_macs(lambda x: out.append(model(x)), clip)
     except RuntimeError as err:  # e.g. a kernel larger than the (padded) input
-        raise ValueError(f"{name} cannot run a {clip_len}-frame clip at {size} px: "
+        raise BadValue(f"{name} cannot run a {clip_len}-frame clip at {size} px: "
                          f"{str(err).splitlines()[0]}") from None
     _, C, T, H, W = out[0].shape  # (1, C, T', H', W')
     return macs, (C, T, H, W)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from faster.errors import BadFile
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -171,7 +173,7 @@ def convert(state: State, layout: str, model: "nn.Module", source: str) -> State
     fn = CONVERTERS.get((layout, target))
     if fn is None:
         takes = _accepted(target)
-        raise ValueError(f"weights {source!r} are a {layout} state dict, which backbone "
+        raise BadFile(f"weights {source!r} are a {layout} state dict, which backbone "
                          f"{getattr(model, 'name', type(model).__name__)!r} ({target} layout) cannot load; "
                          f"it takes {' or '.join(takes)} files")
     return fn(state, model)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from faster.errors import BadValue
+
 MEAN = (0.45, 0.45, 0.45)
 STD = (0.225, 0.225, 0.225)
 INSTALL = 'pip install -e ".[zoo]"'
@@ -37,7 +39,7 @@ def _hub(name: str):
     try:
         from pytorchvideo.models import hub
     except ImportError as err:
-        raise ValueError(f"backbone {name!r} needs pytorchvideo ({type(err).__name__}: {err}); "
+        raise BadValue(f"backbone {name!r} needs pytorchvideo ({type(err).__name__}: {err}); "
                          f"install the optional extra: {INSTALL}") from None
     return hub
 
@@ -54,7 +56,7 @@ class PytorchvideoBackbone(nn.Module):
     def __init__(self, name: str) -> None:
         super().__init__()
         if name not in _MODELS:
-            raise ValueError(f"unknown pytorchvideo backbone {name!r}; expected one of {', '.join(_MODELS)}")
+            raise BadValue(f"unknown pytorchvideo backbone {name!r}; expected one of {', '.join(_MODELS)}")
         arch, self.out_channels, self.temporal_stride, self.native_input = _MODELS[name]
         net = getattr(_hub(name), arch)(pretrained=False)
         self.arch = arch
@@ -63,7 +65,7 @@ class PytorchvideoBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, L, H, W = x.shape
         if C != 3:
-            raise ValueError(f"{getattr(self, 'name', self.arch)} expects (B, 3, L, H, W), got {tuple(x.shape)}")
+            raise BadValue(f"{getattr(self, 'name', self.arch)} expects (B, 3, L, H, W), got {tuple(x.shape)}")
         for block in self.blocks:
             x = block(x)
         return x  # (B, out_channels, L / temporal_stride, H/32, W/32)

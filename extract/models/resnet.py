@@ -38,6 +38,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from faster.errors import BadValue
+
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
@@ -161,7 +163,7 @@ class VideoResNet(nn.Module):
                  norm_layer: NormLayer = nn.BatchNorm3d) -> None:
         super().__init__()
         if not len(depths) == len(inner) == len(mids) == len(temporal_strides) == 4:
-            raise ValueError(f"expected 4 stages, got depths={depths!r} inner={inner!r} mids={mids!r}")
+            raise BadValue(f"expected 4 stages, got depths={depths!r} inner={inner!r} mids={mids!r}")
         self.conv1 = stem
         self.pool1 = nn.MaxPool3d((1, 3, 3), (1, 2, 2), (0, 1, 1))
         in_ch = _stem_width(stem)
@@ -194,7 +196,7 @@ class VideoResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, L, H, W = x.shape
         if C != 3 or L < self.min_frames:
-            raise ValueError(f"{getattr(self, 'name', type(self).__name__)} expects (B, 3, L>={self.min_frames}, H, W), "
+            raise BadValue(f"{getattr(self, 'name', type(self).__name__)} expects (B, 3, L>={self.min_frames}, H, W), "
                              f"got {tuple(x.shape)}")
         x = self.pool1(self.conv1(x))  # (B, 64, L / stem stride, H/4, W/4)
         x = self.res2(x)

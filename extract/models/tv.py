@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from faster.errors import BadValue
 from faster.extract.models.resnet import KINETICS_MEAN, KINETICS_STD
 
 # torchvision builder -> (weight enum class name, temporal stride of layer4 w.r.t. the input)
@@ -41,7 +42,7 @@ class TorchvisionBackbone(nn.Module):
     def __init__(self, arch: str) -> None:
         super().__init__()
         if arch not in _MODELS:
-            raise ValueError(f"unknown torchvision video model {arch!r}; expected one of {', '.join(_MODELS)}")
+            raise BadValue(f"unknown torchvision video model {arch!r}; expected one of {', '.join(_MODELS)}")
         from torchvision.models import video
 
         net = getattr(video, arch)(weights=None)
@@ -54,7 +55,7 @@ class TorchvisionBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, L, H, W = x.shape
         if C != 3:
-            raise ValueError(f"{self.arch} expects (B, 3, L, H, W), got {tuple(x.shape)}")
+            raise BadValue(f"{self.arch} expects (B, 3, L, H, W), got {tuple(x.shape)}")
         x = self.stem(x)  # (B, 64, L, H/2, W/2)
         x = self.layer1(x)
         x = self.layer2(x)
@@ -67,11 +68,11 @@ class TorchvisionBackbone(nn.Module):
 
         enum_name, _, member = spec.partition(".")
         if enum_name != self.weight_enum:
-            raise ValueError(f"weights file {spec!r} does not exist (for {self.arch} you may also name "
+            raise BadValue(f"weights file {spec!r} does not exist (for {self.arch} you may also name "
                              f"torchvision's {self.weight_enum}.<NAME>)")
         members = getattr(video, enum_name).__members__
         if member not in members:
-            raise ValueError(f"unknown torchvision weights {spec!r}; expected "
+            raise BadValue(f"unknown torchvision weights {spec!r}; expected "
                              + " or ".join(f"{enum_name}.{m}" for m in members))
         weights = members[member]
         state = weights.get_state_dict(progress=True, check_hash=True)

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from faster.errors import BadValue
 from faster.extract.models.resnet import KINETICS_MEAN, KINETICS_STD, VideoResNet
 
 BN_EPS = 1e-3
@@ -66,7 +67,7 @@ class DepthwiseConv3D(nn.Conv3d):
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, norm_layer: NormLayer) -> None:
         if in_ch != out_ch:
-            raise ValueError(f"a depthwise convolution keeps its width, got {in_ch} -> {out_ch}")
+            raise BadValue(f"a depthwise convolution keeps its width, got {in_ch} -> {out_ch}")
         super().__init__(in_ch, out_ch, 3, stride, 1, groups=in_ch, bias=False)
 
 
@@ -170,7 +171,7 @@ class VMZResNet(nn.Module):
                  norm_layer: NormLayer = NORM) -> None:
         super().__init__()
         if len(depths) != 4:
-            raise ValueError(f"expected 4 stages, got depths={depths!r}")
+            raise BadValue(f"expected 4 stages, got depths={depths!r}")
         self.stem = stem
         in_ch = 64
         for i, (depth, planes) in enumerate(zip(depths, WIDTHS)):
@@ -190,7 +191,7 @@ class VMZResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, L, H, W = x.shape
         if C != 3:
-            raise ValueError(f"{getattr(self, 'name', type(self).__name__)} expects (B, 3, L, H, W), got {tuple(x.shape)}")
+            raise BadValue(f"{getattr(self, 'name', type(self).__name__)} expects (B, 3, L, H, W), got {tuple(x.shape)}")
         x = self.stem(x)  # (B, 64, L, H/2 or H/4, W/2 or W/4)
         x = self.layer1(x)
         x = self.layer2(x)

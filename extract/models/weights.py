@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from faster.errors import BadFile, BadValue
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -38,7 +40,7 @@ def save_weights(model: "nn.Module", path: str | Path) -> str:
 
     name = getattr(model, "name", None)
     if not name:
-        raise ValueError("save_weights needs a model made by faster.extract.models.build (it has no .name)")
+        raise BadValue("save_weights needs a model made by faster.extract.models.build (it has no .name)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -54,12 +56,12 @@ def load_weights(model: "nn.Module", weights: str | Path) -> str:
     path = Path(weights)
     if not path.is_file():
         if path.exists():
-            raise ValueError(f"weights {str(weights)!r} is not a file")
+            raise BadFile(f"weights {str(weights)!r} is not a file")
         if hasattr(model, "enum_state_dict"):  # torchvision models: "R2Plus1D_18_Weights.KINETICS400_V1"
             state, provenance = model.enum_state_dict(str(weights))
             _load_state(model, _clean(state), str(weights))
             return provenance
-        raise ValueError(f"weights file {str(weights)!r} does not exist")
+        raise BadFile(f"weights file {str(weights)!r} does not exist")
     from faster.extract.models import layouts
     from faster.store.files import sha256_file
 
@@ -85,17 +87,17 @@ def read_state_dict(path: str | Path, name: str | None = None, *, with_layout: b
     try:
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a corrupt or foreign file
-        raise ValueError(f"weights file {str(path)!r} is not a readable PyTorch checkpoint "
+        raise BadFile(f"weights file {str(path)!r} is not a readable PyTorch checkpoint "
                          f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if name is not None and obj.get("name") != name:
-            raise ValueError(f"weights file {str(path)!r} holds {obj.get('name')!r} weights, not {name!r}")
+            raise BadFile(f"weights file {str(path)!r} holds {obj.get('name')!r} weights, not {name!r}")
         obj = obj.get("state_dict")
     elif isinstance(obj, dict) and layouts.unwrap_pytorchvideo(obj) is not None:
         obj = layouts.unwrap_pytorchvideo(obj)
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise ValueError(f"weights file {str(path)!r} holds no state dict (expected a {FORMAT!r} checkpoint "
+        raise BadFile(f"weights file {str(path)!r} holds no state dict (expected a {FORMAT!r} checkpoint "
                          "or a dict of tensors)")
     state = _clean(obj)
     return (state, layouts.layout_of(state)) if with_layout else state
@@ -134,7 +136,7 @@ def _load_state(model: "nn.Module", state: dict[str, "torch.Tensor"], source: st
         parts = [_listing(kind, keys) for kind, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
         read_as = f" (read as a {layout} state dict)" if layout else ""
-        raise ValueError(f"weights {source!r}{read_as} do not fit backbone "
+        raise BadFile(f"weights {source!r}{read_as} do not fit backbone "
                          f"{getattr(model, 'name', type(model).__name__)!r}: "
                          + "; ".join(parts))
     model.load_state_dict(state, strict=True)
