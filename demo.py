@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from faster.errors import BadValue, Incompatible
+from faster.errors import BadFile, BadValue, Incompatible
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     Running it again into the same directory reuses the videos' features and the finished cells.
     """
     size = QUICK if cfg.quick else FULL
-    for name in cfg.weights:
+    for name, path in cfg.weights.items():
         if name not in (size.expensive, size.cheap):
             raise BadValue(f"--weights {name}=...: the demo extracts {size.expensive} and {size.cheap}")
+        if not Path(path).is_file():  # before any video is written
+            raise BadFile(f"--weights {name}={path}: no such file")
     from faster import synthetic
     from faster.aggregate.ablate import AblateConfig, run_ablate
     from faster.extract.pipeline import ExtractConfig, run_extract

@@ -20,7 +20,8 @@ def check(pattern: str) -> str:
     """Return ``pattern`` if its syntax is valid; raise BadValue naming it otherwise."""
     if pattern in NAMED or _RATIO.match(pattern):
         return pattern
-    raise BadValue(f"unknown pattern {pattern!r}; expected all-e, all-c, first or 1:x")
+    raise BadValue(f"unknown pattern {pattern!r}; expected all-e, all-c, first or 1:N with N >= 0 "
+                   f"(expensive clips 0, N+1, 2(N+1), ...; 1:0 is all-e)")
 
 
 def expensive_mask(pattern: str, num_clips: int) -> list[bool]:

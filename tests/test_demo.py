@@ -38,6 +38,11 @@ def test_demo_quick_runs_end_to_end_and_prints_the_table(tmp_path):
 def test_demo_rejects_weights_for_models_it_does_not_use(tmp_path):
     result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(tmp_path / "d"), "--weights", "r3d50=x.pt"])
     assert result.exit_code == 1 and "r3d50" in result.output
+    result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(tmp_path / "d"), "--weights",
+                                      "r2d26_tiny=/nonexistent.pt"])
+    assert result.exit_code == 1 and "/nonexistent.pt" in result.output
+    assert not (tmp_path / "d").exists()  # refused before any video was written
+    assert "64 px" in CliRunner().invoke(cli, ["demo", "--help"]).output
 
 
 def test_plain_motion_videos_differ_only_by_the_square_and_reject_unknown_styles():

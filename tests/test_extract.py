@@ -261,3 +261,63 @@ def test_sigterm_closes_the_open_shard_and_stops_then_resume_completes(root, ref
     result = invoke(root, "-o", out, *OPTS, "--workers", "2")
     assert result.exit_code == 0, result.output
     assert sorted(read_features(out)) == sorted(GOOD) and failures(out) == BROKEN
+
+
+def test_two_extractions_into_one_directory_never_write_a_part_twice(root, reference, tmp_path):
+    """A resubmitted job while the first still runs: refused at once naming the holder, or (--wait)
+    it waits and finds nothing left; every video is in one shard only."""
+    import time
+
+    out = tmp_path / "twice"
+    first = subprocess.Popen([*DRIVER, "--fault", "left_000:sleep=6", "--", str(root), "-o", str(out), *OPTS,
+                              "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / ".lock-00000").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first extraction took no lock"
+            time.sleep(0.05)
+        second = subprocess.run([sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS,
+                                 "--workers", "0"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert f"part 0 is being written by pid {first.pid}" in second.stderr and "--wait" in second.stderr
+        waited = subprocess.run([sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS,
+                                 "--workers", "0", "--wait"], capture_output=True, text=True, timeout=120)
+        assert first.wait(timeout=60) == 0, first.stderr.read()[-2000:]
+    finally:
+        first.kill()
+    assert waited.returncode == 0, waited.stderr[-2000:]
+    assert "extracted 0, skipped 7 (done before)" in waited.stdout
+    assert sorted(read_features(out)) == sorted(GOOD)  # read_features asserts each id is in one shard
+    assert not list(out.glob(".lock-*"))
+
+
+def test_no_videos_is_an_error_unless_allowed_and_a_failed_start_writes_nothing(root, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a video")
+    result = invoke(empty, "-o", tmp_path / "o", *OPTS)
+    assert result.exit_code == 1 and f"no videos in {empty}" in result.output and ".mp4" in result.output
+    assert not (tmp_path / "o").exists()
+    result = invoke(empty, "-o", tmp_path / "o", *OPTS, "--allow-empty")
+    assert result.exit_code == 0, result.output
+    result = invoke(root, "-o", tmp_path / "w", *OPTS, "--weights", "r2d26_tiny=/nonexistent.pt")
+    assert result.exit_code == 1 and "/nonexistent.pt" in result.output
+    assert not (tmp_path / "w").exists()
+
+
+def test_random_init_is_warned_once_and_only_when_there_is_work(motion_videos, tmp_path, caplog):
+    from faster.extract.pipeline import ExtractConfig, run_extract
+    from faster.runtime import _warned
+
+    _warned.clear()
+    cfg = dict(models=("r2d26_tiny",), clip_len=8, num_clips=2, size=32, workers=0, progress=False)
+    with caplog.at_level("WARNING"):
+        for out in ("a", "b", "a"):  # two extractions with work (as the demo does), then one without
+            run_extract(ExtractConfig(str(motion_videos), str(tmp_path / out), **cfg))
+    warned = [r for r in caplog.records if "randomly initialised" in r.getMessage()]
+    assert len(warned) == 1
+    _warned.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        summary = run_extract(ExtractConfig(str(motion_videos), str(tmp_path / "a"), **cfg))
+    assert summary["extracted"] == 0 and not [r for r in caplog.records if "randomly" in r.getMessage()]

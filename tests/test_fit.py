@@ -183,3 +183,74 @@ def test_fit_standardises_inputs_with_training_statistics(static_set, tmp_path):
     agg = Run.load(tmp_path / "raw").aggregator()
     assert torch.equal(agg.align["expensive"].in_mean, torch.zeros(16))
     assert torch.equal(agg.align["expensive"].in_std, torch.ones(16))
+
+
+def _damaged_copy(static_set, dst, *, keep_manifests):
+    """A copy of the static set with NaN in one video's exp features (video 3 of the first shard)."""
+    import shutil
+
+    import h5py
+
+    shutil.copytree(static_set, dst)
+    if not keep_manifests:
+        for m in dst.glob("manifest*.json"):
+            m.unlink()
+    shard = sorted(dst.glob("shard-*.h5"))[0]
+    with h5py.File(shard, "a") as f:
+        f["features/exp"][3, 0, 0, 0, 0, :] = np.nan
+        victim = f["videos/id"].asstr()[3]
+    return shard, victim
+
+
+def test_a_shard_changed_after_writing_stops_fit_before_training_or_is_skipped(static_set, tmp_path):
+    shard, _ = _damaged_copy(static_set, tmp_path / "feats", keep_manifests=True)
+    runner = CliRunner()
+    args = ["fit", str(tmp_path / "feats"), "--agg", "avg", "--expensive", "exp", "--cheap", "chp", "--pattern", "1:1",
+            "--epochs", "1", "--threads", "1"]
+    res = runner.invoke(cli, [*args, "-o", str(tmp_path / "run")])
+    assert res.exit_code == 1 and str(shard) in res.output and "sha256" in res.output, res.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    res = runner.invoke(cli, [*args, "-o", str(tmp_path / "run"), "--skip-bad"])
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["skipped"]["shards"] == [str(shard)]
+    assert result["num_train"] + result["num_val"] == 96 - 40  # the shard's 40 videos left out
+
+
+def test_non_finite_features_name_the_video_or_are_left_out(static_set, tmp_path):
+    shard, victim = _damaged_copy(static_set, tmp_path / "feats", keep_manifests=False)
+    feats = str(tmp_path / "feats")
+    with pytest.raises(ValueError, match=rf"{shard.name}: video '{victim}' has non-finite exp features"):
+        fit(_cfg(feats, tmp_path / "a", "avg", epochs=1, val_fraction=0.5))
+    assert not (tmp_path / "a").exists()  # the interrupted fit left nothing behind
+    result = fit(_cfg(feats, tmp_path / "b", "avg", epochs=1, skip_bad=True))
+    assert result["skipped"]["videos"] == [victim] and result["num_train"] + result["num_val"] == 95
+
+
+def test_fit_refuses_an_existing_run_and_an_interrupted_one_leaves_no_run(static_set, tmp_path, monkeypatch):
+    from faster.aggregate import train
+
+    fit(_cfg(static_set, tmp_path / "r", "avg", epochs=1))
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a run .*--overwrite"):
+        fit(_cfg(static_set, tmp_path / "r", "fastgru", epochs=1))
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before  # untouched
+    assert fit(_cfg(static_set, tmp_path / "r", "gru", epochs=1, overwrite=True))["agg"] == "gru"
+
+    calls = []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    real = train._train_epoch
+    monkeypatch.setattr(train, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(static_set, tmp_path / "ctrl-c", "avg", epochs=3))
+    assert not (tmp_path / "ctrl-c").exists()
+    (tmp_path / "half").mkdir()  # what a SIGKILLed fit leaves: a checkpoint but no result.json
+    (tmp_path / "half" / "checkpoint.pt").write_bytes(before)
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "half"), static_set])
+    assert res.exit_code == 1 and "incomplete run" in res.output and str(tmp_path / "half") in res.output

@@ -180,3 +180,67 @@ def test_feature_set_writer_output_verifies_and_trains(tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads((tmp_path.parent / "run" / "result.json").read_text())
     assert result["top1"] >= 0.9 and result["num_train"] + result["num_val"] == 48
+
+
+def test_part_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import time
+
+    from faster.store.lock import LockHeld, PartLock
+
+    with PartLock(tmp_path, 3) as held:
+        with pytest.raises(LockHeld, match=rf"part 3 is being written by pid {os.getpid()} on "):
+            PartLock(tmp_path, 3).acquire()
+        assert held.path.exists()
+    assert not held.path.exists()  # released
+    dead = tmp_path / ".lock-00003"
+    dead.write_text(json.dumps({"host": PartLock(tmp_path, 3).me["host"], "pid": 2 ** 22 + 7, "since": "x"}))
+    with PartLock(tmp_path, 3):  # a dead pid on this host: taken over
+        assert json.loads(dead.read_text())["pid"] == os.getpid()
+    other = {"host": "some-other-node", "pid": 1, "since": "x"}
+    dead.write_text(json.dumps(other))
+    with pytest.raises(LockHeld, match="some-other-node"):  # another host's lock, touched just now: alive
+        PartLock(tmp_path, 3).acquire()
+    old = time.time() - 3600
+    os.utime(dead, (old, old))
+    with PartLock(tmp_path, 3, stale_after=600):  # silent for an hour: taken over
+        pass
+
+
+def test_verify_repair_keeps_one_copy_of_each_video_and_never_an_only_copy(tmp_path):
+    from click.testing import CliRunner
+
+    from faster.cli import cli
+
+    first = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
+    write_shard(tmp_path, 0, ["b.mp4"], value=5.0)  # every video also in the first: removed
+    write_shard(tmp_path, 1, ["b.mp4", "c.mp4"], value=9.0)  # c.mp4 only here: rewritten without b
+    for part in (0, 1):
+        mf.write_part_manifest(tmp_path, part, {"shards": [mf.shard_entry(p, 1) for p in
+                                                           sorted(tmp_path.glob(f"shard-0000{part}-*.h5"))]})
+    runner = CliRunner()
+    res = runner.invoke(cli, ["verify", str(tmp_path)])
+    assert res.exit_code == 1 and "is in both" in res.output and "--repair" in res.output
+    res = runner.invoke(cli, ["verify", "--repair", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "removed shard-00000-000001.h5" in res.output and "rewrote shard-00001-000000.h5" in res.output
+    held = {}
+    for path in tmp_path.glob(schema.SHARD_GLOB):
+        with h5py.File(path) as f:
+            for k, i in enumerate(f["videos/id"].asstr()[()]):
+                assert i not in held, f"{i} twice"
+                held[i] = float(f["features/m"][k].flat[0])
+    assert held == {"a.mp4": 1.0, "b.mp4": 2.0, "c.mp4": 10.0}  # the first copy of b, c's own values
+    assert first.path.exists()
+    listed = {s["name"] for m in mf.part_manifests(tmp_path).values() for s in m["shards"]}
+    assert listed == {p.name for p in tmp_path.glob(schema.SHARD_GLOB)}
+
+
+def test_verify_names_both_shards_and_counts_every_readable_video(tmp_path):
+    write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
+    with ShardWriter(tmp_path, part=5, seq=0, header=dataclasses.replace(HEADER, num_clips=2), capacity=1) as w:
+        w.add(id="z", label=0, num_frames=20, fps=30.0, clip_start=[0, 2], features={"m": np.zeros((2, *SHAPE))})
+    report = verify([tmp_path])
+    problem = next(p for p in report["problems"] if "configuration differs" in p)
+    assert "num_clips 2 in shard-00005-000000.h5, 3 in shard-00000-000000.h5" in problem
+    assert report["videos"] == 3  # the other configuration's video is still counted

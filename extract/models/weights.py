@@ -88,7 +88,7 @@ def read_state_dict(path: str | Path, name: str | None = None, *, with_layout: b
         obj: Any = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a corrupt or foreign file
         raise BadFile(f"weights file {str(path)!r} is not a readable PyTorch checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})") from None
+                      f"(torch.load with weights_only=True failed: {type(err).__name__})") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if name is not None and obj.get("name") != name:
             raise BadFile(f"weights file {str(path)!r} holds {obj.get('name')!r} weights, not {name!r}")
