@@ -12,6 +12,11 @@ import click
 from faster import __version__
 from faster.errors import UserError
 
+# faster.extract.video.DECODERS and faster.store.schema.COMPRESSIONS, spelled here so --help imports
+# neither numpy nor h5py (tests/test_decoding.py checks they agree)
+DECODERS = ("auto", "decord", "pyav")
+COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
+DECODER_HELP = "auto: decord, and PyAV (AV1, ...) for a file decord cannot open or decode; or only one of them."
 MODEL_HELP = "backbone name (see `faster flops --help` / faster.extract.models.names())"
 
 
@@ -96,7 +101,12 @@ def cli(verbose: int) -> None:
 @click.option("--shard-size", default=64, show_default=True, type=click.IntRange(1), help="Videos per shard.")
 @click.option("--num-shards", default=1, show_default=True, type=click.IntRange(1), help="Slurm array size.")
 @click.option("--shard-index", default=0, show_default=True, type=click.IntRange(0), help="Slurm array index.")
-@click.option("--compression", default="none", show_default=True, type=click.Choice(["none", "lzf", "gzip"]))
+@click.option("--compression", default="none", show_default=True, type=click.Choice(COMPRESSIONS),
+              help="HDF5 filter of the feature datasets; zstd and lz4 need hdf5plugin to read (docs/storage.md).")
+@click.option("--spatial-pool", is_flag=True,
+              help="Store each map's mean over H' x W' (T' kept): ~H'W' times smaller, for pooled aggregators "
+                   "(avg, lstm, gru, netvlad, ...) only.")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(DECODERS), help=DECODER_HELP)
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds before a video whose decode hangs is recorded as failed.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of random initialisation.")
@@ -314,8 +324,9 @@ def _check_cells(summary: dict) -> None:
               help="Decoding processes (0: decode in this process, no timeout).")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds before a video whose decode hangs is reported as failed.")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(DECODERS), help=DECODER_HELP)
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
-def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, strict) -> None:
+def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, decoder, strict) -> None:
     """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
 
     VIDEOS are files or directories (searched for video files; ids are paths relative to them).
@@ -325,7 +336,8 @@ def predict(videos, run, weights, out, online, device, batch_size, workers, time
     from faster.predict import PredictConfig, predict as run_predict
 
     cfg = PredictConfig(videos=list(videos), run=run, weights=_parse_weights(weights), out=out, online=online,
-                        device=device, batch_size=batch_size, workers=workers, timeout=timeout, strict=strict)
+                        device=device, batch_size=batch_size, workers=workers, timeout=timeout, decoder=decoder,
+                        strict=strict)
     try:
         summary = run_predict(cfg)
     except (UserError, FileNotFoundError) as err:

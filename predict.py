@@ -52,6 +52,7 @@ class PredictConfig:
     batch_size: int = 8                                     # clips per backbone forward (of one video)
     workers: int = 1                                        # decoding processes (0: in this process, no timeout)
     timeout: float = 300.0                                  # seconds before a hanging decode counts as failed
+    decoder: str = "auto"                                   # auto (decord, then PyAV), decord or pyav
     strict: bool = False                                    # raise at the end if any video failed
 
     def __post_init__(self) -> None:
@@ -62,6 +63,10 @@ class PredictConfig:
                 raise PredictError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not self.timeout > 0:
             raise PredictError(f"timeout must be > 0 seconds, got {self.timeout}")
+        from faster.extract.video import DECODERS
+
+        if self.decoder not in DECODERS:
+            raise PredictError(f"unknown decoder {self.decoder!r}; expected one of {', '.join(DECODERS)}")
 
 
 class PredictError(UserError):
@@ -260,18 +265,19 @@ def list_videos(paths: list[str], classes: list[str]) -> list["VideoItem"]:
 
 
 def decoded_videos(items: list["VideoItem"], spec: Run, *, workers: int = 1, timeout: float = 300.0,
-                   pin_memory: bool = False) -> Iterator[tuple["VideoItem", Any]]:
+                   pin_memory: bool = False, decoder: str = "auto") -> Iterator[tuple["VideoItem", Any]]:
     """(item, decoders.Decoded or decoders.Failed) per video, as extraction decodes them (the same
-    worker processes, timeout and sampling) but only at the run's clip positions. Order: as decoded."""
+    worker processes, timeout, sampling and ``decoder``) but only at the run's clip positions.
+    Order: as decoded."""
 
     from faster.extract.decoders import DecodePool, InlineDecoder
 
     kw = dict(num_clips=spec.num_extracted, clip_len=spec.clip_len, size=spec.size,
-              frame_stride=spec.frame_stride, positions=spec.positions)
-    decoder = (DecodePool(items, workers=workers, timeout=timeout, pin_memory=pin_memory, **kw) if workers
-               else InlineDecoder(items, **kw))
-    with decoder:
-        for out in decoder:
+              frame_stride=spec.frame_stride, positions=spec.positions, decoder=decoder)
+    pool = (DecodePool(items, workers=workers, timeout=timeout, pin_memory=pin_memory, **kw) if workers
+            else InlineDecoder(items, **kw))
+    with pool:
+        for out in pool:
             yield out.item, out
 
 
@@ -319,7 +325,7 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
     t0 = time.perf_counter()
     try:
         for item, decoded in decoded_videos(items, predictor.run, workers=cfg.workers, timeout=cfg.timeout,
-                                            pin_memory=predictor.device.type == "cuda"):
+                                            pin_memory=predictor.device.type == "cuda", decoder=cfg.decoder):
             if not hasattr(decoded, "frames"):  # decoders.Failed
                 log.warning("%s: %s failed: %s", item.id, decoded.stage, decoded.error)
                 yield {"id": item.id, "error": decoded.error, "stage": decoded.stage}

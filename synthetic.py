@@ -1,4 +1,4 @@
-"""Synthetic test videos (H.264 mp4 via PyAV): small labelled sets whose class is a motion direction.
+"""Synthetic test videos (H.264 mp4 via PyAV; HEVC, VP9, AV1, ProRes, MPEG-2 on request): small labelled sets whose class is a motion direction.
 
 A square moves across a static textured background in one of several directions. A single frame
 cannot tell the class; the order of frames can, so a temporal backbone (R(2+1)D, paper Table 1)
@@ -7,7 +7,7 @@ model does not. ``make_motion_dataset`` writes the folder-per-class layout that 
 reads; ``write_kinetics_like`` writes 340x256, 30 fps clips shaped like Kinetics videos for the
 benchmarks; ``write_audio_only`` writes an mp4 with no video stream (a failure case).
 
-PyAV is imported lazily: it is a test/demo dependency, not a runtime one.
+PyAV (a runtime dependency: the fallback decoder) is imported lazily, inside the writers.
 """
 from __future__ import annotations
 
@@ -35,21 +35,43 @@ def _av():
     return av
 
 
-def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str = "libx264", crf: int = 23) -> Path:
-    """Encode ``frames`` (T, H, W, 3) uint8 RGB into ``path`` (H.264, yuv420p); H and W must be even."""
+# Codecs write_video encodes (PyAV's FFmpeg): name -> (encoder, pixel format, encoder options).
+# Pick the container by the file name (.mp4 for h264/hevc/mpeg2, .webm for vp9, .mkv for av1, .mov
+# for prores); fast settings, since these are test inputs, not archives.
+CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "h264": ("libx264", "yuv420p", {"crf": "{crf}", "preset": "veryfast"}),
+    "hevc": ("libx265", "yuv420p", {"crf": "{crf}", "preset": "ultrafast", "x265-params": "log-level=none"}),
+    "vp9": ("libvpx-vp9", "yuv420p", {"crf": "{crf}", "b": "0", "deadline": "realtime", "cpu-used": "8"}),
+    "av1": ("libsvtav1", "yuv420p", {"crf": "{crf}", "preset": "10"}),
+    "prores": ("prores_ks", "yuv422p10le", {"profile": "0"}),
+    "mpeg2": ("mpeg2video", "yuv420p", {"qscale": "3"}),
+}
+_ENCODERS = {enc: name for name, (enc, _, _) in CODECS.items()}
+
+
+def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str = "h264", crf: int = 23) -> Path:
+    """Encode ``frames`` (T, H, W, 3) uint8 RGB into ``path``; H and W must be even.
+
+    ``codec``: a name of ``CODECS`` (h264, hevc, vp9, av1 through libsvtav1, prores, mpeg2) or its
+    encoder's name ("libx264"); ``crf`` is the quality of the encoders that take one.
+    """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise BadValue(f"frames must be (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
     t, h, w, _ = frames.shape
     if t < 1 or h % 2 or w % 2:
         raise BadValue(f"need >= 1 frame and even height/width for yuv420p, got {t} frames of {h}x{w}")
+    name = _ENCODERS.get(codec, codec)
+    if name not in CODECS:
+        raise BadValue(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    encoder, pix_fmt, options = CODECS[name]
     av = _av()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        stream = container.add_stream(encoder, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+        stream.options = {k: v.format(crf=crf) for k, v in options.items()}
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
@@ -128,8 +150,8 @@ def make_motion_dataset(root: str | Path, classes: Iterable[str] = DEFAULT_CLASS
 
 
 def write_kinetics_like(path: str | Path, seconds: float = 10.0, fps: int = 30, width: int = 340, height: int = 256,
-                        seed: int = 0) -> Path:
-    """A Kinetics-shaped clip (340x256, 30 fps, H.264): a scrolling textured background and a moving square.
+                        seed: int = 0, codec: str = "h264") -> Path:
+    """A Kinetics-shaped clip (340x256, 30 fps, H.264 or ``codec``): a scrolling textured background and a moving square.
 
     Camera-like global motion keeps the encoder (and so the decoder) busy as real footage does.
     """
@@ -145,7 +167,7 @@ def write_kinetics_like(path: str | Path, seconds: float = 10.0, fps: int = 30, 
         x = (5 * t) % (width - side)
         y = (height - side) // 2 + int(40 * np.sin(t / 15))
         out[t, y:y + side, x:x + side] = (250, 40, 40)
-    return write_video(path, out, fps=fps)
+    return write_video(path, out, fps=fps, codec=codec)
 
 
 def write_audio_only(path: str | Path, seconds: float = 0.5, rate: int = 16000) -> Path:

@@ -9,9 +9,11 @@ the last. Workers are recycled every ``recycle_every`` videos (decord leaks a li
 ``InlineDecoder`` (``workers=0``) decodes in the calling process, without overlap or timeout.
 
 Both iterate over Decoded / Failed results (``for r in decoder``) and close as context managers.
-``decode`` is the function that decodes one video (default ``faster.extract.video.decode_clips``);
-it must be importable by name in the worker processes (a module-level function, or a
-functools.partial of one).
+``decode`` is the function that decodes one video (default ``faster.extract.video.decode_clips``,
+called with ``decoder=`` auto, decord or pyav); it must be importable by name in the worker
+processes (a module-level function, or a functools.partial of one). Around each decode the
+process's stderr (file descriptor 2, where decord's C++ log and FFmpeg write) goes to a file: a
+video that fails has the end of it in its failure record ("log"), one that decodes drops it.
 """
 from __future__ import annotations
 
@@ -21,11 +23,13 @@ import queue
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -36,6 +40,84 @@ from faster.extract import video as vid
 log = logging.getLogger(__name__)
 
 DecodeFn = Callable[..., "vid.DecodedVideo"]
+
+
+LOG_CHARS = 2000  # the end of a failed video's captured decoder output kept in its failure record
+
+
+@contextmanager
+def captured_stderr(sink: Any) -> Iterator[dict[str, str]]:
+    """Send file descriptor 2 (where decord's C++ log and FFmpeg write) to the open binary file ``sink``.
+
+    Yields a dict whose "text" is, once the block ends, what was written there meanwhile (the last
+    LOG_CHARS characters). Python's ``sys.stderr`` is flushed on both sides so its own lines stay
+    in order. The redirect is process-wide: decode in a process (or a moment) where nothing else
+    writes to stderr that must be seen; callers log what they drop at debug level.
+    """
+    got: dict[str, str] = {"text": ""}
+    sys.stderr.flush()
+    sink.seek(0)
+    sink.truncate()
+    saved = os.dup(2)
+    try:
+        os.dup2(sink.fileno(), 2)
+        yield got
+    finally:
+        try:
+            sys.stderr.flush()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        got["text"] = _tail(sink)
+
+
+def _tail(sink: Any) -> str:
+    sink.flush()
+    sink.seek(0, os.SEEK_END)
+    size = sink.tell()
+    sink.seek(max(0, size - 4 * LOG_CHARS))
+    return sink.read().decode("utf-8", "replace")[-LOG_CHARS:].strip()
+
+
+def read_log(path: str | None) -> str:
+    """The end of a decode log file (a worker killed mid-decode leaves its output there)."""
+    if not path:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            return _tail(f)
+    except OSError:
+        return ""
+
+
+def _failure_extra(err: BaseException, text: str) -> dict[str, Any]:
+    """What a failure record holds besides stage and error: each decoder's error, the decoder's log."""
+    extra: dict[str, Any] = {}
+    if getattr(err, "errors", None):
+        extra["errors"] = dict(err.errors)
+    if text:
+        extra["log"] = text
+    return extra
+
+
+def _decode_one(decode: DecodeFn, path: str, sink: Any, video_id: str, **kw: Any):
+    """("ok", DecodedVideo) or ("err", stage, error, extra): one decode with stderr captured into ``sink``."""
+    with captured_stderr(sink) as captured:
+        try:
+            d = decode(path, **kw)
+        except vid.DecodeError as err:
+            result = ("err", err.stage, str(err), err)
+        except Exception as err:  # any other decoder error is this video's, not the run's
+            result = ("err", "decode", vid._short_error(err), err)
+        else:
+            result = ("ok", d)
+    if result[0] == "ok":
+        if captured["text"]:
+            log.debug("%s: decoder output (dropped, the video decoded): %s", video_id, captured["text"])
+        if result[1].fallback:
+            log.info("%s: decord failed (%s); read with PyAV", video_id, result[1].fallback)
+        return result
+    return ("err", result[1], result[2], _failure_extra(result[3], captured["text"]))
 
 
 def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: DecodeFn | None) -> None:
@@ -50,6 +132,7 @@ def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: 
     shms = [shared_memory.SharedMemory(name=n) for n in buffer_names]
     arrays = [np.ndarray(shape, dtype=np.uint8, buffer=s.buf) for s in shms]
     decode = decode or vid.decode_clips
+    sink = open(spec["log_path"], "w+b") if spec.get("log_path") else tempfile.TemporaryFile()
     conn.send(("ready", os.getpid()))
     try:
         while True:
@@ -60,20 +143,20 @@ def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: 
             if msg[0] == "stop":
                 break
             _, task_id, path, buf, video_id = msg
-            try:
-                out = arrays[buf] if arrays else None
-                d = decode(path, num_clips=spec.get("num_clips") or shape[0], clip_len=shape[1],
-                                     size=shape[2], frame_stride=spec["frame_stride"], out=out,
-                                     positions=spec.get("positions"))
+            out = arrays[buf] if arrays else None
+            r = _decode_one(decode, path, sink, video_id, num_clips=spec.get("num_clips") or shape[0],
+                            clip_len=shape[1], size=shape[2], frame_stride=spec["frame_stride"], out=out,
+                            positions=spec.get("positions"), decoder=spec.get("decoder", "auto"))
+            if r[0] == "ok":
+                d = r[1]
                 conn.send(("ok", task_id, {"num_frames": d.num_frames, "fps": d.fps, "clip_start": d.clip_start,
-                                           "short": d.short}))
+                                           "short": d.short, "decoder": d.decoder}))
                 if not arrays:  # pipe transport: the frames follow as raw bytes
                     conn.send_bytes(memoryview(d.frames).cast("B"))
-            except vid.DecodeError as err:
-                conn.send(("err", task_id, err.stage, str(err)))
-            except Exception as err:  # any other decoder error is this video's, not the run's
-                conn.send(("err", task_id, "decode", vid._short_error(err)))
+            else:
+                conn.send(("err", task_id, r[1], r[2], r[3]))
     finally:
+        sink.close()
         del arrays
         for s in shms:
             s.close()
@@ -87,7 +170,7 @@ def mp_context():
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "torch", "decord", "faster.extract.decoders"])
+    ctx.set_forkserver_preload(["numpy", "torch", "decord", "av", "faster.extract.decoders"])
     return ctx
 
 
@@ -136,6 +219,7 @@ class Decoded:
     fps: float
     clip_start: list[int]
     short: bool
+    decoder: str = "decord"  # which decoder read it (vid.DecodedVideo.decoder)
 
 
 @dataclass
@@ -143,6 +227,7 @@ class Failed:
     item: vid.VideoItem
     stage: str
     error: str
+    extra: dict[str, Any] = field(default_factory=dict)  # for the failure record: "errors" per decoder, "log"
 
 
 class _Slot:
@@ -159,6 +244,7 @@ class _Slot:
         self.ready = False
         self.since = 0.0  # when the head task started
         self.sent = 0  # tasks sent to the current process
+        self.log_path: str | None = None  # where the worker captures the decoders' stderr
 
 
 class _Decoder:
@@ -200,7 +286,7 @@ class DecodePool(_Decoder):
     def __init__(self, items: list[vid.VideoItem], *, workers: int, num_clips: int, clip_len: int, size: int,
                  frame_stride: int = 1, timeout: float = 300.0, pin_memory: bool = False,
                  decode: DecodeFn | None = None, recycle_every: int = 200, prefetch: int = 2,
-                 positions: list[int] | None = None):
+                 positions: list[int] | None = None, decoder: str = "auto"):
         if workers < 1:
             raise BadValue(f"DecodePool needs workers >= 1, got {workers}")
         # positions: only those of the num_clips clips are decoded (predict on a fitted run's subset)
@@ -218,8 +304,9 @@ class DecodePool(_Decoder):
         self.recycle_every = max(1, recycle_every)
         self.prefetch = max(1, prefetch)
         self.decode = decode
+        _check_decoder(decoder)
         self.spec = {"shape": self.shape, "frame_stride": frame_stride, "num_clips": num_clips,
-                     "positions": None if positions is None else [int(p) for p in positions]}
+                     "positions": None if positions is None else [int(p) for p in positions], "decoder": decoder}
         self.results: queue.Queue = queue.Queue()
         self.max_ready = max(2, workers)  # decoded videos waiting for the model, at most
         self._todo = deque(items)
@@ -253,7 +340,11 @@ class DecodePool(_Decoder):
     def _start(self, slot: _Slot) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
         names = [b.name for b in slot.buffers]
-        slot.proc = self._ctx.Process(target=_decode_worker, args=(child, self.spec, names, self.decode),
+        if slot.log_path is None:  # the worker's captured stderr: read from here when it is killed mid-decode
+            fd, slot.log_path = tempfile.mkstemp(prefix=f"faster-decode-{slot.index}-", suffix=".log")
+            os.close(fd)
+        spec = {**self.spec, "log_path": slot.log_path}
+        slot.proc = self._ctx.Process(target=_decode_worker, args=(child, spec, names, self.decode),
                                       name=f"faster-decode-{slot.index}", daemon=True)
         with _main_not_reimported():
             slot.proc.start()
@@ -282,7 +373,8 @@ class DecodePool(_Decoder):
         _, item, _ = slot.tasks[0]
         self._requeue_rest(slot)
         self._kill(slot)
-        self.results.put(Failed(item, stage, error))
+        text = read_log(slot.log_path)
+        self.results.put(Failed(item, stage, error, {"log": text} if text else {}))
         if not self._stop.is_set():
             self._start(slot)
 
@@ -302,9 +394,10 @@ class DecodePool(_Decoder):
                 frames.copy_(torch.from_numpy(slot.arrays[buf]))
             else:
                 slot.conn.recv_bytes_into(memoryview(frames.numpy()).cast("B"))
-            self.results.put(Decoded(item, frames, meta["num_frames"], meta["fps"], meta["clip_start"], meta["short"]))
+            self.results.put(Decoded(item, frames, meta["num_frames"], meta["fps"], meta["clip_start"], meta["short"],
+                                     meta.get("decoder", "decord")))
         else:
-            self.results.put(Failed(item, msg[2], msg[3]))
+            self.results.put(Failed(item, msg[2], msg[3], msg[4]))
         slot.free.append(buf)
         slot.since = time.monotonic()
 
@@ -417,19 +510,28 @@ class DecodePool(_Decoder):
                     b.close()
                     b.unlink()
                 slot.buffers = []
+                if slot.log_path is not None:
+                    Path(slot.log_path).unlink(missing_ok=True)
+                    slot.log_path = None
 
 
 
 class InlineDecoder(_Decoder):
-    """``workers=0``: decode in the main process, one video per ``get`` (no overlap, no timeout)."""
+    """``workers=0``: decode in the main process, one video per ``get`` (no overlap, no timeout).
+
+    The decoders' stderr is captured around each decode as in a worker (the main thread waits
+    for the decode meanwhile, so little else is writing).
+    """
 
     def __init__(self, items: list[vid.VideoItem], *, num_clips: int, clip_len: int, size: int,
                  frame_stride: int = 1, decode: DecodeFn | None = None, positions: list[int] | None = None,
-                 **_: Any):
+                 decoder: str = "auto", **_: Any):
+        _check_decoder(decoder)
         self._todo = deque(items)
         self.kw = {"num_clips": num_clips, "clip_len": clip_len, "size": size, "frame_stride": frame_stride,
-                   "positions": positions}
+                   "positions": positions, "decoder": decoder}
         self.decode = decode or vid.decode_clips
+        self._sink = None
 
     def get(self, timeout: float = 0.1) -> Decoded | Failed | None:
         import torch
@@ -437,13 +539,21 @@ class InlineDecoder(_Decoder):
         if not self._todo:
             return None
         item = self._todo.popleft()
-        try:
-            d = self.decode(item.path, **self.kw)
-        except vid.DecodeError as err:
-            return Failed(item, err.stage, str(err))
-        except Exception as err:
-            return Failed(item, "decode", vid._short_error(err))
-        return Decoded(item, torch.from_numpy(d.frames), d.num_frames, d.fps, d.clip_start, d.short)
+        if self._sink is None:
+            self._sink = tempfile.TemporaryFile()
+        r = _decode_one(self.decode, item.path, self._sink, item.id, **self.kw)
+        if r[0] == "err":
+            return Failed(item, r[1], r[2], r[3])
+        d = r[1]
+        return Decoded(item, torch.from_numpy(d.frames), d.num_frames, d.fps, d.clip_start, d.short, d.decoder)
 
     def close(self) -> None:
         self._todo.clear()
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+
+def _check_decoder(decoder: str) -> None:
+    if decoder not in vid.DECODERS:
+        raise BadValue(f"unknown decoder {decoder!r}; expected one of {', '.join(vid.DECODERS)}")

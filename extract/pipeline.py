@@ -41,6 +41,10 @@ from faster.store import schema
 log = logging.getLogger(__name__)
 
 FRAMES_PER_VIDEO = 256  # the paper's N x L
+# Stored bytes / float16 bytes of res5 maps per --compression, for the disk estimate: what
+# benchmarks/storage.py measured on ReLU maps (docs/storage.md), rounded up. Real maps vary with
+# their zero fraction; the estimate is "about", the check leaves a margin.
+COMPRESSED_FRACTION = {"none": 1.0, "lzf": 0.75, "gzip": 0.6, "zstd": 0.6, "lz4": 0.75}
 
 @dataclass
 class ExtractConfig:
@@ -64,7 +68,9 @@ class ExtractConfig:
     shard_size: int = 64  # videos per shard
     num_shards: int = 1  # Slurm array size
     shard_index: int = 0  # Slurm array index
-    compression: str = "none"  # none, lzf or gzip
+    compression: str = "none"  # none, lzf, gzip, zstd or lz4 (zstd and lz4 through hdf5plugin; docs/storage.md)
+    spatial_pool: bool = False  # store each map averaged over H' x W' as (N, T', 1, 1, C): pooled aggregators only
+    decoder: str = "auto"  # auto (decord, then PyAV for what decord cannot read), decord or pyav
     timeout: float = 300.0  # seconds a video may take to decode before its worker is killed
     seed: int = 0  # seed of random initialisation of backbones without weights
     progress: bool = True  # tqdm progress bar
@@ -93,6 +99,8 @@ class ExtractConfig:
             raise BadValue(f"shard_index {self.shard_index} is not in [0, num_shards={self.num_shards})")
         if self.compression not in schema.COMPRESSIONS:
             raise BadValue(f"unknown compression {self.compression!r}; expected one of {schema.COMPRESSIONS}")
+        if self.decoder not in vid.DECODERS:
+            raise BadValue(f"unknown decoder {self.decoder!r}; expected one of {', '.join(vid.DECODERS)}")
         if not self.timeout > 0:
             raise BadValue(f"timeout must be > 0 seconds, got {self.timeout}")
 
@@ -113,18 +121,19 @@ class ClipModels:
 
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.spatial_pool = bool(cfg.spatial_pool)
         built, self.headers, self.shapes = {}, {}, {}
         amp = self.cuda and torch.cuda.is_bf16_supported()
         for name in cfg.models:
             built[name] = registry.build(name, weights=cfg.weights.get(name), seed=cfg.seed)
             C, T, H, W = registry.feature_shape(name, cfg.clip_len, cfg.size)
-            self.shapes[name] = (T, H, W, C)  # per clip, channels last
+            self.shapes[name] = (T, 1, 1, C) if self.spatial_pool else (T, H, W, C)  # per clip, channels last
         self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, amp=amp)
         for name, model in built.items():
             self.headers[name] = ModelHeader(
                 gflops_per_clip=float(registry.clip_gflops(name, cfg.clip_len, cfg.size)), layer=str(model.layer),
                 weights=str(model.weights), mean=[float(v) for v in model.mean], std=[float(v) for v in model.std],
-                compute_dtype=self.runner.compute_dtype)
+                compute_dtype=self.runner.compute_dtype, spatial_pool=1 if self.spatial_pool else None)
 
     @property
     def names(self) -> list[str]:
@@ -138,12 +147,21 @@ class ClipModels:
     def compute_dtype(self) -> str:
         return self.runner.compute_dtype
 
-    def bytes_per_video(self, num_clips: int) -> int:
-        return sum(num_clips * int(np.prod(s)) * 2 for s in self.shapes.values())  # float16
+    def bytes_per_video(self, num_clips: int, compression: str = "none") -> int:
+        """Stored bytes of one video's features: float16, times the codec's expected fraction."""
+        raw = sum(num_clips * int(np.prod(s)) * 2 for s in self.shapes.values())
+        return int(raw * COMPRESSED_FRACTION.get(compression, 1.0))
 
     def __call__(self, clips) -> dict[str, Any]:
-        """(b, L, S, S, 3) uint8 on the device -> per model (b, T', H', W', C) float16 on the CPU."""
-        return {name: self.runner(name, clips).permute(0, 2, 3, 4, 1).cpu() for name in self.names}
+        """(b, L, S, S, 3) uint8 on the device -> per model (b, T', H', W', C) float16 on the CPU
+        (H' = W' = 1 with --spatial-pool: the mean of the float16 map, in float32, rounded to float16)."""
+        out = {}
+        for name in self.names:
+            y = self.runner(name, clips)  # (b, C, T', H', W') float16
+            if self.spatial_pool:
+                y = y.float().mean(dim=(3, 4), keepdim=True).half()  # (b, C, T', 1, 1)
+            out[name] = y.permute(0, 2, 3, 4, 1).cpu()  # (b, T', H', W', C)
+        return out
 
 
 @dataclass
@@ -244,20 +262,30 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
                                   compression=cfg.compression, after_add=after_add, wait=cfg.wait)
         mine = found.items[place.part::place.num_parts]
         plan = _plan(mine, writer.done)
-        per_video = models.bytes_per_video(cfg.num_clips)
+        per_video = models.bytes_per_video(cfg.num_clips, cfg.compression)
         need = per_video * len(plan.todo)
         free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
         if need > 0 and need * 1.02 + 64 * 2**20 > free:
+            hint = [] if cfg.compression in ("zstd", "gzip") else ["--compression zstd"]
+            hint += [] if cfg.spatial_pool else ["--spatial-pool (pooled aggregators only)"]
             raise BadValue(f"not enough disk space in {out}: the features need about {_fmt_bytes(need)} "
-                           f"({len(plan.todo)} videos x {_fmt_bytes(per_video)}), {_fmt_bytes(free)} are free; free "
-                           f"space or choose fewer --num-clips, a smaller --size or --compression lzf")
+                           f"({len(plan.todo)} videos x {_fmt_bytes(per_video)}"
+                           + (f", {cfg.compression}" if cfg.compression != "none" else "")
+                           + f"), {_fmt_bytes(free)} are free; free space or choose fewer --num-clips, a smaller "
+                             f"--size" + "".join(f" or {h}" for h in hint))
+        _note_compression(out, cfg.compression)
         with writer:  # holds this part's lock from here on
             plan = _plan(mine, writer.done)  # under the lock: what a process that just finished wrote counts
             say(f"{len(plan.todo)} videos to extract ({plan.skipped} done already, {len(plan.missing)} "
                 f"missing) of {len(found.items)} [{found.layout}, {len(found.classes)} classes]"
                 + (f", part {place.part} of {place.num_parts}" if place.num_parts > 1 else "")
                 + f"; {device}; about {_fmt_bytes(per_video * len(plan.todo))} of features "
-                  f"({_fmt_bytes(per_video)}/video), {_fmt_bytes(free)} free")
+                  f"({_fmt_bytes(per_video)}/video"
+                + (f", {cfg.compression}" if cfg.compression != "none" else "")
+                + (", spatially pooled" if cfg.spatial_pool else "") + f"), {_fmt_bytes(free)} free")
+            if cfg.spatial_pool and plan.todo:
+                say("--spatial-pool: maps are stored as their mean over H' x W' (T' kept); pooled aggregators "
+                    "(avg, lstm, gru, netvlad, ...) lose nothing, map aggregators would run on a 1x1 grid")
             if plan.todo:
                 for name in cfg.models:
                     if cfg.weights.get(name) is None:
@@ -286,6 +314,17 @@ def _plan(mine: list, done: set[str]) -> _Plan:
     return _Plan(todo, missing, len(mine) - len(todo) - len(missing))
 
 
+def _note_compression(out: Path, compression: str) -> None:
+    """A resume with another --compression is allowed (the values are the same; each shard names its
+    filters) but said, so a directory of mixed codecs is never a surprise."""
+    from faster.store import manifest as mf
+
+    used = {m.get("compression") for m in mf.part_manifests(out).values() if m and m.get("shards")} - {None}
+    if used and used != {compression}:
+        log.warning("%s holds shards written with --compression %s; new shards use %s", out,
+                    "/".join(sorted(used)), compression)
+
+
 def _existing_parent(path: Path) -> Path:
     """The nearest ancestor of ``path`` that exists (where a new output directory will be created)."""
     path = path.absolute()
@@ -301,6 +340,7 @@ class _Run:
         self.cfg, self.place, self.models, self.writer, self.decode = cfg, place, models, writer, decode
         self.clips = 0
         self.short = 0
+        self.decoders: dict[str, int] = {}  # videos read by each decoder (decord, pyav)
 
     def _add(self, p: _Pending) -> None:
         d = p.decoded
@@ -309,10 +349,11 @@ class _Run:
                         clip_start=d.clip_start, features=feats, split=d.item.split, short=d.short)
         self.clips += self.cfg.num_clips
         self.short += bool(d.short)
+        self.decoders[d.decoder] = self.decoders.get(d.decoder, 0) + 1
 
-    def _fail(self, item: vid.VideoItem, stage: str, error: str) -> None:
+    def _fail(self, item: vid.VideoItem, stage: str, error: str, **extra: Any) -> None:
         log.warning("%s: %s failed: %s", item.id, stage, error)
-        self.writer.fail(item.id, stage, error)
+        self.writer.fail(item.id, stage, error, **extra)
 
     def execute(self, todo: list[vid.VideoItem], missing: list[vid.VideoItem], skipped: int) -> dict[str, Any]:
         from tqdm import tqdm
@@ -329,7 +370,7 @@ class _Run:
         with _StopFlag() as stop, decoder_cls(
                 todo, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.size,
                 frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=self.models.cuda,
-                decode=self.decode, recycle_every=cfg.recycle_every) as decoder:
+                decode=self.decode, recycle_every=cfg.recycle_every, decoder=cfg.decoder) as decoder:
             for item in missing:
                 self._fail(item, "missing", item.error or "not found")
             try:
@@ -344,7 +385,7 @@ class _Run:
                         if r is None:
                             exhausted = True
                         elif isinstance(r, Failed):
-                            self._fail(r.item, r.stage, r.error)
+                            self._fail(r.item, r.stage, r.error, **r.extra)
                             bar.update(1)
                         else:
                             frames = r.frames.to(self.models.device, non_blocking=True)
@@ -359,7 +400,9 @@ class _Run:
                 bar.close()
             seconds = time.monotonic() - t0
             w.finish(started=started, seconds=round(seconds, 3), extracted=w.added, failed=w.failed, skipped=skipped,
-                     interrupted=interrupted, device=str(self.models.device), batch_size=self.models.batch_size)
+                     interrupted=interrupted, device=str(self.models.device), batch_size=self.models.batch_size,
+                     decoder=cfg.decoder, decoders=dict(self.decoders), compression=cfg.compression,
+                     spatial_pool=cfg.spatial_pool)
         return {
             "extracted": w.added, "skipped": skipped, "failed": w.failed, "short": self.short,
             "clips": self.clips, "run_seconds": round(seconds, 3),
@@ -367,7 +410,7 @@ class _Run:
             "videos_per_s": round(w.added / seconds, 3) if seconds > 0 else 0.0,
             "shards_written": w.shards_written, "part": self.place.part, "num_parts": self.place.num_parts,
             "interrupted": interrupted, "out": str(w.out), "failures_file": str(w.failures.path),
-            "compute_dtype": self.models.compute_dtype,
+            "compute_dtype": self.models.compute_dtype, "decoders": dict(self.decoders),
             "batch_size": self.models.batch_size, "config": asdict(cfg),
         }
 

@@ -6,12 +6,13 @@ time_end,split`` whose files are named ``<youtube_id>_<start:06d>_<end:06d>.<ext
 unlabelled. Only video extensions are considered; ids are POSIX paths relative to the root.
 
 Decoding (paper, "Experimental Setups": N clips of L frames uniformly covering the video,
-N x L = 256): decord with one thread per reader, only the sampled frames, requested in sorted
-order and in chunks so a worker never holds a whole long video; indices clamped to the frames
-that exist (a video shorter than one clip repeats its last frame). Each frame's short side is
-resized to ``size * 8/7`` (256 for 224) and the centre ``size x size`` crop kept, as uint8 RGB:
-scaling to [0, 1] and the backbone's normalisation happen on the model's device
-(``normalise_clips``), which is cheaper than on the decoding CPU.
+N x L = 256): decord with one thread per reader, and PyAV with the same sampling for what decord
+cannot read (``decode_clips(decoder="auto")``, docs/decoding.md); only the sampled frames,
+requested in sorted order and in chunks so a worker never holds a whole long video; indices
+clamped to the frames that exist (a video shorter than one clip repeats its last frame). Each
+frame's short side is resized to ``size * 8/7`` (256 for 224) and the centre ``size x size`` crop
+kept, as uint8 RGB: scaling to [0, 1] and the backbone's normalisation happen on the model's
+device (``normalise_clips``), which is cheaper than on the decoding CPU.
 """
 from __future__ import annotations
 
@@ -255,6 +256,9 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
+DECODERS = ("auto", "decord", "pyav")  # --decoder; auto: decord, then PyAV when decord cannot open or decode a file
+
+
 @dataclass
 class DecodedVideo:
     """Sampled clips of one video: ``frames`` is (N, L, size, size, 3) uint8 RGB."""
@@ -264,14 +268,20 @@ class DecodedVideo:
     fps: float
     clip_start: list[int]
     short: bool  # shorter than one clip span: the last frame is repeated
+    decoder: str = "decord"  # which decoder read it: "decord" or "pyav"
+    fallback: str | None = None  # with --decoder auto: decord's error when PyAV read the file instead
 
 
 class DecodeError(Exception):
-    """A video that cannot be decoded; ``stage`` is "open" (not a readable video) or "decode"."""
+    """A video that cannot be decoded; ``stage`` is "open" (not a readable video) or "decode".
 
-    def __init__(self, stage: str, message: str):
+    ``errors`` holds each decoder's own message when several were tried (``--decoder auto``).
+    """
+
+    def __init__(self, stage: str, message: str, errors: dict[str, str] | None = None):
         super().__init__(message)
         self.stage = stage
+        self.errors = errors or {}
 
 
 def resize_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -297,8 +307,10 @@ def resize_crop(frames: Any, size: int) -> Any:
 
 def open_reader(path: str | Path):
     """A decord VideoReader with one decoding thread (more fail on some files and are rarely faster)."""
-    import decord
-
+    try:
+        import decord
+    except ImportError as err:
+        raise DecodeError("open", f"decord is not installed ({err}); use --decoder pyav") from None
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     except Exception as err:  # decord raises RuntimeError or DECORDError for anything it cannot open
@@ -324,41 +336,62 @@ def check_positions(positions: list[int] | None, num_clips: int) -> list[int] | 
     return positions
 
 
-def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
-                 out: np.ndarray | None = None, positions: list[int] | None = None) -> DecodedVideo:
-    """Decode the ``num_clips`` uniformly sampled clips of one video (docs/format.md "Clip sampling").
+class _Frames:
+    """The frames one video's clips need (docs/format.md "Clip sampling") and the buffer they fill.
 
-    ``positions``, when given, keeps only those of the ``num_clips`` clips (a fitted run's subset,
-    for predict): their frames are exactly the ones a full decode gives at those positions.
-
-    Only the needed frames are read, in sorted order, ``CHUNK_FRAMES`` at a time; each chunk is
-    resized and cropped before the next is decoded. ``out`` (N, L, size, size, 3) uint8, when
-    given, receives the frames (a shared-memory buffer of a decode worker).
-    Raises DecodeError with stage "open" or "decode".
+    ``unique`` are the needed frame indices, sorted (decoders seek forward only); ``put`` resizes
+    and crops a chunk of decoded frames ``unique[a:b]`` and writes it to every clip slot using it.
     """
-    import torch
 
+    def __init__(self, num_frames: int, *, num_clips: int, clip_len: int, size: int, frame_stride: int,
+                 out: np.ndarray | None, positions: list[int] | None):
+        import torch
+
+        starts = sampling.clip_starts(num_frames, num_clips, clip_len, frame_stride)
+        if positions is not None:
+            starts = [starts[p] for p in positions]
+            num_clips = len(starts)
+        flat = np.asarray(sampling.frame_indices(starts, num_frames, clip_len, frame_stride), dtype=np.int64).reshape(-1)
+        self.unique, self.inverse = np.unique(flat, return_inverse=True)
+        shape = (num_clips, clip_len, size, size, 3)
+        if out is None:
+            out = np.empty(shape, dtype=np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise BadValue(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
+        self.out, self.starts, self.size, self.num_frames = out, starts, size, num_frames
+        self.short = num_frames < sampling.clip_span(clip_len, frame_stride)
+        self._dest = torch.from_numpy(out).view(num_clips * clip_len, size, size, 3)
+
+    def put(self, a: int, b: int, chunk: np.ndarray) -> None:
+        """``chunk`` (b - a, H, W, 3) uint8: the decoded frames ``unique[a:b]``."""
+        import torch
+
+        small = resize_crop(torch.from_numpy(chunk), self.size)  # (k, size, size, 3)
+        mask = (self.inverse >= a) & (self.inverse < b)
+        where = torch.from_numpy(np.nonzero(mask)[0])
+        self._dest[where] = small[torch.from_numpy(self.inverse[mask] - a)]
+
+    def result(self, fps: float, decoder: str) -> DecodedVideo:
+        return DecodedVideo(self.out, self.num_frames, fps, self.starts, self.short, decoder)
+
+
+def _finite(fps: float) -> float:
+    return fps if np.isfinite(fps) and fps > 0 else 0.0
+
+
+def decode_clips_decord(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
+                        out: np.ndarray | None = None, positions: list[int] | None = None) -> DecodedVideo:
+    """``decode_clips`` with decord: ``get_batch`` of the needed frames, ``CHUNK_FRAMES`` at a time."""
     positions = check_positions(positions, num_clips)
     vr = open_reader(path)
     num_frames = len(vr)
     try:
-        fps = float(vr.get_avg_fps())
+        fps = _finite(float(vr.get_avg_fps()))
     except Exception:  # some containers have no rate
         fps = 0.0
-    if not np.isfinite(fps):
-        fps = 0.0
-    starts = sampling.clip_starts(num_frames, num_clips, clip_len, frame_stride)
-    if positions is not None:
-        starts = [starts[p] for p in positions]
-        num_clips = len(starts)
-    flat = np.asarray(sampling.frame_indices(starts, num_frames, clip_len, frame_stride), dtype=np.int64).reshape(-1)
-    unique, inverse = np.unique(flat, return_inverse=True)  # sorted: decord seeks forward only
-    shape = (num_clips, clip_len, size, size, 3)
-    if out is None:
-        out = np.empty(shape, dtype=np.uint8)
-    elif out.shape != shape or out.dtype != np.uint8:
-        raise BadValue(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
-    dest = torch.from_numpy(out).view(num_clips * clip_len, size, size, 3)
+    plan = _Frames(num_frames, num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride,
+                   out=out, positions=positions)
+    unique = plan.unique
     for a in range(0, len(unique), CHUNK_FRAMES):
         b = min(a + CHUNK_FRAMES, len(unique))
         try:
@@ -369,13 +402,135 @@ def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, 
         if chunk.ndim != 4 or chunk.shape[0] != b - a or chunk.shape[-1] != 3:  # decord misreads some
             raise DecodeError("decode", f"decoder returned frames of shape {chunk.shape} for {b - a} frames "
                                         f"(decord misreads frames narrower than 80 px of some widths)")
-        small = resize_crop(torch.from_numpy(chunk), size)  # (k, size, size, 3)
-        mask = (inverse >= a) & (inverse < b)
-        where = torch.from_numpy(np.nonzero(mask)[0])
-        dest[where] = small[torch.from_numpy(inverse[mask] - a)]
+        plan.put(a, b, chunk)
     del vr
-    span = sampling.clip_span(clip_len, frame_stride)
-    return DecodedVideo(out, num_frames, fps, starts, num_frames < span)
+    return plan.result(fps, "decord")
+
+
+def _pyav_open(path: str | Path):
+    try:
+        import av
+    except ImportError as err:
+        raise DecodeError("open", f"PyAV is not installed ({err}): pip install av") from None
+    try:
+        container = av.open(str(path), mode="r")
+    except Exception as err:  # av.error.FFmpegError subclasses (InvalidDataError, ...) and OSError
+        raise DecodeError("open", _short_error(err)) from None
+    if not container.streams.video:
+        container.close()
+        raise DecodeError("open", "no video stream")
+    stream = container.streams.video[0]
+    stream.thread_count = 1  # one thread per reader, as decord: parallelism comes from the workers
+    return container, stream
+
+
+def _pyav_count(path: str | Path) -> int:
+    """Frames of the first video stream, by decoding them all (a container without a frame count)."""
+    container, stream = _pyav_open(path)
+    with container:
+        try:
+            return sum(1 for _ in container.decode(stream))
+        except Exception as err:
+            raise DecodeError("decode", f"counting frames: {_short_error(err)}") from None
+
+
+def decode_clips_pyav(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
+                      out: np.ndarray | None = None, positions: list[int] | None = None,
+                      num_frames: int | None = None) -> DecodedVideo:
+    """``decode_clips`` with PyAV (FFmpeg with dav1d: AV1, VP9, HEVC, ProRes, MPEG-2, ...).
+
+    Frame i is the i-th frame the decoder outputs (decode order of presentation, as decord counts);
+    the frame count is the container's, or a counted decode when the header has none (WebM, MKV,
+    MPEG-PS) or overstates it. The file is decoded sequentially up to the last needed frame; only
+    needed frames are converted to RGB, resized and cropped, ``CHUNK_FRAMES`` at a time.
+    """
+    positions = check_positions(positions, num_clips)
+    kw = dict(num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride, out=out,
+              positions=positions)
+    container, stream = _pyav_open(path)
+    if num_frames is None and not stream.frames:
+        container.close()
+        counted = _pyav_count(path)
+        if counted < 1:
+            raise DecodeError("open", "no video frames")
+        return decode_clips_pyav(path, **kw, num_frames=counted)
+    num_frames = int(num_frames or stream.frames)
+    with container:
+        rate = stream.average_rate or stream.guessed_rate
+        fps = _finite(float(rate)) if rate else 0.0
+        plan = _Frames(num_frames, num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride,
+                       out=out, positions=positions)
+        unique = plan.unique.tolist()
+        chunk: list[np.ndarray] = []
+        a = k = 0  # chunk start in unique; next needed position in unique
+        index = -1
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if k >= len(unique):
+                    break
+                if index != unique[k]:
+                    continue
+                chunk.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+                k += 1
+                if len(chunk) == CHUNK_FRAMES or k == len(unique):
+                    _put_frames(plan, a, chunk)
+                    a, chunk = k, []
+        except DecodeError:
+            raise
+        except Exception as err:
+            raise DecodeError("decode", f"frame {index + 1} of {num_frames}: {_short_error(err)}") from None
+    if k < len(unique):  # the header overstated the frame count: resample on the frames that exist
+        counted = index + 1
+        if not 0 < counted < num_frames:
+            raise DecodeError("decode", f"the decoder gave {counted} of the {num_frames} frames")
+        log.debug("%s: the container says %d frames, %d decoded", path, num_frames, counted)
+        return decode_clips_pyav(path, **kw, num_frames=counted)
+    return plan.result(fps, "pyav")
+
+
+def _put_frames(plan: _Frames, a: int, chunk: list[np.ndarray]) -> None:
+    """Frames of one shape go through ``put`` together; a stream that changes size mid-way, one by one."""
+    if all(f.shape == chunk[0].shape for f in chunk):
+        plan.put(a, a + len(chunk), np.stack(chunk))
+    else:
+        for j, f in enumerate(chunk):
+            plan.put(a + j, a + j + 1, f[None])
+
+
+def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
+                 out: np.ndarray | None = None, positions: list[int] | None = None,
+                 decoder: str = "auto") -> DecodedVideo:
+    """Decode the ``num_clips`` uniformly sampled clips of one video (docs/format.md "Clip sampling").
+
+    ``positions``, when given, keeps only those of the ``num_clips`` clips (a fitted run's subset,
+    for predict): their frames are exactly the ones a full decode gives at those positions.
+
+    ``decoder``: "decord", "pyav", or "auto" (decord; PyAV in the same process when decord cannot
+    open or decode the file, e.g. AV1). Only the needed frames are read, in sorted order,
+    ``CHUNK_FRAMES`` at a time, each chunk resized and cropped before the next is decoded. ``out``
+    (N, L, size, size, 3) uint8, when given, receives the frames (a decode worker's shared buffer).
+    Raises DecodeError with stage "open" or "decode"; after both decoders failed its ``errors``
+    holds each one's message (stage "open" only when neither could open the file).
+    """
+    if decoder not in DECODERS:
+        raise BadValue(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
+    kw = dict(num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride, out=out,
+              positions=positions)
+    if decoder == "pyav":
+        return decode_clips_pyav(path, **kw)
+    if decoder == "decord":
+        return decode_clips_decord(path, **kw)
+    try:
+        return decode_clips_decord(path, **kw)
+    except DecodeError as first:
+        try:
+            d = decode_clips_pyav(path, **kw)
+        except DecodeError as second:
+            stage = "open" if first.stage == second.stage == "open" else "decode"
+            errors = {"decord": str(first), "pyav": str(second)}
+            raise DecodeError(stage, f"decord: {first}; pyav: {second}", errors) from None
+        d.fallback = str(first)
+        return d
 
 
 def normalise_clips(clips: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:

@@ -20,7 +20,7 @@ from faster.errors import BadFile
 from faster.store import schema
 
 # The per-model attributes that define a configuration (gflops_per_clip is a cost, not an identity).
-MODEL_CONFIG = ("layer", "weights", "mean", "std", "compute_dtype")
+MODEL_CONFIG = ("layer", "weights", "mean", "std", "compute_dtype", "spatial_pool")
 
 
 def plain_attr(value: Any) -> Any:
@@ -48,6 +48,7 @@ class ModelHeader:
     mean: list[float] | None = None  # the normalisation the backbone's input had
     std: list[float] | None = None
     compute_dtype: str | None = None  # "float32" or "bfloat16": what the backbone ran in
+    spatial_pool: int | None = None  # 1: each map averaged over H' x W' (stored 1 x 1, --spatial-pool); unset: full maps
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "ModelHeader":
@@ -220,6 +221,9 @@ def read_header(path: str | Path) -> ShardHeader:
                 raise BadFile(f"{path}: features/{name} has shape {ds.shape}, expected ({V}, {N}, T', H', W', C)")
             if ds.dtype != np.dtype(schema.FEATURE_DTYPE):
                 raise BadFile(f"{path}: features/{name} is {ds.dtype}, expected {schema.FEATURE_DTYPE}")
+            compression = schema.dataset_compression(ds)
+            if compression in schema.PLUGIN_COMPRESSIONS:  # register hdf5plugin's filters for what reads next
+                schema.require_filters(ds, f"{path}: features/{name}", strict=False)
             models[name] = ModelInfo(name, tuple(int(s) for s in ds.shape[2:]), header.models[name].attrs(),
-                                     ds.compression)
+                                     compression)
     return ShardHeader(path, header, ids, labels, clip_start, models)

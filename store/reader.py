@@ -256,7 +256,9 @@ class FeatureDataset:
         f, datasets = entry
         ds = datasets.get(model)
         if ds is None:  # looking a dataset up by name costs more than a small read: keep it
-            ds = datasets[model] = f[schema.features_key(model)]
+            ds = f[schema.features_key(model)]
+            schema.require_filters(ds, f"{path}: features/{model}")  # zstd/lz4: import hdf5plugin here
+            datasets[model] = ds
         return ds
 
     def read(self, i: int, src_index: int) -> np.ndarray:

@@ -13,6 +13,10 @@ A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard hold
   /videos/clip_start         (V, N) int64        first frame of every clip
   /features/<model>          (V, N, T', H', W', C) float16, channels last, one video per chunk
   attrs on /features/<model> gflops_per_clip, layer, weights, mean, std, compute_dtype
+                             (+ spatial_pool=1 when H' = W' = 1 holds each map's spatial mean)
+
+Compression is per dataset (HDF5 filters): none, lzf, gzip (built into h5py), zstd, lz4 (the
+hdf5plugin filters, registered by ``import hdf5plugin`` in the reading process: ``require_filters``).
 """
 from __future__ import annotations
 
@@ -29,7 +33,12 @@ ROOT_ATTRS = ("format", "format_version", "clip_len", "num_clips", "frame_stride
 CONFIG_ATTRS = ("clip_len", "num_clips", "frame_stride", "size", "classes")
 MODEL_ATTRS = ("gflops_per_clip", "layer", "weights", "mean", "std", "compute_dtype")
 VIDEO_FIELDS = ("id", "label", "num_frames", "fps", "clip_start")  # + optional "split"
-COMPRESSIONS = ("none", "lzf", "gzip")
+COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
+# HDF5 filter ids of the compressors (registered ids; the last two come from hdf5plugin).
+FILTER_IDS = {"gzip": 1, "lzf": 32000, "zstd": 32015, "lz4": 32004}
+PLUGIN_COMPRESSIONS = ("zstd", "lz4")
+_FILTER_NAMES = {v: k for k, v in FILTER_IDS.items()}
+_SHUFFLE, _FLETCHER32, _SCALEOFFSET, _NBIT = 2, 3, 6, 5  # HDF5's own filters, always available
 
 SHARD_GLOB = "shard-*.h5"
 _SHARD_RE = re.compile(r"^shard-(\d+)-(\d+)\.h5$")
@@ -64,3 +73,47 @@ def failures_name(part: int) -> str:
 
 def features_key(model: str) -> str:
     return f"features/{model}"
+
+
+def dataset_filters(ds) -> list[int]:
+    """The HDF5 filter ids of an h5py Dataset's pipeline (readable without the filters being available)."""
+    plist = ds.id.get_create_plist()
+    return [int(plist.get_filter(i)[0]) for i in range(plist.get_nfilters())]
+
+
+def dataset_compression(ds) -> str | None:
+    """The compression name of a dataset ("lzf", "zstd", ...; None for none), or "filter-<id>" for another filter."""
+    for fid in dataset_filters(ds):
+        if fid in _FILTER_NAMES:
+            return _FILTER_NAMES[fid]
+        if fid not in (_SHUFFLE, _FLETCHER32, _SCALEOFFSET, _NBIT):
+            return f"filter-{fid}"
+    return None
+
+
+def require_filters(ds, where: str, strict: bool = True) -> bool:
+    """Make the filters of ``ds`` readable: ``import hdf5plugin`` (once, process-wide) when one is not
+    registered yet. Returns whether they all are; with ``strict``, BadFile naming ``where`` and the
+    fix when one cannot be."""
+    import h5py
+
+    missing = [f for f in dataset_filters(ds) if not h5py.h5z.filter_avail(f)]
+    if not missing:
+        return True
+    names = ", ".join(_FILTER_NAMES.get(f, f"filter {f}") for f in missing)
+    try:
+        import hdf5plugin  # noqa: F401  (registers zstd, lz4, blosc, ... with HDF5)
+    except ImportError:
+        if not strict:
+            return False
+        from faster.errors import BadFile
+
+        raise BadFile(f"{where}: compressed with {names}, which needs hdf5plugin in the reading process: "
+                      f"pip install hdf5plugin (docs/storage.md)") from None
+    still = [f for f in missing if not h5py.h5z.filter_avail(f)]
+    if still and strict:
+        from faster.errors import BadFile
+
+        raise BadFile(f"{where}: HDF5 filter {', '.join(str(f) for f in still)} is not available, even with "
+                      f"hdf5plugin {hdf5plugin.version}")
+    return not still

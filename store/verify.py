@@ -71,6 +71,13 @@ def check_shard(path: Path) -> tuple[dict[str, Any] | None, list[str], list[str]
                 problems.append(f"{where}: attributes {miss} missing")
             if ds.chunks is not None and ds.chunks[0] != 1:
                 problems.append(f"{where}: chunks {ds.chunks}, expected one video per chunk")
+            if ds.attrs.get("spatial_pool") and ds.shape[3:5] != (1, 1):
+                problems.append(f"{where}: spatial_pool is set but the maps are {ds.shape[3]}x{ds.shape[4]}, not 1x1")
+            try:
+                schema.require_filters(ds, where)
+            except BadFile as err:
+                problems.append(str(err))
+                continue
             bad = [ids[i] for i in range(V) if not np.isfinite(ds[i]).all()]
             if bad:
                 problems.append(f"{where}: non-finite values for {len(bad)} videos, e.g. {bad[0]}")

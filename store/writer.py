@@ -66,6 +66,27 @@ def check_compression(compression: str) -> str | None:
     return None if compression == "none" else compression
 
 
+ZSTD_LEVEL = 1  # zstd's fastest standard level: ~the ratio of level 3 on these maps at a multiple of its speed
+
+
+def filter_options(compression: str) -> dict[str, Any]:
+    """``create_dataset`` keywords of a --compression value. zstd and lz4 come from hdf5plugin (imported
+    here, only when asked for). zstd gets HDF5's byte shuffle first (the two bytes of each float16
+    apart: the few exponents compress); lz4 does better without it, on the runs of zero bytes
+    that the ReLU zeros leave (measured: docs/storage.md)."""
+    name = check_compression(compression)
+    if name is None:
+        return {}
+    if name not in schema.PLUGIN_COMPRESSIONS:
+        return {"compression": name}
+    try:
+        import hdf5plugin
+    except ImportError:
+        raise BadValue(f"--compression {name} needs hdf5plugin: pip install hdf5plugin") from None
+    plugin = hdf5plugin.Zstd(clevel=ZSTD_LEVEL) if name == "zstd" else hdf5plugin.LZ4()
+    return {**dict(plugin), "shuffle": name == "zstd"}
+
+
 class ShardWriter:
     """Write one shard of at most ``capacity`` videos.
 
@@ -75,12 +96,13 @@ class ShardWriter:
         seq: this shard's sequence number within the part (``next_seq``).
         header: the feature set's header (root attributes and per-model provenance).
         capacity: the most videos this shard will hold.
-        compression: "none", "lzf" or "gzip".
+        compression: "none", "lzf", "gzip", "zstd" or "lz4" (the last two need hdf5plugin).
     """
 
     def __init__(self, out_dir: str | Path, *, part: int, seq: int, header: Header, capacity: int,
                  compression: str = "none"):
         self.compression = check_compression(compression)
+        self._filters = filter_options(compression)
         if capacity < 1:
             raise BadValue(f"capacity must be >= 1, got {capacity}")
         self.out_dir = Path(out_dir)
@@ -155,7 +177,7 @@ class ShardWriter:
             key = schema.features_key(model)
             if key not in f:
                 ds = f.create_dataset(key, (0, *array.shape), maxshape=(self.capacity, *array.shape),
-                                      dtype="float16", chunks=(1, *array.shape), compression=self.compression)
+                                      dtype="float16", chunks=(1, *array.shape), **self._filters)
                 self.header.models[model].write(ds)
             ds = f[key]
             if ds.shape[1:] != array.shape:
@@ -186,7 +208,7 @@ class FeatureSetWriter:
         header: the configuration and per-model provenance every shard carries.
         part, num_parts: this process's part of a distributed job (faster.runtime.placement).
         shard_size: videos per shard.
-        compression: "none", "lzf" or "gzip".
+        compression: "none", "lzf", "gzip", "zstd" or "lz4" (the last two need hdf5plugin).
         after_add: called with the writer after each video is added (progress, tests).
         wait: when another live process holds this part's lock (store.lock), wait for it instead of
             refusing at once.
@@ -201,7 +223,7 @@ class FeatureSetWriter:
                  wait: bool = False):
         if shard_size < 1:
             raise BadValue(f"shard_size must be >= 1, got {shard_size}")
-        check_compression(compression)
+        filter_options(compression)  # an unknown one, or zstd/lz4 without hdf5plugin, is refused now
         self.out, self.header = Path(out), header
         self.part, self.num_parts = part, num_parts
         self.shard_size, self.compression, self.after_add = shard_size, compression, after_add
@@ -336,7 +358,7 @@ class FeatureSetWriter:
         h = self.header
         m = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "part": self.part,
              "num_parts": self.num_parts, "config": self.config, "software_version": h.software_version,
-             "torch_version": h.torch_version, "shards": [self.my_shards[k] for k in sorted(self.my_shards)],
+             "torch_version": h.torch_version, "compression": self.compression, "shards": [self.my_shards[k] for k in sorted(self.my_shards)],
              "videos": sum(s["videos"] for s in self.my_shards.values()), "short": sorted(self.short),
              "runs": self.runs + ([finished] if finished else []), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         mf.write_part_manifest(self.out, self.part, m)

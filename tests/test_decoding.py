@@ -105,3 +105,131 @@ def test_decode_pool_recycles_workers_and_returns_every_video(root):
             pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
     assert sorted(got) == sorted(it.id for it in items)
     assert len(pids) >= 3  # 4 videos, 1 per worker process: workers were replaced
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders: --decoder auto|decord|pyav, and the decoders' own output
+
+# codec -> (file extension, what `auto` reads it with); decord 0.6 cannot open AV1, and some short
+# MPEG-2 program streams (it cannot measure their duration): either decoder may read those
+CODECS = {"h264": (".mp4", "decord"), "hevc": (".mp4", "decord"), "vp9": (".webm", "decord"),
+          "av1": (".mkv", "pyav"), "prores": (".mov", "decord"), "mpeg2": (".mpg", None)}
+
+
+@pytest.fixture(scope="module")
+def codec_videos(tmp_path_factory):
+    """One 21-frame 64 px video per codec PyAV encodes here (AV1 through libsvtav1)."""
+    root = tmp_path_factory.mktemp("codecs")
+    frames = synthetic.motion_frames("down-right", frames=21, size=64, seed=3)
+    return {c: synthetic.write_video(root / f"{c}{ext}", frames, codec=c) for c, (ext, _) in CODECS.items()}
+
+
+def test_cli_spells_the_decoders_and_compressions_of_the_library():
+    from faster import cli
+    from faster.store import schema
+
+    assert cli.DECODERS == vid.DECODERS and cli.COMPRESSIONS == schema.COMPRESSIONS
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_every_codec_decodes_through_auto_with_its_frame_count(codec_videos, codec):
+    path = codec_videos[codec]
+    d = vid.decode_clips(path, num_clips=3, clip_len=4, size=32)
+    assert d.decoder == (CODECS[codec][1] or d.decoder)
+    assert d.num_frames == 21 and d.clip_start == sampling.clip_starts(21, 3, 4) and d.fps == pytest.approx(30.0)
+    assert (d.fallback is not None) == (d.decoder == "pyav")
+    p = vid.decode_clips(path, num_clips=3, clip_len=4, size=32, decoder="pyav")  # the same frames, by index
+    assert p.num_frames == 21 and p.clip_start == d.clip_start
+    diff = np.abs(p.frames.astype(np.int16) - d.frames.astype(np.int16))
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), diff.max())
+
+
+def test_decord_and_pyav_give_the_same_frames_on_h264(tmp_path):
+    path = synthetic.write_video(tmp_path / "h.mp4", synthetic.motion_frames("left", frames=40, size=64, seed=1))
+    a = vid.decode_clips(path, num_clips=3, clip_len=8, size=48, frame_stride=2, decoder="decord")
+    b = vid.decode_clips(path, num_clips=3, clip_len=8, size=48, frame_stride=2, decoder="pyav")
+    assert (a.decoder, b.decoder) == ("decord", "pyav") and a.clip_start == b.clip_start
+    diff = np.abs(a.frames.astype(np.int16) - b.frames.astype(np.int16))
+    assert diff.max() <= 2, diff.max()
+    part = vid.decode_clips(path, num_clips=3, clip_len=8, size=48, frame_stride=2, decoder="pyav", positions=[2, 0])
+    np.testing.assert_array_equal(part.frames, b.frames[[2, 0]])
+
+
+def test_pyav_counts_frames_when_the_header_has_none(codec_videos):
+    import av
+
+    path = codec_videos["vp9"]
+    with av.open(str(path)) as c:
+        assert c.streams.video[0].frames == 0  # WebM keeps no frame count
+    d = vid.decode_clips(path, num_clips=2, clip_len=8, size=32, decoder="pyav")
+    assert d.num_frames == 21 and d.clip_start == [0, 13]
+
+
+def _broken(tmp_path):
+    good = synthetic.write_video(tmp_path / "good.mp4", synthetic.motion_frames("up", frames=8, size=32))
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(good.read_bytes()[:500])  # no moov atom
+    return path
+
+
+def test_a_file_neither_decoder_opens_fails_with_both_reasons(tmp_path):
+    path = _broken(tmp_path)
+    with pytest.raises(vid.DecodeError) as info:
+        vid.decode_clips(path, num_clips=2, clip_len=4, size=16)
+    err = info.value
+    assert err.stage == "open" and set(err.errors) == {"decord", "pyav"}
+    assert "decord: " in str(err) and "pyav: " in str(err) and "Invalid data" in err.errors["pyav"]
+    with pytest.raises(ValueError, match="unknown decoder 'ffmpeg'"):
+        vid.decode_clips(path, num_clips=2, clip_len=4, size=16, decoder="ffmpeg")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_decoders_messages_go_to_the_failure_not_the_terminal(tmp_path, capfd, workers):
+    from faster.extract.decoders import Decoded, DecodePool, Failed, InlineDecoder
+
+    items = [vid.VideoItem("broken.mp4", _broken(tmp_path)), vid.VideoItem("good.mp4", tmp_path / "good.mp4")]
+    cls = DecodePool if workers else InlineDecoder
+    with cls(items, workers=workers, num_clips=2, clip_len=4, size=16) as pool:
+        got = {r.item.id: r for r in pool}
+    bad, good = got["broken.mp4"], got["good.mp4"]
+    assert isinstance(bad, Failed) and bad.stage == "open" and set(bad.extra["errors"]) == {"decord", "pyav"}
+    assert "video_reader.cc" in bad.extra["log"] and "moov atom not found" in bad.extra["log"]
+    assert isinstance(good, Decoded) and good.decoder == "decord"
+    out, err = capfd.readouterr()
+    assert "video_reader.cc" not in err and "moov atom" not in err
+
+
+@pytest.mark.slow
+def test_extract_reads_every_codec_and_counts_videos_per_decoder(codec_videos, tmp_path):
+    """AV1 (and the rest) land in the shards with their frame counts; the manifest counts decoders;
+    stderr of `python -m faster extract` holds none of decord's C++ log lines."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import h5py
+
+    root = tmp_path / "videos"
+    for codec, path in codec_videos.items():
+        (root / "a").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, root / "a" / path.name)
+    _broken(root / "a")
+    (root / "a" / "good.mp4").unlink()
+    out = tmp_path / "feats"
+    res = subprocess.run([sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), "--model", "r2d26_tiny",
+                          "--clip-len", "8", "--num-clips", "2", "--size", "32", "--workers", "1", "--device", "cpu",
+                          "--no-progress"], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    assert "video_reader.cc" not in res.stderr and "moov atom" not in res.stderr, res.stderr
+    frames = {}
+    for shard in out.glob("shard-*.h5"):
+        with h5py.File(shard) as f:
+            frames.update(zip(f["videos/id"].asstr()[()], f["videos/num_frames"][()].tolist()))
+    assert frames == {f"a/{p.name}": 21 for p in codec_videos.values()}
+    run = json.loads((out / "manifest-00000.json").read_text())["runs"][-1]
+    assert sum(run["decoders"].values()) == 6 and run["decoders"]["pyav"] >= 1 and run["decoder"] == "auto"
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in failures] == ["a/broken.mp4"]
+    assert set(failures[0]["errors"]) == {"decord", "pyav"} and "video_reader.cc" in failures[0]["log"]
