@@ -86,6 +86,11 @@ def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | N
     torchvision weight enum (compared by :class:`Predictor` once built). Returns (weights or None,
     seed). Raises PredictError naming the model, what the run expects and what was given.
     """
+    if recorded.startswith("packed:"):
+        where = recorded[len("packed:"):]
+        raise PredictError(f"{model}: the run's features were packed from {where} by `faster pack`; there is no "
+                           "backbone to rebuild, so `faster predict` cannot run it "
+                           "(evaluate works on packed features)")
     m = _RANDOM_INIT.match(recorded)
     if m:
         if given is not None:
@@ -130,7 +135,7 @@ class Predictor:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.run = Run.load(run_dir)
-        self.aggregator = self.run.aggregator(self.device)
+        self.aggregator = self.run.model(self.device)  # a policy run: the aggregator with its gate
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(self.run.models))
         if unknown:
@@ -193,6 +198,9 @@ class Predictor:
         n = len(spec.positions)
         if clips.shape[0] != n:
             raise ValueError(f"expected {n} clips (the run's positions), got {clips.shape[0]}")
+        if spec.adaptive:
+            yield from self._policy_steps(clips)
+            return
         with torch.inference_mode():
             state = self.aggregator.init_state(1, self.device)
             for lo in range(0, n, self.batch_size):
@@ -208,29 +216,60 @@ class Predictor:
                     probs = torch.softmax(self.aggregator.logits(state).float(), dim=-1)[0].cpu()
                     yield {"clip": k, "position": spec.positions[k], "model": spec.model_at(k), "probs": probs}
 
+    def _policy_steps(self, clips: "torch.Tensor") -> Iterator[dict[str, Any]]:
+        """A policy run (aggregate/policy.py): the cheap backbone on every clip (in chunks of
+        ``batch_size``), then clip by clip the gate decides, from the cheap map and the state so far,
+        whether the expensive backbone runs on this clip too; the aggregator folds the chosen map."""
+        import torch
+
+        spec, policy = self.run, self.aggregator
+        with torch.inference_mode():
+            cheap = torch.cat([self.features(spec.cheap, clips[lo:lo + self.batch_size])
+                               for lo in range(0, len(clips), self.batch_size)])  # (n, C, T', H', W')
+            state = policy.init_state(1, self.device)
+            for k in range(len(clips)):
+                expensive = policy.decide(state, cheap[k:k + 1])
+                x = self.features(spec.expensive, clips[k:k + 1]) if expensive else cheap[k:k + 1]
+                state = policy.step(state, x, expensive=expensive)
+                probs = torch.softmax(policy.logits(state).float(), dim=-1)[0].cpu()
+                yield {"clip": k, "position": spec.positions[k], "model": spec.expensive if expensive else spec.cheap,
+                       "probs": probs}
+
     def gflops(self, num_expensive: int, num_cheap: int) -> float:
         """A video's cost: #E x E + #C x C per-clip GFLOPs (as recorded at extraction) + the aggregator's."""
         return self.run.video_gflops(num_expensive, num_cheap)
 
-    def classify(self, clips: "torch.Tensor", *, video_id: str = "", label: int = -1,
-                 online: bool = False) -> dict[str, Any]:
+    def classify(self, clips: Any, *, video_id: str = "", label: int = -1, online: bool = False) -> dict[str, Any]:
         """One video's line: the fields of `faster evaluate` (id, label, probs, top5, gflops), then
-        num_expensive/num_cheap and, with ``online``, the running prediction after every clip."""
+        num_expensive/num_cheap and, with ``online``, the running prediction after every clip.
+
+        ``clips``: the run's clips of one video as uint8 (n, L, S, S, 3), a torch tensor or a numpy
+        array (what faster.extract.video.decode_clips returns in ``.frames``)."""
+        import torch
+
         from faster.aggregate.train import prediction_rows
 
+        clips = torch.as_tensor(clips)
+        if clips.dtype != torch.uint8 or clips.ndim != 5:
+            raise PredictError(f"clips must be uint8 (n, L, S, S, 3), got {tuple(clips.shape)} {clips.dtype}")
+
         classes = self.run.classes
-        running, probs, num_e = [], None, 0
+        running, probs, num_e, expensive_clips = [], None, 0, []
         for step in self.steps(clips):
             probs = step["probs"].numpy()
-            num_e += bool(self.run.mask[step["clip"]])
+            if step["model"] == self.run.expensive and self.run.adaptive:
+                expensive_clips.append(step["clip"])
+            num_e += step["model"] == self.run.expensive and (self.run.adaptive or self.run.mask[step["clip"]])
             if online:
                 row = next(prediction_rows([video_id], [label], probs[None], classes, None))
                 running.append({k: step[k] for k in ("clip", "position", "model")}
                                | {"probs": row["probs"], "top5": row["top5"]})
         assert probs is not None, "a run has at least one clip"
-        num_c = len(self.run.positions) - num_e
+        num_c = len(self.run.positions) - (0 if self.run.adaptive else num_e)  # a policy runs cheap everywhere
         record = next(prediction_rows([video_id], [label], probs[None], classes, self.gflops(num_e, num_c)))
         record.update(num_expensive=num_e, num_cheap=num_c)
+        if self.run.adaptive:
+            record["expensive_clips"] = expensive_clips
         if online:
             record["online"] = running
         return record
@@ -289,12 +328,14 @@ class PredictSummary:
     labelled: int = 0
     seconds: float = 0.0
     gflops: float = 0.0
+    expensive: int = 0                   # clips the expensive backbone ran on, over all videos
     calls: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
         parts = [f"predicted {self.predicted} videos", f"failed {self.failed}", f"{self.seconds:.1f} s"]
         if self.predicted:
             parts.append(f"{self.gflops / self.predicted:.4g} GFLOPs/video")
+            parts.append(f"{self.expensive / self.predicted:.3g} expensive clips/video")
         if self.labelled:
             parts.append(f"top-1 {self.correct / self.labelled:.3f} on {self.labelled} labelled")
         parts.append("clips: " + ", ".join(f"{m} {n}" for m, n in self.calls.items()))
@@ -306,6 +347,7 @@ class PredictSummary:
             return
         self.predicted += 1
         self.gflops += record["gflops"]
+        self.expensive += record.get("num_expensive", 0)
         if record["label"] >= 0:
             self.labelled += 1
             self.correct += int(max(range(len(record["probs"])), key=record["probs"].__getitem__) == record["label"])

@@ -83,6 +83,7 @@ class Aggregator(nn.Module):
     """
 
     pooled = False
+    stateful = True  # a recurrent step state that a gate can read (aggregate/policy.py); avg and tam: False
 
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
         super().__init__()
@@ -176,6 +177,21 @@ class Aggregator(nn.Module):
         h = self._start(xa) if state["t"] == 0 else self._update(state["h"], xa)
         return {**state, "t": state["t"] + 1, "h": h}
 
+    def state_vector(self, h: Any) -> Tensor:
+        """(B, D): a step state pooled to a vector (a map's mean over its grid; an LSTM's hidden h)."""
+        if isinstance(h, tuple):
+            h = h[0]
+        return h.mean(dim=tuple(range(1, h.dim() - 1))) if h.dim() > 2 else h
+
+    def state_width(self) -> int:
+        """D of ``state_vector``, found by folding one zero clip."""
+        src = "cheap" if "cheap" in self.align else "expensive"
+        p = next(self.parameters())
+        x = torch.zeros((2, *self.kwargs["sources"][src]), device=p.device, dtype=p.dtype)  # (2, C, T', H', W')
+        with torch.no_grad():
+            h = self._start(self._embed(self.align[src](x.movedim(1, -1)), src))
+        return int(self.state_vector(h).shape[-1])
+
     def logits(self, state: State) -> Tensor:
         """(B, num_classes): the prediction after the clips folded so far."""
         if state["t"] == 0:
@@ -213,6 +229,7 @@ class AvgPool(Aggregator):
     exactly the averaged score."""
 
     pooled = True
+    stateful = False  # its state is a running mean of class scores: nothing a gate could read
 
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)

@@ -54,13 +54,19 @@ class Run:
     gflops: dict[str, Any]  # per_video, aggregator, per_clip (per source)
     software_version: str = ""
     torch_version: str = ""
+    policy: dict[str, Any] | None = None  # pattern adaptive: budget, gate width, penalty, gate state dict
     extra: dict[str, Any] = field(default_factory=dict)  # further keys of newer checkpoints, kept as they are
 
     def __post_init__(self) -> None:
         self.positions = [int(p) for p in self.positions]
         self.mask = [bool(m) for m in self.mask]
-        if len(self.positions) != len(self.mask):
+        if not self.adaptive and len(self.positions) != len(self.mask):
             raise BadFile(f"run of {len(self.positions)} clip positions with a mask of {len(self.mask)}")
+
+    @property
+    def adaptive(self) -> bool:
+        """A learned policy chooses the expensive clips of each video (aggregate/policy.py)."""
+        return self.policy is not None
 
     # -- what it reads and costs --
 
@@ -90,25 +96,49 @@ class Run:
         return float(self.gflops["aggregator"])
 
     def model_at(self, k: int) -> str:
-        """The backbone that processes the run's k-th clip."""
+        """The backbone that processes the run's k-th clip (fixed patterns; a policy decides per video)."""
         return self.expensive if self.mask[k] else self.cheap
 
     @property
     def needed(self) -> list[str]:
         """Backbones the pattern calls (all-c never builds the expensive one), expensive first."""
+        if self.adaptive:
+            return list(dict.fromkeys((self.expensive, self.cheap)))
         return [m for m in dict.fromkeys((self.expensive, self.cheap))
                 if any(self.model_at(k) == m for k in range(len(self.mask)))]
 
     def sources(self) -> dict[str, tuple[str, list[int]]]:
-        """Source -> (model, extracted clip positions) that the aggregator reads."""
+        """Source -> (model, extracted clip positions) that the aggregator reads (a policy: both, everywhere)."""
+        if self.adaptive:
+            from faster.aggregate import policy
+
+            return policy.sources(self.positions, self.expensive, self.cheap)
         return patterns.sources(self.positions, self.mask, self.expensive, self.cheap)
 
     def video_gflops(self, num_expensive: int, num_cheap: int) -> float:
-        """A video's cost for these counts of clips, with the per-clip costs recorded at extraction."""
+        """A video's cost for these counts of clips, with the per-clip costs recorded at extraction
+        (under a policy ``num_cheap`` is every clip: the cheap backbone always runs)."""
         m = self.models
         e = float(m[self.expensive]["gflops_per_clip"]) if num_expensive else 0.0
         c = float(m[self.cheap]["gflops_per_clip"]) if num_cheap else 0.0
+        if self.adaptive:
+            from faster.aggregate import policy
+
+            g = self.gflops
+            return policy.video_gflops(num_expensive, self.num_clips, e, c, g["aggregator_all_e"],
+                                       g["aggregator_all_c"], g["gate"])
         return patterns.video_gflops(num_expensive, num_cheap, e, c, self.agg_gflops)
+
+    def videos_gflops(self, chosen: Any) -> Any:
+        """Each video's cost from its expensive decisions ``chosen`` (V, n) bool; None when a shard
+        lacked the per-clip costs."""
+        import numpy as np
+
+        if self.gflops.get("per_video") is None:
+            return None
+        n_e = np.asarray(chosen, dtype=bool).sum(axis=1)
+        n = self.num_clips
+        return np.array([self.video_gflops(int(k), n if self.adaptive else n - int(k)) for k in n_e])
 
     def check_features(self, fs: Any, what: str) -> None:
         """Incompatible unless feature set ``fs`` has this run's classes, extraction and map shapes."""
@@ -131,6 +161,16 @@ class Run:
         model = build(self.agg, **self.agg_kwargs)
         model.load_state_dict(self.state_dict)
         return model.to(device).eval()
+
+    def model(self, device: Any = "cpu") -> Any:
+        """What evaluate and predict run: the aggregator, or for a policy run the aggregator with its gate."""
+        if not self.adaptive:
+            return self.aggregator(device)
+        from faster.aggregate.policy import Policy
+
+        p = Policy(self.aggregator(), budget=float(self.policy["budget"]), hidden=int(self.policy["hidden"]))
+        p.gate.load_state_dict(self.policy["state_dict"])
+        return p.to(device).eval()
 
     # -- files --
 
@@ -172,7 +212,7 @@ class Run:
         if ck.get("version") != CHECKPOINT_VERSION:
             raise BadFile(f"{path}: checkpoint version {ck.get('version')!r}; this faster reads {CHECKPOINT_VERSION}")
         names = {f.name for f in fields(cls)} - {"extra"}
-        missing = sorted(n for n in names if n not in ck and n not in ("software_version", "torch_version"))
+        missing = sorted(n for n in names if n not in ck and n not in ("software_version", "torch_version", "policy"))
         if missing:
             raise BadFile(f"{path}: the run's checkpoint lacks {missing}: it was not written by `faster fit`")
         extra = {k: v for k, v in ck.items() if k not in names and k not in ("format", "version", "num_clips")}

@@ -8,6 +8,10 @@ extraction (root attributes, per-model provenance, uniform clip starts) whose cl
     reverse. Every clip-level statistic is the same for both classes, so an order-blind aggregator
     (avg pooling) stays at chance while a recurrent one can learn it.
   * ``"static"``: a class direction is added to every clip (any aggregator can learn it).
+  * ``"spot"``: the class shows in one clip per video only, at a random position, and only in the
+    first ("expensive") model's map; every other model's map has a class-agnostic cue at that clip.
+    A fixed pattern sees the class only when its expensive positions happen to hit the clip; a
+    learned policy (pattern adaptive) can read the cue and spend the expensive model there.
   * ``"none"``: noise only (throughput benchmarks).
 
 The cheap model's features carry the same signal with more noise.
@@ -24,7 +28,7 @@ from faster.sampling import clip_starts
 from faster.store.header import Header, ModelHeader
 from faster.store.writer import FeatureSetWriter
 
-SIGNALS = ("order", "static", "none")
+SIGNALS = ("order", "static", "spot", "none")
 DEFAULT_MODELS = {"exp": (1, 2, 2, 16), "chp": (1, 2, 2, 16)}
 
 
@@ -62,6 +66,7 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
         for k in range(num_videos):
             label = int(rng.integers(num_classes))
             i, j = sorted(rng.choice(num_clips, size=2, replace=False)) if signal == "order" else (0, 0)
+            spot = int(rng.integers(num_clips))
             feats = {}
             for mk, m in enumerate(names):
                 sigma = noise[0] if mk == 0 else noise[1]
@@ -72,6 +77,8 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
                     x[j] += amplitude * second
                 elif signal == "static":
                     x += amplitude * dirs[m][label]
+                elif signal == "spot":
+                    x[spot] += amplitude * (dirs[m][label] if mk == 0 else dirs[m][num_classes])
                 feats[m] = x
             w.add(id=f"{id_prefix}{first_id + k:06d}.mp4", label=label, num_frames=num_frames, fps=30.0,
                   clip_start=starts, features=feats)

@@ -38,6 +38,7 @@ class TAM(Aggregator):
     """
 
     pooled = False
+    stateful = False  # its step keeps the clips seen so far, not a recurrent state a gate could read
 
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)

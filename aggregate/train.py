@@ -42,7 +42,8 @@ class FitConfig:
     agg: str  # aggregator name: avg, concat, lstm, gru, fastgru (faster.aggregate.names())
     expensive: str  # model name of the expensive features (True positions of the pattern)
     cheap: str  # model name of the cheap features (False positions)
-    pattern: str  # all-e, all-c, first or 1:x (faster.aggregate.patterns)
+    pattern: str  # all-e, all-c, first, 1:N or adaptive (faster.aggregate.patterns; adaptive: aggregate/policy.py)
+    budget: float | None = None  # adaptive: the target fraction of clips that also get the expensive map, (0, 1]
     num_clips: int | None = None  # use n of the N extracted clips (positions subset_positions(N, n)); None: all
     val: list[str] = field(default_factory=list)  # validation feature sets; empty: hold out val_fraction of feats
     epochs: int = 10  # passes over the training videos
@@ -72,10 +73,17 @@ class FitConfig:
         if self.agg not in names():
             raise BadValue(f"unknown aggregator {self.agg!r}; expected one of {', '.join(names())}")
         patterns.check(self.pattern)
+        if self.pattern == patterns.ADAPTIVE:
+            from faster.aggregate.policy import check_budget
+
+            check_budget(self.budget)
+        elif self.budget is not None:
+            raise BadValue(f"--budget {self.budget} is for --pattern adaptive, not {self.pattern}")
         if self.num_clips is not None:
             if self.num_clips < 1:
                 raise BadValue(f"num_clips must be >= 1, got {self.num_clips}")
-            patterns.expensive_mask(self.pattern, self.num_clips)
+            if self.pattern != patterns.ADAPTIVE:
+                patterns.expensive_mask(self.pattern, self.num_clips)
         if self.optimizer not in OPTIMIZERS:
             raise BadValue(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
@@ -120,13 +128,17 @@ class Plan:
 
 
 def make_plan(fs: Any, *, agg: str, expensive: str, cheap: str, pattern: str, num_clips: int | None,
-              num_classes: int, dropout: float, extra_kwargs: dict[str, Any] | None = None) -> Plan:
+              num_classes: int, dropout: float, extra_kwargs: dict[str, Any] | None = None,
+              budget: float | None = None) -> Plan:
     """Positions, mask and sources of ``pattern`` on feature set ``fs``; ValueError before any read."""
     from faster.aggregate.flops import count_gflops
 
     N = int(fs.config["num_clips"])
     n = N if num_clips is None else int(num_clips)
     positions = patterns.subset_positions(N, n)
+    if pattern == patterns.ADAPTIVE:
+        return _adaptive_plan(fs, N, positions, agg=agg, expensive=expensive, cheap=cheap, num_classes=num_classes,
+                              dropout=dropout, budget=budget, extra_kwargs=extra_kwargs)
     mask = patterns.expensive_mask(pattern, n)
     sources = patterns.sources(positions, mask, expensive, cheap)
     shapes = {src: fs.model(model).channels_first for src, (model, _) in sources.items()}
@@ -142,6 +154,42 @@ def make_plan(fs: Any, *, agg: str, expensive: str, cheap: str, pattern: str, nu
                                       agg_gflops)
     return Plan(N, positions, mask, sources, kwargs,
                 {"per_video": video, "aggregator": agg_gflops, "per_clip": per_clip})
+
+
+def _adaptive_plan(fs: Any, N: int, positions: list[int], *, agg: str, expensive: str, cheap: str,
+                   num_classes: int, dropout: float, budget: float | None,
+                   extra_kwargs: dict[str, Any] | None) -> Plan:
+    """An adaptive run reads both maps at every position; its expected cost is at the budget's rate."""
+    import torch
+
+    from faster.aggregate import policy
+    from faster.aggregate.flops import count_gflops
+    from faster.aggregate.models import build
+
+    budget = policy.check_budget(budget)
+    sources = policy.sources(positions, expensive, cheap)
+    shapes = {src: fs.model(model).channels_first for src, (model, _) in sources.items()}
+    kwargs = {"num_classes": int(num_classes), "sources": shapes, "dropout": float(dropout), **(extra_kwargs or {})}
+    n = len(positions)
+    agg_e, agg_c = count_gflops(agg, kwargs, [True] * n), count_gflops(agg, kwargs, [False] * n)
+    with torch.device("meta"):
+        gate = policy.gate_gflops(policy.Policy(build(agg, **kwargs), budget=budget), n)
+    per_clip = {src: fs.model(model).attrs.get("gflops_per_clip") for src, (model, _) in sources.items()}
+    video = None
+    if all(v is not None for v in per_clip.values()):
+        video = policy.video_gflops(budget * n, n, per_clip["expensive"], per_clip["cheap"], agg_e, agg_c, gate)
+    gflops = {"per_video": video, "aggregator": agg_e, "aggregator_all_e": agg_e, "aggregator_all_c": agg_c,
+              "gate": gate, "per_clip": per_clip, "budget": budget}
+    return Plan(N, positions, [], sources, kwargs, gflops)
+
+
+def _forward(model: Any, x: dict[str, Any], mask: Sequence[bool], tau: float | None = None) -> tuple[Any, Any]:
+    """(logits, decisions (B, n) or None) of a fixed-pattern aggregator or an adaptive policy."""
+    from faster.aggregate.policy import Policy
+
+    if isinstance(model, Policy):
+        return model(x, tau)
+    return model(x, mask), None
 
 
 def _check_compatible(fs: Any, ref: Any, what: str, models: Sequence[str]) -> None:
@@ -227,21 +275,25 @@ def _autocast(device: Any) -> Any:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def predict_loader(model: Any, loader: Any, mask: Sequence[bool], device: Any,
-                   progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """(probs (V, K) float32, labels (V,), indices (V,), mean loss over labelled videos) in eval mode."""
+def predict_loader(model: Any, loader: Any, mask: Sequence[bool], device: Any, progress: bool = False,
+                   desc: str = "predict") -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
+    """(probs (V, K) float32, labels (V,), indices (V,), mean loss over labelled videos, expensive
+    decisions (V, n) bool) in eval mode: the mask for a fixed pattern, the gate's choices for a policy."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     model.eval()
-    probs, labels, indices = [], [], []
+    probs, labels, indices, chosen = [], [], [], []
     loss_sum, count = 0.0, 0
     with torch.no_grad():
         for batch in tqdm(loader, desc=desc, leave=False, disable=not progress):
             with _autocast(device):
-                logits = model(_inputs(batch, device), mask)
+                logits, decisions = _forward(model, _inputs(batch, device), mask)
             logits = logits.float()
+            n = len(batch["label"])
+            chosen.append(np.tile(np.asarray(mask, dtype=bool), (n, 1)) if decisions is None
+                          else decisions.cpu().numpy() > 0.5)
             y = batch["label"].to(device)
             known = y >= 0
             if known.any():
@@ -252,7 +304,7 @@ def predict_loader(model: Any, loader: Any, mask: Sequence[bool], device: Any,
             indices.append(batch["index"].numpy().copy())
     cat = (lambda a, shape: np.concatenate(a) if a else np.zeros(shape))
     return (cat(probs, (0, 0)).astype(np.float32), cat(labels, (0,)).astype(np.int64),
-            cat(indices, (0,)).astype(np.int64), loss_sum / max(count, 1))
+            cat(indices, (0,)).astype(np.int64), loss_sum / max(count, 1), cat(chosen, (0, len(mask))).astype(bool))
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -271,13 +323,23 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 
 
 def prediction_rows(ids: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: Sequence[str],
-                    gflops: float | None) -> Iterator[dict[str, Any]]:
-    """Per-video JSON objects: id, label, probs, top5 [[class, prob], ...], gflops."""
+                    gflops: Any, chosen: np.ndarray | None = None,
+                    cheap_everywhere: bool = False) -> Iterator[dict[str, Any]]:
+    """Per-video JSON objects: id, label, probs, top5 [[class, prob], ...], gflops (one value, or one
+    per video), and with ``chosen`` (V, n) each video's num_expensive and num_cheap (the clips the
+    cheap backbone ran on: all of them under an adaptive policy)."""
     k = min(5, len(classes))
-    for vid, y, p in zip(ids, labels, probs):
+    for i, (vid, y, p) in enumerate(zip(ids, labels, probs)):
         top = np.argsort(-p, kind="stable")[:k]
-        yield {"id": str(vid), "label": int(y), "probs": [float(v) for v in p],
-               "top5": [[classes[int(c)], float(p[c])] for c in top], "gflops": gflops}
+        row = {"id": str(vid), "label": int(y), "probs": [float(v) for v in p],
+               "top5": [[classes[int(c)], float(p[c])] for c in top],
+               "gflops": gflops if gflops is None or np.isscalar(gflops) else float(gflops[i])}
+        if chosen is not None:
+            n_e = int(chosen[i].sum())
+            row.update(num_expensive=n_e, num_cheap=len(chosen[i]) if cheap_everywhere else len(chosen[i]) - n_e)
+            if cheap_everywhere:  # a policy's own choice for this video: which of the run's clips were expensive
+                row["expensive_clips"] = [int(k) for k in np.flatnonzero(chosen[i])]
+        yield row
 
 
 def fit(cfg: FitConfig) -> dict[str, Any]:
@@ -301,7 +363,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     skip = {"skip_shards": checked.bad_shards, "skip_videos": checked.bad_videos}
     fs = FeatureSet(cfg.feats, **skip)
     plan = make_plan(fs, agg=cfg.agg, expensive=cfg.expensive, cheap=cfg.cheap, pattern=cfg.pattern,
-                     num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout)
+                     num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout, budget=cfg.budget)
     used = [m for m, _ in plan.sources.values()]
     if (fs.labels >= len(fs.classes)).any():
         raise BadValue(f"{cfg.feats}: labels beyond the {len(fs.classes)} classes")
@@ -333,12 +395,17 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
             torch.manual_seed(cfg.seed)
             np.random.seed(cfg.seed)
             model = build(cfg.agg, **plan.agg_kwargs).to(device)
+            aggregator = model
+            if cfg.pattern == patterns.ADAPTIVE:
+                from faster.aggregate.policy import Policy
+
+                model = Policy(aggregator, budget=cfg.budget).to(device)
             pin = device.type == "cuda"
             train_ds = fs.dataset(plan.sources, train_idx)
             val_ds = vs.dataset(plan.sources, val_idx)
             if cfg.standardize:
                 for src, (mean, std) in input_stats(fs, plan.sources, train_idx, cfg).items():
-                    model.set_input_stats(src, mean.to(device), std.to(device))
+                    aggregator.set_input_stats(src, mean.to(device), std.to(device))
             train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, pin)
             val_loader = _loader(val_ds, cfg.batch_size, cfg.workers, False, cfg.seed, pin)
             opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -350,11 +417,12 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
                 t_epoch = time.perf_counter()
                 train_loss = _train_epoch(model, train_loader, opt, sched, plan.mask, device, cfg, epoch)
                 t_train = time.perf_counter() - t_epoch
-                probs, labels, indices, val_loss = predict_loader(model, val_loader, plan.mask, device, cfg.progress,
-                                                                  f"val {epoch}/{cfg.epochs}")
+                probs, labels, indices, val_loss, chosen = predict_loader(
+                    model, val_loader, plan.mask, device, cfg.progress, f"val {epoch}/{cfg.epochs}")
                 m = metrics(probs, labels)
                 row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "top1": m["top1"],
                        "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
+                       "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
                        "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
                 files.append_jsonl(out / run.METRICS, row)
                 log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
@@ -364,13 +432,18 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
             train_ds.close()
             val_ds.close()
 
-        make_run(cfg, fs, plan, model).save(out)
-        files.write_jsonl(out / run.VAL_PREDICTIONS,
-                        prediction_rows(vs.ids[indices], labels, probs, fs.classes, plan.gflops["per_video"]))
-        n_e = sum(plan.mask)
+        fitted = make_run(cfg, fs, plan, model)
+        fitted.save(out)
+        per_video = fitted.videos_gflops(chosen)
+        files.write_jsonl(out / run.VAL_PREDICTIONS, prediction_rows(
+            vs.ids[indices], labels, probs, fs.classes, per_video, chosen, cheap_everywhere=fitted.adaptive))
+        n_e = float(chosen.sum(1).mean()) if len(chosen) else 0.0
         result = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "best": best,
-                  "gflops_per_video": plan.gflops["per_video"], "aggregator_gflops": plan.gflops["aggregator"],
-                  "num_expensive": n_e, "num_cheap": len(plan.mask) - n_e, "agg": cfg.agg, "pattern": cfg.pattern,
+                  "gflops_per_video": None if per_video is None else float(np.mean(per_video)),
+                  "aggregator_gflops": plan.gflops["aggregator"],
+                  "num_expensive": sum(plan.mask) if not fitted.adaptive else n_e,
+                  "num_cheap": len(plan.mask) - sum(plan.mask) if not fitted.adaptive else len(plan.positions),
+                  "num_expensive_mean": n_e, "budget": cfg.budget, "agg": cfg.agg, "pattern": cfg.pattern,
                   "num_clips": len(plan.positions), "clip_len": fs.config["clip_len"], "expensive": cfg.expensive,
                   "cheap": cfg.cheap, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
                   "join": fs.join, "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
@@ -393,14 +466,20 @@ def _train_epoch(model: Any, loader: Any, opt: Any, sched: Any, mask: Sequence[b
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from faster.aggregate import policy
+
     model.train()
     total, count = 0.0, 0
+    adaptive = isinstance(model, policy.Policy)
+    tau = policy.temperature(epoch, cfg.epochs) if adaptive else None
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
     for batch in bar:
         y = batch["label"].to(device, non_blocking=True)
         with _autocast(device):
-            logits = model(_inputs(batch, device), mask)
+            logits, decisions = _forward(model, _inputs(batch, device), mask, tau)
         loss = F.cross_entropy(logits.float(), y)
+        if adaptive:
+            loss = loss + model.penalty(decisions, policy.PENALTY)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -422,7 +501,14 @@ def make_run(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> Run:
         if name in fs.models:
             info = fs.models[name]
             models[name] = {"shape": list(info.shape), **info.attrs}
-    return Run(config=asdict(cfg), agg=cfg.agg, agg_kwargs=plan.agg_kwargs,
+    from faster.aggregate.policy import PENALTY, Policy
+
+    gate = None
+    if isinstance(model, Policy):
+        gate = {"budget": model.budget, "hidden": model.gate.fc1.out_features, "penalty": PENALTY,
+                "state_dict": {k: v.detach().cpu() for k, v in model.gate.state_dict().items()}}
+        model = model.aggregator
+    return Run(config=asdict(cfg), agg=cfg.agg, agg_kwargs=plan.agg_kwargs, policy=gate,
                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, classes=list(fs.classes),
                expensive=cfg.expensive, cheap=cfg.cheap, models=models, extraction=dict(fs.config),
                positions=list(plan.positions), pattern=cfg.pattern, mask=list(plan.mask), gflops=dict(plan.gflops),
@@ -441,7 +527,7 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
 
     r = Run.load(run_dir)
     dev = _device(device or "auto")
-    model = r.aggregator(dev)
+    model = r.model(dev)
     checked = integrity.check(feats, skip_bad=skip_bad, models=[name for name, _ in r.sources().values()])
     fs = FeatureSet(feats, skip_shards=checked.bad_shards, skip_videos=checked.bad_videos)
     r.check_features(fs, str(feats))
@@ -449,12 +535,15 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
     pin = dev.type == "cuda"
     loader = _loader(ds, batch_size or r.config["batch_size"], r.config["workers"] if workers is None else workers,
                      False, r.config["seed"], pin)
-    probs, labels, indices, loss = predict_loader(model, loader, r.mask, dev, progress, "evaluate")
+    probs, labels, indices, loss, chosen = predict_loader(model, loader, r.mask, dev, progress, "evaluate")
     ds.close()
-    gflops = r.gflops["per_video"]
+    gflops = r.videos_gflops(chosen)
     path = Path(out) if out else Path(run_dir) / run.PREDICTIONS
-    files.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, r.classes, gflops))
-    result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)), "gflops_per_video": gflops,
+    files.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, r.classes, gflops, chosen,
+                                            cheap_everywhere=r.adaptive))
+    result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)),
+              "gflops_per_video": None if gflops is None or not len(gflops) else float(np.mean(gflops)),
+              "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
               "agg": r.agg, "pattern": r.pattern, "num_clips": r.num_clips, "predictions": str(path),
               "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
               "seconds": round(time.perf_counter() - t0, 3)}

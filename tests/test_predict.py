@@ -115,6 +115,10 @@ def test_chunking_does_not_change_the_prediction(world):
         assert a["model"] == b["model"]
         np.testing.assert_allclose(a["probs"], b["probs"], atol=1e-4)
     assert len(set(tuple(np.round(s["probs"], 4)) for s in one["online"])) > 1  # the running prediction moves
+    from_numpy = Predictor(run, device="cpu").classify(clips.numpy())  # what decode_clips returns: numpy uint8
+    np.testing.assert_allclose(from_numpy["probs"], one["probs"], atol=1e-4)
+    with pytest.raises(PredictError, match="uint8"):
+        Predictor(run, device="cpu").classify(clips.float())
 
 
 @pytest.mark.slow
