@@ -11,6 +11,14 @@ change the result) with the checksums of the shards it reads, so running a grid 
 the cells it has not seen: adding an aggregator costs one column. Grids over feature sets of
 different clip lengths run into the same DIR accumulate; ``DIR/index.json`` maps each table
 position (models, aggregator, clip length, clips, pattern, seed) to the cell that last filled it.
+
+On a cluster (docs/ablate-cluster.md) S processes share DIR: ``num_shards``/``shard_index`` and
+torchrun's RANK/WORLD_SIZE give each a part (faster.runtime.placement), and a part trains every
+num_parts-th cell of the grid's fixed order. Each cell is trained under a claim, a file created
+exclusively in ``DIR/.claims/`` (store.lock.FileLock: atomic on NFS v3+ and Lustre, taken over
+from a killed process), so no two processes ever train one cell; index.json is merged under a
+lock. Sharded processes write no tables: the same command without shard options, run after
+them, trains what is missing and writes results.csv, results.md and the plot for the whole grid.
 """
 from __future__ import annotations
 
@@ -25,12 +33,15 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from faster.aggregate import patterns as P
 from faster.errors import BadFile, BadValue, Incompatible
 from faster.store import files, schema
 from faster.store.files import ChecksumCache
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +51,8 @@ CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5"
 AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU",
              "netvlad": "NetVLAD", "nextvlad": "NeXtVLAD", "tam": "TAM"}
 INDEX = "index.json"
+INDEX_LOCK = ".index.lock"  # held while index.json (or .checksums.json) is read, merged and written
+CLAIMS = ".claims"  # DIR/.claims/<cell>.claim: created exclusively by the one process training the cell
 CELL_DONE = "cell.json"  # written last: a cell directory without it is unfinished and is redone
 
 
@@ -58,6 +71,8 @@ class AblateConfig:
     cheap: str | None = None                             # None: the model with fewer GFLOPs per clip
     fit: dict[str, Any] = field(default_factory=dict)    # other FitConfig fields (val, epochs, lr, device, ...)
     progress: bool = True                                # a progress bar over cells (and per fit when jobs=1)
+    num_shards: int = 1                                  # processes splitting the grid (a Slurm array's size)
+    shard_index: int = 0                                 # this one's index; under torchrun x WORLD_SIZE + RANK
 
 
 @dataclass(frozen=True)
@@ -196,12 +211,42 @@ def cell_dirname(cell: Cell, clip_len: int, key: str) -> str:
 # ---------------------------------------------------------------------------------------- running
 
 
-def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
-    """Train the grid's unfinished cells (``cfg.jobs`` at a time), then write results.csv, results.md
-    and accuracy_vs_gflops.png over every cell DIR holds. Returns a summary."""
-    t0 = time.perf_counter()
+@dataclass
+class GridPlan:
+    """What a grid holds and which of its cells this process trains (``run_ablate`` without training)."""
+
+    out: Path
+    clip_len: int
+    expensive: str
+    cheap: str
+    notes: list[str]                       # skipped (pattern, number of clips) pairs
+    cells: list[tuple[Cell, Path]]         # every cell of the grid in its fixed order, with its run directory
+    mine: list[tuple[dict, dict]]          # (fit config, cell.json metadata) of this process's cells
+    part: int = 0                          # this process's part of the grid ...
+    num_parts: int = 1                     # ... of num_shards x WORLD_SIZE parts
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    def claim_path(self, run_dir: str | Path) -> Path:
+        return claim_path(self.out, Path(run_dir).name)
+
+
+def claim_path(out: str | Path, cell_dirname: str) -> Path:
+    """The file whose exclusive creation claims a cell for one process (store.lock.FileLock)."""
+    return Path(out) / CLAIMS / f"{cell_dirname}.claim"
+
+
+def plan_grid(cfg: AblateConfig) -> GridPlan:
+    """Check the configuration, read the feature sets' headers and checksums, and lay out the grid:
+    every cell in a fixed order (clips, then pattern, aggregator, seed, as given), and this process's
+    share of it, every num_parts-th cell from its part on (faster.runtime.placement)."""
+    from faster.runtime import placement
+
     if cfg.jobs < 1:
         raise BadValue(f"jobs must be >= 1, got {cfg.jobs}")
+    if cfg.num_shards < 1:
+        raise BadValue(f"num_shards must be >= 1, got {cfg.num_shards}")
+    where = placement(cfg.num_shards, cfg.shard_index)
     if not cfg.feats:
         raise BadValue("ablate needs at least one feature set")
     for name in ("out", "feats", "agg", "pattern", "num_clips", "seed", "expensive", "cheap"):
@@ -211,6 +256,7 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
+    (out / CLAIMS).mkdir(exist_ok=True)
 
     val = list(cfg.fit.get("val", []))
     info = feature_info(cfg.feats)
@@ -222,18 +268,20 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     expensive, cheap = resolve_models(cfg.expensive, cfg.cheap, info["models"])
     cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"])
     clip_len = info["clip_len"]
-    for note in notes:
-        log.warning("L=%d: %s", clip_len, note)
 
     from faster.aggregate.train import FitConfig
 
     sums = ChecksumCache(out / ".checksums.json")
     feats_sums = [feature_checksums(d, sums) for d in cfg.feats]
     val_sums = [feature_checksums(d, sums) for d in val]
-    sums.save()
+    if sums.dirty:
+        with _grid_lock(out):  # several processes of one grid: one writer of the cache at a time
+            sums.save()
 
-    todo, plan = [], []
-    for cell in cells:
+    plan = GridPlan(out=out, clip_len=clip_len, expensive=expensive, cheap=cheap, notes=notes, cells=[], mine=[],
+                    part=where.part, num_parts=where.num_parts, local_rank=where.local_rank,
+                    local_world_size=where.local_world_size)
+    for i, cell in enumerate(cells):
         fit_cfg = FitConfig(feats=[str(d) for d in cfg.feats], out="", agg=cell.agg, expensive=expensive,
                             cheap=cheap, pattern=cell.pattern, num_clips=cell.num_clips, seed=cell.seed,
                             **{k: v for k, v in cfg.fit.items() if k != "val"}, val=[str(d) for d in val])
@@ -244,30 +292,64 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
         meta = {"key": key, "agg": cell.agg, "clip_len": clip_len, "num_clips": cell.num_clips,
                 "pattern": cell.pattern, "seed": cell.seed, "expensive": expensive, "cheap": cheap,
                 "feats": fit_dict["feats"], "val": fit_dict["val"]}
-        plan.append((cell, run_dir))
-        if not (run_dir / CELL_DONE).exists():
-            todo.append((fit_dict, meta))
+        plan.cells.append((cell, run_dir))
+        if i % where.num_parts == where.part:
+            plan.mine.append((fit_dict, meta))
+    return plan
+
+
+def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
+    """Train this process's unfinished cells (``cfg.jobs`` at a time), each under a claim no other
+    process can hold at once; then, when the grid is not sharded, write results.csv, results.md and
+    accuracy_vs_gflops.png over every cell DIR holds. Returns a summary.
+
+    A sharded process (``num_shards`` > 1, or several torchrun ranks) trains every num_parts-th cell
+    and writes no tables: the same command without the shard options, run afterwards, trains what
+    is still missing (a killed shard's cells) and writes the tables of the whole grid."""
+    t0 = time.perf_counter()
+    plan = plan_grid(cfg)
+    clip_len, out = plan.clip_len, plan.out
+    for note in plan.notes:
+        log.warning("L=%d: %s", clip_len, note)
+    todo = [(f, m) for f, m in plan.mine if not (Path(f["out"]) / CELL_DONE).exists()]
 
     from faster.runtime import cores
 
     jobs = max(1, min(cfg.jobs, len(todo)))
-    threads = max(1, cores() // jobs)
-    log.info("%d cells: %d to train (%d at a time, %d threads each), %d finished",
-             len(cells), len(todo), jobs, threads, len(cells) - len(todo))
-    failed = _train_cells(todo, jobs=jobs, threads=threads, progress=cfg.progress)
-    failures = [f"L={clip_len}: {m['agg']} {m['pattern']} at {m['num_clips']} clips (seed {m['seed']}) failed in "
-                f"the last run (run the grid again to retry): {error}" for m, error in failed]
+    threads = max(1, cores() // (jobs * plan.local_world_size))
+    device = _rank_device(todo[0][0]["device"], plan.local_rank, plan.local_world_size) if todo else None
+    log.info("%d cells, %d of them part %d of %d: %d to train (%d at a time, %d threads each)", len(plan.cells),
+             len(plan.mine), plan.part, plan.num_parts, len(todo), jobs, threads)
+    outcomes = _train_cells(todo, out, jobs=jobs, threads=threads, device=device, progress=cfg.progress)
 
-    index = _update_index(out, clip_len, expensive, cheap, plan, notes)  # skip notes persist, failures do not
-    rows = collect_rows(out, index)
-    write_csv(rows, out / "results.csv")
-    files.write_text(out / "results.md", render_markdown(rows, index["notes"] + failures))
-    plot_path = plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png")
-    return {"out": str(out), "clip_len": clip_len, "expensive": expensive, "cheap": cheap,
-            "cells": len(cells), "trained": len(todo) - len(failed), "reused": len(cells) - len(todo),
-            "failed": len(failed), "skipped": notes, "failures": failures, "rows": len(rows), "results_csv": str(out / "results.csv"),
-            "results_md": str(out / "results.md"), "plot": str(plot_path),
-            "seconds": round(time.perf_counter() - t0, 2)}
+    def where(m: dict[str, Any]) -> str:
+        return f"L={clip_len}: {m['agg']} {m['pattern']} at {m['num_clips']} clips (seed {m['seed']})"
+
+    failures = [f"{where(m)} failed in the last run (run the grid again to retry): {detail}"
+                for m, status, detail in outcomes if status == "failed"]
+    busy = [f"{where(m)} is being trained by {detail}: its result appears when a run after it finishes"
+            for m, status, detail in outcomes if status == "busy"]
+    for line in busy:
+        log.warning("%s", line)
+    trained = sum(status == "trained" for _, status, _ in outcomes)
+    summary = {"out": str(out), "clip_len": clip_len, "expensive": plan.expensive, "cheap": plan.cheap,
+               "cells": len(plan.cells), "part": plan.part, "num_parts": plan.num_parts, "assigned": len(plan.mine),
+               "trained": trained, "reused": len(plan.mine) - len(todo) + sum(s == "done" for _, s, _ in outcomes),
+               "failed": len(failures), "busy": len(busy), "skipped": plan.notes, "failures": failures,
+               "in_progress": busy}
+
+    index = _update_index(out, clip_len, plan.expensive, plan.cheap, plan.cells, plan.notes)  # skip notes persist
+    if plan.num_parts > 1:  # a part of the grid: the closing run without shard options writes the tables
+        summary.update(rows=None, results_csv=None, results_md=None, plot=None)
+    else:
+        rows = collect_rows(out, index)
+        write_csv(rows, out / "results.csv")
+        files.write_text(out / "results.md", render_markdown(rows, index["notes"] + failures + busy))
+        plot_path = plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png")
+        summary.update(rows=len(rows), results_csv=str(out / "results.csv"), results_md=str(out / "results.md"),
+                       plot=str(plot_path))
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
 
 
 def _check_aggs(aggs: list[str]) -> None:
@@ -283,48 +365,89 @@ def _check_aggs(aggs: list[str]) -> None:
             raise BadValue(f"unknown aggregator {a!r}; expected one of {', '.join(known)}")
 
 
-def _train_cells(todo: list[tuple[dict, dict]], *, jobs: int, threads: int,
-                 progress: bool) -> list[tuple[dict, str]]:
-    """Run the cells (in-process when jobs=1, else joblib processes); return (meta, error) of failures."""
+def _rank_device(name: str, local_rank: int, local_world_size: int) -> str | None:
+    """Under torchrun with several ranks per node, "auto"/"cuda" means this rank's GPU (cuda:LOCAL_RANK).
+    Only the run uses it: the cell key keeps the configured name, so any process may finish any cell."""
+    if local_world_size <= 1 or name not in ("auto", "cuda"):
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
+def _grid_lock(out: Path):
+    """The lock serialising writes of DIR/index.json and DIR/.checksums.json among a grid's processes."""
+    from faster.store.lock import FileLock
+
+    return FileLock(out / INDEX_LOCK, what="the lock of the grid's index", wait=True, poll=0.05,
+                    heartbeat=10.0, stale_after=120.0)
+
+
+def _train_cells(todo: list[tuple[dict, dict]], out: Path, *, jobs: int, threads: int, device: str | None,
+                 progress: bool) -> list[tuple[dict, str, str | None]]:
+    """Run the cells (in-process when jobs=1, else joblib processes); return (meta, status, detail) per
+    cell, status one of trained, failed (detail: the error), busy (detail: who holds its claim) and
+    done (finished by another process meanwhile)."""
     if not todo:
         return []
     from tqdm.auto import tqdm
 
     per_fit_progress = progress and jobs == 1
-    args = [(fit_dict, meta, threads, per_fit_progress) for fit_dict, meta in todo]
+    args = [(fit_dict, meta, threads, device, per_fit_progress, str(claim_path(out, Path(fit_dict["out"]).name)))
+            for fit_dict, meta in todo]
     bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
-    failed = []
+    outcomes = []
     if jobs == 1:
         results = (_run_cell(*a) for a in args)
     else:
         from joblib import Parallel, delayed
 
         results = Parallel(n_jobs=jobs, return_as="generator_unordered")(delayed(_run_cell)(*a) for a in args)
-    for meta, error in results:
-        if error:
-            log.error("cell %s failed: %s", meta["key"], error)
-            failed.append((meta, error))
+    for meta, status, detail in results:
+        if status == "failed":
+            log.error("cell %s failed: %s", meta["key"], detail)
+        outcomes.append((meta, status, detail))
         bar.update(1)
     bar.close()
-    return failed
+    return outcomes
 
 
-def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int,
-              progress: bool) -> tuple[dict[str, Any], str | None]:
-    """Fit one cell into its run directory; mark it finished by writing cell.json last."""
+def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, device: str | None, progress: bool,
+              claim: str) -> tuple[dict[str, Any], str, str | None]:
+    """Claim one cell, fit it into its run directory and mark it finished by writing cell.json last.
+
+    The claim (store.lock.FileLock on DIR/.claims/<cell>.claim) is taken before the run directory is
+    looked at, so a cell that another process finished or trains is never touched; a claim left by a
+    killed process is taken over (a dead pid on this host; another host's after STALE_AFTER seconds
+    without a heartbeat) and its half-written run directory is redone."""
     from faster.aggregate import train
+    from faster.store.lock import FileLock, describe
 
     run_dir = Path(fit_dict["out"])
-    if run_dir.exists():  # an unfinished cell from an interrupted grid: start it afresh
-        shutil.rmtree(run_dir)
-    cfg = train.FitConfig(**{**fit_dict, "threads": threads, "progress": progress})
+    lock = FileLock(claim, what=f"the claim of cell {run_dir.name}")
+    if not lock.try_acquire():
+        return meta, "busy", describe(lock.holder())
     try:
-        result = train.fit(cfg)
-    except Exception as err:  # one bad cell must not lose the others: reported in the summary and results.md
-        log.debug("cell %s", meta["key"], exc_info=True)
-        return meta, f"{type(err).__name__}: {err}"
-    files.write_json(run_dir / CELL_DONE, {**meta, "result": result})
-    return meta, None
+        if (run_dir / CELL_DONE).exists():  # finished by another process between our look and our claim
+            return meta, "done", None
+        if run_dir.exists():  # an unfinished cell from an interrupted grid: start it afresh
+            shutil.rmtree(run_dir)
+        cfg = train.FitConfig(**{**fit_dict, "threads": threads, "progress": progress,
+                                 **({"device": device} if device else {})})
+        try:
+            result = train.fit(cfg)
+        except Exception as err:  # one bad cell must not lose the others: reported in the summary and results.md
+            log.debug("cell %s", meta["key"], exc_info=True)
+            return meta, "failed", f"{type(err).__name__}: {err}"
+        if not lock.still_held():  # this process stalled past the heartbeat timeout and lost the cell
+            return meta, "failed", f"its claim was taken over by {describe(lock.holder())} during training"
+        trainer = {k: lock.me[k] for k in ("host", "pid", "since")}
+        files.write_json(run_dir / CELL_DONE, {**meta, "result": result, "trained_by": trainer})
+        return meta, "trained", None
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------- results
@@ -336,20 +459,24 @@ def _identity(expensive: str, cheap: str, agg: str, clip_len: int, num_clips: in
 
 def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: list[tuple[Cell, Path]],
                   notes: list[str]) -> dict[str, Any]:
-    """Point each of this grid's table positions at its cell (the latest run wins); keep every note."""
+    """Point each of this grid's table positions at its cell (the latest run wins); keep every note.
+
+    Read, merged and written under the grid's lock, so processes sharing DIR never lose each
+    other's entries."""
     path = out / INDEX
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, ValueError):
-        index = {"cells": {}, "notes": []}
-    for cell, run_dir in plan:
-        ident = _identity(expensive, cheap, cell.agg, clip_len, cell.num_clips, cell.pattern, cell.seed)
-        index["cells"][ident] = run_dir.name
-    for note in notes:
-        note = f"L={clip_len}: {note}"
-        if note not in index["notes"]:
-            index["notes"].append(note)
-    files.write_json(path, index)
+    with _grid_lock(out):
+        try:
+            index = json.loads(path.read_text())
+        except (OSError, ValueError):
+            index = {"cells": {}, "notes": []}
+        for cell, run_dir in plan:
+            ident = _identity(expensive, cheap, cell.agg, clip_len, cell.num_clips, cell.pattern, cell.seed)
+            index["cells"][ident] = run_dir.name
+        for note in notes:
+            note = f"L={clip_len}: {note}"
+            if note not in index["notes"]:
+                index["notes"].append(note)
+        files.write_json(path, index)
     return index
 
 
@@ -484,21 +611,24 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
     return "\n".join(lines)
 
 
-def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Path:
+def accuracy_vs_gflops_figure(rows: list[dict[str, Any]]) -> Figure:
     """Top-1 vs log GFLOPs (the paper's Figs. 3-4): one colour per aggregator, one marker per pattern,
-    lines joining the numbers of clips of one aggregator, pattern and clip length."""
+    lines joining the numbers of clips of one aggregator, pattern and clip length; the legend to the
+    right of the axes. A figure on an Agg canvas of its own (no pyplot state), drawn by the caller."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
     from matplotlib.lines import Line2D
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig = Figure(figsize=(8.5, 5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     aggs = sorted({r["agg"] for r in rows}, key=_agg_order)
     pats = sorted({r["pattern"] for r in rows}, key=_pattern_order)
-    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(aggs)}
+    tab10 = matplotlib.colormaps["tab10"]
+    colours = {a: tab10(i % 10) for i, a in enumerate(aggs)}
     markers = {p: "osD^v<>ph*"[i % 10] for i, p in enumerate(pats)}
     for (agg, pattern, clip_len, expensive), group in _groups(rows, "agg", "pattern", "clip_len",
                                                               "expensive").items():
@@ -508,21 +638,77 @@ def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Pat
         xs, ys = zip(*points)
         ax.plot(xs, ys, color=colours[agg], marker=markers[pattern], linewidth=1, markersize=6)
     ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 20, not 2x10^1
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 20, not 2x10^1
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=50))
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor ticks and grid lines, no labels
     ax.set_xlabel("GFLOPs per video (multiply-adds, log scale)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title("Accuracy vs. cost (cf. FASTER, Figs. 3 and 4)")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, which="major", alpha=0.35)
+    ax.grid(True, which="minor", alpha=0.12)
     if rows:
         handles = [Line2D([], [], color=colours[a], linewidth=2, label=AGG_NAMES.get(a, a)) for a in aggs]
         handles += [Line2D([], [], color="grey", marker=markers[p], linestyle="", label=_pattern_label(p))
                     for p in pats]
-        ax.legend(handles=handles, loc="best", fontsize=8)
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,
+                  fontsize=8, frameon=False)
     else:
         ax.text(0.5, 0.5, "no finished cells", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    files.replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    fig.tight_layout()  # counts the legend: the axes shrink to leave it room
+    if rows:  # major ticks for the axis as laid out, then the layout again for their labels
+        size = FontProperties(size=matplotlib.rcParams["xtick.labelsize"]).get_size_in_points()
+        length = ax.bbox.width * 72.0 / fig.dpi
+        ax.xaxis.set_major_locator(FixedLocator(readable_log_ticks(*ax.get_xlim(), length, size)))
+        fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_vs_gflops(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Write ``accuracy_vs_gflops_figure(rows)`` to ``path`` as a PNG (atomically, legend included)."""
+    path = Path(path)
+    fig = accuracy_vs_gflops_figure(rows)
+    files.replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return path
+
+
+TICK_SUBS = ((1, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 5), (1, 2, 5), (1, 3), (1,))  # densest first
+CHAR_EM, PAD_EM = 0.65, 1.0  # a label's width per character (DejaVu digits: 0.64 em) and the gap between two
+
+
+def readable_log_ticks(lo: float, hi: float, axis_points: float, fontsize: float) -> list[float]:
+    """Major ticks for a log axis from ``lo`` to ``hi`` drawn ``axis_points`` long whose plain labels
+    (``f"{v:g}"`` at ``fontsize`` points) never collide: of TICK_SUBS per decade, the densest whose two
+    closest ticks lie further apart than the widest label plus a gap; beyond that one decade in k;
+    over a span where even 1..9 leaves fewer than two ticks, evenly spaced values (0.052, 0.054)."""
+    lo, hi = sorted((float(lo), float(hi)))
+    if not (lo > 0 and math.isfinite(hi)) or hi <= lo:
+        return [v for v in (lo, hi) if v > 0][:1]
+    per_decade = axis_points / math.log10(hi / lo)  # points per factor of 10
+
+    def fits(ticks: list[float]) -> bool:
+        if len(ticks) < 2:
+            return True
+        width = (max(len(f"{t:g}") for t in ticks) * CHAR_EM + PAD_EM) * fontsize
+        return min(math.log10(b / a) for a, b in zip(ticks, ticks[1:])) * per_decade >= width
+
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for subs in TICK_SUBS:
+        ticks = [t for t in (float(f"{s * 10.0 ** k:.12g}") for k in range(k0, k1 + 1) for s in subs) if lo <= t <= hi]
+        if fits(ticks):
+            if len(ticks) >= 2 or subs is not TICK_SUBS[0]:
+                return ticks
+            break  # a narrow span: fewer than two of the 1..9 ticks in view
+    else:
+        for step in range(2, k1 - k0 + 2):
+            ticks = [10.0 ** k for k in range(k0, k1 + 1) if k % step == 0 and lo <= 10.0 ** k <= hi]
+            if fits(ticks):
+                break
+        return ticks
+    from matplotlib.ticker import MaxNLocator
+
+    for nbins in (4, 3, 2):
+        values = MaxNLocator(nbins=nbins, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)
+        ticks = [t for t in (float(f"{v:.6g}") for v in values) if lo <= t <= hi]
+        if fits(ticks):
+            break
+    return ticks

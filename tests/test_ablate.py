@@ -2,6 +2,8 @@
 import csv
 import json
 import os
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -233,3 +235,193 @@ def test_a_failing_cell_is_reported_and_retried_while_the_others_are_kept(tmp_pa
     assert (again["trained"], again["reused"], again["failed"]) == (1, 1, 0)
     assert sorted(r["agg"] for r in csv.DictReader(open(out / "results.csv"))) == ["avg", "gru"]
     assert "failed" not in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+
+def _spread_rows(lo, hi):
+    """Three aggregators x three patterns over 5 numbers of clips whose costs span lo..hi GFLOPs."""
+    import numpy as np
+
+    rows = []
+    for j, (agg, pattern) in enumerate([("avg", "first"), ("gru", "1:1"), ("fastgru", "all-e")]):
+        for i, g in enumerate(np.geomspace(lo, hi, 5)):
+            rows.append(_row(agg, 8, 2 * (i + 1), pattern, 0, 0.3 + 0.1 * i, float(g) * (1 + 0.003 * j)))
+    return rows
+
+
+@pytest.mark.parametrize("lo,hi", [(0.05, 0.09), (1, 1000), (100, 1000), (0.02, 0.4), (0.051, 0.053), (1e-3, 1e5)])
+def test_plot_tick_labels_never_overlap_and_the_legend_sits_outside_the_axes(lo, hi):
+    fig = A.accuracy_vs_gflops_figure(_spread_rows(lo, hi))
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ax = fig.axes[0]
+    labels = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    texts = [t.get_text() for t in labels]
+    assert len(labels) >= 2, texts  # enough values to read the axis by
+    assert all("$" not in s and "10^" not in s for s in texts), texts  # plain numbers, not 10^k
+    boxes.sort(key=lambda b: b.x0)
+    for a, b in zip(boxes, boxes[1:]):
+        assert a.x1 < b.x0, f"x tick labels overlap: {texts}"
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 > ax.get_window_extent(renderer).x1  # to the right of the points, not over them
+    assert not any(legend.overlaps(b) for b in boxes)
+
+
+def test_readable_log_ticks_thin_out_as_the_axis_shortens():
+    wide = A.readable_log_ticks(1, 1000, 1000, 10)
+    narrow = A.readable_log_ticks(1, 1000, 100, 10)
+    assert {1, 10, 100, 1000} <= set(wide) and len(wide) > len(narrow) >= 2
+    assert A.readable_log_ticks(0.05, 0.09, 400, 10) == [0.05, 0.06, 0.07, 0.08, 0.09]
+
+
+# ------------------------------------------------------------------------------- grids over a cluster
+
+
+def test_file_lock_claims_are_exclusive_and_taken_over_from_gone_holders(tmp_path):
+    import time
+
+    from faster.store.lock import FileLock, LockHeld, _start_time
+
+    path = tmp_path / "cell.claim"
+    with FileLock(path, what="the claim of cell x") as held:
+        assert not FileLock(path).try_acquire()  # a live holder (this very process, another claim)
+        with pytest.raises(LockHeld, match=r"the claim of cell x is held by pid \d+ on "):
+            FileLock(path, what="the claim of cell x").acquire()
+        assert held.still_held()
+    assert not path.exists()
+    me = FileLock(path).me
+    for record in ({"host": me["host"], "pid": 2 ** 22 + 7, "since": "x"},  # a dead pid on this host
+                   {"host": me["host"], "pid": os.getpid(), "start": (_start_time(os.getpid()) or 0) + 1,
+                    "since": "x"}):  # this pid, but a process that started at another time: reused
+        path.write_text(json.dumps(record))
+        lock = FileLock(path)
+        assert lock.try_acquire() and lock.still_held()
+        lock.release()
+    path.write_text(json.dumps({"host": "some-other-node", "pid": 1, "since": "x"}))
+    assert not FileLock(path, stale_after=600).try_acquire()  # another host, heartbeat just now: alive
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    lock = FileLock(path, stale_after=600)
+    assert lock.try_acquire()  # silent for an hour: taken over
+    lock.release()
+    # Two processes judged one stale claim at once; the second looks after the first re-created it:
+    # its takeover must put the fresh claim back, not remove it.
+    stale = {"host": "some-other-node", "pid": 1, "since": "x"}
+    fresh = FileLock(path)
+    assert fresh.try_acquire()
+    FileLock(path)._take_over(stale, "no heartbeat for 3600 s")
+    assert fresh.still_held() and not list(tmp_path.glob("*.takeover-*"))
+    fresh.release()
+
+
+def test_shards_split_the_grid_in_a_fixed_order(tmp_path, monkeypatch):
+    feats = write_features(tmp_path / "f8", num_clips=4, videos=8)
+    base = dict(feats=[str(feats)], out=str(tmp_path / "grid"), aggs=["avg", "gru", "fastgru"], num_clips=[2, 4],
+                patterns=["first"], seeds=[0, 1], progress=False)
+    whole = A.plan_grid(A.AblateConfig(**base))
+    names = [run_dir.name for _, run_dir in whole.cells]
+    assert len(names) == 12 and [Path(f["out"]).name for f, _ in whole.mine] == names
+    parts = [A.plan_grid(A.AblateConfig(**base, num_shards=3, shard_index=i)) for i in range(3)]
+    for i, p in enumerate(parts):
+        assert [Path(f["out"]).name for f, _ in p.mine] == names[i::3] and (p.part, p.num_parts) == (i, 3)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    ranked = A.plan_grid(A.AblateConfig(**base, num_shards=2, shard_index=1))  # torchrun inside a Slurm task
+    assert (ranked.part, ranked.num_parts) == (3, 4)
+    assert [Path(f["out"]).name for f, _ in ranked.mine] == names[3::4]
+    with pytest.raises(ValueError, match="shard_index 2"):
+        A.plan_grid(A.AblateConfig(**base, num_shards=2, shard_index=2))
+
+
+def _ablate_cmd(feats, out, *extra):
+    return [sys.executable, "-m", "faster", "ablate", str(feats), "-o", str(out), "--agg", "avg,gru,fastgru",
+            "--num-clips", "2,4", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+            *extra]
+
+
+@pytest.mark.slow
+def test_shard_processes_started_together_train_each_cell_once_then_the_closing_run_writes_tables(
+        tmp_path, monkeypatch):
+    import re
+    import subprocess
+
+    feats = write_features(tmp_path / "f8", num_clips=4)
+    out = tmp_path / "grid"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Shards 0 and 1 of 2, and shard 0 again (a resubmitted array task whose first run still goes on).
+    shards = [("--num-shards", "2", "--shard-index", "0"), ("--num-shards", "2", "--shard-index", "1"),
+              ("--num-shards", "2", "--shard-index", "0")]
+    procs = [subprocess.Popen(_ablate_cmd(feats, out, *s), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for s in shards]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stderr
+    trained = [int(re.search(r"(\d+) trained", stderr).group(1)) for _, stderr in outputs]
+    done = sorted((out / "cells").glob(f"*/{A.CELL_DONE}"))
+    assert len(done) == 6 and sum(trained) == 6  # every cell trained, and trained once
+    trainers = [json.loads(d.read_text())["trained_by"]["pid"] for d in done]
+    assert [trainers.count(p.pid) for p in procs] == trained
+    for d in done:  # one epoch each: no cell was trained twice into its directory
+        assert len((d.parent / "metrics.jsonl").read_text().splitlines()) == 1
+    plan = A.plan_grid(A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru", "fastgru"],
+                                      num_clips=[2, 4], fit={"epochs": 1, "batch_size": 8, "workers": 0,
+                                                             "device": "cpu"}, progress=False))
+    by_shard1 = {d.parent.name for d, pid in zip(done, trainers) if pid == procs[1].pid}
+    assert by_shard1 == {run_dir.name for _, run_dir in plan.cells[1::2]}  # every 2nd cell of the fixed order
+    assert not list(out.glob("results*")) and not list(out.glob("*.png"))  # parts write no tables
+    assert len(json.loads((out / A.INDEX).read_text())["cells"]) == 6  # merged, no entry lost
+    assert not list((out / A.CLAIMS).iterdir())  # every claim released
+
+    from faster.aggregate import train
+
+    def no_training(cfg):
+        raise AssertionError(f"fit called again for {cfg.out}")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    result = CliRunner().invoke(cli, _ablate_cmd(feats, out)[3:])
+    assert result.exit_code == 0, result.output
+    assert "0 trained, 6 reused" in result.output and "| FAST-GRU |" in result.output
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    assert (out / "accuracy_vs_gflops.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_a_killed_claim_is_retaken_and_a_live_one_is_left_alone(tmp_path):
+    import signal
+    import subprocess
+
+    feats = write_features(tmp_path / "f8", num_clips=4)
+    out = tmp_path / "grid"
+    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru"], patterns=["first"],
+                         fit=dict(FAST), progress=False)
+    plan = A.plan_grid(cfg)
+    (_, avg_dir), (_, gru_dir) = plan.cells
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from faster.store.lock import FileLock; "
+         "FileLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)",
+         str(plan.claim_path(avg_dir))], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        avg_dir.mkdir()
+        (avg_dir / "config.json").write_text("{}")  # the holder's half-written run
+        me = json.loads(plan.claim_path(avg_dir).read_text())
+        dead = {**me, "pid": 2 ** 22 + 7, "token": "killed"}  # a claim naming a dead pid on this host
+        plan.claim_path(gru_dir).write_text(json.dumps(dead))
+
+        first = A.run_ablate(cfg)
+        assert (first["trained"], first["busy"]) == (1, 1)  # gru retaken; avg's holder is alive
+        assert (gru_dir / A.CELL_DONE).exists() and not (avg_dir / A.CELL_DONE).exists()
+        assert f"being trained by pid {holder.pid} on " in (out / "results.md").read_text()
+        assert (avg_dir / "config.json").read_text() == "{}"  # a live holder's directory is not touched
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    again = A.run_ablate(cfg)
+    assert (again["trained"], again["reused"], again["busy"], again["failed"]) == (1, 1, 0, 0)
+    assert json.loads((avg_dir / A.CELL_DONE).read_text())["trained_by"]["pid"] == os.getpid()
+    assert "being trained" not in (out / "results.md").read_text()
+    assert not list((out / A.CLAIMS).iterdir())
