@@ -17,7 +17,7 @@ from faster.errors import UserError
 DECODERS = ("auto", "decord", "pyav")
 COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
 DECODER_HELP = "auto: decord, and PyAV (AV1, ...) for a file decord cannot open or decode; or only one of them."
-MODEL_HELP = "backbone name (see `faster flops --help` / faster.extract.models.names())"
+MODEL_HELP = "backbone name, e.g. r2plus1d50 or r2d26 (`faster flops --list` prints every name with its cost)"
 
 
 def _fail(err: Exception) -> None:
@@ -193,7 +193,10 @@ def _n(count: int, noun: str) -> str:
 @click.option("--agg", required=True, help="Aggregator: avg, concat, lstm, gru, fastgru.")
 @click.option("--expensive", required=True, help="Model name of the expensive features.")
 @click.option("--cheap", required=True, help="Model name of the cheap features.")
-@click.option("--pattern", required=True, help="all-e, all-c, first or 1:x.")
+@click.option("--pattern", required=True,
+              help="all-e, all-c, first, 1:N (N >= 0; 1:0 is all-e), or adaptive: a learned gate (needs --budget).")
+@click.option("--budget", type=click.FloatRange(0, 1, min_open=True),
+              help="adaptive: the fraction of clips that also get the expensive backbone, e.g. 0.125.")
 @click.option("--num-clips", type=click.IntRange(1), help="Use n of the extracted clips [default: all].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
@@ -215,7 +218,9 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
         _fail(err)
     best = r["best"]
     gflops = "?" if r["gflops_per_video"] is None else f"{r['gflops_per_video']:.1f}"
-    click.echo(f"{r['agg']} {r['pattern']} on {r['num_clips']} clips ({r['num_expensive']} E + {r['num_cheap']} C): "
+    counts = (f"{r['num_expensive']} E + {r['num_cheap']} C" if r["budget"] is None else
+              f"budget {r['budget']:g}: {r['num_expensive_mean']:.2f} E per video + {r['num_cheap']} C")
+    click.echo(f"{r['agg']} {r['pattern']} on {r['num_clips']} clips ({counts}): "
                f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
                f"(best top-1 {best['top1']:.4f} at epoch {best['epoch']}); {gflops} GFLOPs/video; "
                f"{r['num_train']} train / {r['num_val']} val videos; {r['seconds']:.1f} s -> {kw['out']}")
@@ -365,32 +370,86 @@ def predict(videos, run, weights, out, online, device, batch_size, workers, time
 
 
 @cli.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Feature-set directory.")
+@click.option("--model", required=True, help="Name to store the features under (fit's --expensive/--cheap).")
+@click.option("--clip-len", required=True, type=click.IntRange(1), help="Frames per clip of the tool that made them.")
+@click.option("--gflops-per-clip", type=click.FloatRange(min=0),
+              help="That tool's backbone cost [default: 0, with a warning].")
+@click.option("--strip-suffix", default="", help="Removed from file names to give ids, e.g. _i3d; other files ignored.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="CSV: path (the id),label or Kinetics.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+              help="File with one class name per line (fixes class indices across splits).")
+@click.option("--shard-size", default=64, show_default=True, type=click.IntRange(1), help="Videos per shard.")
+@click.option("--channels-first", is_flag=True, help="5-d arrays are (N, C, T', H', W') [default: (N, T', H', W', C)].")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any file could not be packed.")
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
+def pack(strict: bool, **kw) -> None:
+    """Store clip features another tool computed (one .npy per video under SRC) as a feature set.
+
+    \b
+    Ids are paths relative to SRC without .npy and --strip-suffix; labels come from class folders
+    or --annotations, as in extract. (N, C) arrays become (N, 1, 1, 1, C) maps. Unusable files are
+    listed in OUT/failures.jsonl (exit 0; 1 with --strict); the same command again packs only what
+    is missing. e.g. faster pack i3d/ -o feats/ --model i3d --clip-len 16 --strip-suffix _rgb
+    """
+    from faster.pack import PackConfig, run_pack
+
+    try:
+        summary = run_pack(PackConfig(**kw))
+    except UserError as err:
+        _fail(err)
+    failed = summary["failed"]
+    click.echo(f"packed {summary['packed']}, skipped {summary['skipped']} (done before), failed {failed}"
+               + (f" (see {summary['failures_file']})" if failed else "")
+               + f"; {summary['num_clips']} clips of {' x '.join(map(str, summary['feature_shape']))} "
+                 f"(T' x H' x W' x C), {summary['classes']} classes [{summary['layout']}]; "
+                 f"{summary['run_seconds']:.1f} s"
+               + (f", {summary['mib_per_s']:.1f} MiB/s" if summary["packed"] else "") + f" -> {summary['out']}")
+    if strict and failed:
+        raise click.ClickException(f"{failed} files could not be packed (--strict)")
+
+
+@cli.command()
 @click.option("--expensive", default="r2plus1d50", show_default=True, help=MODEL_HELP)
 @click.option("--cheap", default="r2d26", show_default=True, help=MODEL_HELP)
 @click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--num-clips", type=click.IntRange(1), help="[default: 256 // clip-len]")
 @click.option("--size", default=224, show_default=True, type=click.IntRange(8))
-@click.option("--pattern", default="all-e", show_default=True, help="all-e, all-c, first or 1:x.")
+@click.option("--pattern", default="all-e", show_default=True,
+              help="all-e, all-c, first, 1:N (N >= 0; 1:0 is all-e) or adaptive (with --budget).")
 @click.option("--agg", default="fastgru", show_default=True, help="Aggregator whose cost is added.")
+@click.option("--budget", type=click.FloatRange(0, 1, min_open=True),
+              help="Pattern adaptive: the expected fraction of clips that also get the expensive backbone.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--list", "list_models", is_flag=True, help="List every backbone with its GFLOPs per clip and map shape.")
 def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size: int, pattern: str, agg: str,
-          as_json: bool) -> None:
+          budget: float | None, as_json: bool, list_models: bool) -> None:
     """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern.
 
     \b
     video GFLOPs = #E * E-GFLOPs/clip + #C * C-GFLOPs/clip + aggregator GFLOPs
     e.g. faster flops --clip-len 16 --pattern 1:7   (FASTER16 of the paper, Table 4)
+         faster flops --list --clip-len 8 --size 112
     """
     import json
 
     from faster.aggregate import patterns
     from faster.extract import models
 
+    if list_models:
+        _list_backbones(models, clip_len, size)
+        return
+
     n = num_clips or max(1, 256 // clip_len)
     for hint, name in (("--expensive", expensive), ("--cheap", cheap)):
         if name not in models.names():
             raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())}",
                                      param_hint=hint)
+    if pattern == patterns.ADAPTIVE:
+        _flops_adaptive(models, expensive, cheap, clip_len, n, size, agg, budget, as_json)
+        return
     try:
         num_e, num_c = patterns.counts(pattern, n)
     except UserError as err:
@@ -433,6 +492,58 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     click.echo(f"  video      {'':<16} {'':>27} = {video:9.2f} GFLOPs")
 
 
+def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, size: int, agg: str,
+                    budget: float | None, as_json: bool) -> None:
+    """The expected cost of a policy run at rate ``budget``: N x cheap + B N x expensive + aggregator + gate."""
+    import json
+
+    import torch
+
+    from faster.aggregate import policy
+    from faster.aggregate.flops import count_gflops
+    from faster.aggregate.models import build
+
+    try:
+        budget = policy.check_budget(budget)
+        gflops = {m: models.clip_gflops(m, clip_len, size) for m in (expensive, cheap)}
+        shapes = {"expensive": list(models.feature_shape(expensive, clip_len, size)),
+                  "cheap": list(models.feature_shape(cheap, clip_len, size))}
+        kwargs = {"num_classes": 400, "sources": shapes, "dropout": 0.0}
+        agg_e, agg_c = count_gflops(agg, kwargs, [True] * n), count_gflops(agg, kwargs, [False] * n)
+        with torch.device("meta"):
+            gate = policy.gate_gflops(policy.Policy(build(agg, **kwargs), budget=budget), n)
+    except UserError as err:
+        raise click.UsageError(str(err)) from None
+    num_e = budget * n
+    video = policy.video_gflops(num_e, n, gflops[expensive], gflops[cheap], agg_e, agg_c, gate)
+    agg_gflops = agg_c + budget * (agg_e - agg_c)
+    if as_json:
+        click.echo(json.dumps({"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "gate_gflops": gate,
+                               "video_gflops": video, "num_expensive": num_e, "num_cheap": n, "pattern": "adaptive",
+                               "budget": budget, "num_clips": n, "clip_len": clip_len, "size": size,
+                               "expensive": expensive, "cheap": cheap, "agg": agg}))
+        return
+    click.echo(f"{n} clips of {clip_len} frames at {size} px, pattern adaptive at budget {budget:g}: the cheap "
+               f"backbone on every clip, the expensive one on {num_e:g} clips per video on average")
+    click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:5.2f} = "
+               f"{num_e * gflops[expensive]:9.2f}")
+    click.echo(f"  cheap      {cheap:<16} {gflops[cheap]:9.2f} GFLOPs/clip x {n:5d} = {n * gflops[cheap]:9.2f}")
+    click.echo(f"  aggregator {agg:<16} {'':>29} = {agg_gflops:9.2f}")
+    click.echo(f"  gate       {'':<16} {'':>29} = {gate:9.4f}")
+    click.echo(f"  video      {'':<16} {'':>29} = {video:9.2f} GFLOPs (expected at the budget's rate)")
+
+
+def _list_backbones(models, clip_len: int, size: int) -> None:
+    """One line per registered backbone: name, GFLOPs per clip and res5 map shape at clip_len x size."""
+    click.echo(f"backbones at {clip_len} frames x {size} px: GFLOPs/clip, map C x T' x H' x W'")
+    for name in models.names():
+        try:
+            g, shape = models.clip_gflops(name, clip_len, size), models.feature_shape(name, clip_len, size)
+            click.echo(f"  {name:<18} {g:9.2f}   {' x '.join(map(str, shape))}")
+        except UserError as err:  # e.g. too few frames, or the zoo extra is not installed
+            click.echo(f"  {name:<18} {'-':>9}   {str(err).splitlines()[0][:90]}")
+
+
 @cli.command()
 @click.option("-o", "--out", default="faster-demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--quick", is_flag=True, help="A reduced size for CI: tiny backbones, fewer and smaller videos.")
@@ -443,7 +554,7 @@ def demo(out, quick, weights, device, jobs) -> None:
     """Make a small labelled video set, extract, fit a small grid and print the accuracy/GFLOPs table.
 
     The videos' classes are motion directions (one frame cannot tell them apart). Full size: the
-    paper's R(2+1)D-50 and R2D-26 at 112 px, a few minutes on a 2-core CPU; --quick: seconds.
+    paper's R(2+1)D-50 and R2D-26 at 64 px, a few minutes on a 2-core CPU; --quick: seconds.
     Running it again into the same directory reuses what is already there.
     """
     from faster.demo import DemoConfig, run_demo
@@ -473,6 +584,24 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` after an interrupt, once every with-block has unwound (temporary files gone).
+
+    os._exit, not sys.exit: a KeyboardInterrupt that landed inside an extension's embedded
+    PyRun_String (torch's import does some) makes CPython re-raise SIGINT at shutdown whatever the
+    exit code, and the shell would then see -2, not 130."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `faster` entry point: Ctrl-C exits 130 and SIGTERM 143 at any moment, without a traceback;
     click's other errors print their one line (exit 1, or 2 for usage)."""
@@ -481,13 +610,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = cli.main(args=argv, prog_name="faster", standalone_mode=False)
-    except click.exceptions.Abort as err:  # click turns KeyboardInterrupt into Abort
-        terminated = isinstance(err.__context__, Terminated) or isinstance(err.__cause__, Terminated)
+    except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns KeyboardInterrupt into Abort
+        cause = err if isinstance(err, KeyboardInterrupt) else (err.__cause__ or err.__context__)
+        terminated = isinstance(cause, Terminated)
         click.echo("\nterminated" if terminated else "\ninterrupted", err=True)
-        sys.exit(143 if terminated else 130)
-    except KeyboardInterrupt as err:
-        click.echo("\nterminated" if isinstance(err, Terminated) else "\ninterrupted", err=True)
-        sys.exit(143 if isinstance(err, Terminated) else 130)
+        _exit_now(143 if terminated else 130)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 
 FRAMES_PER_VIDEO = 256  # the paper's N x L
 # Stored bytes / float16 bytes of res5 maps per --compression, for the disk estimate: what
-# benchmarks/storage.py measured on ReLU maps (docs/storage.md), rounded up. Real maps vary with
-# their zero fraction; the estimate is "about", the check leaves a margin.
-COMPRESSED_FRACTION = {"none": 1.0, "lzf": 0.75, "gzip": 0.6, "zstd": 0.6, "lz4": 0.75}
+# benchmarks/storage.py measured on random-init R2D-26 maps (37% zeros; docs/storage.md), rounded
+# up: trained maps have more zeros and compress better, so the estimate errs on the safe side.
+COMPRESSED_FRACTION = {"none": 1.0, "lzf": 0.9, "gzip": 0.7, "zstd": 0.65, "lz4": 0.92}
 
 @dataclass
 class ExtractConfig:
