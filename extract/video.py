@@ -173,7 +173,7 @@ def _kinetics_stem(row: dict[str, str], where: str) -> str:
 
 
 def discover(root: str | Path, annotations: str | Path | None = None, classes_file: str | Path | None = None,
-             unlabelled: bool = False) -> Discovery:
+             unlabelled: bool = False, files: dict[str, Path] | None = None) -> Discovery:
     """Find the videos under ``root`` and their labels.
 
     Without ``annotations``: folder-per-class when every video lies in a sub-folder of the root
@@ -183,17 +183,19 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
     file with that stem and any video extension anywhere under the root. A listed file that is not
     found becomes an item with ``path=None`` (recorded as failure stage ``missing``).
     ``classes_file`` fixes the class list (and so the indices) whatever subset is present.
+    ``files`` (id -> file) replaces the scan for videos: `faster pack` passes its ``.npy`` files.
     """
     root = Path(root)
     if not root.is_dir():
         raise BadFile(f"video root {str(root)!r} is not a directory")
-    files = scan(root)
-    ignored = _count_ignored(root)
+    path_of = dict(files) if files is not None else {f: root / f for f in scan(root)}
+    ignored = _count_ignored(root) if files is None else 0
+    files = sorted(path_of)
     fixed = read_classes(classes_file) if classes_file else None
     if annotations is None:
         if unlabelled or not files or any("/" not in f for f in files):
             classes = fixed or []
-            items = [VideoItem(f, root / f) for f in files]
+            items = [VideoItem(f, path_of[f]) for f in files]
             return Discovery(items, classes, "unlabelled", ignored)
         folder_of = {f: f.split("/", 1)[0] for f in files}
         classes = fixed or sorted(set(folder_of.values()))
@@ -201,7 +203,7 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
         unknown = sorted(set(folder_of.values()) - set(index))
         if unknown:
             raise Incompatible(f"class folders {unknown[:5]} are not in the classes file {str(classes_file)!r}")
-        items = [VideoItem(f, root / f, index[folder_of[f]]) for f in files]
+        items = [VideoItem(f, path_of[f], index[folder_of[f]]) for f in files]
         return Discovery(items, classes, "folders", ignored)
 
     annotations = Path(annotations)
@@ -236,7 +238,7 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
                         ", ".join(candidates[:3]), candidates[0])
         if candidates:
             vid = candidates[0]
-            item = VideoItem(vid, root / vid, label, split)
+            item = VideoItem(vid, path_of[vid], label, split)
         else:
             vid = rel or stem
             item = VideoItem(vid, None, label, split,

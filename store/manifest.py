@@ -19,7 +19,7 @@ from faster.store.files import append_jsonl, read_json, read_jsonl, sha256_file,
 
 MANIFEST = "manifest.json"
 FAILURES = "failures.jsonl"
-STAGES = ("missing", "open", "decode", "timeout", "crash")
+STAGES = ("missing", "open", "decode", "timeout", "crash", "pack")  # "pack": a file `faster pack` could not use
 
 
 def part_manifests(out_dir: str | Path) -> dict[int, dict[str, Any]]:

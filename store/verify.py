@@ -1,7 +1,7 @@
 """`faster verify`: check feature-set directories against the shard schema (format_version 1).
 
 For every complete shard: the root attributes of schema.ROOT_ATTRS, the /videos datasets with
-consistent lengths, clip starts inside the video, labels inside the class list, every
+consistent lengths, clip starts inside the video (unless unknown: packed), labels inside the class list, every
 /features/<model> as (V, N, T', H', W', C) float16 with one video per chunk and the provenance
 attributes of schema.MODEL_ATTRS, every value finite (read one video at a time), one
 configuration and one set of models across the directory, each video id in one shard only, and
@@ -52,6 +52,9 @@ def check_shard(path: Path) -> tuple[dict[str, Any] | None, list[str], list[str]
                 problems.append(f"{name}: /videos/{key} has shape {v[key].shape}, expected ({V},)")
         if V and v["num_frames"].shape == (V,):
             starts, frames = sh.clip_start, v["num_frames"][()]
+            # a packed video (docs/format.md "Packed feature sets") knows neither: num_frames and every start are -1
+            known = ~((frames == -1) & (starts == -1).all(axis=1))
+            starts, frames = starts[known], frames[known]
             if (frames < 1).any():
                 problems.append(f"{name}: num_frames < 1 for {int((frames < 1).sum())} videos")
             if (starts < 0).any() or (starts >= frames[:, None]).any():

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from faster.cli import cli
 
-COMMANDS = ["extract", "fit", "evaluate", "ablate", "predict", "flops", "verify", "demo"]
+COMMANDS = ["extract", "fit", "evaluate", "ablate", "predict", "flops", "verify", "demo", "pack"]
 HEAVY = ["torch", "torchvision", "h5py", "decord", "numpy", "av", "matplotlib", "joblib"]
 
 

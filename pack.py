@@ -1,0 +1,336 @@
+"""`faster pack`: store clip features that another tool computed as a feature set (docs/pack.md).
+
+Many collections already have clip features: video_features writes one ``<stem>_<feature>.npy``
+per video holding (clips, C), mmaction2 and VMZ dump per-video arrays, Ego4D ships one tensor per
+video. Packing them into the store's shards (docs/format.md) lets `fit`, `evaluate` and `ablate`
+use them at once. Everything goes through the store's public ``FeatureSetWriter``, so a packed set
+has the same files, resume and failure list as an extraction.
+
+* One ``*.npy`` under SRC is one video; its id is its path relative to SRC without ``.npy`` and
+  without ``strip_suffix``. Labels come from the class folders or an annotation CSV, found by
+  extraction's discovery (faster.extract.video.discover, given the files instead of a scan).
+* (N, C) arrays are stored as (N, 1, 1, 1, C), (N, T', H', W', C) maps as they are, and
+  (N, C, T', H', W') ones with ``channels_first``; float16 as always. The first good file fixes N
+  and the per-clip shape (on resume, the shards already written do).
+* What is not known is recorded as -1: clip starts, num_frames, fps, and the header's frame_stride
+  and size (docs/format.md "Packed feature sets"); the provenance is ``packed:<SRC>``.
+* A file that cannot be used (not a .npy array, unreadable, wrong rank or dtype, NaN/inf, values
+  beyond float16, another N or shape, a link leaving SRC) is recorded with failure stage ``pack``
+  and its reason, and skipped. Files are read with ``allow_pickle=False``: nothing they hold runs.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from faster.errors import BadFile, BadValue
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+PACKED_PREFIX = "packed:"  # ModelHeader.weights of packed features: "packed:<absolute SRC>"
+PACKED_LAYER = "packed"  # ModelHeader.layer: the tool's layer is not known
+UNKNOWN = -1  # clip starts, num_frames, fps, frame_stride and size that a packed set does not know
+STAGE = "pack"  # the failure stage of a file that could not be packed
+NPY_MAGIC = b"\x93NUMPY"
+FLOAT16_MAX = 65504.0
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class PackConfig:
+    """One packing run. The same configuration again resumes: only what is missing is packed."""
+
+    src: str  # directory of .npy files, one per video; ids are paths relative to it
+    out: str  # the feature-set directory
+    model: str  # name the features are stored under (/features/<model>): what fit's --expensive/--cheap name
+    clip_len: int  # L, frames per clip of the tool that computed the features (recorded, not used)
+    gflops_per_clip: float | None = None  # that tool's backbone cost per clip; None: 0, with a warning
+    strip_suffix: str = ""  # removed from the end of each name (before .npy): "_i3d"; other files are ignored
+    annotations: str | None = None  # CSV with a path (= id) and a label column, or Kinetics' columns
+    classes_file: str | None = None  # one class per line: fixes the class indices
+    shard_size: int = 64  # videos per shard
+    channels_first: bool = False  # 5-d arrays are (N, C, T', H', W') instead of (N, T', H', W', C)
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self) -> None:
+        if not _MODEL_NAME.match(self.model or ""):
+            raise BadValue(f"model name {self.model!r}: expected letters, digits and _.+- (it names an HDF5 dataset)")
+        if int(self.clip_len) < 1:
+            raise BadValue(f"clip_len must be >= 1, got {self.clip_len}")
+        if int(self.shard_size) < 1:
+            raise BadValue(f"shard_size must be >= 1, got {self.shard_size}")
+        g = self.gflops_per_clip
+        if g is not None and not (math.isfinite(g) and g >= 0):
+            raise BadValue(f"gflops_per_clip must be a finite number >= 0, got {g}")
+        if "/" in self.strip_suffix or "\\" in self.strip_suffix:
+            raise BadValue(f"strip_suffix {self.strip_suffix!r} contains a path separator; "
+                           "it is the end of a file name")
+        if self.strip_suffix.endswith(".npy"):
+            raise BadValue(f"strip_suffix {self.strip_suffix!r}: give the text before .npy, e.g. "
+                           f"{self.strip_suffix[:-4]!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# finding and reading the files
+
+
+@dataclass
+class Found:
+    """The .npy files under SRC: id -> resolved file, files refused (id -> reason), files ignored."""
+
+    files: dict[str, Path]
+    refused: dict[str, str]
+    ignored: int  # .npy files without the strip suffix
+    notes: list[str]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def find_files(src: str | Path, strip_suffix: str = "") -> Found:
+    """Every ``*.npy`` under ``src`` by id (hidden entries skipped). Links are followed only while
+    they resolve inside ``src``: a file that leaves it is refused, a folder that leaves it skipped."""
+    root = Path(src).resolve()
+    files: dict[str, Path] = {}
+    refused: dict[str, str] = {}
+    notes: list[str] = []
+    ignored = 0
+    seen: set[Path] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        here = Path(dirpath)
+        real = here.resolve()
+        rel_dir = here.relative_to(root).as_posix()
+        if not _inside(real, root) or real in seen:
+            dirnames[:] = []
+            notes.append(f"folder {rel_dir!r} skipped: " + ("a link to outside SRC" if real not in seen
+                                                            else f"a link to {real.relative_to(root).as_posix()!r}, "
+                                                                 "read already"))
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith(".") or not name.endswith(".npy"):
+                continue
+            rel = (here / name).relative_to(root).as_posix()
+            vid = rel[: -len(".npy")]
+            if strip_suffix:
+                if not vid.endswith(strip_suffix):
+                    ignored += 1
+                    continue
+                vid = vid[: -len(strip_suffix)]
+            target = (here / name).resolve()
+            if not vid or vid.endswith("/"):
+                refused[rel] = f"{rel}: nothing is left of the name without {strip_suffix!r}"
+            elif not _inside(target, root):
+                refused[vid] = f"{rel}: a link to outside SRC ({target}); refused"
+            elif not target.is_file():
+                refused[vid] = f"{rel}: not a regular file"
+            else:
+                files[vid] = here / name  # under SRC as found (its target was checked above)
+    if ignored:
+        notes.append(f"{ignored} .npy files do not end with {strip_suffix!r} and are ignored")
+    return Found(files, refused, ignored, notes)
+
+
+def load_features(path: str | Path, channels_first: bool = False) -> "np.ndarray":
+    """One file as (N, T', H', W', C) float16; BadFile with the reason when it cannot be packed.
+
+    The header is checked before any data is read (memory-mapped), so a file claiming a huge shape
+    costs nothing; ``allow_pickle=False``: an object array is refused, never unpickled.
+    """
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise BadFile(f"unreadable: {err.strerror or err}") from None
+    if magic != NPY_MAGIC:
+        raise BadFile("not a .npy array (no NUMPY magic at its start)")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # numpy raises ValueError, OSError, EOFError, SyntaxError...: all mean "cannot be read"
+        raise BadFile(f"not a readable .npy array ({type(err).__name__}: {err})") from None
+    if not isinstance(x, np.ndarray):  # np.load gives an NpzFile for a zip archive
+        x.close()
+        raise BadFile("an .npz archive, not one .npy array")
+    if x.dtype.kind not in "iuf":
+        raise BadFile(f"dtype {x.dtype}; expected real numbers (float or int)")
+    if x.ndim == 2:
+        x = x.reshape(x.shape[0], 1, 1, 1, x.shape[1])  # (N, C) -> (N, 1, 1, 1, C)
+    elif x.ndim == 5:
+        if channels_first:
+            x = x.transpose(0, 2, 3, 4, 1)  # (N, C, T', H', W') -> (N, T', H', W', C)
+    else:
+        layout = "(N, C, T', H', W')" if channels_first else "(N, T', H', W', C)"
+        raise BadFile(f"shape {tuple(x.shape)} has rank {x.ndim}; expected (N, C) or {layout}")
+    if 0 in x.shape:
+        raise BadFile(f"shape {tuple(x.shape)} is empty")
+    return x
+
+
+def read_values(x: "np.ndarray") -> "np.ndarray":
+    """The data of a checked (memory-mapped) array as float16; BadFile for NaN/inf or values beyond float16."""
+    import numpy as np
+
+    try:
+        a = np.array(x)  # (N, T', H', W', C), read from the file now
+    except (OSError, ValueError) as err:
+        raise BadFile(f"unreadable data ({type(err).__name__}: {err})") from None
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a)
+        if bad.any():
+            raise BadFile(f"{int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} inf values")
+    with np.errstate(over="ignore"):
+        h = a.astype(np.float16)  # beyond float16: inf, refused below
+    if not np.isfinite(h).all():
+        raise BadFile(f"values up to {float(np.abs(a).max()):.6g} overflow float16 (largest {FLOAT16_MAX:g})")
+    return h
+
+
+def _check_shape(x: "np.ndarray", num_clips: int, shape: tuple[int, ...], fixed_by: str) -> None:
+    if x.shape[0] != num_clips:
+        raise BadFile(f"{x.shape[0]} clips; the others have {num_clips} (fixed by {fixed_by})")
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise BadFile(f"clips of shape {tuple(x.shape[1:])} (T', H', W', C); the others have {tuple(shape)} "
+                      f"(fixed by {fixed_by})")
+
+
+def _existing(out: Path, model: str) -> tuple[int, tuple[int, ...], str] | None:
+    """(N, per-clip shape, where they come from) of the shards already in ``out`` (a resume); None: no shards."""
+    from faster.store import schema
+    from faster.store.header import read_header
+
+    if not out.is_dir():
+        return None
+    for path in sorted(out.glob(schema.SHARD_GLOB)):
+        if schema.parse_shard_name(path.name):
+            sh = read_header(path)
+            if model in sh.models:
+                return sh.header.num_clips, sh.models[model].shape, f"the shards already in {out}"
+            return None  # another model: the writer refuses the directory, naming the difference
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def run_pack(cfg: PackConfig) -> dict[str, Any]:
+    """Pack ``cfg.src`` into ``cfg.out``; return the run's summary (packed, skipped, failed, seconds, ...).
+
+    Raises BadFile when SRC is not a directory or holds no usable file, Incompatible (from the
+    writer) when ``out`` holds a feature set of another configuration.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    import faster
+    from faster.extract.video import discover
+    from faster.store.header import Header, ModelHeader
+    from faster.store.writer import FeatureSetWriter
+
+    t0 = time.monotonic()
+    src, out = Path(cfg.src), Path(cfg.out)
+    if not src.is_dir():
+        raise BadFile(f"SRC {str(src)!r} is not a directory")
+    found = find_files(src, cfg.strip_suffix)
+    for note in found.notes:
+        log.warning("%s", note)
+    if not found.files:
+        raise BadFile(f"no .npy files in {str(src)!r}" + (f" ending with {cfg.strip_suffix!r}" if cfg.strip_suffix
+                                                            else "") + (f" ({len(found.refused)} refused)"
+                                                                        if found.refused else ""))
+    disc = discover(src, cfg.annotations, cfg.classes_file, files=found.files)
+    for note in disc.notes:
+        log.warning("%s", note)
+    items = [it for it in disc.items if it.path is not None]
+    missing = [it for it in disc.items if it.path is None]
+
+    # N and the per-clip shape: from the shards already written, else from the first good file.
+    probed: dict[str, np.ndarray | str] = {}
+    ref = _existing(out, cfg.model)
+    if ref is None:
+        for it in items:
+            try:
+                x = read_values(load_features(it.path, cfg.channels_first))
+            except BadFile as err:
+                probed[it.id] = str(err)
+                continue
+            probed[it.id] = x
+            ref = (x.shape[0], tuple(x.shape[1:]), it.path.relative_to(src.resolve()).as_posix())
+            break
+        else:
+            shown = "; ".join(f"{k}: {v}" for k, v in list(probed.items())[:3])
+            raise BadFile(f"none of the {len(items)} .npy files in {str(src)!r} can be packed ({shown})")
+    num_clips, shape, fixed_by = ref
+
+    if cfg.gflops_per_clip is None:
+        log.warning("no --gflops-per-clip given: recorded as 0, so the GFLOPs that fit, evaluate and ablate "
+                    "report leave the backbone out")
+    model = ModelHeader(gflops_per_clip=float(cfg.gflops_per_clip or 0.0), layer=PACKED_LAYER,
+                        weights=f"{PACKED_PREFIX}{src.resolve()}", mean=[0.0] * 3, std=[1.0] * 3,
+                        compute_dtype="unknown")
+    header = Header(clip_len=int(cfg.clip_len), num_clips=int(num_clips), frame_stride=UNKNOWN, size=UNKNOWN,
+                    classes=disc.classes, models={cfg.model: model}, software_version=faster.__version__,
+                    torch_version="unknown")
+    writer = FeatureSetWriter(out, header, shard_size=cfg.shard_size)
+    packed_bytes = 0
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with writer:
+        done = writer.done
+        todo = [it for it in items if it.id not in done]
+        skipped = len(items) - len(todo)
+        for vid, why in found.refused.items():
+            writer.fail(vid, STAGE, why)
+        for it in missing:
+            writer.fail(it.id, "missing", it.error or "not found")
+        t1 = time.monotonic()
+        bar = tqdm(total=len(todo), unit="video", desc="pack", disable=not cfg.progress or not todo,
+                   dynamic_ncols=True)
+        try:
+            for it in todo:
+                try:
+                    x = probed.pop(it.id, None)
+                    if isinstance(x, str):
+                        raise BadFile(x)
+                    if x is None:
+                        m = load_features(it.path, cfg.channels_first)
+                        _check_shape(m, num_clips, shape, fixed_by)  # before reading any data
+                        x = read_values(m)
+                    else:
+                        _check_shape(x, num_clips, shape, fixed_by)
+                except BadFile as err:
+                    rel = it.path.relative_to(src.resolve()).as_posix()
+                    log.warning("%s: not packed: %s", rel, err)
+                    writer.fail(it.id, STAGE, str(err), file=rel)
+                else:
+                    writer.add(id=it.id, label=it.label, num_frames=UNKNOWN, fps=float(UNKNOWN),
+                               clip_start=[UNKNOWN] * num_clips, features={cfg.model: x}, split=it.split)
+                    packed_bytes += it.path.stat().st_size
+                bar.update(1)
+        finally:
+            bar.close()
+        seconds = time.monotonic() - t1
+        writer.finish(started=started, seconds=round(seconds, 3), packed=writer.added, failed=writer.failed,
+                      skipped=skipped, src=str(src.resolve()), tool="faster pack")
+    mib = packed_bytes / 2**20
+    return {"packed": writer.added, "skipped": skipped, "failed": writer.failed, "missing": len(missing),
+            "refused": len(found.refused), "ignored": found.ignored, "videos": len(disc.items),
+            "num_clips": int(num_clips), "feature_shape": [int(s) for s in shape], "classes": len(disc.classes),
+            "layout": disc.layout, "mib": round(mib, 3), "run_seconds": round(seconds, 3),
+            "mib_per_s": round(mib / seconds, 3) if seconds > 0 else 0.0,
+            "seconds": round(time.monotonic() - t0, 3), "shards_written": writer.shards_written,
+            "out": str(out), "failures_file": str(writer.failures.path), "merged": writer.merged is not None,
+            "config": asdict(cfg)}
