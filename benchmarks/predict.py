@@ -5,8 +5,9 @@
 
 Makes Kinetics-shaped videos (340x256, H.264), extracts both backbones' features once, fits the
 four runs of Table 5 / Table 4 (all-c and all-e with the avg-pool aggregator, 1:1 and 1:3 with
-FAST-GRU; one epoch each: timing does not depend on accuracy) and then times `predict` of each run
-on the same videos:
+FAST-GRU; one epoch each: timing does not depend on accuracy) and a learned policy (pattern
+adaptive, FAST-GRU, budget 0.25: the cheap backbone on every clip, the expensive one where its gate
+says, clip by clip), and then times `predict` of each run on the same videos:
 
 * ``model s``: the backbones and the aggregator on already decoded clips (what the FLOPs count);
 * ``end-to-end s``: `iter_predict` decoding in the main process (`--workers 0`: decode, then model,
@@ -30,7 +31,8 @@ import torch
 
 from backbones import cpu_model  # benchmarks/backbones.py, beside this script
 
-RUNS = (("all-c", "avg"), ("all-e", "avg"), ("1:1", "fastgru"), ("1:3", "fastgru"))
+RUNS = (("all-c", "avg", None), ("all-e", "avg", None), ("1:1", "fastgru", None), ("1:3", "fastgru", None),
+        ("adaptive", "fastgru", 0.25))  # (pattern, aggregator, budget)
 
 
 def _sync(device: torch.device) -> None:
@@ -54,11 +56,11 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
                                   num_clips=args.num_clips, size=args.size, workers=1, device=args.device,
                                   progress=False))
     runs = {}
-    for pattern, agg in RUNS:
+    for pattern, agg, budget in RUNS:
         out = work / f"run-{agg}-{pattern.replace(':', '_')}"
         if not (out / "result.json").exists():
-            fit(FitConfig([str(feats)], str(out), agg, args.expensive, args.cheap, pattern, val=[str(feats)],
-                          epochs=1, batch_size=4, workers=0, device=args.device, progress=False))
+            fit(FitConfig([str(feats)], str(out), agg, args.expensive, args.cheap, pattern, budget=budget,
+                          val=[str(feats)], epochs=1, batch_size=4, workers=0, device=args.device, progress=False))
         runs[pattern] = out
     return {"videos": videos, **runs}
 
@@ -69,16 +71,19 @@ def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dic
     from faster.predict import PredictConfig, Predictor, decoded_videos, iter_predict, list_videos
 
     runs = {}
-    for pattern, _ in RUNS:
+    for pattern, _, _ in RUNS:
         predictor = Predictor(paths[pattern], device=args.device, batch_size=args.batch_size)
         items = list_videos([str(paths["videos"])], predictor.run.classes)
         clips = [d.frames for _, d in decoded_videos(items, predictor.run, workers=0)]
-        record = predictor.classify(clips[0])  # warm-up: kernel selection, allocator
+        predictor.classify(clips[0])  # warm-up: kernel selection, allocator
+        records = [predictor.classify(c) for c in clips]  # a policy's cost differs per video: sum what ran
         cfg = PredictConfig(videos=[str(paths["videos"])], run=str(paths[pattern]), device=args.device,
                             batch_size=args.batch_size, workers=0)
         runs[pattern] = {"predictor": predictor, "clips": clips, "cfg": cfg,
-                         "result": {"gflops": record["gflops"] * len(clips), "num_expensive": record["num_expensive"],
-                                    "num_cheap": record["num_cheap"], "model_s": [], "model_cpu_s": [], "e2e_s": []}}
+                         "result": {"gflops": sum(r["gflops"] for r in records),
+                                    "num_expensive": sum(r["num_expensive"] for r in records) / len(records),
+                                    "num_cheap": records[0]["num_cheap"], "model_s": [], "model_cpu_s": [],
+                                    "e2e_s": []}}
     for _ in range(args.repeats):
         for pattern, r in runs.items():
             _sync(r["predictor"].device)
@@ -176,10 +181,11 @@ def main() -> None:
     print("| pattern | agg | #E:#C | GFLOPs/video | FLOPs vs all-e | "
           + " | ".join(f"{c} | vs all-e | saved/saved" for c in cols) + " |")
     print("|" + "---|" * (5 + 3 * len(cols)))
-    for pattern, agg in RUNS:
+    for pattern, agg, budget in RUNS:
         r = results[pattern]
         f = r["gflops"] / ref["gflops"]
-        row = [pattern, agg, f"{r['num_expensive']}:{r['num_cheap']}", f"{r['gflops'] / args.videos:.1f}", f"{f:.3f}"]
+        label = pattern if budget is None else f"{pattern} B={budget:g}"
+        row = [label, agg, f"{r['num_expensive']:g}:{r['num_cheap']}", f"{r['gflops'] / args.videos:.1f}", f"{f:.3f}"]
         for key in ("model_s", "model_cpu_s", "e2e_s"):
             t = r[key] / ref[key]
             ratio = "-" if pattern == "all-e" else f"{(1 - t) / (1 - f):.2f}"

@@ -242,7 +242,8 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
     if not found.items and not cfg.allow_empty:
         raise BadFile(f"no videos in {cfg.video_root}" + (f" or {cfg.annotations}" if cfg.annotations else "")
                       + f" (looked for {', '.join(sorted(vid.VIDEO_EXTENSIONS))}"
-                      + (f"; {found.ignored} other files ignored" if found.ignored else "")
+                      + (f"; {found.ignored} other file{'s' if found.ignored != 1 else ''} ignored"
+                         if found.ignored else "")
                       + "); pass --allow-empty to write an empty feature set anyway")
     out = Path(cfg.out)
 

@@ -286,7 +286,7 @@ class FeatureDataset:
         except (OSError, KeyError) as err:
             raise BadFile(f"{path}: cannot read features/{model} of row {r} ({err})") from None
         if not np.isfinite(out).all():
-            raise BadFile(f"{path}: video {self.ids[i]!r} has non-finite {model} features; `faster verify` lists "
+            raise BadFile(f"{path}: video {str(self.ids[i])!r} has non-finite {model} features; `faster verify` lists "
                           f"what is damaged, --skip-bad leaves such videos out")
 
     def __getitem__(self, i: int) -> dict[str, Any]:

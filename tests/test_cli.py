@@ -41,3 +41,38 @@ def test_python_dash_m_works():
 def test_unknown_command_is_a_usage_error():
     result = CliRunner().invoke(cli, ["no-such-command"])
     assert result.exit_code == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["extract", "fit"])
+@pytest.mark.parametrize("signame, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(command, signame, code, motion_videos, tmp_path):
+    """Ctrl-C goes to the whole process group (decode workers and the forkserver included); SIGTERM too."""
+    import os
+    import signal
+    import time
+
+    from faster.aggregate.synthetic import write_synthetic
+
+    feats = write_synthetic(tmp_path / "f", num_videos=64, num_clips=4, signal="static") if command == "fit" else None
+
+    def args(out):
+        if command == "extract":
+            return ["extract", str(motion_videos), "-o", str(out), "--model", "r2plus1d50_tiny", "--size", "32",
+                    "--num-clips", "2", "--workers", "2"]
+        return ["fit", str(feats), "-o", str(out), "--agg", "fastgru", "--expensive", "exp", "--cheap", "chp",
+                "--pattern", "1:1", "--epochs", "50"]
+
+    for k, delay in enumerate((0.5, 2.5)):
+        proc = subprocess.Popen([sys.executable, "-m", "faster", *args(tmp_path / f"out{k}")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, getattr(signal, signame))
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        if proc.returncode == 0:  # finished before the signal: nothing to check at this delay
+            continue
+        assert proc.returncode == code, (delay, err[-3000:])
+        assert "Traceback" not in err, (delay, err[-3000:])
