@@ -148,7 +148,8 @@ class Predictor:
         built = {name: self._build_backbone(name, weights.get(name)) for name in self.run.needed}
         # Extraction ran the backbones under bf16 autocast on CUDA (recorded as compute_dtype): so do we.
         amp = self.device.type == "cuda" and any(self.run.models[m].get("compute_dtype") == "bfloat16" for m in built)
-        self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp)
+        self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp,
+                                     pooled={m for m in built if self.run.models[m].get("spatial_pool")})
         self.backbones = self.runner.models
         self.calls = self.runner.calls
 
@@ -175,6 +176,8 @@ class Predictor:
             raise PredictError(f"{name}: the backbone outputs {module.layer}, the run's features are "
                                f"{recorded['layer']}")
         C, T, H, W = models.feature_shape(name, run.clip_len, run.size)
+        if recorded.get("spatial_pool"):  # extracted with --spatial-pool: features() pools as extraction did
+            H = W = 1
         if "shape" in recorded and [T, H, W, C] != [int(v) for v in recorded["shape"]]:
             raise PredictError(f"{name}: the backbone maps {run.clip_len}-frame clips at {run.size} px "
                                f"to {[T, H, W, C]} (T', H', W', C), the run's features are {list(recorded['shape'])}")
@@ -182,7 +185,8 @@ class Predictor:
 
     def features(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
         """res5 maps (B, C, T', H', W') float32 of uint8 clips (B, L, S, S, 3), rounded to the shards'
-        float16 first: the aggregator was fitted on those values."""
+        float16 first: the aggregator was fitted on those values. A model extracted with
+        --spatial-pool gives (B, C, T', 1, 1), the float16 mean over H' x W' as extraction stored it."""
         return self.runner(name, clips).float()
 
     def steps(self, clips: "torch.Tensor") -> Iterator[dict[str, Any]]:

@@ -128,7 +128,8 @@ class ClipModels:
             built[name] = registry.build(name, weights=cfg.weights.get(name), seed=cfg.seed)
             C, T, H, W = registry.feature_shape(name, cfg.clip_len, cfg.size)
             self.shapes[name] = (T, 1, 1, C) if self.spatial_pool else (T, H, W, C)  # per clip, channels last
-        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, amp=amp)
+        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, amp=amp,
+                                     pooled=set(built) if self.spatial_pool else set())
         for name, model in built.items():
             self.headers[name] = ModelHeader(
                 gflops_per_clip=float(registry.clip_gflops(name, cfg.clip_len, cfg.size)), layer=str(model.layer),
@@ -154,14 +155,8 @@ class ClipModels:
 
     def __call__(self, clips) -> dict[str, Any]:
         """(b, L, S, S, 3) uint8 on the device -> per model (b, T', H', W', C) float16 on the CPU
-        (H' = W' = 1 with --spatial-pool: the mean of the float16 map, in float32, rounded to float16)."""
-        out = {}
-        for name in self.names:
-            y = self.runner(name, clips)  # (b, C, T', H', W') float16
-            if self.spatial_pool:
-                y = y.float().mean(dim=(3, 4), keepdim=True).half()  # (b, C, T', 1, 1)
-            out[name] = y.permute(0, 2, 3, 4, 1).cpu()  # (b, T', H', W', C)
-        return out
+        (H' = W' = 1 with --spatial-pool: extract.runner pools)."""
+        return {name: self.runner(name, clips).permute(0, 2, 3, 4, 1).cpu() for name in self.names}
 
 
 @dataclass

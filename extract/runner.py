@@ -4,7 +4,9 @@
 backbone: scales and normalises them with the backbone's mean/std on the device (cheaper than on
 the decoding CPU, PITFALLS), lays them out channels_last_3d on CUDA (model and input both), runs
 the backbone under bf16 autocast when asked, and rounds the res5 map to float16, the dtype of the
-shards, so that what predict feeds an aggregator equals what it was fitted on. On CUDA the batch
+shards, so that what predict feeds an aggregator equals what it was fitted on (and, for a model
+extracted with --spatial-pool, the float16 map's mean over H' x W', rounded to float16 again, as it
+was stored). On CUDA the batch
 shape is kept fixed (the last batch padded) so cudnn.benchmark tunes once, and on out-of-memory
 the batch is halved and the work goes on.
 """
@@ -26,11 +28,12 @@ class BackboneRunner:
     """Backbones (name -> module with ``.mean``/``.std``) on ``device``, ``batch_size`` clips per forward.
 
     ``amp``: run under bf16 autocast (extraction on a bf16-capable GPU, or predict of a run whose
-    features were computed so). ``calls[name]`` counts the clips each backbone has processed.
+    features were computed so). ``pooled``: the models whose maps are averaged over H' x W'
+    (--spatial-pool). ``calls[name]`` counts the clips each backbone has processed.
     """
 
     def __init__(self, models: dict[str, "nn.Module"], device: "torch.device", *, batch_size: int = 8,
-                 amp: bool = False):
+                 amp: bool = False, pooled: "set[str] | frozenset[str]" = frozenset()):
         import torch
 
         self.device = torch.device(device)
@@ -44,6 +47,7 @@ class BackboneRunner:
                 model = model.to(memory_format=torch.channels_last_3d)
             self.models[name] = model
         self.calls = {name: 0 for name in self.models}
+        self.pooled = frozenset(pooled)
 
     @property
     def compute_dtype(self) -> str:
@@ -64,7 +68,8 @@ class BackboneRunner:
         return y[:b].to(torch.float16)
 
     def __call__(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
-        """res5 maps (B, C, T', H', W') float16 on the device of ``clips`` (B, L, S, S, 3) uint8."""
+        """res5 maps (B, C, T', H', W') float16 on the device of ``clips`` (B, L, S, S, 3) uint8
+        ((B, C, T', 1, 1) for a pooled model)."""
         import torch
 
         clips = clips.to(self.device, non_blocking=True)
@@ -84,4 +89,7 @@ class BackboneRunner:
                 continue
             start += piece.shape[0]
         self.calls[name] += int(clips.shape[0])
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        if name in self.pooled:
+            y = y.float().mean(dim=(3, 4), keepdim=True).half()  # (B, C, T', 1, 1)
+        return y

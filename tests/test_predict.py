@@ -230,3 +230,21 @@ def test_cli_skips_a_broken_video_and_goes_on(world, tmp_path):
     assert "predicted 1 videos, failed 1" in res.output
     res = runner.invoke(cli, ["predict", str(mixed), "--run", str(run), "-o", str(out), "--strict", "--workers", "0"])
     assert res.exit_code == 1 and "1 of 2 videos failed" in res.output
+
+
+@pytest.mark.slow
+def test_predict_on_spatially_pooled_features_agrees_with_evaluate(tmp_path):
+    """A run fitted on --spatial-pool features: predict pools the maps as extraction stored them."""
+    videos, feats = tmp_path / "videos", tmp_path / "feats"
+    synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=64)
+    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
+                              progress=False, spatial_pool=True))
+    run = tmp_path / "run"
+    fit(FitConfig([str(feats)], str(run), "gru", E, C, "1:1", epochs=2, batch_size=4, workers=0, progress=False,
+                  val_fraction=0.5))
+    evaluate(run, [str(feats)], str(tmp_path / "eval.jsonl"), workers=0, progress=False)
+    _, pred = _predict({"videos": videos}, run, tmp_path / "pred.jsonl")
+    ev = _lines(tmp_path / "eval.jsonl")
+    assert set(pred) == set(ev)
+    for vid, e in ev.items():
+        np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
