@@ -55,7 +55,31 @@ FIT_OPTIONS = [
                  help="Standardise each input channel with training-set statistics (kept in the checkpoint)."),
     click.option("--skip-bad", is_flag=True,
                  help="Leave out (with a warning) shards changed since they were written and videos with NaN/inf."),
+    click.option("--agg-option", "agg_options", multiple=True, metavar="KEY=VALUE", callback=lambda c, p, v: _agg_options(v),
+                 help="Aggregator constructor option, e.g. clusters=64 (netvlad); repeat for several; recorded in the run."),
+    click.option("--init-centres", is_flag=True,
+                 help="netvlad: k-means cluster centres from up to 100k training descriptors (seeded)."),
+    click.option("--train-clips", default="uniform", show_default=True, type=click.Choice(["uniform", "jitter"]),
+                 help="jitter: each epoch one random clip per segment of the extracted clips (evaluation: uniform)."),
 ]
+
+
+def _agg_options(values: tuple[str, ...]) -> dict:
+    """KEY=VALUE strings as a dict; VALUE an int, a float or else the string itself."""
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--agg-option")
+        value: object = raw
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 def _fit_options(command):
@@ -106,6 +130,8 @@ def cli(verbose: int) -> None:
 @click.option("--spatial-pool", is_flag=True,
               help="Store each map's mean over H' x W' (T' kept): ~H'W' times smaller, for pooled aggregators "
                    "(avg, lstm, gru, netvlad, ...) only.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Backbone precision. auto: bf16 on a GPU or a CPU with native bf16 (or what OUT already holds).")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(DECODERS), help=DECODER_HELP)
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds before a video whose decode hangs is recorded as failed.")
@@ -190,7 +216,7 @@ def _n(count: int, noun: str) -> str:
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
-@click.option("--agg", required=True, help="Aggregator: avg, concat, lstm, gru, fastgru.")
+@click.option("--agg", required=True, help="Aggregator: avg, concat, lstm, gru, fastgru, netvlad, nextvlad, tam.")
 @click.option("--expensive", required=True, help="Model name of the expensive features.")
 @click.option("--cheap", required=True, help="Model name of the cheap features.")
 @click.option("--pattern", required=True,
@@ -201,6 +227,14 @@ def _n(count: int, noun: str) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in -o.")
+@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+              help="A fitted run to distil from (frozen; its inputs are read from FEATS); unlabelled videos train too.")
+@click.option("--distill-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="--teacher: A, the weight of T^2 KL(teacher || student).")
+@click.option("--rep-weight", default=0.01, show_default=True, type=click.FloatRange(min=0),
+              help="--teacher: B, the weight of the MSE between final representations.")
+@click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="--teacher: T, the softening temperature.")
 @_fit_options
 def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
     """Train an aggregator on cached features for one expensive:cheap pattern.
@@ -223,7 +257,9 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
     click.echo(f"{r['agg']} {r['pattern']} on {r['num_clips']} clips ({counts}): "
                f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
                f"(best top-1 {best['top1']:.4f} at epoch {best['epoch']}); {gflops} GFLOPs/video; "
-               f"{r['num_train']} train / {r['num_val']} val videos; {r['seconds']:.1f} s -> {kw['out']}")
+               f"{r['num_train']} train / {r['num_val']} val videos"
+               + (f" (taught by {r['teacher']['path']}, {r['num_unlabelled_train']} unlabelled)" if r["teacher"] else "")
+               + f"; {r['seconds']:.1f} s -> {kw['out']}")
 
 
 @cli.command()
@@ -348,9 +384,11 @@ def _check_cells(summary: dict) -> None:
               help="Decoding processes (0: decode in this process, no timeout).")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Seconds before a video whose decode hangs is reported as failed.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Backbone precision. auto: the one the run's features were extracted in.")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(DECODERS), help=DECODER_HELP)
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
-def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, decoder, strict) -> None:
+def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, dtype, decoder, strict) -> None:
     """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
 
     VIDEOS are files or directories (searched for video files; ids are paths relative to them).
@@ -361,7 +399,7 @@ def predict(videos, run, weights, out, online, device, batch_size, workers, time
 
     cfg = PredictConfig(videos=list(videos), run=run, weights=_parse_weights(weights), out=out, online=online,
                         device=device, batch_size=batch_size, workers=workers, timeout=timeout, decoder=decoder,
-                        strict=strict)
+                        dtype=dtype, strict=strict)
     try:
         summary = run_predict(cfg)
     except (UserError, FileNotFoundError) as err:

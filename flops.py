@@ -1,18 +1,99 @@
 """FLOPs as the paper counts them: multiply-adds (Tables 2, 4, 6).
 
-torch.utils.flop_counter counts 2 FLOPs per multiply-add; we halve it. Counting runs on meta
-tensors, so a full-size backbone costs no real compute. Shared by extract (backbones) and
-aggregate (aggregators); it imports neither.
+The formulas are torch.utils.flop_counter's (its ``flop_registry``: convolutions, matrix products,
+attention), which count 2 FLOPs per multiply-add; we halve them. Counting runs on meta tensors, so
+a full-size backbone costs no real compute. Shared by extract (backbones) and aggregate
+(aggregators); it imports neither.
+
+The counting mode is ours, not ``FlopCounterMode``: since torch 2.9 every TorchDispatchMode's
+``__torch_dispatch__`` is wrapped so that its first call imports torch._dynamo (1.9 s on the
+2-core CPU of BENCHMARKS.md, two thirds of `faster flops` and of an extraction's start-up). A mode
+that only counts needs none of it, so it opts out (``_should_skip_dynamo``). The per-module
+breakdown of FlopCounterMode is not needed here: we count one total.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
+_MODE: Any = None
+
+
+def _counting_mode() -> Any:
+    """The TorchDispatchMode class that sums torch's FLOP formulas (built once, on first use)."""
+    global _MODE
+    if _MODE is not None:
+        return _MODE
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten  # metadata queries: left to the default implementation, as FlopCounterMode does
+    metadata = {aten.sym_is_contiguous.default, aten.is_contiguous.default, aten.is_contiguous.memory_format,
+                aten.is_strides_like_format.default, aten.is_non_overlapping_and_dense.default,
+                aten.size.default, aten.sym_size.default, aten.stride.default, aten.sym_stride.default,
+                aten.storage_offset.default, aten.sym_storage_offset.default, aten.numel.default,
+                aten.sym_numel.default, aten.dim.default, torch.ops.prim.layout.default}
+
+    class _Count(TorchDispatchMode):
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:  # no torch._dynamo import: we compile nothing
+            return False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in metadata:
+                return NotImplemented
+            # No decomposition of unregistered ops (FlopCounterMode's fallback): the counted ones
+            # (convolutions, mm/addmm/bmm, attention) reach the mode as they are, composite ops such
+            # as linear and matmul arrive decomposed already, and decomposing the rest (batch norm,
+            # elementwise ops) would import torch._dynamo through torch._refs for nothing.
+            packet = func._overloadpacket
+            out = func(*args, **kwargs)
+            if packet in flop_registry:
+                self.flops += int(flop_registry[packet](*args, **kwargs, out_val=out))
+            return out
+
+    _MODE = _Count
+    return _MODE
+
 
 def count_macs(fn: Callable[..., Any], *inputs: Any) -> int:
     """Multiply-adds of ``fn(*inputs)`` (convolutions and matrix products, as the paper counts)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
+    with _counting_mode()() as counter:
         fn(*inputs)
-    return counter.get_total_flops() // 2
+    return counter.flops // 2
+
+
+def cached_count(key: str, sources: list[str], compute: Callable[[], Any]) -> Any:
+    """``compute()`` (JSON-able), kept in the per-user cache ($FASTER_CACHE_DIR/flops.json) under
+    ``key`` plus the versions of faster and torch and the size and mtime of each file in ``sources``
+    (the modules that define the network): counting runs on meta tensors, whose first use costs
+    torch's import of torch._dynamo (about 2 s here); a count already made costs nothing."""
+    import os
+
+    import torch
+
+    import faster
+    from faster.store.files import user_cache
+
+    stamp = [faster.__version__, str(torch.__version__)]
+    for path in sources:
+        try:
+            st = os.stat(path)
+            stamp.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            stamp.append(f"{path}:?")
+    full = key + "|" + "|".join(stamp)
+    cache = user_cache("flops.json")
+    hit = cache.entries.get(full)
+    if hit is not None:
+        return hit["value"]
+    value = compute()
+    cache.entries[full] = {"value": value}
+    cache.dirty = True
+    cache.save()
+    return value

@@ -53,6 +53,7 @@ class PredictConfig:
     workers: int = 1                                        # decoding processes (0: in this process, no timeout)
     timeout: float = 300.0                                  # seconds before a hanging decode counts as failed
     decoder: str = "auto"                                   # auto (decord, then PyAV), decord or pyav
+    dtype: str = "auto"                                     # auto: as the run's features were extracted; fp32, bf16
     strict: bool = False                                    # raise at the end if any video failed
 
     def __post_init__(self) -> None:
@@ -67,6 +68,8 @@ class PredictConfig:
 
         if self.decoder not in DECODERS:
             raise PredictError(f"unknown decoder {self.decoder!r}; expected one of {', '.join(DECODERS)}")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise PredictError(f"unknown dtype {self.dtype!r}; expected auto, fp32 or bf16")
 
 
 class PredictError(UserError):
@@ -102,9 +105,9 @@ def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | N
                            f"pass --weights {model}=PATH to that file")
     path = Path(given)
     if path.is_file():
-        from faster.store.writer import sha256_file
+        from faster.store.files import cached_sha256
 
-        digest = sha256_file(path)
+        digest = cached_sha256(path)
         if digest != recorded:
             raise PredictError(f"{model}: weights file {given!r} has sha256 {digest}, but the run's features "
                                f"were extracted with {recorded}")
@@ -126,7 +129,7 @@ class Predictor:
     """
 
     def __init__(self, run_dir: str | Path, weights: dict[str, str] | None = None, *, device: str = "auto",
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, dtype: str = "auto") -> None:
         from faster.extract.runner import BackboneRunner
         from faster.runtime import resolve_device
 
@@ -146,8 +149,10 @@ class Predictor:
 
             torch.backends.cudnn.benchmark = True  # a run's chunks have few distinct shapes: tune once each
         built = {name: self._build_backbone(name, weights.get(name)) for name in self.run.needed}
-        # Extraction ran the backbones under bf16 autocast on CUDA (recorded as compute_dtype): so do we.
-        amp = self.device.type == "cuda" and any(self.run.models[m].get("compute_dtype") == "bfloat16" for m in built)
+        # Extraction ran the backbones under bf16 autocast (on CUDA, or --dtype bf16 / auto on a CPU with
+        # native bf16: recorded as compute_dtype): so do we, on whatever device predict runs.
+        recorded = any(self.run.models[m].get("compute_dtype") == "bfloat16" for m in built)  # as extraction ran
+        amp = recorded if dtype == "auto" else dtype == "bf16"
         self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp,
                                      pooled={m for m in built if self.run.models[m].get("spatial_pool")})
         self.backbones = self.runner.models
@@ -363,7 +368,8 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
     video took here: waiting for its frames plus the backbones and the aggregator."""
     from tqdm import tqdm
 
-    predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size)
+    predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size,
+                                       dtype=cfg.dtype)
     items = list_videos(cfg.videos, predictor.run.classes)
     if not items:
         raise PredictError(f"no video files in {', '.join(cfg.videos)}")
@@ -401,7 +407,7 @@ def predict(cfg: PredictConfig, stream: IO[str] | None = None) -> PredictSummary
     import sys
 
     t0 = time.perf_counter()
-    predictor = Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size)
+    predictor = Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype)
     summary = PredictSummary()
     with contextlib.ExitStack() as stack:
         if cfg.out is not None:

@@ -66,6 +66,34 @@ def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
     return dev
 
 
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), as its flags in /proc/cpuinfo say;
+    False where they cannot be read (bf16 would be emulated, slower than fp32)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str, device: "torch.device") -> str:
+    """"float32" or "bfloat16" for --dtype auto|fp32|bf16 on ``device``: auto is bf16 on a CUDA
+    device that supports it and on a CPU with native bf16 (BENCHMARKS.md: 2.4x fp32 on R(2+1)D-50
+    here), else fp32."""
+    import torch
+
+    if dtype == "fp32":
+        return "float32"
+    if dtype == "bf16":
+        return "bfloat16"
+    if dtype != "auto":
+        raise BadValue(f"unknown dtype {dtype!r}; expected auto, fp32 or bf16")
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "bfloat16" if native_bf16_cpu() else "float32"
+
+
 def cores() -> int:
     """CPU cores this process may run on."""
     try:

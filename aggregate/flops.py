@@ -11,12 +11,26 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from faster.errors import BadValue
-from faster.flops import count_macs
+from faster.flops import cached_count, count_macs
 
 
 def count_gflops(agg: str, kwargs: dict[str, Any], mask: Sequence[bool]) -> float:
     """GFLOPs (multiply-adds / 1e9) of one video through aggregator ``agg`` built with ``kwargs``
-    (including its alignment projections) for the expensive ``mask`` of the clips."""
+    (including its alignment projections) for the expensive ``mask`` of the clips; counted once per
+    machine and configuration, then read from the per-user cache (faster.flops.cached_count)."""
+    import json
+    import sys
+
+    from faster.aggregate import get
+
+    cls = get(agg)
+    sources = sorted({getattr(sys.modules.get(c.__module__), "__file__", "") or "" for c in cls.__mro__
+                      if c.__module__.startswith("faster.")} | {__file__})
+    key = f"aggregator|{agg}|{json.dumps(kwargs, sort_keys=True, default=str)}|{''.join('E' if m else 'C' for m in mask)}"
+    return float(cached_count(key, sources, lambda: _count(agg, kwargs, mask)))
+
+
+def _count(agg: str, kwargs: dict[str, Any], mask: Sequence[bool]) -> float:
     import torch
 
     from faster.aggregate.models import build

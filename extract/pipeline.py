@@ -41,6 +41,8 @@ from faster.store import schema
 log = logging.getLogger(__name__)
 
 FRAMES_PER_VIDEO = 256  # the paper's N x L
+DTYPES = ("auto", "fp32", "bf16")
+BF16_TOLERANCE = 0.05  # relative L2 error of bf16 res5 maps against fp32 above which a run refuses bf16
 # Stored bytes / float16 bytes of res5 maps per --compression, for the disk estimate: what
 # benchmarks/storage.py measured on random-init R2D-26 maps (37% zeros; docs/storage.md), rounded
 # up: trained maps have more zeros and compress better, so the estimate errs on the safe side.
@@ -77,6 +79,7 @@ class ExtractConfig:
     recycle_every: int = 200  # videos per decode worker before it is replaced (decord leaks a little)
     wait: bool = False  # another process writes this part (store.lock): wait for it instead of refusing
     allow_empty: bool = False  # no video found is not an error (an empty feature set is written)
+    dtype: str = "auto"  # auto (bf16 where the device has native bf16, or the directory's recorded dtype), fp32, bf16
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -99,6 +102,8 @@ class ExtractConfig:
             raise BadValue(f"shard_index {self.shard_index} is not in [0, num_shards={self.num_shards})")
         if self.compression not in schema.COMPRESSIONS:
             raise BadValue(f"unknown compression {self.compression!r}; expected one of {schema.COMPRESSIONS}")
+        if self.dtype not in DTYPES:
+            raise BadValue(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.decoder not in vid.DECODERS:
             raise BadValue(f"unknown decoder {self.decoder!r}; expected one of {', '.join(vid.DECODERS)}")
         if not self.timeout > 0:
@@ -110,43 +115,78 @@ class ExtractConfig:
 # Models
 
 class ClipModels:
-    """The run's backbones, built from the registry, with their provenance for the header."""
+    """The run's backbones. Constructing describes them without reading weights or building a network
+    (their provenance for the header and the resume check: an extraction with nothing left to do
+    never builds one); ``load()`` builds them for real, checks they are what was described, counts
+    their cost, and, when they run in bf16, checks bf16 against fp32 on a clip of the run's shape."""
 
-    def __init__(self, cfg: ExtractConfig, device: Any):
+    def __init__(self, cfg: ExtractConfig, device: Any, compute_dtype: str):
+        import torch
+
+        from faster.extract import models as registry
+        from faster.store.header import ModelHeader
+
+        self.cfg, self.device = cfg, torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.spatial_pool = bool(cfg.spatial_pool)
+        self.compute_dtype = compute_dtype
+        self.runner = None
+        self.headers = {}
+        for name in cfg.models:
+            d = registry.describe(name, weights=cfg.weights.get(name), seed=cfg.seed)
+            self.headers[name] = ModelHeader(layer=d["layer"], weights=d["weights"], mean=d["mean"], std=d["std"],
+                                             compute_dtype=compute_dtype,
+                                             spatial_pool=1 if self.spatial_pool else None)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per model, one clip's stored map (T', H', W', C) (counted once on meta tensors, then cached)."""
+        from faster.extract import models as registry
+
+        out = {}
+        for name in self.cfg.models:
+            C, T, H, W = registry.feature_shape(name, self.cfg.clip_len, self.cfg.size)
+            out[name] = (T, 1, 1, C) if self.spatial_pool else (T, H, W, C)  # per clip, channels last
+        return out
+
+    def load(self) -> None:
         import torch
 
         from faster.extract import models as registry
         from faster.extract.runner import BackboneRunner
-        from faster.store.header import ModelHeader
 
-        self.device = torch.device(device)
-        self.cuda = self.device.type == "cuda"
-        self.spatial_pool = bool(cfg.spatial_pool)
-        built, self.headers, self.shapes = {}, {}, {}
-        amp = self.cuda and torch.cuda.is_bf16_supported()
+        if self.runner is not None:
+            return
+        cfg, built = self.cfg, {}
         for name in cfg.models:
-            built[name] = registry.build(name, weights=cfg.weights.get(name), seed=cfg.seed)
-            C, T, H, W = registry.feature_shape(name, cfg.clip_len, cfg.size)
-            self.shapes[name] = (T, 1, 1, C) if self.spatial_pool else (T, H, W, C)  # per clip, channels last
-        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, amp=amp,
+            model = registry.build(name, weights=cfg.weights.get(name), seed=cfg.seed)
+            described = self.headers[name]
+            if str(model.weights) != described.weights:
+                raise BadFile(f"{name}: the weights changed while starting ({described.weights} -> {model.weights})")
+            built[name] = model
+            described.gflops_per_clip = float(registry.clip_gflops(name, cfg.clip_len, cfg.size))
+        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size,
+                                     amp=self.compute_dtype == "bfloat16",
                                      pooled=set(built) if self.spatial_pool else set())
-        for name, model in built.items():
-            self.headers[name] = ModelHeader(
-                gflops_per_clip=float(registry.clip_gflops(name, cfg.clip_len, cfg.size)), layer=str(model.layer),
-                weights=str(model.weights), mean=[float(v) for v in model.mean], std=[float(v) for v in model.std],
-                compute_dtype=self.runner.compute_dtype, spatial_pool=1 if self.spatial_pool else None)
+        if self.runner.amp:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip = torch.randint(0, 256, (1, cfg.clip_len, cfg.size, cfg.size, 3), dtype=torch.uint8)
+            for name, err in self.runner.check_bf16(clip).items():
+                if err > BF16_TOLERANCE:
+                    raise BadValue(f"{name} in bf16 differs from fp32 by {100 * err:.1f}% on a {cfg.clip_len}-frame "
+                                   f"clip at {cfg.size} px (torch {torch.__version__}, cuDNN "
+                                   f"{torch.backends.cudnn.version()}): some versions compute bf16 conv3d wrongly; "
+                                   f"run with --dtype fp32")
+                log.info("%s: bf16 vs fp32 relative error %.2f%%", name, 100 * err)
 
     @property
     def names(self) -> list[str]:
-        return list(self.runner.models)
+        return list(self.cfg.models)
 
     @property
     def batch_size(self) -> int:
-        return self.runner.batch_size
-
-    @property
-    def compute_dtype(self) -> str:
-        return self.runner.compute_dtype
+        return self.runner.batch_size if self.runner is not None else self.cfg.batch_size
 
     def bytes_per_video(self, num_clips: int, compression: str = "none") -> int:
         """Stored bytes of one video's features: float16, times the codec's expected fraction."""
@@ -229,8 +269,6 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
     t0 = time.monotonic()
     place = placement(cfg.num_shards, cfg.shard_index)
     device = resolve_device(cfg.device, place.local_rank)
-    if cfg.workers > 0:
-        warm_up_workers()
     found = vid.discover(cfg.video_root, cfg.annotations, cfg.classes_file, cfg.unlabelled)
     for note in found.notes:
         log.warning("%s", note)
@@ -250,7 +288,7 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     try:
-        models = ClipModels(cfg, device)
+        models = ClipModels(cfg, device, _compute_dtype(cfg, device, out))
         header = Header(clip_len=cfg.clip_len, num_clips=cfg.num_clips, frame_stride=cfg.frame_stride, size=cfg.size,
                         classes=found.classes, models=models.headers, software_version=faster.__version__,
                         torch_version=str(torch.__version__))
@@ -258,7 +296,9 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
                                   compression=cfg.compression, after_add=after_add, wait=cfg.wait)
         mine = found.items[place.part::place.num_parts]
         plan = _plan(mine, writer.done)
-        per_video = models.bytes_per_video(cfg.num_clips, cfg.compression)
+        if plan.todo:  # nothing to do: no decode process, no backbone built or counted
+            _start(cfg, models)
+        per_video = models.bytes_per_video(cfg.num_clips, cfg.compression) if plan.todo else 0
         need = per_video * len(plan.todo)
         free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
         if need > 0 and need * 1.02 + 64 * 2**20 > free:
@@ -272,6 +312,8 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
         _note_compression(out, cfg.compression)
         with writer:  # holds this part's lock from here on
             plan = _plan(mine, writer.done)  # under the lock: what a process that just finished wrote counts
+            if plan.todo:
+                _start(cfg, models)  # (started already, unless another process removed shards meanwhile)
             say(f"{len(plan.todo)} videos to extract ({plan.skipped} done already, {len(plan.missing)} "
                 f"missing) of {len(found.items)} [{found.layout}, {len(found.classes)} classes]"
                 + (f", part {place.part} of {place.num_parts}" if place.num_parts > 1 else "")
@@ -319,6 +361,28 @@ def _note_compression(out: Path, compression: str) -> None:
     if used and used != {compression}:
         log.warning("%s holds shards written with --compression %s; new shards use %s", out,
                     "/".join(sorted(used)), compression)
+
+
+def _start(cfg: ExtractConfig, models: ClipModels) -> None:
+    """Start the decode workers' forkserver (its imports overlap the model build), then load the models."""
+    if cfg.workers > 0:
+        warm_up_workers()
+    models.load()
+
+
+def _compute_dtype(cfg: ExtractConfig, device: Any, out: Path) -> str:
+    """float32 or bfloat16 for --dtype: under auto, what the directory's features were computed in (a
+    resume is never refused because the default changed), else bf16 where the device has native bf16."""
+    from faster.runtime import resolve_dtype
+
+    if cfg.dtype == "auto":
+        from faster.store import manifest as mf
+
+        for m in (mf.part_manifests(out) if out.is_dir() else {}).values():
+            for provenance in ((m or {}).get("config") or {}).get("models", {}).values():
+                if provenance.get("compute_dtype") in ("float32", "bfloat16"):
+                    return provenance["compute_dtype"]
+    return resolve_dtype(cfg.dtype, device)
 
 
 def _existing_parent(path: Path) -> Path:

@@ -2,8 +2,8 @@
 
 ``BackboneRunner`` takes clips as decoded, (B, L, S, S, 3) uint8 on the device, and for one
 backbone: scales and normalises them with the backbone's mean/std on the device (cheaper than on
-the decoding CPU, PITFALLS), lays them out channels_last_3d on CUDA (model and input both), runs
-the backbone under bf16 autocast when asked, and rounds the res5 map to float16, the dtype of the
+the decoding CPU, PITFALLS), lays them out channels_last_3d (model and input both), runs
+the backbone under bf16 autocast when asked (on CUDA, or on a CPU with native bf16), and rounds the res5 map to float16, the dtype of the
 shards, so that what predict feeds an aggregator equals what it was fitted on (and, for a model
 extracted with --spatial-pool, the float16 map's mean over H' x W', rounded to float16 again, as it
 was stored). On CUDA the batch
@@ -41,11 +41,8 @@ class BackboneRunner:
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
         self.models = {}
-        for name, model in models.items():
-            model = model.to(self.device).eval()
-            if self.cuda:
-                model = model.to(memory_format=torch.channels_last_3d)
-            self.models[name] = model
+        for name, model in models.items():  # channels_last_3d on CPU too: 1.3x fp32 conv3d here (PITFALLS)
+            self.models[name] = model.to(self.device).eval().to(memory_format=torch.channels_last_3d)
         self.calls = {name: 0 for name in self.models}
         self.pooled = frozenset(pooled)
 
@@ -61,11 +58,28 @@ class BackboneRunner:
         if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
             clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
         x = vid.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
-        if self.cuda:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             y = model(x)  # (B, C, T', H', W')
         return y[:b].to(torch.float16)
+
+    def check_bf16(self, clips: "torch.Tensor") -> dict[str, float]:
+        """Per model, the relative L2 error of its bf16 map against fp32 on ``clips`` (uint8): some
+        cuDNN versions computed bf16 conv3d wrongly (PITFALLS); ~1% is bf16's own rounding here."""
+        import torch
+
+        errors = {}
+        amp, self.amp = self.amp, False
+        try:
+            for name in self.models:
+                ref = self._forward(name, clips.to(self.device)).float()
+                self.amp = True
+                got = self._forward(name, clips.to(self.device)).float()
+                self.amp = False
+                errors[name] = float(torch.linalg.vector_norm(got - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-12))
+        finally:
+            self.amp = amp
+        return errors
 
     def __call__(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
         """res5 maps (B, C, T', H', W') float16 on the device of ``clips`` (B, L, S, S, 3) uint8

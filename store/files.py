@@ -60,6 +60,16 @@ class ChecksumCache:
             self.dirty = False
 
 
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a file, from the per-user cache while its size and mtime are unchanged (weights files
+    of several GB are hashed once, not at every start; a changed file is hashed again)."""
+    cache = user_cache()
+    try:
+        return cache.sha256(path)
+    finally:
+        cache.save()
+
+
 def user_cache(name: str = "checksums.json") -> ChecksumCache:
     """The per-user cache of file facts: $FASTER_CACHE_DIR/NAME, default ~/.cache/faster/NAME."""
     root = os.environ.get("FASTER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "faster")

@@ -24,7 +24,8 @@ av = pytest.importorskip("av")
 from faster import synthetic  # noqa: E402  (needs av)
 
 MODELS = ["--model", "r2plus1d50_tiny", "--model", "r2d26_tiny"]
-OPTS = MODELS + ["--clip-len", "8", "--num-clips", "3", "--size", "32", "--shard-size", "2", "--no-progress"]
+OPTS = MODELS + ["--clip-len", "8", "--num-clips", "3", "--size", "32", "--shard-size", "2", "--no-progress",
+                 "--dtype", "fp32"]  # compared with fp32 references; bf16 has its own test
 BROKEN = {"left/empty.mp4": "open", "left/truncated.mp4": "open", "right/text.mp4": "open",
           "right/audio.mp4": "open"}
 GOOD = [f"{c}/{c}_{i:03d}.mp4" for c in ("left", "right") for i in range(3)] + ["right/short.mp4"]
@@ -321,3 +322,42 @@ def test_random_init_is_warned_once_and_only_when_there_is_work(motion_videos, t
     with caplog.at_level("WARNING"):
         summary = run_extract(ExtractConfig(str(motion_videos), str(tmp_path / "a"), **cfg))
     assert summary["extracted"] == 0 and not [r for r in caplog.records if "randomly" in r.getMessage()]
+
+
+def test_nothing_left_to_do_starts_no_worker_and_builds_no_backbone(motion_videos, tmp_path, monkeypatch):
+    from faster.extract import pipeline
+
+    out = tmp_path / "done"
+    assert invoke(motion_videos, "-o", out, *OPTS, "--workers", "0").exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob(schema.SHARD_GLOB)}
+
+    def refuse(*args, **kw):
+        raise AssertionError("started although nothing was left to extract")
+
+    monkeypatch.setattr(pipeline, "warm_up_workers", refuse)
+    monkeypatch.setattr(pipeline, "DecodePool", refuse)
+    monkeypatch.setattr(pipeline.ClipModels, "load", refuse)
+    result = invoke(motion_videos, "-o", out, *OPTS, "--workers", "2", "--strict")
+    assert result.exit_code == 0 and "extracted 0, skipped 4 (done before), failed 0" in result.output, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob(schema.SHARD_GLOB)} == before
+
+
+def test_dtype_auto_resumes_an_fp32_directory_and_bf16_stays_close_to_fp32(root, reference, tmp_path, monkeypatch):
+    from faster import runtime
+    from faster.extract.pipeline import BF16_TOLERANCE
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: True)  # auto would pick bf16 on this machine
+    auto = [o for o in OPTS if o not in ("--dtype", "fp32")]
+    result = invoke(root, "-o", out, *auto, "--workers", "0")
+    assert result.exit_code == 0 and "skipped 7 (done before)" in result.output, result.output
+    result = invoke(root, "-o", tmp_path / "bf16", *auto, "--workers", "0")  # a new directory: bf16
+    assert result.exit_code == 0, result.output
+    got, want = read_features(tmp_path / "bf16"), read_features(reference[0])
+    for vid in want:
+        for m in want[vid]:
+            a, b = got[vid][m].astype(np.float32), want[vid][m].astype(np.float32)
+            assert np.linalg.norm(a - b) <= BF16_TOLERANCE * np.linalg.norm(b), (vid, m)
+    with h5py.File(next((tmp_path / "bf16").glob(schema.SHARD_GLOB))) as f:
+        assert f["features/r2d26_tiny"].attrs["compute_dtype"] == "bfloat16"

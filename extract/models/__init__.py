@@ -25,7 +25,7 @@ from faster.extract.models.weights import save_weights
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["build", "clip_gflops", "feature_shape", "get", "names", "register", "save_weights"]
+__all__ = ["build", "clip_gflops", "describe", "feature_shape", "get", "names", "register", "save_weights"]
 
 Builder = Callable[[], "nn.Module"]
 _REGISTRY: dict[str, Union[Builder, str]] = {}
@@ -78,6 +78,29 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> "nn.Module":
     model.name = name
     model.weights = f"random-init:seed={seed}" if weights is None else load_weights(model, weights)
     return model.eval()
+
+
+def describe(name: str, weights: str | None = None, seed: int = 0) -> dict:
+    """What :func:`build` would record of ``name`` (layer, weights provenance, mean, std) without
+    reading the weights or building the network: it is built on the meta device with its init
+    skipped, and a weights file is identified by its sha256 from the per-user cache (hashed once).
+    A torchvision weight enum is built for real (its provenance comes from torch.hub's copy)."""
+    from pathlib import Path
+
+    import torch
+
+    from faster.extract.models.flops import _no_random_init
+    from faster.store.files import cached_sha256
+
+    if weights is not None and not Path(weights).is_file():  # an enum, or a missing file: build tells which
+        model = build(name, weights=weights, seed=seed)
+    else:
+        builder = get(name)
+        with torch.device("meta"), _no_random_init():
+            model = builder()
+        model.weights = f"random-init:seed={seed}" if weights is None else cached_sha256(weights)
+    return {"layer": str(model.layer), "weights": str(model.weights), "mean": [float(v) for v in model.mean],
+            "std": [float(v) for v in model.std]}
 
 
 for _name in ("r2plus1d50", "r2d26", "r3d50", "r2plus1d50_tiny", "r2d26_tiny", "r3d50_tiny"):

@@ -7,6 +7,7 @@ real forward runs, so a full-size backbone costs milliseconds. Reproduces Table 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from faster.errors import BadValue
@@ -23,25 +24,70 @@ def feature_shape(name: str, clip_len: int, size: int = 224) -> tuple[int, int, 
     return _meta_forward(name, clip_len, size)[1]
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
+                   "xavier_normal_", "orthogonal_", "constant_", "ones_", "zeros_")
+
+
+@contextlib.contextmanager
+def _no_random_init():
+    """torch.nn.init's fills as no-ops while a backbone is built on the meta device.
+
+    A meta tensor has no values to fill, but its random fills go through torch._refs, whose first
+    use imports torch._dynamo: 2.3 s of `faster flops` and of every extraction start on this CPU
+    (BENCHMARKS.md "Start-up"). The layers call these functions through the module (``init.x_``),
+    so replacing the module attributes for the duration of the build is enough.
+    """
+    from torch.nn import init
+
+    saved = {name: getattr(init, name) for name in _INIT_FUNCTIONS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(init, name, fn)
+
+
+def _identity(x):
+    return x
+
+
 @functools.lru_cache(maxsize=None)
 def _meta_forward(name: str, clip_len: int, size: int) -> tuple[int, tuple[int, int, int, int]]:
-    import torch
+    """(multiply-adds, (C, T', H', W')) of one clip through ``name``: counted once per machine and
+    configuration (faster.flops.cached_count), then read from the per-user cache."""
+    import sys
 
     from faster.extract.models import get
-    from faster.flops import count_macs
+    from faster.flops import cached_count
 
-    builder = get(name)
     if clip_len < 1 or size < 1:
         raise BadValue(f"clip_len and size must be >= 1, got clip_len={clip_len}, size={size}")
-    with torch.device("meta"):
+    builder = get(name)
+    sources = [getattr(sys.modules.get(builder.__module__), "__file__", "") or "", __file__]
+    macs, shape = cached_count(f"backbone|{name}|{clip_len}|{size}", sources,
+                               lambda: _count_backbone(name, builder, clip_len, size))
+    return int(macs), tuple(int(v) for v in shape)
+
+
+def _count_backbone(name: str, builder, clip_len: int, size: int) -> list:
+    import torch
+
+    from faster.flops import count_macs
+
+    with torch.device("meta"), _no_random_init():
         model = builder().eval()
         model.name = name
         clip = torch.empty(1, 3, clip_len, size, size)  # (B, 3, L, H, W)
+    for m in model.modules():  # shape-preserving and not counted; their meta kernels import torch._dynamo
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.forward = _identity
     out = []
     try:
         macs = count_macs(lambda x: out.append(model(x)), clip)
     except RuntimeError as err:  # e.g. a kernel larger than the (padded) input
         raise BadValue(f"{name} cannot run a {clip_len}-frame clip at {size} px: "
-                         f"{str(err).splitlines()[0]}") from None
+                       f"{str(err).splitlines()[0]}") from None
     _, C, T, H, W = out[0].shape  # (1, C, T', H', W')
-    return macs, (C, T, H, W)
+    return [macs, [C, T, H, W]]

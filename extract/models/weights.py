@@ -63,11 +63,11 @@ def load_weights(model: "nn.Module", weights: str | Path) -> str:
             return provenance
         raise BadFile(f"weights file {str(weights)!r} does not exist")
     from faster.extract.models import layouts
-    from faster.store.files import sha256_file
+    from faster.store.files import cached_sha256
 
     state, layout = read_state_dict(path, getattr(model, "name", None), with_layout=True)
     _load_state(model, layouts.convert(state, layout, model, str(path)), str(path), layout)
-    digest = sha256_file(path)
+    digest = cached_sha256(path)
     model.weights_layout = layout
     log.info("%s: loaded %s (%s layout, sha256 %s)", getattr(model, "name", type(model).__name__), path,
              layout, digest[:12])
