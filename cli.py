@@ -305,6 +305,14 @@ def _split_ints(ctx, param, value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers", param_hint=param.opts[-1]) from None
 
 
+def _split_floats(ctx, param, value: str | None) -> list[float] | None:
+    items = _split_list(ctx, param, value)
+    try:
+        return None if items is None else [float(v) for v in items]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers", param_hint=param.opts[-1]) from None
+
+
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Grid directory.")
@@ -313,6 +321,8 @@ def _split_ints(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--pattern", "patterns", default="first", show_default=True, callback=_split_list,
               help="Patterns, e.g. first,1:1,all-e.")
 @click.option("--seeds", default="0", show_default=True, callback=_split_ints, help="Seeds, e.g. 0,1,2.")
+@click.option("--budget", "budgets", callback=_split_floats,
+              help="For pattern adaptive: budgets, e.g. 0.0625,0.125,0.25 (one policy cell each).")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Cells trained at once.")
 @click.option("--expensive", help="Expensive model [default: the one with more GFLOPs per clip].")
 @click.option("--cheap", help="Cheap model [default: the one with fewer GFLOPs per clip].")
@@ -320,7 +330,7 @@ def _split_ints(ctx, param, value: str | None) -> list[int] | None:
               help="Processes sharing the grid (Slurm array size); each trains every S-th cell, no tables.")
 @click.option("--shard-index", default=0, show_default=True, type=click.IntRange(0), help="Slurm array index.")
 @_fit_options
-def ablate(feats, out, aggs, num_clips, patterns, seeds, jobs, expensive, cheap, num_shards, shard_index,
+def ablate(feats, out, aggs, num_clips, patterns, seeds, budgets, jobs, expensive, cheap, num_shards, shard_index,
            **fit_kw) -> None:
     """Run a grid of fits (aggregators x clips x patterns); reuse finished cells; write tables and a plot.
 
@@ -336,7 +346,7 @@ def ablate(feats, out, aggs, num_clips, patterns, seeds, jobs, expensive, cheap,
     fit_kw["val"] = list(fit_kw["val"])
     cfg = AblateConfig(feats=list(feats), out=out, aggs=aggs, num_clips=num_clips, patterns=patterns,
                        seeds=seeds, jobs=jobs, expensive=expensive, cheap=cheap, fit=fit_kw,
-                       num_shards=num_shards, shard_index=shard_index)
+                       num_shards=num_shards, shard_index=shard_index, budgets=budgets)
     try:
         summary = run_ablate(cfg)
     except (UserError, FileNotFoundError) as err:

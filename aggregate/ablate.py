@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 KEY_EXCLUDE = ("out", "progress", "workers", "threads", "overwrite")  # fit fields that never change a result
 CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5", "mean_class_acc",
-               "gflops_per_video", "num_expensive", "num_cheap", "expensive", "cheap", "run")
+               "gflops_per_video", "num_expensive", "num_cheap", "budget", "num_expensive_mean", "expensive",
+               "cheap", "run")
 AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU",
              "netvlad": "NetVLAD", "nextvlad": "NeXtVLAD", "tam": "TAM"}
 INDEX = "index.json"
@@ -71,6 +72,7 @@ class AblateConfig:
     cheap: str | None = None                             # None: the model with fewer GFLOPs per clip
     fit: dict[str, Any] = field(default_factory=dict)    # other FitConfig fields (val, epochs, lr, device, ...)
     progress: bool = True                                # a progress bar over cells (and per fit when jobs=1)
+    budgets: list[float] | None = None                   # pattern adaptive: one policy cell per budget
     num_shards: int = 1                                  # processes splitting the grid (a Slurm array's size)
     shard_index: int = 0                                 # this one's index; under torchrun x WORLD_SIZE + RANK
 
@@ -89,18 +91,33 @@ class Cell:
 
 
 def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: Iterable[str],
-                seeds: Iterable[int], num_extracted: int) -> tuple[list[Cell], list[str]]:
+                seeds: Iterable[int], num_extracted: int,
+                budgets: Iterable[float] | None = None) -> tuple[list[Cell], list[str]]:
     """The valid cells of a grid, and one note per skipped (pattern, number of clips) pair.
 
     ``num_clips`` None means all ``num_extracted`` clips. A number of clips above the extracted
     ones, or a ``1:x`` pattern whose x+1 does not divide it, is skipped (Table 4's empty cells).
+    Pattern ``adaptive`` gives one cell per budget, named ``adaptive@B`` (a learned policy).
     """
     aggs, patterns, seeds = _unique(aggs), _unique(patterns), _unique(seeds)
+    budgets = _unique(float(b) for b in budgets) if budgets else []
+    if P.ADAPTIVE in patterns:
+        if not budgets:
+            raise BadValue("--pattern adaptive needs --budget B[,B...] (fractions of clips that also get the "
+                           "expensive backbone, e.g. 0.0625,0.125,0.25)")
+        from faster.aggregate.policy import check_budget
+
+        for b in budgets:
+            check_budget(b)
+        i = patterns.index(P.ADAPTIVE)
+        patterns[i:i + 1] = [policy_pattern(b) for b in budgets]
+    elif budgets:
+        raise BadValue("--budget is for --pattern adaptive")
     counts = _unique(num_clips) if num_clips is not None else [num_extracted]
     if not aggs or not patterns or not seeds or not counts:
         raise BadValue("a grid needs at least one aggregator, number of clips, pattern and seed")
     for p in patterns:
-        P.check(p)
+        P.check(split_policy(p)[0])
     for n in counts:
         if n < 1:
             raise BadValue(f"numbers of clips must be >= 1, got {n}")
@@ -110,11 +127,22 @@ def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: 
             notes.append(f"{n} clips skipped: the feature sets hold {num_extracted} clips per video")
             continue
         for p in patterns:
-            if not P.is_valid(p, n):
+            if not P.is_valid(split_policy(p)[0], n):
                 notes.append(f"pattern {p} at {n} clips skipped: x+1 must divide the number of clips")
                 continue
             cells += [Cell(a, n, p, s) for a in aggs for s in seeds]
     return cells, notes
+
+
+def policy_pattern(budget: float) -> str:
+    """A policy cell's pattern in the grid: ``adaptive@B``."""
+    return f"{P.ADAPTIVE}@{budget:g}"
+
+
+def split_policy(pattern: str) -> tuple[str, float | None]:
+    """(fit's pattern, budget) of a grid pattern: ``adaptive@0.125`` -> ("adaptive", 0.125)."""
+    name, sep, budget = pattern.partition("@")
+    return (name, float(budget)) if sep else (pattern, None)
 
 
 def _unique(values: Iterable) -> list:
@@ -266,7 +294,7 @@ def plan_grid(cfg: AblateConfig) -> GridPlan:
             raise Incompatible(f"validation sets have {val_info['num_clips']} clips of {val_info['clip_len']} "
                              f"frames, training sets {info['num_clips']} of {info['clip_len']}")
     expensive, cheap = resolve_models(cfg.expensive, cfg.cheap, info["models"])
-    cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"])
+    cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"], cfg.budgets)
     clip_len = info["clip_len"]
 
     from faster.aggregate.train import FitConfig
@@ -282,8 +310,9 @@ def plan_grid(cfg: AblateConfig) -> GridPlan:
                     part=where.part, num_parts=where.num_parts, local_rank=where.local_rank,
                     local_world_size=where.local_world_size)
     for i, cell in enumerate(cells):
+        pattern, budget = split_policy(cell.pattern)
         fit_cfg = FitConfig(feats=[str(d) for d in cfg.feats], out="", agg=cell.agg, expensive=expensive,
-                            cheap=cheap, pattern=cell.pattern, num_clips=cell.num_clips, seed=cell.seed,
+                            cheap=cheap, pattern=pattern, budget=budget, num_clips=cell.num_clips, seed=cell.seed,
                             **{k: v for k, v in cfg.fit.items() if k != "val"}, val=[str(d) for d in val])
         fit_dict = dataclasses.asdict(fit_cfg)
         key = cell_key(fit_dict, feats_sums, val_sums)
@@ -444,7 +473,12 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, devi
         if not lock.still_held():  # this process stalled past the heartbeat timeout and lost the cell
             return meta, "failed", f"its claim was taken over by {describe(lock.holder())} during training"
         trainer = {k: lock.me[k] for k in ("host", "pid", "since")}
-        files.write_json(run_dir / CELL_DONE, {**meta, "result": result, "trained_by": trainer})
+        done = {**meta, "result": result, "trained_by": trainer}
+        if cfg.pattern == P.ADAPTIVE:  # the policy's two references at its own budget (policy.reference_points)
+            from faster.aggregate.policy import reference_points
+
+            done["references"] = reference_points(run_dir, seed=cfg.seed)
+        files.write_json(run_dir / CELL_DONE, done)
         return meta, "trained", None
     finally:
         lock.release()
@@ -496,6 +530,11 @@ def collect_rows(out: str | Path, index: dict[str, Any] | None = None) -> list[d
         row.update({k: cell[k] for k in ("agg", "clip_len", "num_clips", "pattern", "seed", "expensive", "cheap")})
         row["run"] = str(Path("cells") / name)
         rows.append(row)
+        budget = split_policy(cell["pattern"])[1]
+        for ref, r in (cell.get("references") or {}).items():  # random and oracle schedules at the same budget
+            rows.append({**row, "pattern": f"{ref}@{budget:g}", "top1": r["top1"], "top5": None,
+                         "mean_class_acc": None, "gflops_per_video": r["gflops_per_video"],
+                         "num_expensive": r["num_expensive"], "num_expensive_mean": r["num_expensive"]})
     rows.sort(key=lambda r: (r["expensive"], r["cheap"], r["clip_len"], _agg_order(r["agg"]), r["num_clips"],
                              _pattern_order(r["pattern"]), r["seed"]))
     return rows
@@ -516,16 +555,26 @@ def _agg_order(agg: str) -> tuple[int, str]:
     return (order.index(agg) if agg in order else len(order), agg)
 
 
-def _pattern_order(pattern: str) -> tuple[int, int]:
-    """Table 4's row order: All E, 1:1, 1:3, ..., then first, then All C."""
+REFERENCES = ("adaptive", "oracle", "random")  # a policy's rows, then its references at the same budget
+
+
+def _pattern_order(pattern: str) -> tuple[int, float]:
+    """Table 4's row order: All E, 1:1, 1:3, ..., then first, then All C; then each policy budget
+    (largest first) followed by its oracle and random references."""
     if pattern == "all-e":
         return (0, 0)
     if pattern.startswith("1:"):
         return (1, int(pattern[2:]))
+    name, budget = split_policy(pattern)
+    if budget is not None:
+        return (4, -budget + REFERENCES.index(name) * 1e-9 if name in REFERENCES else 0.0)
     return (2, 0) if pattern == "first" else (3, 0)
 
 
 def _pattern_label(pattern: str) -> str:
+    name, budget = split_policy(pattern)
+    if budget is not None:
+        return {"adaptive": "Policy", "oracle": "Oracle", "random": "Random"}.get(name, name) + f" B={budget:g}"
     return {"all-e": "All E", "all-c": "All C", "1:0": "All E"}.get(pattern, pattern)
 
 
@@ -578,6 +627,8 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
             at_len = [r for r in group if r["clip_len"] == clip_len]
             counts = sorted({r["num_clips"] for r in at_len})
             for pattern in pats:
+                if split_policy(pattern)[0] in ("oracle", "random"):  # references: in Table 4's layout only
+                    continue
                 cells = _groups([r for r in at_len if r["pattern"] == pattern], "agg", "num_clips")
                 if not cells:
                     continue

@@ -28,6 +28,7 @@ Nothing here imports a backbone: the policy is trained and scored on cached feat
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -189,3 +190,69 @@ def video_gflops(num_expensive: float, num_clips: int, expensive: float, cheap: 
 def sources(positions: Sequence[int], expensive: str, cheap: str) -> dict[str, tuple[str, list[int]]]:
     """What an adaptive run reads: both models at every position."""
     return {"expensive": (expensive, list(positions)), "cheap": (cheap, list(positions))}
+
+
+def reference_points(run_dir: Any, *, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Two schedules at a policy run's own mean budget, scored on its validation videos with its
+    aggregator (the gate replaced): ``random`` (k positions per video drawn at random) and ``oracle``
+    (k positions chosen greedily per video to lower that video's loss: it knows the label, an upper
+    bound for any gate). k = the run's mean number of expensive clips per video, rounded. Each is
+    {"top1", "gflops_per_video", "num_expensive"}; the cost counts the cheap backbone on every clip,
+    as the policy's does (without the gate)."""
+    import numpy as np
+
+    from faster.aggregate import train
+    from faster.aggregate.run import RESULT, Run
+    from faster.store.files import read_json
+    from faster.store.reader import FeatureSet
+
+    run = Run.load(run_dir)
+    if not run.adaptive:
+        raise BadValue(f"{run_dir}: not a policy run (pattern adaptive)")
+    cfg = run.config
+    n = run.num_clips
+    k = int(round(float((read_json(Path(run_dir) / RESULT) or {}).get("num_expensive_mean") or 0)))
+    k = min(max(k, 0), n)
+    if cfg.get("val"):
+        fs = FeatureSet(cfg["val"])
+        idx = np.flatnonzero(fs.labels >= 0)
+    else:
+        fs = FeatureSet(cfg["feats"])
+        idx = np.flatnonzero((fs.labels >= 0) & train.holdout(fs.ids, cfg["val_fraction"]))
+    agg = run.aggregator()
+    ds = fs.dataset(run.sources(), idx)
+    rng = np.random.default_rng(seed)
+    hits = {"random": 0, "oracle": 0}
+    try:
+        with torch.no_grad():
+            for i in range(len(ds)):
+                item = ds[i]
+                e = item["expensive"].float().movedim(-1, 1)[None]  # (1, n, C, T', H', W')
+                c = item["cheap"].float().movedim(-1, 1)[None]
+                y = int(item["label"])
+
+                def logits(chosen: set[int]) -> Tensor:
+                    mask = [t in chosen for t in range(n)]
+                    x = {}
+                    if any(mask):
+                        x["expensive"] = e[:, [t for t in range(n) if mask[t]]]
+                    if not all(mask):
+                        x["cheap"] = c[:, [t for t in range(n) if not mask[t]]]
+                    return agg(x, mask)[0]
+
+                drawn = set(rng.choice(n, size=k, replace=False).tolist()) if k else set()
+                hits["random"] += int(logits(drawn).argmax()) == y
+                chosen: set[int] = set()
+                for _ in range(k):  # greedy: the position that lowers this video's loss most
+                    best = min((t for t in range(n) if t not in chosen),
+                               key=lambda t: float(F.cross_entropy(logits(chosen | {t})[None], torch.tensor([y]))))
+                    chosen.add(best)
+                hits["oracle"] += int(logits(chosen).argmax()) == y
+    finally:
+        ds.close()
+    e_clip = float(run.models[run.expensive]["gflops_per_clip"])
+    c_clip = float(run.models[run.cheap]["gflops_per_clip"])
+    g = run.gflops
+    cost = video_gflops(k, n, e_clip, c_clip, g["aggregator_all_e"], g["aggregator_all_c"], 0.0)
+    return {name: {"top1": h / max(len(ds), 1), "gflops_per_video": cost, "num_expensive": k}
+            for name, h in hits.items()}

@@ -6,7 +6,11 @@
     python benchmarks/backbones.py --native --models zoo   # each real-weights backbone at its own input size
 
 On CUDA the backbones run as extraction runs them: bf16 autocast, channels_last_3d model and input,
-cudnn.benchmark with a fixed batch shape. Before timing, each model's bf16 output is checked once
+cudnn.benchmark with a fixed batch shape. On a CPU every ``--modes`` is timed (fp32 channels-first,
+fp32 channels_last_3d, bf16 autocast + channels_last_3d: what `faster extract --dtype auto` runs on
+a CPU with native bf16), beside the CPU's own ceilings measured in the same run: a large fp32 and
+bf16 matrix product (multiply-adds/s); each model's rate is also printed as a fraction of the bf16
+ceiling. Before timing, each model's bf16 output is checked once
 against fp32 on the same input (PyTorch 2.9 disabled cuDNN conv3d under autocast, and cuDNN
 9.8-9.10 gave wrong bf16 conv3d: see PITFALLS.md); the relative error is printed with the figures.
 Weights are random (seeded): throughput does not depend on their values.
@@ -43,30 +47,48 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def bf16_error(model: torch.nn.Module, clip: torch.Tensor) -> float:
-    """max |bf16 - fp32| / max |fp32| of the model's output on ``clip`` (CUDA)."""
+def bf16_error(model: torch.nn.Module, clip: torch.Tensor, device_type: str = "cuda") -> float:
+    """max |bf16 - fp32| / max |fp32| of the model's output on ``clip``."""
     with torch.no_grad():
         ref = model(clip).float()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             low = model(clip).float()
     return ((low - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+MODES = ("fp32-cf", "fp32-cl", "bf16-cl")  # precision - memory format (channels-first / channels_last_3d)
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device, n: int = 2048, iters: int = 5) -> float:
+    """Multiply-adds/s (G) of an n x n matrix product: the device's ceiling for this dtype."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n ** 3 * iters / (time.perf_counter() - start) / 1e9
+
+
+def bench(name: str, args: argparse.Namespace, device: torch.device, mode: str = "bf16-cl") -> dict:
     model = models.build(name, seed=0)
     clip_len, size = args.clip_len, args.size
     if args.native:
         clip_len, size = getattr(model, "native_input", None) or NATIVE.get(name, (clip_len, size))
     clip = torch.randn(args.batch_size, 3, clip_len, size, size)  # (B, 3, L, H, W)
     cuda = device.type == "cuda"
+    bf16, channels_last = mode.startswith("bf16"), mode.endswith("-cl")
     err = None
-    if cuda:
-        model = model.to(device, memory_format=torch.channels_last_3d)
-        clip = clip.to(device).contiguous(memory_format=torch.channels_last_3d)
-        err = bf16_error(model, clip)
+    model, clip = model.to(device), clip.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last_3d)
+        clip = clip.contiguous(memory_format=torch.channels_last_3d)
+    if bf16:
+        err = bf16_error(model, clip, device.type)
 
     def step() -> None:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             model(clip)
         if cuda:
             torch.cuda.synchronize()
@@ -81,8 +103,9 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     clips_per_s = args.batch_size / seconds
     with torch.no_grad():
         shape = tuple(model(clip[:1]).shape[1:])  # (C, T', H', W')
-    return {"model": name, "input": f"{clip_len}x{size}", "shape": "x".join(map(str, shape)), "gflops": gflops, "ms_per_clip": 1e3 * seconds / args.batch_size,
-            "clips_per_s": clips_per_s, "gflop_per_s": clips_per_s * gflops, "bf16_err": err}
+    return {"model": name, "mode": mode, "input": f"{clip_len}x{size}", "shape": "x".join(map(str, shape)),
+            "gflops": gflops, "ms_per_clip": 1e3 * seconds / args.batch_size, "clips_per_s": clips_per_s,
+            "gflop_per_s": clips_per_s * gflops, "bf16_err": err}
 
 
 def main() -> None:
@@ -98,6 +121,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=None, help="timed forwards [cpu 2, cuda 20]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads [torch's default]")
+    p.add_argument("--modes", default=None, help=f"comma-separated of {', '.join(MODES)} [cpu: all; cuda: bf16-cl]")
     args = p.parse_args()
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -107,30 +131,31 @@ def main() -> None:
     args.iters = args.iters or (20 if cuda else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
+    modes = (args.modes or ("bf16-cl" if cuda else ",".join(MODES))).split(",")
     if cuda:
         torch.backends.cudnn.benchmark = True
-        hw = f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}, bf16 autocast, " \
-             "channels_last_3d"
+        hw = f"{torch.cuda.get_device_name(device)}, cuDNN {torch.backends.cudnn.version()}"
     else:
-        hw = f"{cpu_model()}, {torch.get_num_threads()} threads, fp32"
+        hw = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    ceiling = {"fp32": matmul_rate(torch.float32, device), "bf16": matmul_rate(torch.bfloat16, device)}
     print(f"# {time.strftime('%Y-%m-%d')}  torch {torch.__version__}  {hw}")
     print(f"# clip {'native per model' if args.native else f'{args.clip_len} x {args.size} x {args.size}'}, "
-          f"batch {args.batch_size}, "
-          f"{args.warmup} warm-up + {args.iters} timed forwards, random init")
-    cols = "| model | input | map (C x T' x H' x W') | GFLOPs/clip | ms/clip | clips/s | GFLOP/s |" + (
-        " bf16 rel. err |" if cuda else "")
+          f"batch {args.batch_size}, {args.warmup} warm-up + {args.iters} timed forwards, random init; "
+          f"matmul ceilings: fp32 {ceiling['fp32']:.1f}, bf16 {ceiling['bf16']:.1f} G multiply-adds/s")
+    cols = ("| model | mode | input | map (C x T' x H' x W') | GFLOPs/clip | ms/clip | clips/s | GFLOP/s | "
+            "vs bf16 matmul | bf16 rel. err |")
     print(cols)
     print("|" + "---|" * (cols.count("|") - 1))
     for name in args.models.replace("zoo", ZOO_MODELS).split(","):
-        r = bench(name.strip(), args, device)
-        row = (f"| {r['model']} | {r['input']} | {r['shape']} | {r['gflops']:.2f} | {r['ms_per_clip']:.1f} | {r['clips_per_s']:.2f} | "
-               f"{r['gflop_per_s']:.1f} |")
-        if cuda:
-            row += f" {r['bf16_err']:.1e} |"
-        print(row, flush=True)
-        if cuda and r["bf16_err"] > BF16_TOLERANCE:
-            print(f"# WARNING {r['model']}: bf16 output differs from fp32 by {r['bf16_err']:.1e} (relative max): "
-                  "check the torch/cuDNN versions (PITFALLS.md)", flush=True)
+        for mode in modes:
+            r = bench(name.strip(), args, device, mode.strip())
+            err = "-" if r["bf16_err"] is None else f"{r['bf16_err']:.1e}"
+            print(f"| {r['model']} | {r['mode']} | {r['input']} | {r['shape']} | {r['gflops']:.2f} | "
+                  f"{r['ms_per_clip']:.1f} | {r['clips_per_s']:.2f} | {r['gflop_per_s']:.1f} | "
+                  f"{r['gflop_per_s'] / ceiling['bf16']:.2f} | {err} |", flush=True)
+            if r["bf16_err"] is not None and r["bf16_err"] > BF16_TOLERANCE:
+                print(f"# WARNING {r['model']}: bf16 output differs from fp32 by {r['bf16_err']:.1e} (relative "
+                      "max): check the torch/cuDNN versions (PITFALLS.md)", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,15 @@ and cached under the temp dir). Every stage processes the same videos with the s
 Printed: clips/s of each stage and the ratio of seconds pipeline / (decode + model). On a CPU the
 stages share the cores, so the pipeline cannot beat their sum; the goal is <= 1.1 (no overhead
 beyond the two stages). On CUDA the stages run on different hardware and should overlap: the
-goal is pipeline / max(decode, model) <= 1.1.
+goal is pipeline / max(decode, model) <= 1.1. Beside them, the device's bf16 matmul rate measured
+in the same run, and model-only and pipeline GFLOP/s as fractions of it.
+
+    python benchmarks/extract.py --startup               # start-up, in subprocesses (one run)
+
+``--startup`` measures what a short job pays: `python -c "import torch, decord, h5py"`, `faster
+extract` on a directory where nothing is left to do, `faster flops`, and the whole `faster extract`
+process on 12 short videos against the loop a user writes by hand (decord + one clip at a time
+through the same backbone, np.save per video), each the best of 3.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from backbones import cpu_model  # benchmarks/backbones.py, beside this script
+from backbones import cpu_model, matmul_rate  # benchmarks/backbones.py, beside this script
 
 from faster import synthetic
 from faster import runtime
@@ -94,15 +102,21 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="CPU: torch threads for model-only and pipeline "
                                                 "(sets OMP_NUM_THREADS; default: faster's choice)")
+    ap.add_argument("--dtype", default="auto", choices=pl.DTYPES)
+    ap.add_argument("--startup", action="store_true", help="measure start-up and short jobs instead (see above)")
     args = ap.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    if args.startup:
+        startup(args)
+        return
 
     root = make_videos(args.videos)
     out = Path(tempfile.mkdtemp(prefix="faster-bench-extract-"))
     cfg = pl.ExtractConfig(str(root), str(out / "feats"), tuple(args.model or ["r2d26"]), clip_len=args.clip_len,
                            num_clips=args.num_clips, size=args.size, batch_size=args.batch_size,
-                           workers=args.workers, device=args.device, progress=False, shard_size=64)
+                           workers=args.workers, device=args.device, progress=False, shard_size=64,
+                           dtype=args.dtype)
     device = runtime.resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(runtime.cpu_threads(cfg.workers))
@@ -111,7 +125,9 @@ def main() -> None:
     items = vid.discover(root).items
     clips = len(items) * cfg.num_clips
     decoders.warm_up_workers()
-    models = pl.ClipModels(cfg, device)
+    models = pl.ClipModels(cfg, device, pl._compute_dtype(cfg, device, out / "feats"))
+    models.load()
+    bf16_rate = matmul_rate(torch.bfloat16, device)
     try:
         t_decode, frames = decode_only(items, cfg, pin=models.cuda)
         models(frames[0][: cfg.batch_size].to(models.device))  # warm-up forward
@@ -129,13 +145,81 @@ def main() -> None:
     print(f"{len(items)} videos 340x256 10 s 30 fps H.264; models {', '.join(cfg.models)}; {cfg.num_clips} clips x "
           f"{cfg.clip_len} frames at {cfg.size} px; batch {cfg.batch_size}; {cfg.workers} decode workers; {device} "
           f"({models.compute_dtype})")
-    print("| stage | seconds | clips/s |\n|---|---|---|")
+    gflops = sum(models.headers[m].gflops_per_clip for m in cfg.models)  # per clip, every model
+    print(f"bf16 matmul ceiling {bf16_rate:.1f} G multiply-adds/s in this run")
+    print("| stage | seconds | clips/s | GFLOP/s | vs bf16 matmul |\n|---|---|---|---|---|")
     for name, t in (("decode only", t_decode), ("model only", t_model), ("pipeline", t_pipe)):
-        print(f"| {name} | {t:.2f} | {clips / t:.1f} |")
-    if device == "cpu":
+        rate = "-" if name == "decode only" else f"{clips / t * gflops:.1f}"
+        frac = "-" if name == "decode only" else f"{clips / t * gflops / bf16_rate:.2f}"
+        print(f"| {name} | {t:.2f} | {clips / t:.1f} | {rate} | {frac} |")
+    if device.type == "cpu":
         print(f"pipeline / (decode + model) = {t_pipe / (t_decode + t_model):.3f}  (goal <= 1.1)")
     else:
         print(f"pipeline / max(decode, model) = {t_pipe / max(t_decode, t_model):.3f}  (goal <= 1.1)")
+
+
+HAND_LOOP = """
+import sys, numpy as np, torch, decord
+from pathlib import Path
+from faster.extract import models
+from faster.sampling import clip_starts
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir(exist_ok=True)
+model = models.build("r2d26", seed=0).eval()
+mean = torch.tensor(model.mean).view(1, 3, 1, 1, 1)
+std = torch.tensor(model.std).view(1, 3, 1, 1, 1)
+for path in sorted(root.glob("*.mp4")):
+    vr = decord.VideoReader(str(path), num_threads=1, width=64, height=64)
+    maps = []
+    for s in clip_starts(len(vr), 4, 8):
+        x = torch.from_numpy(vr.get_batch(list(range(s, s + 8))).asnumpy()).permute(3, 0, 1, 2)[None].float() / 255
+        with torch.no_grad():
+            maps.append(model((x - mean) / std).numpy())
+    np.save(out / (path.stem + ".npy"), np.concatenate(maps))
+"""
+
+
+def startup(args: argparse.Namespace) -> None:
+    """Start-up figures, each the best of 3 whole processes."""
+    import subprocess
+    import sys
+
+    def best(cmd, repeats: int = 3) -> float:
+        """``cmd``: a command, or a function of the repeat's index giving one (a fresh output each time)."""
+        times = []
+        for k in range(repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd(k) if callable(cmd) else cmd, check=True, capture_output=True)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    work = Path(tempfile.mkdtemp(prefix="faster-bench-startup-"))
+    try:
+        videos = work / "videos"
+        for i in range(12):  # 12 short videos (2 s at 64 px), the size where start-up dominates
+            synthetic.write_video(videos / f"v{i:02d}.mp4", synthetic.motion_frames("left", frames=60, size=64, seed=i))
+        faster = [sys.executable, "-m", "faster"]
+        extract = [*faster, "extract", str(videos), "--model", "r2d26", "--size", "64", "--num-clips", "4",
+                   "--no-progress", "--allow-empty", "--unlabelled"]
+        subprocess.run([*extract, "-o", str(work / "done")], check=True, capture_output=True)  # fills the caches
+        t_import = best([sys.executable, "-c", "import torch, decord, h5py"])
+        t_nothing = best([*extract, "-o", str(work / "done")])
+        t_flops = best([*faster, "flops"])
+        t_torch = best([sys.executable, "-c", "import torch"])
+        t_whole = best(lambda k: [*extract, "-o", str(work / f"new{k}")])
+        t_hand = best(lambda k: [sys.executable, "-c", HAND_LOOP, str(videos), str(work / f"hand{k}")])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"date {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {cpu_model()} "
+          f"({len(os.sched_getaffinity(0))} cores), load average {os.getloadavg()[0]:.1f}; best of 3 processes")
+    print("| figure | seconds | ratio | goal |\n|---|---|---|---|")
+    print(f"| python -c 'import torch, decord, h5py' | {t_import:.2f} | 1.00 | |")
+    print(f"| faster extract, nothing left to do | {t_nothing:.2f} | {t_nothing / t_import:.2f} x import | <= 1.3 |")
+    print(f"| python -c 'import torch' | {t_torch:.2f} | | |")
+    print(f"| faster flops | {t_flops:.2f} | +{t_flops - t_torch:.2f} s beyond import torch | < 1 s |")
+    print(f"| faster extract, 12 short videos (whole process) | {t_whole:.2f} | {t_hand / t_whole:.2f} x the hand loop's "
+          f"speed | >= 1 |")
+    print(f"| hand-written decord + per-clip loop | {t_hand:.2f} | | |")
 
 
 if __name__ == "__main__":

@@ -113,3 +113,22 @@ def test_predict_runs_the_expensive_backbone_exactly_where_evaluate_decided(tmp_
         assert rec["gflops"] == pytest.approx(ev[item.id]["gflops"])
         total += rec["num_expensive"]
     assert predictor.calls[C] == 8 * len(items) and predictor.calls[E] == total
+
+
+@pytest.mark.slow
+def test_ablate_puts_budgets_beside_fixed_patterns_with_random_and_oracle_references(spot_set, tmp_path):
+    import csv
+
+    grid = tmp_path / "grid"
+    res = CliRunner().invoke(cli, ["ablate", spot_set, "-o", str(grid), "--agg", "gru", "--pattern", "1:3,adaptive",
+                                   "--budget", "0.125", "--epochs", "12", "--lr", "0.01", "--dropout", "0",
+                                   "--batch-size", "32"])
+    assert res.exit_code == 0, res.output
+    rows = {r["pattern"]: r for r in csv.DictReader(open(grid / "results.csv"))}
+    assert set(rows) == {"1:3", "adaptive@0.125", "oracle@0.125", "random@0.125"}
+    top1 = {p: float(r["top1"]) for p, r in rows.items()}
+    # measured: policy 1.00, oracle 1.00, random ~0.35, 1:3 ~0.42
+    assert top1["adaptive@0.125"] >= 0.85 and top1["oracle@0.125"] >= top1["random@0.125"] + 0.3
+    assert top1["1:3"] <= 0.55 and float(rows["adaptive@0.125"]["budget"]) == 0.125
+    md = (grid / "results.md").read_text()
+    assert "Policy B=0.125" in md and "Oracle B=0.125" in md and "Random B=0.125" in md
