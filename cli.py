@@ -26,6 +26,25 @@ def _fail(err: Exception) -> None:
     raise click.ClickException(str(err)) from err
 
 
+def _parse_sizes(values: tuple[str, ...], default: int = 224) -> tuple[int, dict[str, int]]:
+    """--size values: PX (every model's crop; the last one given counts, as for any option) and NAME=PX
+    for single models."""
+    size, sizes = None, {}
+    for v in values:
+        name, sep, px = v.rpartition("=")
+        try:
+            px_int = int(px)
+        except ValueError:
+            raise click.BadParameter(f"{v!r}: expected PX or NAME=PX", param_hint="--size") from None
+        if px_int < 8:
+            raise click.BadParameter(f"{v!r}: a crop must be >= 8 pixels", param_hint="--size")
+        if sep:
+            sizes[name] = px_int
+        else:
+            size = px_int
+    return (default if size is None else size), sizes
+
+
 def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for v in values:
@@ -114,7 +133,8 @@ def cli(verbose: int) -> None:
 @click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights file; random init without.")
 @click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--num-clips", type=click.IntRange(1), help="Clips per video [default: 256 // clip-len].")
-@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Crop size in pixels.")
+@click.option("--size", "sizes", multiple=True, metavar="PX|NAME=PX",
+              help="Crop size in pixels [224]; NAME=PX gives one model its own (e.g. --size 112 --size r2d26=224).")
 @click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Clips per forward.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Decoding processes.")
@@ -152,6 +172,7 @@ def extract(**kw) -> None:
 
     strict = kw.pop("strict")
     kw["weights"] = _parse_weights(kw["weights"])
+    kw["size"], kw["sizes"] = _parse_sizes(kw.pop("sizes"))
     try:
         cfg = ExtractConfig(**kw)
     except UserError as err:
@@ -464,7 +485,8 @@ def pack(strict: bool, **kw) -> None:
 @click.option("--cheap", default="r2d26", show_default=True, help=MODEL_HELP)
 @click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--num-clips", type=click.IntRange(1), help="[default: 256 // clip-len]")
-@click.option("--size", default=224, show_default=True, type=click.IntRange(8))
+@click.option("--size", "sizes", multiple=True, metavar="PX|NAME=PX",
+              help="Crop size [224]; NAME=PX for one model (a big-little pair).")
 @click.option("--pattern", default="all-e", show_default=True,
               help="all-e, all-c, first, 1:N (N >= 0; 1:0 is all-e) or adaptive (with --budget).")
 @click.option("--agg", default="fastgru", show_default=True, help="Aggregator whose cost is added.")
@@ -472,7 +494,8 @@ def pack(strict: bool, **kw) -> None:
               help="Pattern adaptive: the expected fraction of clips that also get the expensive backbone.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--list", "list_models", is_flag=True, help="List every backbone with its GFLOPs per clip and map shape.")
-def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size: int, pattern: str, agg: str,
+def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, sizes: tuple[str, ...], pattern: str,
+          agg: str,
           budget: float | None, as_json: bool, list_models: bool) -> None:
     """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern.
 
@@ -486,9 +509,13 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     from faster.aggregate import patterns
     from faster.extract import models
 
+    size, per_model = _parse_sizes(sizes)
     if list_models:
         _list_backbones(models, clip_len, size)
         return
+    px = {m: per_model.get(m, size) for m in (expensive, cheap)}
+    where = (f"at {size} px" if len(set(px.values())) == 1 else
+             "(" + ", ".join(f"{m} at {p} px" for m, p in px.items()) + ")")
 
     n = num_clips or max(1, 256 // clip_len)
     for hint, name in (("--expensive", expensive), ("--cheap", cheap)):
@@ -496,15 +523,15 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
             raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())}",
                                      param_hint=hint)
     if pattern == patterns.ADAPTIVE:
-        _flops_adaptive(models, expensive, cheap, clip_len, n, size, agg, budget, as_json)
+        _flops_adaptive(models, expensive, cheap, clip_len, n, px, agg, budget, as_json)
         return
     try:
         num_e, num_c = patterns.counts(pattern, n)
     except UserError as err:
         raise click.BadParameter(str(err), param_hint="--pattern") from None
     try:
-        gflops = {m: models.clip_gflops(m, clip_len, size) for m in (expensive, cheap)}
-        shapes = {m: models.feature_shape(m, clip_len, size) for m in (expensive, cheap)}
+        gflops = {m: models.clip_gflops(m, clip_len, px[m]) for m in (expensive, cheap)}
+        shapes = {m: models.feature_shape(m, clip_len, px[m]) for m in (expensive, cheap)}
     except UserError as err:
         raise click.UsageError(str(err)) from None
     used = [m for m, k in ((expensive, num_e), (cheap, num_c)) if k]
@@ -524,13 +551,13 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     if as_json:
         out = {"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "video_gflops": video,
                "num_expensive": num_e, "num_cheap": num_c, "pattern": pattern, "num_clips": n,
-               "clip_len": clip_len, "size": size, "expensive": expensive, "cheap": cheap, "agg": agg,
+               "clip_len": clip_len, "size": size, "sizes": px, "expensive": expensive, "cheap": cheap, "agg": agg,
                "feature_shape": [C, T, H, W]}
         if note:
             out["note"] = note
         click.echo(json.dumps(out))
         return
-    click.echo(f"{n} clips of {clip_len} frames at {size} px, pattern {pattern}: {num_e} expensive, {num_c} cheap; "
+    click.echo(f"{n} clips of {clip_len} frames {where}, pattern {pattern}: {num_e} expensive, {num_c} cheap; "
                f"features {C} x {T} x {H} x {W} (C x T' x H' x W')")
     click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:3d} = "
                f"{num_e * gflops[expensive]:9.2f}")
@@ -540,7 +567,7 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     click.echo(f"  video      {'':<16} {'':>27} = {video:9.2f} GFLOPs")
 
 
-def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, size: int, agg: str,
+def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, px: dict[str, int], agg: str,
                     budget: float | None, as_json: bool) -> None:
     """The expected cost of a policy run at rate ``budget``: N x cheap + B N x expensive + aggregator + gate."""
     import json
@@ -553,9 +580,9 @@ def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, s
 
     try:
         budget = policy.check_budget(budget)
-        gflops = {m: models.clip_gflops(m, clip_len, size) for m in (expensive, cheap)}
-        shapes = {"expensive": list(models.feature_shape(expensive, clip_len, size)),
-                  "cheap": list(models.feature_shape(cheap, clip_len, size))}
+        gflops = {m: models.clip_gflops(m, clip_len, px[m]) for m in (expensive, cheap)}
+        shapes = {"expensive": list(models.feature_shape(expensive, clip_len, px[expensive])),
+                  "cheap": list(models.feature_shape(cheap, clip_len, px[cheap]))}
         kwargs = {"num_classes": 400, "sources": shapes, "dropout": 0.0}
         agg_e, agg_c = count_gflops(agg, kwargs, [True] * n), count_gflops(agg, kwargs, [False] * n)
         with torch.device("meta"):
@@ -568,10 +595,11 @@ def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, s
     if as_json:
         click.echo(json.dumps({"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "gate_gflops": gate,
                                "video_gflops": video, "num_expensive": num_e, "num_cheap": n, "pattern": "adaptive",
-                               "budget": budget, "num_clips": n, "clip_len": clip_len, "size": size,
+                               "budget": budget, "num_clips": n, "clip_len": clip_len, "sizes": px,
                                "expensive": expensive, "cheap": cheap, "agg": agg}))
         return
-    click.echo(f"{n} clips of {clip_len} frames at {size} px, pattern adaptive at budget {budget:g}: the cheap "
+    where = ", ".join(f"{m} at {p} px" for m, p in px.items())
+    click.echo(f"{n} clips of {clip_len} frames ({where}), pattern adaptive at budget {budget:g}: the cheap "
                f"backbone on every clip, the expensive one on {num_e:g} clips per video on average")
     click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:5.2f} = "
                f"{num_e * gflops[expensive]:9.2f}")

@@ -154,7 +154,8 @@ class Predictor:
         recorded = any(self.run.models[m].get("compute_dtype") == "bfloat16" for m in built)  # as extraction ran
         amp = recorded if dtype == "auto" else dtype == "bf16"
         self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp,
-                                     pooled={m for m in built if self.run.models[m].get("spatial_pool")})
+                                     pooled={m for m in built if self.run.models[m].get("spatial_pool")},
+                                     sizes={m: int(self.run.models[m].get("size") or self.run.size) for m in built})
         self.backbones = self.runner.models
         self.calls = self.runner.calls
 
@@ -180,11 +181,12 @@ class Predictor:
         if recorded.get("layer") and str(module.layer) != str(recorded["layer"]):
             raise PredictError(f"{name}: the backbone outputs {module.layer}, the run's features are "
                                f"{recorded['layer']}")
-        C, T, H, W = models.feature_shape(name, run.clip_len, run.size)
+        size = int(recorded.get("size") or run.size)  # this model's crop (format 2), else the extraction's
+        C, T, H, W = models.feature_shape(name, run.clip_len, size)
         if recorded.get("spatial_pool"):  # extracted with --spatial-pool: features() pools as extraction did
             H = W = 1
         if "shape" in recorded and [T, H, W, C] != [int(v) for v in recorded["shape"]]:
-            raise PredictError(f"{name}: the backbone maps {run.clip_len}-frame clips at {run.size} px "
+            raise PredictError(f"{name}: the backbone maps {run.clip_len}-frame clips at {size} px "
                                f"to {[T, H, W, C]} (T', H', W', C), the run's features are {list(recorded['shape'])}")
         return module
 

@@ -60,6 +60,7 @@ class ExtractConfig:
     clip_len: int = 8  # L, frames per clip
     num_clips: int | None = None  # N, clips per video; None -> 256 // clip_len
     size: int = 224  # crop size in pixels (short side resized to size * 8/7 first)
+    sizes: dict[str, int] = field(default_factory=dict)  # model name -> its own crop (bLVNet's big-little); else size
     frame_stride: int = 1  # frame step inside a clip
     batch_size: int = 8  # clips per forward pass (halved on CUDA out-of-memory)
     workers: int = 2  # decoding processes; 0 decodes in the main process (no timeout)
@@ -80,6 +81,16 @@ class ExtractConfig:
     wait: bool = False  # another process writes this part (store.lock): wait for it instead of refusing
     allow_empty: bool = False  # no video found is not an error (an empty feature set is written)
     dtype: str = "auto"  # auto (bf16 where the device has native bf16, or the directory's recorded dtype), fp32, bf16
+
+    def model_size(self, name: str) -> int:
+        """The crop ``name`` sees: its --size NAME=PX, else --size."""
+        return int(self.sizes.get(name, self.size))
+
+    @property
+    def decode_size(self) -> int:
+        """The crop the videos are decoded at: the largest model's; smaller ones are resized from it
+        on the device (extract.runner), so one decode feeds every model."""
+        return max(self.model_size(m) for m in self.models)
 
     def __post_init__(self) -> None:
         self.models = tuple(self.models)
@@ -102,6 +113,12 @@ class ExtractConfig:
             raise BadValue(f"shard_index {self.shard_index} is not in [0, num_shards={self.num_shards})")
         if self.compression not in schema.COMPRESSIONS:
             raise BadValue(f"unknown compression {self.compression!r}; expected one of {schema.COMPRESSIONS}")
+        self.sizes = {str(k): int(v) for k, v in self.sizes.items()}
+        for name, px in self.sizes.items():
+            if name not in self.models:
+                raise BadValue(f"--size {name}={px}: {name!r} is not a --model ({', '.join(self.models)})")
+            if px < 8:
+                raise BadValue(f"--size {name}={px}: must be >= 8 pixels")
         if self.dtype not in DTYPES:
             raise BadValue(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
         if self.decoder not in vid.DECODERS:
@@ -135,7 +152,7 @@ class ClipModels:
         for name in cfg.models:
             d = registry.describe(name, weights=cfg.weights.get(name), seed=cfg.seed)
             self.headers[name] = ModelHeader(layer=d["layer"], weights=d["weights"], mean=d["mean"], std=d["std"],
-                                             compute_dtype=compute_dtype,
+                                             compute_dtype=compute_dtype, size=cfg.model_size(name),
                                              spatial_pool=1 if self.spatial_pool else None)
 
     @property
@@ -145,7 +162,7 @@ class ClipModels:
 
         out = {}
         for name in self.cfg.models:
-            C, T, H, W = registry.feature_shape(name, self.cfg.clip_len, self.cfg.size)
+            C, T, H, W = registry.feature_shape(name, self.cfg.clip_len, self.cfg.model_size(name))
             out[name] = (T, 1, 1, C) if self.spatial_pool else (T, H, W, C)  # per clip, channels last
         return out
 
@@ -164,18 +181,19 @@ class ClipModels:
             if str(model.weights) != described.weights:
                 raise BadFile(f"{name}: the weights changed while starting ({described.weights} -> {model.weights})")
             built[name] = model
-            described.gflops_per_clip = float(registry.clip_gflops(name, cfg.clip_len, cfg.size))
+            described.gflops_per_clip = float(registry.clip_gflops(name, cfg.clip_len, cfg.model_size(name)))
         self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size,
-                                     amp=self.compute_dtype == "bfloat16",
+                                     amp=self.compute_dtype == "bfloat16", sizes={m: cfg.model_size(m) for m in built},
                                      pooled=set(built) if self.spatial_pool else set())
         if self.runner.amp:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                clip = torch.randint(0, 256, (1, cfg.clip_len, cfg.size, cfg.size, 3), dtype=torch.uint8)
+                clip = torch.randint(0, 256, (1, cfg.clip_len, cfg.decode_size, cfg.decode_size, 3),
+                                     dtype=torch.uint8)
             for name, err in self.runner.check_bf16(clip).items():
                 if err > BF16_TOLERANCE:
                     raise BadValue(f"{name} in bf16 differs from fp32 by {100 * err:.1f}% on a {cfg.clip_len}-frame "
-                                   f"clip at {cfg.size} px (torch {torch.__version__}, cuDNN "
+                                   f"clip at {cfg.model_size(name)} px (torch {torch.__version__}, cuDNN "
                                    f"{torch.backends.cudnn.version()}): some versions compute bf16 conv3d wrongly; "
                                    f"run with --dtype fp32")
                 log.info("%s: bf16 vs fp32 relative error %.2f%%", name, 100 * err)
@@ -289,7 +307,8 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
         torch.backends.cudnn.benchmark = True
     try:
         models = ClipModels(cfg, device, _compute_dtype(cfg, device, out))
-        header = Header(clip_len=cfg.clip_len, num_clips=cfg.num_clips, frame_stride=cfg.frame_stride, size=cfg.size,
+        header = Header(clip_len=cfg.clip_len, num_clips=cfg.num_clips, frame_stride=cfg.frame_stride,
+                        size=cfg.decode_size,
                         classes=found.classes, models=models.headers, software_version=faster.__version__,
                         torch_version=str(torch.__version__))
         writer = FeatureSetWriter(out, header, part=place.part, num_parts=place.num_parts, shard_size=cfg.shard_size,
@@ -428,7 +447,7 @@ class _Run:
         exhausted = not todo
         interrupted = None
         with _StopFlag() as stop, decoder_cls(
-                todo, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.size,
+                todo, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.decode_size,
                 frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=self.models.cuda,
                 decode=self.decode, recycle_every=cfg.recycle_every, decoder=cfg.decoder) as decoder:
             for item in missing:

@@ -29,11 +29,14 @@ class BackboneRunner:
 
     ``amp``: run under bf16 autocast (extraction on a bf16-capable GPU, or predict of a run whose
     features were computed so). ``pooled``: the models whose maps are averaged over H' x W'
-    (--spatial-pool). ``calls[name]`` counts the clips each backbone has processed.
+    (--spatial-pool). ``sizes``: each model's crop, when it differs from the decoded clips' (a
+    big-little pair decoded once at the larger crop: the smaller is resized on the device,
+    antialiased bilinear, after normalisation, which commutes with it). ``calls[name]`` counts the clips each backbone has processed.
     """
 
     def __init__(self, models: dict[str, "nn.Module"], device: "torch.device", *, batch_size: int = 8,
-                 amp: bool = False, pooled: "set[str] | frozenset[str]" = frozenset()):
+                 amp: bool = False, pooled: "set[str] | frozenset[str]" = frozenset(),
+                 sizes: dict[str, int] | None = None):
         import torch
 
         self.device = torch.device(device)
@@ -45,6 +48,7 @@ class BackboneRunner:
             self.models[name] = model.to(self.device).eval().to(memory_format=torch.channels_last_3d)
         self.calls = {name: 0 for name in self.models}
         self.pooled = frozenset(pooled)
+        self.sizes = dict(sizes or {})  # model -> its crop; clips of another size are resized to it
 
     @property
     def compute_dtype(self) -> str:
@@ -52,12 +56,18 @@ class BackboneRunner:
 
     def _forward(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
         import torch
+        import torch.nn.functional as F
 
         model = self.models[name]
         b = clips.shape[0]
         if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
             clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
         x = vid.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
+        size = self.sizes.get(name, x.shape[-1])
+        if size != x.shape[-1]:  # a smaller model of a big-little pair: the same field of view, resized
+            B, _, L, S, _ = x.shape
+            x = F.interpolate(x.reshape(B, 3 * L, S, S), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False).reshape(B, 3, L, size, size)  # (B, 3, L, s, s)
         x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             y = model(x)  # (B, C, T', H', W')

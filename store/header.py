@@ -20,7 +20,7 @@ from faster.errors import BadFile
 from faster.store import schema
 
 # The per-model attributes that define a configuration (gflops_per_clip is a cost, not an identity).
-MODEL_CONFIG = ("layer", "weights", "mean", "std", "compute_dtype", "spatial_pool")
+MODEL_CONFIG = ("layer", "weights", "mean", "std", "compute_dtype", "spatial_pool", "size")
 
 
 def plain_attr(value: Any) -> Any:
@@ -49,6 +49,7 @@ class ModelHeader:
     std: list[float] | None = None
     compute_dtype: str | None = None  # "float32" or "bfloat16": what the backbone ran in
     spatial_pool: int | None = None  # 1: each map averaged over H' x W' (stored 1 x 1, --spatial-pool); unset: full maps
+    size: int | None = None  # this model's crop in pixels (format 2); unset (format 1): the root's size
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> "ModelHeader":
@@ -109,8 +110,9 @@ class Header:
         if fmt != schema.FORMAT:
             raise BadFile(f"{where}: format {fmt!r}, expected {schema.FORMAT!r}")
         version = plain_attr(a.get("format_version"))
-        if version != schema.FORMAT_VERSION:
-            raise BadFile(f"{where}: format_version {version!r}; this reader knows {schema.FORMAT_VERSION}")
+        if version not in schema.READABLE_VERSIONS:
+            raise BadFile(f"{where}: format_version {version!r}; this reader knows "
+                          f"{', '.join(map(str, schema.READABLE_VERSIONS))}")
         missing = [k for k in schema.CONFIG_ATTRS if k not in a]
         if missing:
             raise BadFile(f"{where}: missing root attributes {missing}")
@@ -144,6 +146,8 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str = "there
     for m in sorted(set(ma) & set(mb)):
         for k in MODEL_CONFIG:
             x, y = ma[m].get(k), mb[m].get(k)
+            if k == "size":  # format 1 recorded one size for every model: the root's
+                x, y = x if x is not None else a.get("size"), y if y is not None else b.get("size")
             if k in ("mean", "std"):
                 same = x is not None and y is not None and np.allclose(np.asarray(x, float), np.asarray(y, float))
             else:

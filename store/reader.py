@@ -4,7 +4,7 @@ A feature set is one or more directories of ``shard-*.h5`` files (the shards are
 are not needed). Shards holding the same models are parts of one extraction and simply pooled,
 whatever directory or process wrote them; groups holding different models (an expensive extraction
 beside a cheap one) are joined by video id, and the join reports how many videos matched. Every
-shard must carry format "faster-features", format_version 1, and the same clip_len, num_clips,
+shard must carry format "faster-features", format_version 1 or 2, and the same clip_len, num_clips,
 frame_stride, size and classes; joined videos must have the same clip starts. Any violation is a
 ValueError naming the file.
 

@@ -1,4 +1,4 @@
-"""Shard schema, format_version 1 (docs/format.md "Shard schema"): names and constants. The on-disk axis
+"""Shard schema, format_version 2 (docs/format.md "Shard schema"): names and constants. The on-disk axis
 order is stated here once; the typed header that reads and writes the attributes is store/header.py.
 
 A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard holds V videos:
@@ -23,7 +23,8 @@ from __future__ import annotations
 import re
 
 FORMAT = "faster-features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-model crop size (attribute size on /features/<model>); 1 still reads
+READABLE_VERSIONS = (1, 2)
 FEATURE_AXES = ("video", "clip", "t", "h", "w", "c")  # /features/<model>: (V, N, T', H', W', C)
 FEATURE_DTYPE = "float16"
 

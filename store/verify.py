@@ -1,4 +1,4 @@
-"""`faster verify`: check feature-set directories against the shard schema (format_version 1).
+"""`faster verify`: check feature-set directories against the shard schema (format_version 2; 1 still reads).
 
 For every complete shard: the root attributes of schema.ROOT_ATTRS, the /videos datasets with
 consistent lengths, clip starts inside the video (unless unknown: packed), labels inside the class list, every

@@ -248,3 +248,37 @@ def test_predict_on_spatially_pooled_features_agrees_with_evaluate(tmp_path):
     assert set(pred) == set(ev)
     for vid, e in ev.items():
         np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+
+
+@pytest.mark.slow
+def test_a_big_little_extraction_fits_evaluates_and_predicts(tmp_path):
+    """bLVNet's big-little: the expensive model at a low resolution, the cheap one at a high one, from
+    one decode; the shard records each model's size and cost; predict == evaluate."""
+    import h5py
+
+    from faster.extract import models
+
+    videos, feats = tmp_path / "videos", tmp_path / "feats"
+    synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=128)
+    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, sizes={C: 128},
+                              workers=0, progress=False))
+    with h5py.File(next(feats.glob("shard-*.h5"))) as f:
+        assert f.attrs["size"] == 128 and f.attrs["format_version"] == 2  # decoded once, at the larger crop
+        e, c = f[f"features/{E}"], f[f"features/{C}"]
+        assert (e.attrs["size"], c.attrs["size"]) == (64, 128)
+        assert e.shape[2:5] == (1, 2, 2) and c.shape[2:5] == (1, 4, 4)
+        assert c.attrs["gflops_per_clip"] == pytest.approx(models.clip_gflops(C, 8, 128))
+        assert e.attrs["gflops_per_clip"] == pytest.approx(models.clip_gflops(E, 8, 64))
+    run = tmp_path / "run"
+    fit(FitConfig([str(feats)], str(run), "fastgru", E, C, "1:1", epochs=2, batch_size=4, workers=0, progress=False,
+                  val_fraction=0.5))
+    evaluate(run, [str(feats)], str(tmp_path / "eval.jsonl"), workers=0, progress=False)
+    _, pred = _predict({"videos": videos}, run, tmp_path / "pred.jsonl")
+    ev = _lines(tmp_path / "eval.jsonl")
+    assert set(pred) == set(ev)
+    for vid, e in ev.items():
+        np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+    # a resume with another size for one model is refused
+    with pytest.raises(ValueError, match="size"):
+        run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, workers=0,
+                                  progress=False))

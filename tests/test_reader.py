@@ -112,8 +112,8 @@ def test_corrupt_or_foreign_shards_are_named(tmp_path):
     bad.unlink()
     shard = sorted(d.glob("shard-*.h5"))[0]
     with h5py.File(shard, "a") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(ValueError, match=f"{shard.name}: format_version 2"):
+        f.attrs["format_version"] = 3
+    with pytest.raises(ValueError, match=f"{shard.name}: format_version 3"):
         FeatureSet([d])
     with h5py.File(shard, "a") as f:
         f.attrs["format_version"] = 1
