@@ -102,18 +102,26 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | None = None) -> int:
+HEAVY_GFLOPS = 5.0  # models costing more per clip than this leave the decoders no core of their own
+
+
+def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | None = None,
+                gflops_per_clip: float | None = None) -> int:
     """Intra-op threads for a CPU model: OMP_NUM_THREADS when set (torchrun sets 1), else this process's
-    share of the cores less one core left to the decode workers (when there are any).
+    share of the cores, less one core left to the decode workers when there are any and the models
+    are light (``gflops_per_clip``, all models together, below HEAVY_GFLOPS; unknown counts as light).
 
     OpenMP barriers stall whenever another process takes a core from one of their threads: on the
-    2-core box of BENCHMARKS.md r2d26 ran 3x faster with 1 thread than with 2 next to busy decoders.
+    2-core box of BENCHMARKS.md r2d26 at 112 px ran 3x faster with 1 thread than with 2 next to busy
+    decoders. Heavy models are the other case: R(2+1)D-50 + R2D-26 at 224 px spend ~1% of the time
+    decoding, and a core left to the decoders idles (BENCHMARKS.md "CPU threads").
     """
     env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return int(env["OMP_NUM_THREADS"])
     share = max(1, cores() // max(local_world_size, 1))
-    return max(1, share - 1) if workers > 0 else share
+    heavy = gflops_per_clip is not None and gflops_per_clip >= HEAVY_GFLOPS
+    return max(1, share - 1) if workers > 0 and not heavy else share
 
 
 _warned: set[str] = set()

@@ -316,7 +316,7 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
         mine = found.items[place.part::place.num_parts]
         plan = _plan(mine, writer.done)
         if plan.todo:  # nothing to do: no decode process, no backbone built or counted
-            _start(cfg, models)
+            _start(cfg, models, place.local_world_size)
         per_video = models.bytes_per_video(cfg.num_clips, cfg.compression) if plan.todo else 0
         need = per_video * len(plan.todo)
         free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
@@ -332,7 +332,7 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
         with writer:  # holds this part's lock from here on
             plan = _plan(mine, writer.done)  # under the lock: what a process that just finished wrote counts
             if plan.todo:
-                _start(cfg, models)  # (started already, unless another process removed shards meanwhile)
+                _start(cfg, models, place.local_world_size)  # a no-op unless shards went away meanwhile
             say(f"{len(plan.todo)} videos to extract ({plan.skipped} done already, {len(plan.missing)} "
                 f"missing) of {len(found.items)} [{found.layout}, {len(found.classes)} classes]"
                 + (f", part {place.part} of {place.num_parts}" if place.num_parts > 1 else "")
@@ -382,11 +382,19 @@ def _note_compression(out: Path, compression: str) -> None:
                     "/".join(sorted(used)), compression)
 
 
-def _start(cfg: ExtractConfig, models: ClipModels) -> None:
-    """Start the decode workers' forkserver (its imports overlap the model build), then load the models."""
+def _start(cfg: ExtractConfig, models: ClipModels, local_world_size: int) -> None:
+    """Start the decode workers' forkserver (its imports overlap the model build), load the models, and
+    on a CPU give them the threads their cost calls for (faster.runtime.cpu_threads)."""
+    import torch
+
+    from faster.runtime import cpu_threads
+
     if cfg.workers > 0:
         warm_up_workers()
     models.load()
+    if models.device.type == "cpu":
+        gflops = sum(h.gflops_per_clip for h in models.headers.values())
+        torch.set_num_threads(cpu_threads(cfg.workers, local_world_size, gflops_per_clip=gflops))
 
 
 def _compute_dtype(cfg: ExtractConfig, device: Any, out: Path) -> str:

@@ -14,6 +14,9 @@ def test_placement_combines_torchrun_ranks_and_slurm_array_index():
         placement(num_shards=3, shard_index=3, env={})
     assert cpu_threads(2, env={"OMP_NUM_THREADS": "3"}) == 3
     assert cpu_threads(0, env={}) >= cpu_threads(2, env={}) >= 1
+    # heavy models take every core (decoding is ~1% of the work), light ones leave one to the decoders
+    assert cpu_threads(2, env={}, gflops_per_clip=33.1) == cpu_threads(0, env={})
+    assert cpu_threads(2, env={}, gflops_per_clip=0.8) == cpu_threads(2, env={})
 
 
 def test_devices_resolve_and_bad_names_are_refused():
