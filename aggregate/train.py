@@ -6,6 +6,13 @@ needs under the E:C pattern, trains, validates every epoch and writes the run di
 (faster.aggregate.run). ``evaluate(run_dir, feats)`` rebuilds the run and writes per-video
 predictions. Neither imports a backbone, torchvision or decord.
 
+Options beyond the paper (docs/aggregators.md): ``agg_options`` (constructor overrides, e.g. a
+netvlad's clusters), ``init_centres`` (k-means VLAD centres from the training descriptors),
+``train_clips="jitter"`` (one random clip per segment each epoch, as TSN-style training samples
+them) and ``teacher`` (Fewer Frames distillation: a frozen fitted run teaches the student through
+a KL term on softened predictions and a squared error on the final representations, also on
+unlabelled videos).
+
 Cost per video (docs/format.md "Patterns"): #E x the expensive model's gflops_per_clip + #C x the
 cheap one's (both from the shards) + the aggregator's own multiply-adds, counted on meta tensors.
 """
@@ -22,6 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from faster.aggregate import get as aggregator_class
 from faster.aggregate import patterns, run
 from faster.aggregate.run import Run
 from faster.errors import BadValue, Incompatible
@@ -30,6 +38,8 @@ from faster.store import files
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
+TRAIN_CLIPS = ("uniform", "jitter")
+MAX_CENTRE_DESCRIPTORS = 100_000  # init_centres: k-means on at most this many training descriptors
 RUN_FILES = (run.CONFIG, run.CHECKPOINT, run.METRICS, run.RESULT, run.VAL_PREDICTIONS)  # what fit writes
 
 
@@ -63,6 +73,15 @@ class FitConfig:
     progress: bool = True  # tqdm progress bars
     overwrite: bool = False  # replace a run already in ``out`` (refused otherwise)
     skip_bad: bool = False  # leave out (with a warning) shards changed after writing and videos with NaN/inf
+    agg_options: dict[str, Any] = field(default_factory=dict)  # aggregator constructor overrides (--agg-option
+    #                          KEY=VALUE, e.g. clusters=64), recorded in the run's agg_kwargs
+    init_centres: bool = False  # netvlad: k-means centres on up to 100k training descriptors (ActionVLAD)
+    train_clips: str = "uniform"  # uniform, or jitter: each epoch one random clip per segment of the N
+    #                              extracted (order kept); evaluation and predict always use uniform
+    teacher: str | None = None  # a fitted run directory to distil from (Fewer Frames); frozen
+    distill_weight: float = 1.0  # A: weight of T^2 KL(teacher || student), softened at temperature T
+    rep_weight: float = 0.01  # B: weight of the MSE between final representations (Aggregator.state_vector)
+    temperature: float = 2.0  # T of the distillation term
 
     def validate(self) -> None:
         """Check every value that needs no data; ValueError naming the bad one."""
@@ -99,7 +118,50 @@ class FitConfig:
             raise BadValue(f"val_fraction must be in (0, 1) when no val set is given, got {self.val_fraction}")
         if self.threads is not None and self.threads < 1:
             raise BadValue(f"threads must be >= 1, got {self.threads}")
+        if not isinstance(self.agg_options, dict):
+            raise BadValue(f"agg_options must be a dict of constructor arguments, got {self.agg_options!r}")
+        accepted = agg_option_keys(self.agg)
+        for key in self.agg_options:
+            if key not in accepted:
+                raise BadValue(f"--agg-option {key!r} is not an option of {self.agg}; it accepts: "
+                               f"{', '.join(accepted) or 'none'}")
+        if self.init_centres:
+            from faster.aggregate import get
+
+            if not hasattr(get(self.agg), "init_centres"):
+                raise BadValue(f"--init-centres is for aggregators with cluster centres (netvlad), not {self.agg}")
+        if self.train_clips not in TRAIN_CLIPS:
+            raise BadValue(f"unknown train_clips {self.train_clips!r}; expected one of {', '.join(TRAIN_CLIPS)}")
+        if self.teacher is not None:
+            if self.pattern == patterns.ADAPTIVE:
+                raise BadValue("--teacher with --pattern adaptive is not supported: distil into a fixed-pattern student")
+            for name, value in (("distill_weight", self.distill_weight), ("rep_weight", self.rep_weight)):
+                if not value >= 0:
+                    raise BadValue(f"{name} must be >= 0, got {value}")
+            if not self.temperature > 0:
+                raise BadValue(f"temperature must be > 0, got {self.temperature}")
         _device(self.device)
+
+
+def agg_option_keys(agg: str) -> list[str]:
+    """The constructor options of aggregator ``agg`` that --agg-option may set (all but num_classes,
+    sources and dropout, which fit sets)."""
+    import inspect
+
+    from faster.aggregate import get
+
+    params = inspect.signature(get(agg).__init__).parameters
+    return [k for k, p in params.items()
+            if p.kind == p.KEYWORD_ONLY and k not in ("num_classes", "sources", "dropout")]
+
+
+def jitter_positions(num_extracted: int, num_clips: int, rng: np.random.Generator) -> list[int]:
+    """One clip drawn at random from each of ``num_clips`` consecutive segments of the N extracted
+    clips (segment k: [floor(k N / n), floor((k + 1) N / n))): ordered, distinct (--train-clips jitter)."""
+    if not 1 <= num_clips <= num_extracted:
+        raise BadValue(f"--num-clips must be between 1 and the {num_extracted} extracted clips, got {num_clips}")
+    edges = [k * num_extracted // num_clips for k in range(num_clips + 1)]
+    return [int(rng.integers(edges[k], edges[k + 1])) for k in range(num_clips)]
 
 
 def _device(name: str) -> Any:
@@ -190,6 +252,80 @@ def _forward(model: Any, x: dict[str, Any], mask: Sequence[bool], tau: float | N
     if isinstance(model, Policy):
         return model(x, tau)
     return model(x, mask), None
+
+
+def logits_and_representation(model: Any, x: dict[str, Any], mask: Sequence[bool]) -> tuple[Any, Any]:
+    """(logits (B, Y), final representation (B, D)) of a fixed-pattern aggregator: the batched
+    forward, keeping its final state for ``state_vector``."""
+    state = model._run(model._sequence(x, mask))
+    return model._readout(state, len(mask)), model.state_vector(state)
+
+
+def distillation_loss(logits: Any, labels: Any, teacher_logits: Any, rep: Any, teacher_rep: Any, *,
+                      distill_weight: float, rep_weight: float, temperature: float) -> tuple[Any, dict[str, float]]:
+    """Fewer Frames' loss, batch means throughout:
+
+        CE(labelled videos) + A T^2 KL(softmax(z_t / T) || softmax(z_s / T)) + B MSE(rep, teacher_rep)
+
+    CE is the mean over the videos with a label >= 0 (0 when the batch has none); the KL is summed
+    over classes and averaged over every video of the batch; the MSE is the mean over the batch and
+    the D dims of ``rep`` (the student's representation, already projected to the teacher's width)
+    against ``teacher_rep``, counted once. Returns (loss, its three terms as floats)."""
+    import torch.nn.functional as F
+
+    known = labels >= 0
+    ce = F.cross_entropy(logits[known], labels[known]) if bool(known.any()) else logits.new_zeros(())
+    T = float(temperature)
+    kl = F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
+                  reduction="batchmean", log_target=True)
+    mse = F.mse_loss(rep, teacher_rep)
+    loss = ce + distill_weight * T * T * kl + rep_weight * mse
+    return loss, {"ce": float(ce.detach()), "kl": float(kl.detach()), "rep": float(mse.detach())}
+
+
+@dataclass
+class _Teacher:
+    """A frozen fitted run read from this fit's features, its sources keyed "teacher_<source>"."""
+
+    run: Run
+    model: Any  # the fitted aggregator, eval mode, no gradients
+    path: str
+    sha256: str
+    proj: Any = None  # student width -> teacher width (nn.Linear), trained with the student, not saved
+    alias: dict[str, str] = field(default_factory=dict)  # teacher source -> the batch key holding it
+
+    def sources(self, student: dict[str, tuple[str, list[int]]]) -> tuple[dict[str, Any], dict[str, str]]:
+        """(the dataset's sources: the student's and the teacher's not already read, teacher source ->
+        the dataset key holding it)."""
+        union, alias = dict(student), {}
+        for src, spec in self.run.sources().items():
+            same = [k for k, v in student.items() if (v[0], list(v[1])) == (spec[0], list(spec[1]))]
+            alias[src] = same[0] if same else f"teacher_{src}"
+            union.setdefault(alias[src], (spec[0], list(spec[1])))
+        self.alias = alias
+        return union, alias
+
+    def record(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256}
+
+
+def _load_teacher(cfg: "FitConfig", fs: Any, device: Any) -> _Teacher:
+    path = Path(cfg.teacher)
+    r = Run.load(path)
+    if r.adaptive:
+        raise BadValue(f"--teacher {path}: an adaptive (policy) teacher is not supported; fit the teacher "
+                       f"with a fixed pattern")
+    missing = [name for name, _ in r.sources().values() if name not in fs.models]
+    if missing:
+        raise Incompatible(f"--teacher {path}: the training features {cfg.feats} lack the teacher's "
+                           f"model(s) {', '.join(missing)} (they hold {', '.join(fs.models)})")
+    r.check_features(fs, f"--teacher {path}: the training features {cfg.feats}")
+    ckpt = path / run.CHECKPOINT if path.is_dir() else path
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    model = r.model(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return _Teacher(run=r, model=model, path=str(path), sha256=sha)
 
 
 def _check_compatible(fs: Any, ref: Any, what: str, models: Sequence[str]) -> None:
@@ -359,29 +495,40 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
     if held_run and not cfg.overwrite:
         raise BadValue(f"{out} already holds a run ({', '.join(held_run)}); pass --overwrite to replace it, "
                        f"or choose another -o")
-    checked = integrity.check([*cfg.feats, *cfg.val], skip_bad=cfg.skip_bad, models=[cfg.expensive, cfg.cheap])
+    teacher_models = []
+    if cfg.teacher is not None:
+        teacher_models = [name for name, _ in Run.load(cfg.teacher).sources().values()]
+    checked = integrity.check([*cfg.feats, *cfg.val], skip_bad=cfg.skip_bad,
+                              models=list(dict.fromkeys([cfg.expensive, cfg.cheap, *teacher_models])))
     skip = {"skip_shards": checked.bad_shards, "skip_videos": checked.bad_videos}
     fs = FeatureSet(cfg.feats, **skip)
     plan = make_plan(fs, agg=cfg.agg, expensive=cfg.expensive, cheap=cfg.cheap, pattern=cfg.pattern,
-                     num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout, budget=cfg.budget)
+                     num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout, budget=cfg.budget,
+                     extra_kwargs=cfg.agg_options)
+    teacher = _load_teacher(cfg, fs, device) if cfg.teacher is not None else None
     used = [m for m, _ in plan.sources.values()]
+    pooled = sorted(m for m in set(used) if fs.model(m).attrs.get("spatial_pool"))
+    if pooled and not aggregator_class(cfg.agg).pooled:
+        log.warning("%s were extracted with --spatial-pool: %s runs on a 1 x 1 grid of them (a pooled aggregator, "
+                    "e.g. gru, lstm, netvlad, loses nothing)", ", ".join(pooled), cfg.agg)
     if (fs.labels >= len(fs.classes)).any():
         raise BadValue(f"{cfg.feats}: labels beyond the {len(fs.classes)} classes")
     labelled = fs.labels >= 0
+    taught = labelled if teacher is None else np.ones_like(labelled)  # a teacher teaches through unlabelled videos
     if cfg.val:
         vs = FeatureSet(cfg.val, **skip)
         _check_compatible(vs, fs, "validation set", used)
-        train_idx = np.flatnonzero(labelled)
+        train_idx = np.flatnonzero(taught)
         val_idx = np.flatnonzero(vs.labels >= 0)
     else:
         vs = fs
         held = holdout(fs.ids, cfg.val_fraction)
-        train_idx, val_idx = np.flatnonzero(labelled & ~held), np.flatnonzero(labelled & held)
-    if not len(train_idx):
+        train_idx, val_idx = np.flatnonzero(taught & ~(labelled & held)), np.flatnonzero(labelled & held)
+    if not (labelled[train_idx].any() if teacher is None else len(train_idx)):
         raise BadValue(f"{cfg.feats}: no labelled training videos")
     if not len(val_idx):
         raise BadValue("no labelled validation videos: give val feature sets or a larger val_fraction")
-    if (~labelled).any():
+    if (~labelled).any() and teacher is None:
         log.warning("%d unlabelled videos are left out of training", int((~labelled).sum()))
 
     created = not out.exists()
@@ -389,7 +536,8 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        files.write_json(out / run.CONFIG, asdict(cfg))
+        config = _config_record(cfg, teacher)
+        files.write_json(out / run.CONFIG, config)
 
         with _torch_settings(cfg.threads, deterministic=device.type == "cpu"):
             torch.manual_seed(cfg.seed)
@@ -401,21 +549,39 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
 
                 model = Policy(aggregator, budget=cfg.budget).to(device)
             pin = device.type == "cuda"
-            train_ds = fs.dataset(plan.sources, train_idx)
+            params = list(model.parameters())
+            if teacher is not None:
+                aggregator.eval()  # state_width folds a zero clip: no BN statistics may move
+                width, teacher_width = aggregator.state_width(), teacher.model.state_width()
+                aggregator.train()
+                if width != teacher_width:
+                    teacher.proj = torch.nn.Linear(width, teacher_width).to(device)
+                    params += list(teacher.proj.parameters())
+            train_ds = fs.dataset(_train_sources(plan.sources, teacher), train_idx)
             val_ds = vs.dataset(plan.sources, val_idx)
             if cfg.standardize:
                 for src, (mean, std) in input_stats(fs, plan.sources, train_idx, cfg).items():
                     aggregator.set_input_stats(src, mean.to(device), std.to(device))
+            if cfg.init_centres:
+                descriptors = training_descriptors(aggregator, fs, plan, train_idx, cfg, device)
+                aggregator.init_centres(descriptors, seed=cfg.seed)
             train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed, pin)
             val_loader = _loader(val_ds, cfg.batch_size, cfg.workers, False, cfg.seed, pin)
-            opt = (torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
                    if cfg.optimizer == "adamw" else
-                   torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
+                   torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * len(train_loader))
             best: dict[str, Any] = {}
             for epoch in range(1, cfg.epochs + 1):
                 t_epoch = time.perf_counter()
-                train_loss = _train_epoch(model, train_loader, opt, sched, plan.mask, device, cfg, epoch)
+                drawn = None
+                if cfg.train_clips == "jitter":  # this epoch's positions; the pattern applies to them
+                    drawn = jitter_positions(plan.num_extracted, len(plan.positions),
+                                             np.random.default_rng([cfg.seed, epoch]))
+                    train_ds.close()
+                    train_ds = fs.dataset(_train_sources(_sources_at(cfg, plan, drawn), teacher), train_idx)
+                    train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed + epoch, pin)
+                train_loss = _train_epoch(model, train_loader, opt, sched, plan.mask, device, cfg, epoch, teacher)
                 t_train = time.perf_counter() - t_epoch
                 probs, labels, indices, val_loss, chosen = predict_loader(
                     model, val_loader, plan.mask, device, cfg.progress, f"val {epoch}/{cfg.epochs}")
@@ -424,6 +590,8 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
                        "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
                        "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
                        "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
+                if drawn is not None:
+                    row["train_positions"] = drawn
                 files.append_jsonl(out / run.METRICS, row)
                 log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
                          train_loss, val_loss, m["top1"], m["top5"])
@@ -432,7 +600,7 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
             train_ds.close()
             val_ds.close()
 
-        fitted = make_run(cfg, fs, plan, model)
+        fitted = make_run(cfg, fs, plan, model, config)
         fitted.save(out)
         per_video = fitted.videos_gflops(chosen)
         files.write_jsonl(out / run.VAL_PREDICTIONS, prediction_rows(
@@ -447,7 +615,12 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
                   "num_clips": len(plan.positions), "clip_len": fs.config["clip_len"], "expensive": cfg.expensive,
                   "cheap": cfg.cheap, "num_train": int(len(train_idx)), "num_val": int(len(val_idx)),
                   "join": fs.join, "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
-              "seconds": round(time.perf_counter() - t0, 3)}
+                  "train_clips": cfg.train_clips, "agg_options": dict(cfg.agg_options),
+                  "teacher": None if teacher is None else teacher.record(),
+                  **({} if teacher is None else {"distill_weight": cfg.distill_weight, "rep_weight": cfg.rep_weight,
+                                                  "temperature": cfg.temperature,
+                                                  "num_unlabelled_train": int((~labelled[train_idx]).sum())}),
+                  "seconds": round(time.perf_counter() - t0, 3)}
         files.write_json(out / run.RESULT, result)
         log.info("fit %s %s n=%d: top-1 %.4f top-5 %.4f, %.1f GFLOPs/video, %.1f s", cfg.agg, cfg.pattern,
                  len(plan.positions), result["top1"], result["top5"], result["gflops_per_video"] or math.nan,
@@ -462,22 +635,37 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
 
 
 def _train_epoch(model: Any, loader: Any, opt: Any, sched: Any, mask: Sequence[bool], device: Any,
-                 cfg: FitConfig, epoch: int) -> float:
+                 cfg: FitConfig, epoch: int, teacher: _Teacher | None = None) -> float:
+    import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
     from faster.aggregate import policy
 
     model.train()
+    if teacher is not None and teacher.proj is not None:
+        teacher.proj.train()
     total, count = 0.0, 0
     adaptive = isinstance(model, policy.Policy)
     tau = policy.temperature(epoch, cfg.epochs) if adaptive else None
     bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not cfg.progress)
     for batch in bar:
         y = batch["label"].to(device, non_blocking=True)
-        with _autocast(device):
-            logits, decisions = _forward(model, _inputs(batch, device), mask, tau)
-        loss = F.cross_entropy(logits.float(), y)
+        if teacher is None:
+            with _autocast(device):
+                logits, decisions = _forward(model, _inputs(batch, device), mask, tau)
+            loss = F.cross_entropy(logits.float(), y)
+        else:
+            tx = {src: batch[key].to(device, non_blocking=True).float().movedim(-1, 2) for src, key in teacher.alias.items()}
+            with _autocast(device):
+                logits, rep = logits_and_representation(model, _inputs(batch, device), mask)
+                with torch.no_grad():
+                    t_logits, t_rep = logits_and_representation(teacher.model, tx, teacher.run.mask)
+                if teacher.proj is not None:
+                    rep = teacher.proj(rep)
+            loss, _ = distillation_loss(logits.float(), y, t_logits.float(), rep.float(), t_rep.float(),
+                                        distill_weight=cfg.distill_weight, rep_weight=cfg.rep_weight,
+                                        temperature=cfg.temperature)
         if adaptive:
             loss = loss + model.penalty(decisions, policy.PENALTY)
         opt.zero_grad(set_to_none=True)
@@ -490,7 +678,59 @@ def _train_epoch(model: Any, loader: Any, opt: Any, sched: Any, mask: Sequence[b
     return total / max(count, 1)
 
 
-def make_run(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> Run:
+def _train_sources(student: dict[str, Any], teacher: _Teacher | None) -> dict[str, Any]:
+    """The training dataset's sources: the student's, plus the teacher's it does not read already."""
+    return student if teacher is None else teacher.sources(student)[0]
+
+
+def _sources_at(cfg: FitConfig, plan: Plan, positions: list[int]) -> dict[str, tuple[str, list[int]]]:
+    """The student's sources at drawn clip ``positions`` (the pattern, or a policy's both maps, over them)."""
+    if cfg.pattern == patterns.ADAPTIVE:
+        from faster.aggregate import policy
+
+        return policy.sources(positions, cfg.expensive, cfg.cheap)
+    return patterns.sources(positions, plan.mask, cfg.expensive, cfg.cheap)
+
+
+def _config_record(cfg: FitConfig, teacher: _Teacher | None) -> dict[str, Any]:
+    """config.json: the FitConfig, its teacher as {path, sha256 of its checkpoint.pt}."""
+    config = asdict(cfg)
+    if teacher is not None:
+        config["teacher"] = teacher.record()
+    return config
+
+
+def training_descriptors(aggregator: Any, fs: Any, plan: Plan, train_idx: np.ndarray, cfg: FitConfig, device: Any,
+                         max_descriptors: int = MAX_CENTRE_DESCRIPTORS) -> Any:
+    """(M, D), M <= ``max_descriptors``: what a VLAD's clusters see (``aggregator.descriptors``) on
+    training videos in a seeded order, after the input standardisation; for ``init_centres``. An
+    adaptive run clusters the expensive maps (it reads both at every position)."""
+    import torch
+
+    adaptive = cfg.pattern == patterns.ADAPTIVE
+    sources = {"expensive": plan.sources["expensive"]} if adaptive else plan.sources
+    mask = [True] * len(plan.positions) if adaptive else plan.mask
+    ds = fs.dataset(sources, train_idx)
+    chunks, count = [], 0
+    try:
+        with torch.no_grad():
+            for batch in _loader(ds, cfg.batch_size, cfg.workers, True, cfg.seed, False):
+                d = aggregator.descriptors(_inputs(batch, device), mask)  # (B, N*P, D)
+                chunks.append(d.reshape(-1, d.shape[-1]).float().cpu())
+                count += chunks[-1].shape[0]
+                if count >= max_descriptors:
+                    break
+    finally:
+        ds.close()
+    d = torch.cat(chunks)
+    if len(d) > max_descriptors:
+        keep = torch.randperm(len(d), generator=torch.Generator().manual_seed(cfg.seed))[:max_descriptors]
+        d = d[keep]
+    log.info("init_centres: k-means of %d clusters on %d training descriptors", aggregator.clusters, len(d))
+    return d
+
+
+def make_run(cfg: FitConfig, fs: Any, plan: Plan, model: Any, config: dict[str, Any] | None = None) -> Run:
     """The fitted run: everything predict needs to rebuild the aggregator and sample frames as extraction did."""
     import torch
 
@@ -508,7 +748,7 @@ def make_run(cfg: FitConfig, fs: Any, plan: Plan, model: Any) -> Run:
         gate = {"budget": model.budget, "hidden": model.gate.fc1.out_features, "penalty": PENALTY,
                 "state_dict": {k: v.detach().cpu() for k, v in model.gate.state_dict().items()}}
         model = model.aggregator
-    return Run(config=asdict(cfg), agg=cfg.agg, agg_kwargs=plan.agg_kwargs, policy=gate,
+    return Run(config=asdict(cfg) if config is None else config, agg=cfg.agg, agg_kwargs=plan.agg_kwargs, policy=gate,
                state_dict={k: v.detach().cpu() for k, v in model.state_dict().items()}, classes=list(fs.classes),
                expensive=cfg.expensive, cheap=cfg.cheap, models=models, extraction=dict(fs.config),
                positions=list(plan.positions), pattern=cfg.pattern, mask=list(plan.mask), gflops=dict(plan.gflops),

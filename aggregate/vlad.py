@@ -8,10 +8,11 @@ The "cluster-and-aggregate models" of Fewer Frames (Bhardwaj et al., CVPR 2019, 
   * ``nextvlad``: NeXtVLAD (Lin et al., ECCV workshops 2018, github.com/linrongc/youtube-8m,
     nextvlad.py).
 
-Adapted to cached clip features: the "frames" whose descriptors are clustered are the map positions
-of every clip (T' x H' x W' per clip; or one per T' step, or one per clip, with ``descriptors=``),
-taken from the expensive or the cheap backbone by the E:C pattern and aligned as the base class
-does; a learned linear layer first reduces the 2048 res5 channels to ``dim``.
+Adapted to cached clip features: the "frames" whose descriptors are clustered are the T' steps of
+every clip, each the clip map pooled over H' x W' (the default ``descriptors="steps"``, as the
+issue specifies; ``"positions"`` keeps every T' x H' x W' position, ``"clips"`` one vector per
+clip), taken from the expensive or the cheap backbone by the E:C pattern and aligned as the base
+class does; a learned linear layer first reduces the 2048 res5 channels to ``dim`` = 256.
 
 Online semantics are exact: the state after clip t is the running sum over the descriptors seen so
 far of the soft-assigned residuals, V_k = sum_i a_k(x_i) (x_i - c_k), so stepping clip by clip and
@@ -50,7 +51,7 @@ class _VLAD(Aggregator):
     pooled = False
 
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5,
-                 dim: int = 256, descriptors: str = "positions"):
+                 dim: int = 256, descriptors: str = "steps"):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout)
         _check_positive(dim=dim)
         if descriptors not in DESCRIPTORS:
@@ -103,13 +104,15 @@ class NetVLAD(_VLAD):
     Centres start random (LOUPE); ``init_centres`` sets them by k-means on L2-normalised
     descriptors (ActionVLAD), for fit to call before training.
 
-    Multiply-adds per video, M = N x P descriptors (P = T'H'W', T' or 1 by ``descriptors``), Y classes:
-    M C D (reduction, only when C > D) + 2 M D K (assignment, aggregation) + K D H + H^2 + H Y.
-    At the defaults (K = 32, D = 256, H = 1024) on 8 clips x 4 x 7 x 7 x 2048 and 400 classes: 0.858 GFLOPs.
+    Multiply-adds per video, M = N x P descriptors (P = T' steps by default; T'H'W' or 1 by
+    ``descriptors``), Y classes: M C D (reduction, only when C > D) + 2 M D K (assignment,
+    aggregation) + K D H + H^2 + H Y (the H' x W' mean is not a multiply-add). At the defaults
+    (K = 32, D = 256, H = 1024, steps) on 8 clips x 4 x 7 x 7 x 2048 and 400 classes, M = 32:
+    0.027 GFLOPs (0.858 with ``descriptors="positions"``, M = 1,568).
     """
 
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5,
-                 clusters: int = 32, dim: int = 256, hidden: int = 1024, descriptors: str = "positions"):
+                 clusters: int = 32, dim: int = 256, hidden: int = 1024, descriptors: str = "steps"):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout, dim=dim, descriptors=descriptors)
         _check_positive(clusters=clusters, hidden=hidden)
         self.kwargs.update(clusters=int(clusters), hidden=int(hidden))
@@ -192,22 +195,23 @@ class NeXtVLAD(_VLAD):
     L2 (not L1) intra-normalisation and one BN over the flattened vector (not per frame position),
     as the reference does; some ports differ on both.
 
-    Defaults for 2048-channel res5 maps: the reference's inputs are 1,024-d PCA'd frame features,
-    one per frame (K = 128, hidden 2048). On res5 maps (1,568 positions per 8-clip video, 2,048
-    channels) those sizes without a reduction cost 20.7 GFLOPs per video (the 2048 -> 4096
-    expansion alone 13.2), as much as FAST-GRU, and 149 M weights (a 65,536 x 2048 hidden layer).
-    So the descriptors are first reduced to D = 256 (as netvlad's), lambda = 2, G = 8 groups of
-    64-d slices, K = 64, hidden 1024, r = 8: a 4,096-d VLAD vector, 5.8 M weights, 1.5 GFLOPs.
+    Defaults: the reference's inputs are 1,024-d PCA'd frame features, one per frame (K = 128,
+    hidden 2048). Here the descriptors are the clips' T' steps reduced to D = 256 (as netvlad's),
+    lambda = 2, G = 8 groups of 64-d slices, K = 64, hidden 1024, r = 8: a 4,096-d VLAD vector and
+    5.8 M weights. (With ``descriptors="positions"`` and the reference's sizes without a reduction,
+    1,568 descriptors of 2,048 channels per 8-clip video, it would cost 20.7 GFLOPs, as much as
+    FAST-GRU, and 149 M weights.)
 
     Multiply-adds per video, M = N x P descriptors, F = lambda D / G, Y classes:
     M C D (reduction, only when C > D) + M lambda D^2 (expansion) + M lambda D G (attention)
     + M lambda D G K (assignment) + M K lambda D (aggregation) + K F H + 2 H^2 / r + H Y.
-    At the defaults on 8 clips x 4 x 7 x 7 x 2048 and 400 classes: 1.501 GFLOPs.
+    At the defaults on 8 clips x 4 x 7 x 7 x 2048 and 400 classes, M = 32: 0.035 GFLOPs (1.501 with
+    ``descriptors="positions"``).
     """
 
     def __init__(self, *, num_classes: int, sources: dict[str, Sequence[int]], dropout: float = 0.5,
                  clusters: int = 64, dim: int = 256, expansion: int = 2, groups: int = 8, hidden: int = 1024,
-                 reduction: int = 8, descriptors: str = "positions"):
+                 reduction: int = 8, descriptors: str = "steps"):
         super().__init__(num_classes=num_classes, sources=sources, dropout=dropout, dim=dim, descriptors=descriptors)
         _check_positive(clusters=clusters, expansion=expansion, groups=groups, hidden=hidden, reduction=reduction)
         E = expansion * self.dim

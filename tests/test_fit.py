@@ -254,3 +254,22 @@ def test_fit_refuses_an_existing_run_and_an_interrupted_one_leaves_no_run(static
     (tmp_path / "half" / "checkpoint.pt").write_bytes(before)
     res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "half"), static_set])
     assert res.exit_code == 1 and "incomplete run" in res.output and str(tmp_path / "half") in res.output
+
+
+def test_agg_options_are_checked_recorded_and_init_centres_runs(order_set, tmp_path):
+    with pytest.raises(ValueError, match="--agg-option 'k' is not an option of netvlad; it accepts: clusters, dim, hidden, descriptors"):
+        fit(_cfg(order_set, tmp_path / "bad", "netvlad", agg_options={"k": 8}))
+    with pytest.raises(ValueError, match="--init-centres is for aggregators with cluster centres"):
+        fit(_cfg(order_set, tmp_path / "bad", "gru", init_centres=True))
+    out = tmp_path / "nv"
+    res = CliRunner().invoke(cli, ["fit", order_set, "-o", str(out), "--agg", "netvlad", "--expensive", "exp",
+                                   "--cheap", "chp", "--pattern", "1:1", "--epochs", "1", "--agg-option", "clusters=5",
+                                   "--agg-option", "descriptors=positions", "--init-centres"])
+    assert res.exit_code == 0, res.output
+    r = Run.load(out)
+    assert (r.agg_kwargs["clusters"], r.agg_kwargs["descriptors"]) == (5, "positions")
+    assert json.loads((out / "config.json").read_text())["agg_options"] == {"clusters": 5, "descriptors": "positions"}
+    assert r.state_dict["centres"].shape[0] == 5
+    res = CliRunner().invoke(cli, ["fit", order_set, "-o", str(tmp_path / "x"), "--agg", "tam", "--expensive", "exp",
+                                   "--cheap", "chp", "--pattern", "1:1", "--agg-option", "width"])
+    assert res.exit_code != 0 and "expected KEY=VALUE" in res.output
