@@ -600,7 +600,7 @@ def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, p
         return
     where = ", ".join(f"{m} at {p} px" for m, p in px.items())
     click.echo(f"{n} clips of {clip_len} frames ({where}), pattern adaptive at budget {budget:g}: the cheap "
-               f"backbone on every clip, the expensive one on {num_e:g} clips per video on average")
+               f"backbone on every clip, the expensive one on {num_e:g} clip{'' if num_e == 1 else 's'} per video on average")
     click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:5.2f} = "
                f"{num_e * gflops[expensive]:9.2f}")
     click.echo(f"  cheap      {cheap:<16} {gflops[cheap]:9.2f} GFLOPs/clip x {n:5d} = {n * gflops[cheap]:9.2f}")
