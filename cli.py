@@ -80,6 +80,15 @@ FIT_OPTIONS = [
                  help="netvlad: k-means cluster centres from up to 100k training descriptors (seeded)."),
     click.option("--train-clips", default="uniform", show_default=True, type=click.Choice(["uniform", "jitter"]),
                  help="jitter: each epoch one random clip per segment of the extracted clips (evaluation: uniform)."),
+    click.option("--teacher", type=click.Path(exists=True, file_okay=False),
+                 help="A fitted run to distil from (Fewer Frames; frozen, its inputs read from FEATS); unlabelled "
+                      "videos train too. In ablate: taught cells get their own rows (+ KD) beside untaught ones."),
+    click.option("--distill-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+                 help="--teacher: A, the weight of T^2 KL(teacher || student)."),
+    click.option("--rep-weight", default=0.01, show_default=True, type=click.FloatRange(min=0),
+                 help="--teacher: B, the weight of the MSE between final representations."),
+    click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="--teacher: T, the softening temperature."),
 ]
 
 
@@ -248,14 +257,6 @@ def _n(count: int, noun: str) -> str:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in -o.")
-@click.option("--teacher", type=click.Path(exists=True, file_okay=False),
-              help="A fitted run to distil from (frozen; its inputs are read from FEATS); unlabelled videos train too.")
-@click.option("--distill-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="--teacher: A, the weight of T^2 KL(teacher || student).")
-@click.option("--rep-weight", default=0.01, show_default=True, type=click.FloatRange(min=0),
-              help="--teacher: B, the weight of the MSE between final representations.")
-@click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="--teacher: T, the softening temperature.")
 @_fit_options
 def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
     """Train an aggregator on cached features for one expensive:cheap pattern.

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 KEY_EXCLUDE = ("out", "progress", "workers", "threads", "overwrite")  # fit fields that never change a result
 CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5", "mean_class_acc",
                "gflops_per_video", "num_expensive", "num_cheap", "budget", "num_expensive_mean", "expensive",
-               "cheap", "run")
+               "cheap", "teacher", "run")
 AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU",
              "netvlad": "NetVLAD", "nextvlad": "NeXtVLAD", "tam": "TAM"}
 INDEX = "index.json"
@@ -367,7 +367,7 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
                "failed": len(failures), "busy": len(busy), "skipped": plan.notes, "failures": failures,
                "in_progress": busy}
 
-    index = _update_index(out, clip_len, plan.expensive, plan.cheap, plan.cells, plan.notes)  # skip notes persist
+    index = _update_index(out, clip_len, plan.expensive, plan.cheap, plan.cells, plan.notes, cfg.fit.get("teacher"))  # skip notes persist
     if plan.num_parts > 1:  # a part of the grid: the closing run without shard options writes the tables
         summary.update(rows=None, results_csv=None, results_md=None, plot=None)
     else:
@@ -487,12 +487,15 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, devi
 # ---------------------------------------------------------------------------------------- results
 
 
-def _identity(expensive: str, cheap: str, agg: str, clip_len: int, num_clips: int, pattern: str, seed: int) -> str:
-    return json.dumps([expensive, cheap, agg, clip_len, num_clips, pattern, seed])
+def _identity(expensive: str, cheap: str, agg: str, clip_len: int, num_clips: int, pattern: str, seed: int,
+              teacher: str | None = None) -> str:
+    """A table position; a taught cell (--teacher) is its own position beside the untaught one."""
+    ident = [expensive, cheap, agg, clip_len, num_clips, pattern, seed]
+    return json.dumps(ident + [teacher] if teacher else ident)
 
 
 def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: list[tuple[Cell, Path]],
-                  notes: list[str]) -> dict[str, Any]:
+                  notes: list[str], teacher: str | None = None) -> dict[str, Any]:
     """Point each of this grid's table positions at its cell (the latest run wins); keep every note.
 
     Read, merged and written under the grid's lock, so processes sharing DIR never lose each
@@ -504,7 +507,7 @@ def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: li
         except (OSError, ValueError):
             index = {"cells": {}, "notes": []}
         for cell, run_dir in plan:
-            ident = _identity(expensive, cheap, cell.agg, clip_len, cell.num_clips, cell.pattern, cell.seed)
+            ident = _identity(expensive, cheap, cell.agg, clip_len, cell.num_clips, cell.pattern, cell.seed, teacher)
             index["cells"][ident] = run_dir.name
         for note in notes:
             note = f"L={clip_len}: {note}"
@@ -528,6 +531,10 @@ def collect_rows(out: str | Path, index: dict[str, Any] | None = None) -> list[d
         result = cell["result"]
         row = {c: result.get(c) for c in CSV_COLUMNS}
         row.update({k: cell[k] for k in ("agg", "clip_len", "num_clips", "pattern", "seed", "expensive", "cheap")})
+        teacher = (result.get("teacher") or {}).get("path") if isinstance(result.get("teacher"), dict) else None
+        row["teacher"] = teacher
+        if teacher:  # a taught cell: its own row in the tables and its own line on the plot
+            row["agg"] = f"{cell['agg']}+kd"
         row["run"] = str(Path("cells") / name)
         rows.append(row)
         budget = split_policy(cell["pattern"])[1]
@@ -552,7 +559,14 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 def _agg_order(agg: str) -> tuple[int, str]:
     order = list(AGG_NAMES)
-    return (order.index(agg) if agg in order else len(order), agg)
+    base = agg.removesuffix("+kd")
+    return (order.index(base) if base in order else len(order), agg)
+
+
+def _agg_label(agg: str) -> str:
+    """Table 3's name of an aggregator; "+ KD" for a student taught by --teacher (Fewer Frames)."""
+    base = agg.removesuffix("+kd")
+    return AGG_NAMES.get(base, base) + (" + KD" if agg.endswith("+kd") else "")
 
 
 REFERENCES = ("adaptive", "oracle", "random")  # a policy's rows, then its references at the same budget
@@ -636,7 +650,7 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
                 lines += [f"## Table 3 layout: aggregator x number of clips ({models}, L = {clip_len}, "
                           f"pattern {pattern})", ""]
                 lines += _table(["Model"] + [str(n) for n in counts],
-                                [[AGG_NAMES.get(a, a)] + [_fmt_acc([r["top1"] for r in cells.get((a, n), [])])
+                                [[_agg_label(a)] + [_fmt_acc([r["top1"] for r in cells.get((a, n), [])])
                                                           for n in counts] for a in aggs])
                 lines.append("")
         # Table 4's columns: each clip length at the most clips the grid ran it with (8x32, 16x16, 32x8).
@@ -654,7 +668,7 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
                     rs = cells.get((pattern, L, n), [])
                     row += [_fmt_acc([r["top1"] for r in rs]), _fmt_gflops([r["gflops_per_video"] for r in rs])]
                 body.append(row)
-            lines += [f"## Table 4 layout: #E:#C x clip length x clips ({AGG_NAMES.get(agg, agg)}, {models})", ""]
+            lines += [f"## Table 4 layout: #E:#C x clip length x clips ({_agg_label(agg)}, {models})", ""]
             lines += _table(header, body) + [""]
     notes = list(notes)
     if notes:
@@ -698,7 +712,7 @@ def accuracy_vs_gflops_figure(rows: list[dict[str, Any]]) -> Figure:
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
     if rows:
-        handles = [Line2D([], [], color=colours[a], linewidth=2, label=AGG_NAMES.get(a, a)) for a in aggs]
+        handles = [Line2D([], [], color=colours[a], linewidth=2, label=_agg_label(a)) for a in aggs]
         handles += [Line2D([], [], color="grey", marker=markers[p], linestyle="", label=_pattern_label(p))
                     for p in pats]
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,

@@ -425,3 +425,23 @@ def test_a_killed_claim_is_retaken_and_a_live_one_is_left_alone(tmp_path):
     assert json.loads((avg_dir / A.CELL_DONE).read_text())["trained_by"]["pid"] == os.getpid()
     assert "being trained" not in (out / "results.md").read_text()
     assert not list((out / A.CLAIMS).iterdir())
+
+
+@pytest.mark.slow
+def test_a_taught_grid_gives_its_column_beside_the_untaught_one(tmp_path):
+    from faster.aggregate import train
+
+    feats = write_features(tmp_path / "feats", videos=32)
+    teacher = tmp_path / "teacher"
+    train.fit(train.FitConfig(feats=[str(feats)], out=str(teacher), agg="gru", expensive="big", cheap="small",
+                              pattern="all-e", epochs=2, batch_size=8, workers=0, progress=False))
+    grid = tmp_path / "grid"
+    base = ["ablate", str(feats), "-o", str(grid), "--agg", "gru", "--pattern", "all-c", "--epochs", "2",
+            "--batch-size", "8"]
+    assert CliRunner().invoke(cli, base).exit_code == 0
+    res = CliRunner().invoke(cli, [*base, "--teacher", str(teacher)])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(open(grid / "results.csv")))
+    assert sorted(r["agg"] for r in rows) == ["gru", "gru+kd"]
+    assert [r["teacher"] for r in rows if r["agg"] == "gru+kd"] == [str(teacher)]
+    assert "GRU + KD" in (grid / "results.md").read_text()
