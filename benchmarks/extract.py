@@ -127,6 +127,9 @@ def main() -> None:
     decoders.warm_up_workers()
     models = pl.ClipModels(cfg, device, pl._compute_dtype(cfg, device, out / "feats"))
     models.load()
+    if device.type == "cpu":  # the threads run_extract gives these models (heavy ones take every core)
+        torch.set_num_threads(runtime.cpu_threads(cfg.workers, gflops_per_clip=sum(
+            h.gflops_per_clip for h in models.headers.values())))
     bf16_rate = matmul_rate(torch.bfloat16, device)
     try:
         t_decode, frames = decode_only(items, cfg, pin=models.cuda)
