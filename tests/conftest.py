@@ -32,3 +32,14 @@ def motion_videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("motion")
     synthetic.make_motion_dataset(root, classes=("left", "right"), per_class=2, frames=16, size=32)
     return root
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models: one torch thread is several times faster on a busy 2-core box (restored after)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

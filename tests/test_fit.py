@@ -21,13 +21,7 @@ RESULT_KEYS = {"top1", "top5", "mean_class_acc", "best", "gflops_per_video", "nu
                "pattern", "num_clips", "clip_len", "expensive", "cheap", "num_train", "num_val", "seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is several times faster on a busy 2-core box (restored after)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from faster.aggregate.synthetic import write_synthetic
@@ -14,12 +13,7 @@ from faster.cli import cli
 MODELS = {"exp": (1, 2, 2, 16), "chp": (1, 2, 2, 16)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -232,15 +232,10 @@ def test_cli_skips_a_broken_video_and_goes_on(world, tmp_path):
     assert res.exit_code == 1 and "1 of 2 videos failed" in res.output
 
 
-@pytest.mark.slow
-def test_predict_on_spatially_pooled_features_agrees_with_evaluate(tmp_path):
-    """A run fitted on --spatial-pool features: predict pools the maps as extraction stored them."""
-    videos, feats = tmp_path / "videos", tmp_path / "feats"
-    synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=64)
-    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
-                              progress=False, spatial_pool=True))
+def _fit_and_compare(videos, feats, tmp_path, agg):
+    """Fit ``agg`` 1:1 on ``feats``, then assert predict on ``videos`` == evaluate on ``feats``."""
     run = tmp_path / "run"
-    fit(FitConfig([str(feats)], str(run), "gru", E, C, "1:1", epochs=2, batch_size=4, workers=0, progress=False,
+    fit(FitConfig([str(feats)], str(run), agg, E, C, "1:1", epochs=2, batch_size=4, workers=0, progress=False,
                   val_fraction=0.5))
     evaluate(run, [str(feats)], str(tmp_path / "eval.jsonl"), workers=0, progress=False)
     _, pred = _predict({"videos": videos}, run, tmp_path / "pred.jsonl")
@@ -248,6 +243,16 @@ def test_predict_on_spatially_pooled_features_agrees_with_evaluate(tmp_path):
     assert set(pred) == set(ev)
     for vid, e in ev.items():
         np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+
+
+@pytest.mark.slow
+def test_predict_on_spatially_pooled_features_agrees_with_evaluate(tmp_path):
+    """A run fitted on --spatial-pool features: predict pools the maps as extraction stored them."""
+    videos, feats = tmp_path / "videos", tmp_path / "feats"
+    synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=64)
+    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
+                              progress=False, spatial_pool=True))
+    _fit_and_compare(videos, feats, tmp_path, "gru")
 
 
 @pytest.mark.slow
@@ -269,15 +274,7 @@ def test_a_big_little_extraction_fits_evaluates_and_predicts(tmp_path):
         assert e.shape[2:5] == (1, 2, 2) and c.shape[2:5] == (1, 4, 4)
         assert c.attrs["gflops_per_clip"] == pytest.approx(models.clip_gflops(C, 8, 128))
         assert e.attrs["gflops_per_clip"] == pytest.approx(models.clip_gflops(E, 8, 64))
-    run = tmp_path / "run"
-    fit(FitConfig([str(feats)], str(run), "fastgru", E, C, "1:1", epochs=2, batch_size=4, workers=0, progress=False,
-                  val_fraction=0.5))
-    evaluate(run, [str(feats)], str(tmp_path / "eval.jsonl"), workers=0, progress=False)
-    _, pred = _predict({"videos": videos}, run, tmp_path / "pred.jsonl")
-    ev = _lines(tmp_path / "eval.jsonl")
-    assert set(pred) == set(ev)
-    for vid, e in ev.items():
-        np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+    _fit_and_compare(videos, feats, tmp_path, "fastgru")
     # a resume with another size for one model is refused
     with pytest.raises(ValueError, match="size"):
         run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, workers=0,
