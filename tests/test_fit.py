@@ -267,3 +267,11 @@ def test_agg_options_are_checked_recorded_and_init_centres_runs(order_set, tmp_p
     res = CliRunner().invoke(cli, ["fit", order_set, "-o", str(tmp_path / "x"), "--agg", "tam", "--expensive", "exp",
                                    "--cheap", "chp", "--pattern", "1:1", "--agg-option", "width"])
     assert res.exit_code != 0 and "expected KEY=VALUE" in res.output
+
+
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(static_set, tmp_path):
+    (tmp_path / "checkpoint.pt").write_text("not a checkpoint\n" * 20)
+    (tmp_path / "result.json").write_text("{}")
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path), static_set])
+    assert res.exit_code == 1 and "not a PyTorch checkpoint" in res.output
+    assert str(tmp_path / "checkpoint.pt") in res.output and len(res.output.strip().splitlines()) == 1
