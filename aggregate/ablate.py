@@ -96,7 +96,7 @@ def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: 
     """The valid cells of a grid, and one note per skipped (pattern, number of clips) pair.
 
     ``num_clips`` None means all ``num_extracted`` clips. A number of clips above the extracted
-    ones, or a ``1:x`` pattern whose x+1 does not divide it, is skipped (Table 4's empty cells).
+    ones, or a ``1:N`` pattern whose N+1 does not divide it, is skipped (Table 4's empty cells).
     Pattern ``adaptive`` gives one cell per budget, named ``adaptive@B`` (a learned policy).
     """
     aggs, patterns, seeds = _unique(aggs), _unique(patterns), _unique(seeds)

@@ -1,8 +1,9 @@
 """Expensive:cheap clip patterns (paper Tables 3 and 4; docs/format.md "Patterns").
 
 ``all-e``: every clip expensive. ``all-c``: every clip cheap. ``first``: only clip 0 expensive
-(Table 3). ``1:x``: positions 0, x+1, 2(x+1), ... expensive, the rest cheap, valid only when x+1
+(Table 3). ``1:N``: positions 0, N+1, 2(N+1), ... expensive, the rest cheap, valid only when N+1
 divides the number of clips (Table 4 leaves the other cells empty). ``1:0`` equals ``all-e``.
+``adaptive``: no fixed mask; a learned gate chooses per video (aggregate/policy.py).
 """
 from __future__ import annotations
 
