@@ -153,7 +153,7 @@ class Predictor:
         # native bf16: recorded as compute_dtype): so do we, on whatever device predict runs.
         recorded = any(self.run.models[m].get("compute_dtype") == "bfloat16" for m in built)  # as extraction ran
         amp = recorded if dtype == "auto" else dtype == "bf16"
-        self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp,
+        self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp, clip_len=self.run.clip_len,
                                      pooled={m for m in built if self.run.models[m].get("spatial_pool")},
                                      sizes={m: int(self.run.models[m].get("size") or self.run.size) for m in built})
         self.backbones = self.runner.models

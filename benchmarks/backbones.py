@@ -81,6 +81,9 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, mode: str =
     bf16, channels_last = mode.startswith("bf16"), mode.endswith("-cl")
     err = None
     model, clip = model.to(device), clip.to(device)
+    from faster.extract.runner import fold_batchnorm
+
+    fold_batchnorm(model, clip_len)  # as faster's BackboneRunner runs every backbone
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
         clip = clip.contiguous(memory_format=torch.channels_last_3d)

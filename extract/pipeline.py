@@ -182,7 +182,7 @@ class ClipModels:
                 raise BadFile(f"{name}: the weights changed while starting ({described.weights} -> {model.weights})")
             built[name] = model
             described.gflops_per_clip = float(registry.clip_gflops(name, cfg.clip_len, cfg.model_size(name)))
-        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size,
+        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, clip_len=cfg.clip_len,
                                      amp=self.compute_dtype == "bfloat16", sizes={m: cfg.model_size(m) for m in built},
                                      pooled=set(built) if self.spatial_pool else set())
         if self.runner.amp:

@@ -36,7 +36,7 @@ class BackboneRunner:
 
     def __init__(self, models: dict[str, "nn.Module"], device: "torch.device", *, batch_size: int = 8,
                  amp: bool = False, pooled: "set[str] | frozenset[str]" = frozenset(),
-                 sizes: dict[str, int] | None = None):
+                 sizes: dict[str, int] | None = None, clip_len: int = 8):
         import torch
 
         self.device = torch.device(device)
@@ -45,7 +45,9 @@ class BackboneRunner:
         self.batch_size = int(batch_size)
         self.models = {}
         for name, model in models.items():  # channels_last_3d on CPU too: 1.3x fp32 conv3d here (PITFALLS)
-            self.models[name] = model.to(self.device).eval().to(memory_format=torch.channels_last_3d)
+            model = model.to(self.device).eval()
+            fold_batchnorm(model, clip_len)
+            self.models[name] = model.to(memory_format=torch.channels_last_3d)
         self.calls = {name: 0 for name in self.models}
         self.pooled = frozenset(pooled)
         self.sizes = dict(sizes or {})  # model -> its crop; clips of another size are resized to it
@@ -117,3 +119,62 @@ class BackboneRunner:
         if name in self.pooled:
             y = y.float().mean(dim=(3, 4), keepdim=True).half()  # (B, C, T', 1, 1)
         return y
+
+
+def fold_batchnorm(model: "nn.Module", clip_len: int = 8, size: int = 64) -> int:
+    """Fold every eval-mode batch norm that directly follows a convolution into that convolution's
+    weights and bias, and replace it by an identity; return how many were folded.
+
+    Inference only (the running statistics are constants then): w' = w * g / sqrt(v + eps), b' =
+    (b - m) * g / sqrt(v + eps) + beta. The pairs are found by one forward of a small clip with
+    hooks: a norm whose input is the very tensor a convolution just returned, and that no other
+    module read. On this CPU batch norm was 30% of R(2+1)D-50's bf16 time (BENCHMARKS.md).
+    """
+    import torch
+    from torch import nn
+
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    produced: dict[int, nn.Module] = {}  # id(output tensor) -> the convolution that returned it
+    readers: dict[int, int] = {}  # id(tensor) -> how many modules read it
+    pairs: list[tuple[nn.Module, nn.Module, int]] = []
+    alive: list = []  # every traced tensor stays referenced, so that no two share an id during the trace
+
+    def hook(module, inputs, output):
+        alive.append((inputs, output))
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                readers[id(x)] = readers.get(id(x), 0) + 1
+        if isinstance(module, convs) and isinstance(output, torch.Tensor):
+            produced[id(output)] = module
+        if isinstance(module, norms) and inputs and id(inputs[0]) in produced:
+            pairs.append((produced[id(inputs[0])], module, id(inputs[0])))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    p = next(model.parameters(), None)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, clip_len, size, size, device=p.device if p is not None else None))
+    except Exception as err:  # a model that cannot take the probe clip: leave it as it is
+        log.debug("batch norm not folded in %s: %s", type(model).__name__, err)
+        return 0
+    finally:
+        for h in handles:
+            h.remove()
+    alive.clear()
+    parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
+    folded = 0
+    for conv, bn, tensor in pairs:
+        if readers.get(tensor, 0) != 1 or not bn.track_running_stats or bn.running_var is None:
+            continue
+        with torch.no_grad():
+            scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
+            conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+            conv.bias = nn.Parameter(bias * scale + shift)
+        parent, attr = parents[id(bn)]
+        setattr(parent, attr, nn.Identity())
+        folded += 1
+    return folded

@@ -243,3 +243,40 @@ def test_r2d26_and_r3d50_layers(name, conv1, depths, middle):
         assert (conv.kernel_size, conv.stride, conv.in_channels, conv.out_channels) == (middle, (t, s, s), inner, inner)
         assert stage[0].conv1.stride == stage[0].conv3.stride == (1, 1, 1)
         assert stage[0].shortcut[0].stride == (t, s, s) and stage[-1].conv3.out_channels == 4 * inner
+
+
+def test_batch_norm_folds_into_the_convolution_before_it_and_nowhere_else():
+    from torch import nn
+
+    from faster.extract.runner import fold_batchnorm
+
+    model = models.build("r2plus1d50_tiny").eval()
+    for m in model.modules():  # non-trivial statistics, so that a wrong fold shows
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        want = model(x)
+        assert fold_batchnorm(model, 8, 32) == 70
+        got = model(x)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in model.modules())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+    class TwoReaders(nn.Module):  # the conv's output also feeds a second module: must not be folded
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.other = nn.Conv3d(3, 4, 1), nn.BatchNorm3d(4), nn.Identity()
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) + self.other(y)
+
+    two = TwoReaders().eval()
+    two.bn.running_mean.fill_(1.0)
+    with torch.no_grad():
+        want = two(x)
+        assert fold_batchnorm(two, 8, 32) == 0
+        torch.testing.assert_close(two(x), want)
