@@ -658,6 +658,9 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
+    from faster import runtime
+
+    runtime.received_signals.append("SIGTERM")
     raise Terminated()
 
 
@@ -688,8 +691,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         rc = cli.main(args=argv, prog_name="faster", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns KeyboardInterrupt into Abort
+        from faster import runtime
+
         cause = err if isinstance(err, KeyboardInterrupt) else (err.__cause__ or err.__context__)
-        terminated = isinstance(cause, Terminated)
+        # a SIGTERM is what stopped us even when the exception that unwound is another one (the stop
+        # it asked for can meet a decode worker it killed too: the whole process group gets it)
+        terminated = isinstance(cause, Terminated) or runtime.received_signals[:1] == ["SIGTERM"]
         click.echo("\nterminated" if terminated else "\ninterrupted", err=True)
         _exit_now(143 if terminated else 130)
     except click.ClickException as err:

@@ -125,6 +125,7 @@ def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | N
 
 
 _warned: set[str] = set()
+received_signals: list[str] = []  # SIGINT / SIGTERM this process has handled (the CLI's exit code follows the first)
 
 
 def warn_once(logger: logging.Logger, message: str) -> None:

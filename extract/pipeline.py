@@ -251,7 +251,10 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        from faster import runtime
+
         self.signal = signal.Signals(signum).name
+        runtime.received_signals.append(self.signal)
         log.warning("%s received: closing the current shard and stopping (again to abort)", self.signal)
         signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
 
