@@ -664,6 +664,32 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+TORCH_COMMANDS = {"extract", "fit", "evaluate", "ablate", "predict", "flops", "demo"}
+
+
+def _import_torch_shielded() -> None:
+    """Import torch with SIGINT and SIGTERM held until it is done, then act on them.
+
+    A KeyboardInterrupt raised inside torch's import can land in C++ code that cannot unwind it
+    (pybind11: "terminate called after throwing ... KeyboardInterrupt", the process aborts with
+    SIGABRT). Holding the signal for the second the import takes turns that into a clean 130/143.
+    """
+    import signal
+
+    pending: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, frame: pending.append(signum))
+           for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        import torch  # noqa: F401
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    if signal.SIGTERM in pending:
+        _on_sigterm(signal.SIGTERM, None)
+    if pending:
+        raise KeyboardInterrupt
+
+
 def _exit_now(code: int) -> None:
     """Exit with ``code`` after an interrupt, once every with-block has unwound (temporary files gone).
 
@@ -689,6 +715,10 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        args = sys.argv[1:] if argv is None else list(argv)
+        command = next((a for a in args if not a.startswith("-")), None)
+        if command in TORCH_COMMANDS and not {"-h", "--help"} & set(args):
+            _import_torch_shielded()
         rc = cli.main(args=argv, prog_name="faster", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt) as err:  # click turns KeyboardInterrupt into Abort
         from faster import runtime

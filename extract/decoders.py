@@ -180,24 +180,31 @@ def warm_up_workers() -> None:
     if ctx.get_start_method() == "forkserver":
         from multiprocessing import forkserver
 
-        with _main_not_reimported():
+        with _main_not_reimported(ignore_signals=True):
             forkserver.ensure_running()
 
 
 @contextmanager
-def _main_not_reimported():
-    """Start a forkserver/spawn child without re-running ``__main__`` in it, and with SIGINT ignored.
+def _main_not_reimported(ignore_signals: bool = False):
+    """Start a forkserver/spawn child without re-running ``__main__`` in it (with ``ignore_signals``:
+    with SIGINT and SIGTERM ignored while it is spawned).
 
     The decode worker lives in this module and needs nothing from the caller's script, so scripts
     without the ``if __name__ == "__main__"`` guard, stdin and notebooks work too. A child started
-    while SIGINT is ignored keeps ignoring it (Python installs its KeyboardInterrupt handler only
-    where the parent did not ignore the signal): a Ctrl-C while the forkserver is still importing
-    torch no longer prints its traceback; the main process alone handles it and stops the children.
+    while a signal is ignored keeps ignoring it (an ignored disposition survives fork and exec,
+    and Python installs its KeyboardInterrupt handler only where SIGINT is not ignored): Ctrl-C or
+    a scheduler's SIGTERM to the whole process group then reaches only the main process, which
+    stops its workers itself (they and the forkserver also exit when it dies: their pipes close).
+    Without this a Ctrl-C printed the forkserver's KeyboardInterrupt traceback, and a group SIGTERM
+    killed the forkserver while the pool was starting workers (EOFError in the main process).
+    Only the spawn of the forkserver itself needs it (``warm_up_workers``; the workers are forked
+    by the forkserver and inherit its dispositions), so the main process ignores signals for a few
+    milliseconds only; dispositions can only change in the main thread.
     """
     main = sys.modules.get("__main__")
     saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    old_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    ignore = ignore_signals and threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} if ignore else {}
     try:
         for k in saved:
             setattr(main, k, None) if k == "__spec__" else delattr(main, k)
@@ -205,8 +212,8 @@ def _main_not_reimported():
     finally:
         for k, v in saved.items():
             setattr(main, k, v)
-        if in_main_thread:
-            signal.signal(signal.SIGINT, old_sigint)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -313,6 +320,8 @@ class DecodePool(_Decoder):
         self._stop = threading.Event()
         self._task_id = 0
         self._ctx = mp_context()
+        if threading.current_thread() is threading.main_thread():
+            warm_up_workers()  # the forkserver, spawned with the signals ignored (a no-op once it runs)
         shm_free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else 0
         self.transport = "shm" if shm_free > 1.25 * workers * self.prefetch * self.nbytes else "pipe"
         if self.transport == "pipe":
