@@ -79,7 +79,7 @@ FIT_OPTIONS = [
     click.option("--init-centres", is_flag=True,
                  help="netvlad: k-means cluster centres from up to 100k training descriptors (seeded)."),
     click.option("--train-clips", default="uniform", show_default=True, type=click.Choice(["uniform", "jitter"]),
-                 help="jitter: each epoch one random clip per segment of the extracted clips (evaluation: uniform)."),
+                 help="jitter: each epoch, per video, one random clip per segment of the extracted clips (evaluation: uniform)."),
     click.option("--teacher", type=click.Path(exists=True, file_okay=False),
                  help="A fitted run to distil from (Fewer Frames; frozen, its inputs read from FEATS); unlabelled "
                       "videos train too. In ablate: taught cells get their own rows (+ KD) beside untaught ones."),

@@ -76,7 +76,12 @@ def sources(positions: Sequence[int], mask: Sequence[bool], expensive: str,
             cheap: str) -> dict[str, tuple[str, list[int]]]:
     """Source ("expensive", "cheap") -> (model, the extracted clip positions it reads) for ``mask``
     over ``positions``; a source with no position is left out (an expensive position never reads
-    cheap features)."""
+    cheap features). ``positions`` may also be an (videos, n) array, one draw per video
+    (``--train-clips jitter``): the mask applies to each row and each source gets such an array."""
+    if getattr(positions, "ndim", 1) == 2:
+        keep = [bool(m) for m in mask]
+        return {src: (model, positions[:, [k for k, m in enumerate(keep) if m == want]])
+                for src, model, want in (("expensive", expensive, True), ("cheap", cheap, False)) if want in keep}
     out: dict[str, tuple[str, list[int]]] = {}
     for src, model, want in (("expensive", expensive, True), ("cheap", cheap, False)):
         pos = [int(p) for p, m in zip(positions, mask) if bool(m) == want]

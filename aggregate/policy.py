@@ -188,8 +188,10 @@ def video_gflops(num_expensive: float, num_clips: int, expensive: float, cheap: 
 
 
 def sources(positions: Sequence[int], expensive: str, cheap: str) -> dict[str, tuple[str, list[int]]]:
-    """What an adaptive run reads: both models at every position."""
-    return {"expensive": (expensive, list(positions)), "cheap": (cheap, list(positions))}
+    """What an adaptive run reads: both models at every position (or every row of an (videos, n)
+    array of per-video draws)."""
+    pos = positions if getattr(positions, "ndim", 1) == 2 else list(positions)
+    return {"expensive": (expensive, pos), "cheap": (cheap, pos)}
 
 
 def reference_points(run_dir: Any, *, seed: int = 0) -> dict[str, dict[str, float]]:

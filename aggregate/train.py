@@ -8,7 +8,7 @@ predictions. Neither imports a backbone, torchvision or decord.
 
 Options beyond the paper (docs/aggregators.md): ``agg_options`` (constructor overrides, e.g. a
 netvlad's clusters), ``init_centres`` (k-means VLAD centres from the training descriptors),
-``train_clips="jitter"`` (one random clip per segment each epoch, as TSN-style training samples
+``train_clips="jitter"`` (one random clip per segment, per video and epoch, as TSN-style training samples
 them) and ``teacher`` (Fewer Frames distillation: a frozen fitted run teaches the student through
 a KL term on softened predictions and a squared error on the final representations, also on
 unlabelled videos).
@@ -76,7 +76,7 @@ class FitConfig:
     agg_options: dict[str, Any] = field(default_factory=dict)  # aggregator constructor overrides (--agg-option
     #                          KEY=VALUE, e.g. clusters=64), recorded in the run's agg_kwargs
     init_centres: bool = False  # netvlad: k-means centres on up to 100k training descriptors (ActionVLAD)
-    train_clips: str = "uniform"  # uniform, or jitter: each epoch one random clip per segment of the N
+    train_clips: str = "uniform"  # uniform, or jitter: each epoch and video one random clip per segment of the N
     #                              extracted (order kept); evaluation and predict always use uniform
     teacher: str | None = None  # a fitted run directory to distil from (Fewer Frames); frozen
     distill_weight: float = 1.0  # A: weight of T^2 KL(teacher || student), softened at temperature T
@@ -155,13 +155,17 @@ def agg_option_keys(agg: str) -> list[str]:
             if p.kind == p.KEYWORD_ONLY and k not in ("num_classes", "sources", "dropout")]
 
 
-def jitter_positions(num_extracted: int, num_clips: int, rng: np.random.Generator) -> list[int]:
+def jitter_positions(num_extracted: int, num_clips: int, rng: np.random.Generator,
+                     videos: int | None = None) -> Any:
     """One clip drawn at random from each of ``num_clips`` consecutive segments of the N extracted
-    clips (segment k: [floor(k N / n), floor((k + 1) N / n))): ordered, distinct (--train-clips jitter)."""
+    clips (segment k: [floor(k N / n), floor((k + 1) N / n))): ordered, distinct (--train-clips jitter;
+    TSN's segment sampling). A list of n positions, or with ``videos`` an (videos, n) array: an
+    independent draw per video."""
     if not 1 <= num_clips <= num_extracted:
         raise BadValue(f"--num-clips must be between 1 and the {num_extracted} extracted clips, got {num_clips}")
-    edges = [k * num_extracted // num_clips for k in range(num_clips + 1)]
-    return [int(rng.integers(edges[k], edges[k + 1])) for k in range(num_clips)]
+    edges = np.array([k * num_extracted // num_clips for k in range(num_clips + 1)])
+    draw = rng.integers(edges[:-1], edges[1:], size=(1 if videos is None else videos, num_clips))
+    return [int(p) for p in draw[0]] if videos is None else draw.astype(np.int64)
 
 
 def _device(name: str) -> Any:
@@ -299,7 +303,8 @@ class _Teacher:
         the dataset key holding it)."""
         union, alias = dict(student), {}
         for src, spec in self.run.sources().items():
-            same = [k for k, v in student.items() if (v[0], list(v[1])) == (spec[0], list(spec[1]))]
+            same = [k for k, v in student.items()  # per-video draws (2-D) never equal the teacher's fixed ones
+                    if np.ndim(v[1]) == 1 and (v[0], list(v[1])) == (spec[0], list(spec[1]))]
             alias[src] = same[0] if same else f"teacher_{src}"
             union.setdefault(alias[src], (spec[0], list(spec[1])))
         self.alias = alias
@@ -575,9 +580,9 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
             for epoch in range(1, cfg.epochs + 1):
                 t_epoch = time.perf_counter()
                 drawn = None
-                if cfg.train_clips == "jitter":  # this epoch's positions; the pattern applies to them
+                if cfg.train_clips == "jitter":  # this epoch's draw per video; the pattern applies to each
                     drawn = jitter_positions(plan.num_extracted, len(plan.positions),
-                                             np.random.default_rng([cfg.seed, epoch]))
+                                             np.random.default_rng([cfg.seed, epoch]), videos=len(train_idx))
                     train_ds.close()
                     train_ds = fs.dataset(_train_sources(_sources_at(cfg, plan, drawn), teacher), train_idx)
                     train_loader = _loader(train_ds, cfg.batch_size, cfg.workers, True, cfg.seed + epoch, pin)
@@ -590,8 +595,9 @@ def fit(cfg: FitConfig) -> dict[str, Any]:
                        "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": opt.param_groups[0]["lr"],
                        "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
                        "train_seconds": round(t_train, 3), "seconds": round(time.perf_counter() - t_epoch, 3)}
-                if drawn is not None:
-                    row["train_positions"] = drawn
+                if drawn is not None:  # how varied the draws were: distinct rows, and the first video's
+                    row["train_positions_distinct"] = int(len(np.unique(drawn, axis=0)))
+                    row["train_positions_first"] = drawn[0].tolist() if len(drawn) else []
                 files.append_jsonl(out / run.METRICS, row)
                 log.info("epoch %d/%d: train loss %.4f, val loss %.4f, top-1 %.4f, top-5 %.4f", epoch, cfg.epochs,
                          train_loss, val_loss, m["top1"], m["top5"])
@@ -683,8 +689,9 @@ def _train_sources(student: dict[str, Any], teacher: _Teacher | None) -> dict[st
     return student if teacher is None else teacher.sources(student)[0]
 
 
-def _sources_at(cfg: FitConfig, plan: Plan, positions: list[int]) -> dict[str, tuple[str, list[int]]]:
-    """The student's sources at drawn clip ``positions`` (the pattern, or a policy's both maps, over them)."""
+def _sources_at(cfg: FitConfig, plan: Plan, positions: Any) -> dict[str, Any]:
+    """The student's sources at drawn clip ``positions``, one row per training video (the pattern, or
+    a policy's both maps, over each row)."""
     if cfg.pattern == patterns.ADAPTIVE:
         from faster.aggregate import policy
 

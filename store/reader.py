@@ -187,6 +187,8 @@ class FeatureDataset:
     """torch Dataset: item i -> {source: float16 tensor (n_source, T', H', W', C), "label", "index"}.
 
     ``sources``: source name -> (model, clip positions). Only those models and positions are read.
+    The positions are either one ascending sequence for every item, or an (items, n) array with one
+    ascending row per item of ``indices`` (per-video draws: ``--train-clips jitter``).
     ``index`` is the video's row in the FeatureSet (``fs.ids[index]``).
     """
 
@@ -202,9 +204,15 @@ class FeatureDataset:
         self._ptr = {}
         for src, (model, positions) in sources.items():
             info = fs.model(model)
-            pos = np.asarray(list(positions), dtype=np.int64)
+            pos = np.asarray(positions if isinstance(positions, np.ndarray) else list(positions), dtype=np.int64)
+            if pos.ndim == 2 and (len(pos) != len(self.indices) or (np.diff(pos, axis=1) <= 0).any()):
+                raise BadValue(f"{src}: per-video clip positions must be one ascending row per video "
+                               f"({len(self.indices)}), got shape {pos.shape}")
+            if pos.ndim not in (1, 2):
+                raise BadValue(f"{src}: clip positions must be a sequence or one row per video, got shape {pos.shape}")
             if pos.size and (pos.min() < 0 or pos.max() >= N):
-                raise BadValue(f"{src}: clip positions {pos.tolist()} outside the {N} extracted clips")
+                bad = pos.tolist() if pos.ndim == 1 else sorted(set(pos[(pos < 0) | (pos >= N)].tolist()))
+                raise BadValue(f"{src}: clip positions {bad} outside the {N} extracted clips")
             if pos.size:
                 self.sources.append((src, model, pos, info.shape))
                 paths, shard, row = fs._ptr[model]
@@ -264,7 +272,7 @@ class FeatureDataset:
     def read(self, i: int, src_index: int) -> np.ndarray:
         """Source ``src_index``'s clips of item i: (n, T', H', W', C) float16."""
         _, _, pos, shape = self.sources[src_index]
-        out = np.empty((len(pos), *shape), dtype=np.float16)
+        out = np.empty((pos.shape[-1], *shape), dtype=np.float16)
         self.read_into(out, i, src_index)
         return out
 
@@ -273,6 +281,8 @@ class FeatureDataset:
         src, model, pos, shape = self.sources[src_index]
         paths, shard, row = self._ptr[model]
         path, r = paths[shard[i]], int(row[i])
+        if pos.ndim == 2:  # this video's own draw
+            pos = pos[i]
         try:
             ds = self._dataset(path, model)
             p0, p1 = int(pos[0]), int(pos[-1]) + 1
@@ -328,7 +338,7 @@ class ThreadedLoader:
 
         if self._buffers is None:
             B = self.batch_size
-            self._buffers = [{src: torch.empty((B, len(pos), *shape), dtype=torch.float16, pin_memory=self.pin)
+            self._buffers = [{src: torch.empty((B, pos.shape[-1], *shape), dtype=torch.float16, pin_memory=self.pin)
                               for src, _, pos, shape in self.ds.sources} | {
                               "label": torch.empty(B, dtype=torch.int64), "index": torch.empty(B, dtype=torch.int64)}
                              for _ in range(self.prefetch + 1)]

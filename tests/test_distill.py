@@ -115,6 +115,14 @@ def test_the_run_records_its_teacher_and_the_weights(sets, tmp_path):
     assert r.agg == "avg" and r.model()({"cheap": torch.zeros(1, 8, 16, 1, 2, 2)}, [False] * 8).shape == (1, 4)
 
 
+def test_a_teacher_teaches_a_student_trained_on_per_video_draws(sets, tmp_path):
+    # the student's per-video positions never alias the teacher's fixed ones: the teacher reads its own
+    result = fit(_cfg([sets["student"]], tmp_path / "j", val=[str(sets["val"])], teacher=str(sets["teacher"]),
+                      epochs=1, agg="avg", num_clips=4, train_clips="jitter"))
+    row = json.loads((tmp_path / "j" / "metrics.jsonl").read_text().splitlines()[0])
+    assert result["train_clips"] == "jitter" and row["train_positions_distinct"] > 1 and math.isfinite(row["train_loss"])
+
+
 def test_teachers_it_cannot_feed_are_refused(sets, tmp_path):
     other = write_synthetic(tmp_path / "other", num_videos=40, models={"chp": (1, 2, 2, 16)}, seed=4,
                             **{k: v for k, v in COMMON.items()})
@@ -153,6 +161,9 @@ def test_jitter_positions_are_one_per_segment_in_order():
     assert jitter_positions(5, 5, rng) == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="between 1 and the 7"):
         jitter_positions(7, 8, rng)
+    table = jitter_positions(32, 4, rng, videos=200)  # one independent draw per video
+    assert table.shape == (200, 4) and ((table // 8) == [0, 1, 2, 3]).all()
+    assert len(np.unique(table, axis=0)) > 190
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +172,43 @@ def order_set(tmp_path_factory):
                            num_classes=2, seed=0)
 
 
+def test_per_video_positions_read_each_videos_own_clips(order_set):
+    from faster.store.reader import FeatureSet, ThreadedLoader
+
+    fs = FeatureSet([order_set])
+    model = sorted(fs.models)[0]
+    idx = np.arange(5, 25)
+    table = jitter_positions(8, 3, np.random.default_rng(3), videos=len(idx))
+    ds = fs.dataset({"x": (model, table)}, idx)
+    for i, row in enumerate(table):
+        alone = fs.dataset({"x": (model, row.tolist())}, idx[i:i + 1])
+        assert np.array_equal(ds[i]["x"].numpy(), alone[0]["x"].numpy())
+        alone.close()
+    read = [b["x"].numpy().copy() for b in ThreadedLoader(ds, 8)]  # the in-process loader reads the same rows
+    assert np.array_equal(np.concatenate(read), np.stack([ds[i]["x"] for i in range(20)]))
+    ds.close()
+    with pytest.raises(ValueError, match="one ascending row per video"):
+        fs.dataset({"x": (model, table[:3])}, idx)
+    with pytest.raises(ValueError, match=r"clip positions \[8, 9\] outside the 8 extracted"):
+        fs.dataset({"x": (model, table + 2)}, idx)
+
+
 def _jitter_fit(feats, out, seed):
     fit(_cfg([feats], out, agg="avg", num_clips=3, pattern="first", train_clips="jitter", epochs=4, seed=seed))
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["train_positions"] for r in rows]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_train_clips_jitter_draws_ordered_positions_per_epoch_deterministic_in_the_seed(order_set, tmp_path):
-    drawn = _jitter_fit(order_set, tmp_path / "a", 0)
-    assert len({tuple(d) for d in drawn}) > 1  # different across epochs
-    for d in drawn:  # 3 segments of the 8 clips: [0, 2), [2, 5), [5, 8)
+def test_train_clips_jitter_draws_ordered_positions_per_video_and_epoch_deterministic_in_the_seed(order_set, tmp_path):
+    rows = _jitter_fit(order_set, tmp_path / "a", 0)
+    firsts = [r["train_positions_first"] for r in rows]
+    assert len({tuple(d) for d in firsts}) > 1  # the first video's draw changes across epochs
+    for d in firsts:  # 3 segments of the 8 clips: [0, 2), [2, 5), [5, 8)
         assert 0 <= d[0] < 2 <= d[1] < 5 <= d[2] < 8
-    assert _jitter_fit(order_set, tmp_path / "b", 0) == drawn  # the same seed draws the same
-    assert _jitter_fit(order_set, tmp_path / "c", 1) != drawn
+    assert all(r["train_positions_distinct"] > 8 for r in rows)  # ~48 videos, 18 possible draws: per video
+    keys = ("train_positions_first", "train_positions_distinct", "train_loss")
+    again = _jitter_fit(order_set, tmp_path / "b", 0)
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]  # same seed, same draws
+    assert [r["train_positions_first"] for r in _jitter_fit(order_set, tmp_path / "c", 1)] != firsts
     from faster.aggregate.run import Run
 
     r = Run.load(tmp_path / "a")  # evaluation and predict: the uniform positions, always
@@ -189,4 +224,4 @@ def test_train_clips_jitter_draws_ordered_positions_per_epoch_deterministic_in_t
 def test_uniform_training_clips_record_no_draws(order_set, tmp_path):
     result = fit(_cfg([order_set], tmp_path / "u", agg="avg", num_clips=3, pattern="first", epochs=1))
     rows = [json.loads(line) for line in (tmp_path / "u" / "metrics.jsonl").read_text().splitlines()]
-    assert "train_positions" not in rows[0] and result["train_clips"] == "uniform"
+    assert "train_positions_first" not in rows[0] and result["train_clips"] == "uniform"

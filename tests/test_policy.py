@@ -30,6 +30,13 @@ def _cfg(feats, out, pattern, budget=None, agg="gru", **kw):
     return FitConfig(**{**base, **kw})
 
 
+def test_a_policy_trains_on_per_video_draws(spot_set, tmp_path):
+    result = fit(_cfg(spot_set, tmp_path / "j", "adaptive", 0.25, epochs=1, num_clips=4, train_clips="jitter"))
+    row = json.loads((tmp_path / "j" / "metrics.jsonl").read_text().splitlines()[0])
+    assert result["num_cheap"] == 4 and row["train_positions_distinct"] > 8  # of 2^4 possible draws: per video
+    assert np.isfinite(row["train_loss"])
+
+
 def test_the_policy_spends_the_expensive_clip_where_the_class_is(spot_set, tmp_path):
     policy = fit(_cfg(spot_set, tmp_path / "policy", "adaptive", 0.125))
     fixed = fit(_cfg(spot_set, tmp_path / "fixed", "1:3"))
