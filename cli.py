@@ -319,20 +319,19 @@ def _split_list(ctx, param, value: str | None) -> list[str] | None:
     return items
 
 
-def _split_ints(ctx, param, value: str | None) -> list[int] | None:
-    items = _split_list(ctx, param, value)
-    try:
-        return None if items is None else [int(v) for v in items]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated integers", param_hint=param.opts[-1]) from None
+def _split_as(cast, what: str):
+    """A click callback: a comma-separated list of ``cast`` values, a one-line error naming the value."""
+    def parse(ctx, param, value: str | None) -> list | None:
+        items = _split_list(ctx, param, value)
+        try:
+            return None if items is None else [cast(v) for v in items]
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: expected comma-separated {what}", param_hint=param.opts[-1]) from None
+    return parse
 
 
-def _split_floats(ctx, param, value: str | None) -> list[float] | None:
-    items = _split_list(ctx, param, value)
-    try:
-        return None if items is None else [float(v) for v in items]
-    except ValueError:
-        raise click.BadParameter(f"{value!r}: expected comma-separated numbers", param_hint=param.opts[-1]) from None
+_split_ints = _split_as(int, "integers")
+_split_floats = _split_as(float, "numbers")
 
 
 @cli.command()

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faster.aggregate.models import Aggregator
+from faster.aggregate.patterns import video_gflops as pattern_gflops
 from faster.errors import BadValue
 
 GATE_HIDDEN = 64  # the gate's hidden width: its cost is negligible beside one clip of a backbone
@@ -183,8 +184,8 @@ def video_gflops(num_expensive: float, num_clips: int, expensive: float, cheap: 
     """A policy video's cost: N x cheap (always) + #E x expensive + the aggregator (its cheap-clip
     alignment cost falls as #E grows: interpolated between the all-e and all-c counts, exact since
     the alignment is per clip) + the gate."""
-    frac = num_expensive / max(num_clips, 1)
-    return num_clips * cheap + num_expensive * expensive + agg_all_c + frac * (agg_all_e - agg_all_c) + gate
+    agg = agg_all_c + num_expensive / max(num_clips, 1) * (agg_all_e - agg_all_c)
+    return pattern_gflops(num_expensive, num_clips, expensive, cheap, agg) + gate  # every clip's cheap map
 
 
 def sources(positions: Sequence[int], expensive: str, cheap: str) -> dict[str, tuple[str, list[int]]]:

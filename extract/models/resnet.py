@@ -54,14 +54,16 @@ def mid_width_2plus1d(inner: int) -> int:
 # --- middle convolutions of a bottleneck (strategies) -------------------------------------------
 
 class Conv2Plus1D(nn.Sequential):
-    """(2+1)D: 1x3x3 to ``mid`` channels (spatial stride), BN, ReLU, 3x1x1 back to ``inner`` (temporal stride)."""
+    """(2+1)D: 1x3x3 to ``mid`` channels (spatial stride), BN, ReLU, 3x1x1 to ``out`` (default: back to
+    ``inner``; temporal stride). VMZ's zoo networks use it too, with their own widths (vmz.py)."""
 
-    def __init__(self, inner: int, mid: int, stride: int, temporal_stride: int, norm_layer: NormLayer) -> None:
+    def __init__(self, inner: int, mid: int, stride: int, temporal_stride: int, norm_layer: NormLayer,
+                 out: int | None = None) -> None:
         super().__init__(
             nn.Conv3d(inner, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
             norm_layer(mid),
             nn.ReLU(inplace=True),
-            nn.Conv3d(mid, inner, (3, 1, 1), (temporal_stride, 1, 1), (1, 0, 0), bias=False),
+            nn.Conv3d(mid, inner if out is None else out, (3, 1, 1), (temporal_stride, 1, 1), (1, 0, 0), bias=False),
         )
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from faster.errors import BadValue
+from faster.extract.models import resnet
 from faster.extract.models.resnet import KINETICS_MEAN, KINETICS_STD, VideoResNet
 
 BN_EPS = 1e-3
@@ -49,17 +50,11 @@ def mid_width(in_ch: int, out_ch: int) -> int:
 
 # --- middle convolutions (strategies): (in, out, stride, norm) -> module -------------------------
 
-class Conv2Plus1D(nn.Sequential):
+class Conv2Plus1D(resnet.Conv2Plus1D):
     """1x3x3 to mid_width(in, out) (stride 1,s,s), BN, ReLU, 3x1x1 to ``out_ch`` (stride s,1,1)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, norm_layer: NormLayer) -> None:
-        mid = mid_width(in_ch, out_ch)
-        super().__init__(
-            nn.Conv3d(in_ch, mid, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
-            norm_layer(mid),
-            nn.ReLU(inplace=True),
-            nn.Conv3d(mid, out_ch, (3, 1, 1), (stride, 1, 1), (1, 0, 0), bias=False),
-        )
+        super().__init__(in_ch, mid_width(in_ch, out_ch), stride, stride, norm_layer, out=out_ch)
 
 
 class DepthwiseConv3D(nn.Conv3d):
