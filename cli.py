@@ -60,7 +60,9 @@ FIT_OPTIONS = [
     click.option("--val", multiple=True, type=click.Path(exists=True, file_okay=False),
                  help="Validation feature set [default: a held-out fraction of the training videos]."),
     click.option("--epochs", default=10, show_default=True, type=click.IntRange(1)),
-    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1)),
+    click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
+                 help="Videos per step and process; under torchrun the global batch is this x the number of "
+                      "processes (scale --lr with it: the linear rule)."),
     click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True)),
     click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0)),
     click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True)),
@@ -125,7 +127,7 @@ def cli(verbose: int) -> None:
 
     \b
     1. faster extract   decode videos once, run the clip backbones, cache res5 maps in HDF5 shards
-    2. faster fit       train an aggregator (FAST-GRU, avg, concat, lstm, gru) on cached features
+    2. faster fit       train an aggregator (fastgru, avg, concat, lstm, gru, netvlad, nextvlad, tam) on cached features
     3. faster ablate    grids of fits: the paper's Tables 3 and 4 from cached features
     4. faster predict   classify new videos, running the expensive backbone only where the pattern says
     """
@@ -177,7 +179,7 @@ def extract(**kw) -> None:
     Broken videos are recorded in OUT/failures.jsonl (exit 0; non-zero with --strict). Under
     torchrun each rank takes every WORLD_SIZE-th video; --num-shards/--shard-index split a Slurm array.
     """
-    from faster.extract.pipeline import ExtractConfig, run_extract
+    from faster.extract.pipeline import ExtractConfig, extract_videos
 
     strict = kw.pop("strict")
     kw["weights"] = _parse_weights(kw["weights"])
@@ -187,7 +189,7 @@ def extract(**kw) -> None:
     except UserError as err:
         raise click.UsageError(str(err)) from err
     try:
-        summary = run_extract(cfg, echo=lambda line: click.echo(line, err=True))
+        summary = extract_videos(cfg, echo=lambda line: click.echo(line, err=True))
     except UserError as err:
         _fail(err)
     failed = summary["failed"]
@@ -256,22 +258,30 @@ def _n(count: int, noun: str) -> str:
 @click.option("--num-clips", type=click.IntRange(1), help="Use n of the extracted clips [default: all].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
-@click.option("--overwrite", is_flag=True, help="Replace the run already in -o.")
+@click.option("--overwrite", is_flag=True, help="Replace the run (or interrupted fit) already in -o.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted fit in -o after its last finished epoch "
+              "(the same arguments; exact: it ends as an uninterrupted fit would).")
 @_fit_options
 def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
     """Train an aggregator on cached features for one expensive:cheap pattern.
 
     \b
-    Writes RUN/config.json, checkpoint.pt, metrics.jsonl (one line per epoch), result.json and
-    val_predictions.jsonl. Only the model each clip position needs is read; no backbone is loaded.
+    Writes RUN/config.json, metrics.jsonl (one line per finished epoch) and last.pt (the training
+    state, for --resume) while it trains, then checkpoint.pt, val_predictions.jsonl and result.json.
+    Only the model each clip position needs is read; no backbone is loaded. Under torchrun
+    (torchrun --nproc_per_node 2 -m faster fit ...) the processes train one model with DDP.
     e.g. faster fit feats/ -o runs/fg --agg fastgru --expensive r2plus1d50 --cheap r2d26 --pattern 1:3
     """
-    from faster.aggregate.train import FitConfig, fit as fit_run
+    from faster.aggregate.fit import FitConfig, fit as fit_run
+    from faster.engine import Distributed
 
     try:
-        r = fit_run(FitConfig(feats=list(feats), val=list(val), **kw))
+        dist = Distributed.from_env()
+        r = fit_run(FitConfig(feats=list(feats), val=list(val), **kw), dist=dist)
     except UserError as err:
         _fail(err)
+    if not dist.main:
+        return
     best = r["best"]
     gflops = "?" if r["gflops_per_video"] is None else f"{r['gflops_per_video']:.1f}"
     counts = (f"{r['num_expensive']} E + {r['num_cheap']} C" if r["budget"] is None else
@@ -281,6 +291,7 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
                f"(best top-1 {best['top1']:.4f} at epoch {best['epoch']}); {gflops} GFLOPs/video; "
                f"{r['num_train']} train / {r['num_val']} val videos"
                + (f" (taught by {r['teacher']['path']}, {r['num_unlabelled_train']} unlabelled)" if r["teacher"] else "")
+               + (f"; {r['world_size']} processes x batch {kw['batch_size']}" if r["world_size"] > 1 else "")
                + f"; {r['seconds']:.1f} s -> {kw['out']}")
 
 
@@ -297,7 +308,7 @@ def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, wor
 
     Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops"}.
     """
-    from faster.aggregate.train import evaluate as evaluate_run
+    from faster.aggregate.evaluation import evaluate as evaluate_run
 
     try:
         r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad)
@@ -506,7 +517,6 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     """
     import json
 
-    from faster.aggregate import patterns
     from faster.extract import models
 
     size, per_model = _parse_sizes(sizes)
@@ -522,91 +532,55 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
         if name not in models.names():
             raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())}",
                                      param_hint=hint)
-    if pattern == patterns.ADAPTIVE:
-        _flops_adaptive(models, expensive, cheap, clip_len, n, px, agg, budget, as_json)
-        return
+    from faster.aggregate import schedule
+
     try:
-        num_e, num_c = patterns.counts(pattern, n)
+        plan = schedule.create(pattern, n, budget)
     except UserError as err:
-        raise click.BadParameter(str(err), param_hint="--pattern") from None
+        raise click.BadParameter(str(err), param_hint="--pattern" if budget is None else "--budget") from None
+    model_of = {"expensive": expensive, "cheap": cheap}
+    roles = plan.roles()
     try:
         gflops = {m: models.clip_gflops(m, clip_len, px[m]) for m in (expensive, cheap)}
         shapes = {m: models.feature_shape(m, clip_len, px[m]) for m in (expensive, cheap)}
+        kwargs = {"num_classes": 400, "sources": {src: list(shapes[model_of[src]]) for src in roles}, "dropout": 0.0}
+        costs = plan.costs(agg, kwargs, {src: gflops[model_of[src]] for src in roles})
     except UserError as err:
-        raise click.UsageError(str(err)) from None
-    used = [m for m, k in ((expensive, num_e), (cheap, num_c)) if k]
+        raise click.BadParameter(str(err), param_hint="--agg") from None
+    num_e, num_c = plan.expected_counts()
+    video = costs["per_video"]
+    gate = costs.get("gate")
+    agg_gflops = video - num_e * gflops[expensive] - num_c * gflops[cheap] - (gate or 0.0)
+    used = [model_of[src] for src in roles]
     C, T, H, W = shapes[used[0]]
     note = None if len({shapes[m] for m in used}) == 1 else (
         f"{cheap}'s {list(shapes[cheap])} maps are aligned to {expensive}'s {list(shapes[expensive])}: "
         "the projection is counted")
-    from faster.aggregate.flops import count_gflops
-
-    sources = {src: list(shapes[m]) for src, m, k in (("expensive", expensive, num_e), ("cheap", cheap, num_c)) if k}
-    try:
-        agg_gflops = count_gflops(agg, {"num_classes": 400, "sources": sources, "dropout": 0.0},
-                                  patterns.expensive_mask(pattern, n))
-    except UserError as err:
-        raise click.BadParameter(str(err), param_hint="--agg") from None
-    video = patterns.video_gflops(num_e, num_c, gflops[expensive], gflops[cheap], agg_gflops)
     if as_json:
         out = {"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "video_gflops": video,
                "num_expensive": num_e, "num_cheap": num_c, "pattern": pattern, "num_clips": n,
                "clip_len": clip_len, "size": size, "sizes": px, "expensive": expensive, "cheap": cheap, "agg": agg,
                "feature_shape": [C, T, H, W]}
+        if gate is not None:
+            out.update(gate_gflops=gate, budget=plan.budget)
         if note:
             out["note"] = note
         click.echo(json.dumps(out))
         return
-    click.echo(f"{n} clips of {clip_len} frames {where}, pattern {pattern}: {num_e} expensive, {num_c} cheap; "
-               f"features {C} x {T} x {H} x {W} (C x T' x H' x W')")
-    click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:3d} = "
+    click.echo(f"{n} clips of {clip_len} frames {where}, pattern {plan.describe()}: {num_e:g} expensive, "
+               f"{num_c} cheap; features {C} x {T} x {H} x {W} (C x T' x H' x W')")
+    count_e = f"{num_e:3d}" if isinstance(num_e, int) else f"{num_e:5.2f}"
+    count_c = f"{num_c:{len(count_e)}d}"
+    pad = 24 + len(count_e)
+    click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {count_e} = "
                f"{num_e * gflops[expensive]:9.2f}")
-    click.echo(f"  cheap      {cheap:<16} {gflops[cheap]:9.2f} GFLOPs/clip x {num_c:3d} = "
+    click.echo(f"  cheap      {cheap:<16} {gflops[cheap]:9.2f} GFLOPs/clip x {count_c} = "
                f"{num_c * gflops[cheap]:9.2f}")
-    click.echo(f"  aggregator {agg:<16} {'':>27} = {agg_gflops:9.2f}" + (f"  ({note})" if note else ""))
-    click.echo(f"  video      {'':<16} {'':>27} = {video:9.2f} GFLOPs")
-
-
-def _flops_adaptive(models, expensive: str, cheap: str, clip_len: int, n: int, px: dict[str, int], agg: str,
-                    budget: float | None, as_json: bool) -> None:
-    """The expected cost of a policy run at rate ``budget``: N x cheap + B N x expensive + aggregator + gate."""
-    import json
-
-    import torch
-
-    from faster.aggregate import policy
-    from faster.aggregate.flops import count_gflops
-    from faster.aggregate.models import build
-
-    try:
-        budget = policy.check_budget(budget)
-        gflops = {m: models.clip_gflops(m, clip_len, px[m]) for m in (expensive, cheap)}
-        shapes = {"expensive": list(models.feature_shape(expensive, clip_len, px[expensive])),
-                  "cheap": list(models.feature_shape(cheap, clip_len, px[cheap]))}
-        kwargs = {"num_classes": 400, "sources": shapes, "dropout": 0.0}
-        agg_e, agg_c = count_gflops(agg, kwargs, [True] * n), count_gflops(agg, kwargs, [False] * n)
-        with torch.device("meta"):
-            gate = policy.gate_gflops(policy.Policy(build(agg, **kwargs), budget=budget), n)
-    except UserError as err:
-        raise click.UsageError(str(err)) from None
-    num_e = budget * n
-    video = policy.video_gflops(num_e, n, gflops[expensive], gflops[cheap], agg_e, agg_c, gate)
-    agg_gflops = agg_c + budget * (agg_e - agg_c)
-    if as_json:
-        click.echo(json.dumps({"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "gate_gflops": gate,
-                               "video_gflops": video, "num_expensive": num_e, "num_cheap": n, "pattern": "adaptive",
-                               "budget": budget, "num_clips": n, "clip_len": clip_len, "sizes": px,
-                               "expensive": expensive, "cheap": cheap, "agg": agg}))
-        return
-    where = ", ".join(f"{m} at {p} px" for m, p in px.items())
-    click.echo(f"{n} clips of {clip_len} frames ({where}), pattern adaptive at budget {budget:g}: the cheap "
-               f"backbone on every clip, the expensive one on {num_e:g} clip{'' if num_e == 1 else 's'} per video on average")
-    click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {num_e:5.2f} = "
-               f"{num_e * gflops[expensive]:9.2f}")
-    click.echo(f"  cheap      {cheap:<16} {gflops[cheap]:9.2f} GFLOPs/clip x {n:5d} = {n * gflops[cheap]:9.2f}")
-    click.echo(f"  aggregator {agg:<16} {'':>29} = {agg_gflops:9.2f}")
-    click.echo(f"  gate       {'':<16} {'':>29} = {gate:9.4f}")
-    click.echo(f"  video      {'':<16} {'':>29} = {video:9.2f} GFLOPs (expected at the budget's rate)")
+    click.echo(f"  aggregator {agg:<16} {'':>{pad}} = {agg_gflops:9.2f}" + (f"  ({note})" if note else ""))
+    if gate is not None:
+        click.echo(f"  gate       {'':<16} {'':>{pad}} = {gate:9.4f}")
+    click.echo(f"  video      {'':<16} {'':>{pad}} = {video:9.2f} GFLOPs"
+               + ("" if plan.budget is None else " (expected at the budget's rate)"))
 
 
 def _list_backbones(models, clip_len: int, size: int) -> None:

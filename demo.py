@@ -84,7 +84,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             raise BadFile(f"--weights {name}={path}: no such file")
     from faster import synthetic
     from faster.aggregate.ablate import AblateConfig, run_ablate
-    from faster.extract.pipeline import ExtractConfig, run_extract
+    from faster.extract.pipeline import ExtractConfig, extract_videos
 
     out = Path(cfg.out)
     _claim(out, {"size": asdict(size), "weights": cfg.weights, "seed": cfg.seed})
@@ -112,7 +112,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                              clip_len=size.clip_len, num_clips=size.num_clips, size=size.size,
                              device=cfg.device, seed=cfg.seed, batch_size=size.num_clips, progress=cfg.progress,
                              workers=0)  # tiny synthetic videos: decoding in-process beats starting workers
-        extractions[split] = run_extract(ecfg)
+        extractions[split] = extract_videos(ecfg)
     timings["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()

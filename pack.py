@@ -122,27 +122,27 @@ def find_files(src: str | Path, strip_suffix: str = "") -> Found:
             if name.startswith(".") or not name.endswith(".npy"):
                 continue
             rel = (here / name).relative_to(root).as_posix()
-            vid = rel[: -len(".npy")]
+            video_id = rel[: -len(".npy")]
             if strip_suffix:
-                if not vid.endswith(strip_suffix):
+                if not video_id.endswith(strip_suffix):
                     ignored += 1
                     continue
-                vid = vid[: -len(strip_suffix)]
+                video_id = video_id[: -len(strip_suffix)]
             target = (here / name).resolve()
-            if not vid or vid.endswith("/"):
+            if not video_id or video_id.endswith("/"):
                 refused[rel] = f"{rel}: nothing is left of the name without {strip_suffix!r}"
             elif not _inside(target, root):
-                refused[vid] = f"{rel}: a link to outside SRC ({target}); refused"
+                refused[video_id] = f"{rel}: a link to outside SRC ({target}); refused"
             elif not target.is_file():
-                refused[vid] = f"{rel}: not a regular file"
+                refused[video_id] = f"{rel}: not a regular file"
             else:
-                files[vid] = here / name  # under SRC as found (its target was checked above)
+                files[video_id] = here / name  # under SRC as found (its target was checked above)
     if ignored:
         notes.append(f"{ignored} .npy files do not end with {strip_suffix!r} and are ignored")
     return Found(files, refused, ignored, notes)
 
 
-def load_features(path: str | Path, channels_first: bool = False) -> "np.ndarray":
+def load_features(path: str | Path, channels_first: bool = False) -> np.ndarray:
     """One file as (N, T', H', W', C) float16; BadFile with the reason when it cannot be packed.
 
     The header is checked before any data is read (memory-mapped), so a file claiming a huge shape
@@ -180,7 +180,7 @@ def load_features(path: str | Path, channels_first: bool = False) -> "np.ndarray
     return x
 
 
-def read_values(x: "np.ndarray") -> "np.ndarray":
+def read_values(x: np.ndarray) -> np.ndarray:
     """The data of a checked (memory-mapped) array as float16; BadFile for NaN/inf or values beyond float16."""
     import numpy as np
 
@@ -199,7 +199,7 @@ def read_values(x: "np.ndarray") -> "np.ndarray":
     return h
 
 
-def _check_shape(x: "np.ndarray", num_clips: int, shape: tuple[int, ...], fixed_by: str) -> None:
+def _check_shape(x: np.ndarray, num_clips: int, shape: tuple[int, ...], fixed_by: str) -> None:
     if x.shape[0] != num_clips:
         raise BadFile(f"{x.shape[0]} clips; the others have {num_clips} (fixed by {fixed_by})")
     if tuple(x.shape[1:]) != tuple(shape):
@@ -233,7 +233,6 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     Raises BadFile when SRC is not a directory or holds no usable file, Incompatible (from the
     writer) when ``out`` holds a feature set of another configuration.
     """
-    import numpy as np
     from tqdm import tqdm
 
     import faster
@@ -292,8 +291,8 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         done = writer.done
         todo = [it for it in items if it.id not in done]
         skipped = len(items) - len(todo)
-        for vid, why in found.refused.items():
-            writer.fail(vid, STAGE, why)
+        for video_id, why in found.refused.items():
+            writer.fail(video_id, STAGE, why)
         for it in missing:
             writer.fail(it.id, "missing", it.error or "not found")
         t1 = time.monotonic()

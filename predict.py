@@ -24,9 +24,10 @@ import json
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any
 
 from faster.aggregate.run import Run
 from faster.errors import UserError
@@ -64,12 +65,11 @@ class PredictConfig:
                 raise PredictError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if not self.timeout > 0:
             raise PredictError(f"timeout must be > 0 seconds, got {self.timeout}")
-        from faster.extract.video import DECODERS
+        from faster.extract.video import check_decoder
+        from faster.runtime import check_dtype
 
-        if self.decoder not in DECODERS:
-            raise PredictError(f"unknown decoder {self.decoder!r}; expected one of {', '.join(DECODERS)}")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise PredictError(f"unknown dtype {self.dtype!r}; expected auto, fp32 or bf16")
+        check_decoder(self.decoder)
+        check_dtype(self.dtype)
 
 
 class PredictError(UserError):
@@ -138,7 +138,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.run = Run.load(run_dir)
-        self.aggregator = self.run.model(self.device)  # a policy run: the aggregator with its gate
+        self.aggregator = self.run.model(self.device)  # the schedule's module (a policy: with its gate)
+        self.schedule = self.run.schedule
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(self.run.models))
         if unknown:
@@ -159,7 +160,7 @@ class Predictor:
         self.backbones = self.runner.models
         self.calls = self.runner.calls
 
-    def _build_backbone(self, name: str, given: str | None) -> "torch.nn.Module":
+    def _build_backbone(self, name: str, given: str | None) -> torch.nn.Module:
         """``name`` as the features were extracted: same weights (checked), normalisation and layer."""
         from faster.extract import models
 
@@ -190,65 +191,41 @@ class Predictor:
                                f"to {[T, H, W, C]} (T', H', W', C), the run's features are {list(recorded['shape'])}")
         return module
 
-    def features(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
-        """res5 maps (B, C, T', H', W') float32 of uint8 clips (B, L, S, S, 3), rounded to the shards'
-        float16 first: the aggregator was fitted on those values. A model extracted with
-        --spatial-pool gives (B, C, T', 1, 1), the float16 mean over H' x W' as extraction stored it."""
+    def features(self, name: str, clips: torch.Tensor) -> torch.Tensor:
+        """res5 maps (B, T', H', W', C) float32, channels-last as the shards store them, of uint8 clips
+        (B, L, S, S, 3), rounded to the shards' float16 first: the aggregator was fitted on those
+        values. A model extracted with --spatial-pool gives (B, T', 1, 1, C), the float16 mean over
+        H' x W' as extraction stored it."""
         return self.runner(name, clips).float()
 
-    def steps(self, clips: "torch.Tensor") -> Iterator[dict[str, Any]]:
+    def steps(self, clips: torch.Tensor) -> Iterator[dict[str, Any]]:
         """Fold one video's clips (n, L, S, S, 3) uint8, taken at the run's positions, clip by clip.
 
-        Yields after every clip {"clip", "position", "model", "probs"} with the running class
-        probabilities (K,). Within a chunk of ``batch_size`` clips each backbone runs once, on the
-        clips the pattern gives it and no others; the aggregator then steps through the chunk in order.
+        Yields after every clip {"clip", "position", "model", "expensive", "probs"} with the running class
+        probabilities (K,). The run's schedule (aggregate/schedule.py) says which backbone runs on
+        which clip: within a chunk of ``batch_size`` clips each backbone runs once, on the clips the
+        schedule gives it and no others (a learned policy: the cheap backbone on every clip, the
+        expensive one where its gate decides); the aggregator then steps through them in order.
         """
         import torch
 
-        spec = self.run
-        n = len(spec.positions)
-        if clips.shape[0] != n:
-            raise ValueError(f"expected {n} clips (the run's positions), got {clips.shape[0]}")
-        if spec.adaptive:
-            yield from self._policy_steps(clips)
-            return
+        run = self.run
+        if clips.shape[0] != run.num_clips:
+            raise ValueError(f"expected {run.num_clips} clips (the run's positions), got {clips.shape[0]}")
+
+        def features(source: str, ks: list[int]) -> torch.Tensor:
+            return self.features(run.model_name(source), clips[ks])
+
         with torch.inference_mode():
-            state = self.aggregator.init_state(1, self.device)
-            for lo in range(0, n, self.batch_size):
-                chunk = range(lo, min(lo + self.batch_size, n))
-                maps: dict[int, torch.Tensor] = {}
-                for name in self.backbones:
-                    ks = [k for k in chunk if spec.model_at(k) == name]
-                    if ks:
-                        out = self.features(name, clips[ks])  # (len(ks), C, T', H', W')
-                        maps.update((k, out[i:i + 1]) for i, k in enumerate(ks))
-                for k in chunk:
-                    state = self.aggregator.step(state, maps.pop(k), expensive=spec.mask[k])
-                    probs = torch.softmax(self.aggregator.logits(state).float(), dim=-1)[0].cpu()
-                    yield {"clip": k, "position": spec.positions[k], "model": spec.model_at(k), "probs": probs}
+            for k, source, logits in self.schedule.steps(self.aggregator, features, self.batch_size):
+                probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
+                yield {"clip": k, "position": run.positions[k], "model": run.model_name(source),
+                       "expensive": source == "expensive", "probs": probs}
 
-    def _policy_steps(self, clips: "torch.Tensor") -> Iterator[dict[str, Any]]:
-        """A policy run (aggregate/policy.py): the cheap backbone on every clip (in chunks of
-        ``batch_size``), then clip by clip the gate decides, from the cheap map and the state so far,
-        whether the expensive backbone runs on this clip too; the aggregator folds the chosen map."""
-        import torch
-
-        spec, policy = self.run, self.aggregator
-        with torch.inference_mode():
-            cheap = torch.cat([self.features(spec.cheap, clips[lo:lo + self.batch_size])
-                               for lo in range(0, len(clips), self.batch_size)])  # (n, C, T', H', W')
-            state = policy.init_state(1, self.device)
-            for k in range(len(clips)):
-                expensive = policy.decide(state, cheap[k:k + 1])
-                x = self.features(spec.expensive, clips[k:k + 1]) if expensive else cheap[k:k + 1]
-                state = policy.step(state, x, expensive=expensive)
-                probs = torch.softmax(policy.logits(state).float(), dim=-1)[0].cpu()
-                yield {"clip": k, "position": spec.positions[k], "model": spec.expensive if expensive else spec.cheap,
-                       "probs": probs}
-
-    def gflops(self, num_expensive: int, num_cheap: int) -> float:
-        """A video's cost: #E x E + #C x C per-clip GFLOPs (as recorded at extraction) + the aggregator's."""
-        return self.run.video_gflops(num_expensive, num_cheap)
+    def gflops(self, num_expensive: int) -> float:
+        """A video's cost when ``num_expensive`` clips got the expensive backbone (per-clip GFLOPs as
+        recorded at extraction, the aggregator's share, and a policy's gate)."""
+        return self.run.video_gflops(num_expensive)
 
     def classify(self, clips: Any, *, video_id: str = "", label: int = -1, online: bool = False) -> dict[str, Any]:
         """One video's line: the fields of `faster evaluate` (id, label, probs, top5, gflops), then
@@ -258,29 +235,25 @@ class Predictor:
         array (what faster.extract.video.decode_clips returns in ``.frames``)."""
         import torch
 
-        from faster.aggregate.train import prediction_rows
+        from faster.aggregate.evaluation import prediction_rows
 
         clips = torch.as_tensor(clips)
         if clips.dtype != torch.uint8 or clips.ndim != 5:
             raise PredictError(f"clips must be uint8 (n, L, S, S, 3), got {tuple(clips.shape)} {clips.dtype}")
 
         classes = self.run.classes
-        running, probs, num_e, expensive_clips = [], None, 0, []
+        running, probs, decisions = [], None, []
         for step in self.steps(clips):
             probs = step["probs"].numpy()
-            if step["model"] == self.run.expensive and self.run.adaptive:
-                expensive_clips.append(step["clip"])
-            num_e += step["model"] == self.run.expensive and (self.run.adaptive or self.run.mask[step["clip"]])
+            decisions.append(step["expensive"])
             if online:
                 row = next(prediction_rows([video_id], [label], probs[None], classes, None))
                 running.append({k: step[k] for k in ("clip", "position", "model")}
                                | {"probs": row["probs"], "top5": row["top5"]})
         assert probs is not None, "a run has at least one clip"
-        num_c = len(self.run.positions) - (0 if self.run.adaptive else num_e)  # a policy runs cheap everywhere
-        record = next(prediction_rows([video_id], [label], probs[None], classes, self.gflops(num_e, num_c)))
-        record.update(num_expensive=num_e, num_cheap=num_c)
-        if self.run.adaptive:
-            record["expensive_clips"] = expensive_clips
+        report = self.schedule.report(decisions)
+        record = next(prediction_rows([video_id], [label], probs[None], classes,
+                                      self.gflops(report["num_expensive"]), [report]))
         if online:
             record["online"] = running
         return record
@@ -290,7 +263,7 @@ class Predictor:
 # the command: videos in, JSON lines out
 
 
-def list_videos(paths: list[str], classes: list[str]) -> list["VideoItem"]:
+def list_videos(paths: list[str], classes: list[str]) -> list[VideoItem]:
     """Every video to classify: a file as given (id: its path as given, unlabelled), or the videos
     extraction's discovery finds under a directory (ids relative to it; a class folder named like
     one of the run's classes gives the label, as an index into the run's classes)."""
@@ -314,18 +287,19 @@ def list_videos(paths: list[str], classes: list[str]) -> list["VideoItem"]:
     return out
 
 
-def decoded_videos(items: list["VideoItem"], spec: Run, *, workers: int = 1, timeout: float = 300.0,
-                   pin_memory: bool = False, decoder: str = "auto") -> Iterator[tuple["VideoItem", Any]]:
+def decoded_videos(items: list[VideoItem], run: Run, *, workers: int = 1, timeout: float = 300.0,
+                   pin_memory: bool = False, decoder: str = "auto") -> Iterator[tuple[VideoItem, Any]]:
     """(item, decoders.Decoded or decoders.Failed) per video, as extraction decodes them (the same
     worker processes, timeout, sampling and ``decoder``) but only at the run's clip positions.
     Order: as decoded."""
 
     from faster.extract.decoders import DecodePool, InlineDecoder
+    from faster.sampling import Sampling
 
-    kw = dict(num_clips=spec.num_extracted, clip_len=spec.clip_len, size=spec.size,
-              frame_stride=spec.frame_stride, positions=spec.positions, decoder=decoder)
-    pool = (DecodePool(items, workers=workers, timeout=timeout, pin_memory=pin_memory, **kw) if workers
-            else InlineDecoder(items, **kw))
+    sampling = Sampling(clip_len=run.clip_len, num_clips=run.num_extracted, frame_stride=run.frame_stride,
+                        size=run.size, positions=run.positions)
+    pool = (DecodePool(items, sampling, workers=workers, timeout=timeout, pin_memory=pin_memory, decoder=decoder)
+            if workers else InlineDecoder(items, sampling, decoder=decoder))
     with pool:
         for out in pool:
             yield out.item, out

@@ -1,4 +1,4 @@
-"""Where a process runs: its part of a distributed job, its device, its CPU threads.
+"""Where a process runs: its part of a distributed job, its device, its precision, its CPU threads.
 
 Shared by extract, fit, predict and ablate. Placement reads torchrun's RANK / WORLD_SIZE /
 LOCAL_RANK / LOCAL_WORLD_SIZE and the Slurm-array options (README "Many GPUs, many nodes"):
@@ -47,7 +47,7 @@ def placement(num_shards: int = 1, shard_index: int = 0, env: dict[str, str] | N
     return Placement(rank, world, local_rank, max(local_world, 1), shard_index * world + rank, num_shards * world)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> "torch.device":
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto" -> cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" -> cuda:LOCAL_RANK; "cuda:N", "cpu"."""
     import torch
 
@@ -77,18 +77,26 @@ def native_bf16_cpu() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_dtype(dtype: str, device: "torch.device") -> str:
+DTYPES = ("auto", "fp32", "bf16")  # --dtype of extract and predict
+
+
+def check_dtype(dtype: str) -> str:
+    """``dtype`` if it is one of DTYPES; BadValue naming it otherwise (the one check of --dtype)."""
+    if dtype not in DTYPES:
+        raise BadValue(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
     """"float32" or "bfloat16" for --dtype auto|fp32|bf16 on ``device``: auto is bf16 on a CUDA
-    device that supports it and on a CPU with native bf16 (BENCHMARKS.md: 2.4x fp32 on R(2+1)D-50
-    here), else fp32."""
+    device that supports it and on a CPU with native bf16 (faster than fp32 there: see
+    BENCHMARKS.md), else fp32."""
     import torch
 
-    if dtype == "fp32":
+    if check_dtype(dtype) == "fp32":
         return "float32"
     if dtype == "bf16":
         return "bfloat16"
-    if dtype != "auto":
-        raise BadValue(f"unknown dtype {dtype!r}; expected auto, fp32 or bf16")
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "bfloat16" if native_bf16_cpu() else "float32"
@@ -111,10 +119,10 @@ def cpu_threads(workers: int, local_world_size: int = 1, env: dict[str, str] | N
     share of the cores, less one core left to the decode workers when there are any and the models
     are light (``gflops_per_clip``, all models together, below HEAVY_GFLOPS; unknown counts as light).
 
-    OpenMP barriers stall whenever another process takes a core from one of their threads: on the
-    2-core box of BENCHMARKS.md r2d26 at 112 px ran 3x faster with 1 thread than with 2 next to busy
-    decoders. Heavy models are the other case: R(2+1)D-50 + R2D-26 at 224 px spend ~1% of the time
-    decoding, and a core left to the decoders idles (BENCHMARKS.md "CPU threads").
+    OpenMP barriers stall whenever another process takes a core from one of their threads, so a
+    light model runs faster with a core fewer next to busy decoders. Heavy models are the other
+    case: they spend little of the time decoding, and a core left to the decoders idles (figures:
+    BENCHMARKS.md "CPU threads").
     """
     env = os.environ if env is None else env
     if env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:

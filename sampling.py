@@ -4,10 +4,17 @@ start_i = round(i * (F - span) / (N - 1)) for N > 1 and the centred start for N 
 span = (L - 1) * stride + 1. A video shorter than one span starts every clip at 0 and repeats its
 last frame (``frame_indices`` clamps). Rounding is half-up everywhere, so extraction and predict
 agree bit for bit.
+
+``Sampling`` is the one value that says which clips of a video are decoded and at what size:
+extraction builds it from its configuration, predict from a fitted run's extraction values, and
+the decoders (faster.extract.video, faster.extract.decoders) take it as it is.
 """
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from faster.errors import BadValue
 
@@ -38,3 +45,73 @@ def frame_indices(starts: list[int], num_frames: int, clip_len: int, frame_strid
     """Frame index of every frame of every clip, clamped to the last frame that exists."""
     last = num_frames - 1
     return [[min(s + j * frame_stride, last) for j in range(clip_len)] for s in starts]
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int >= 1; BadValue naming ``name`` otherwise."""
+    try:
+        number = operator.index(value)  # ints and numpy integers; not floats or strings
+    except TypeError:
+        raise BadValue(f"{name} must be an integer >= 1, got {value!r}") from None
+    if isinstance(value, bool) or number < 1:
+        raise BadValue(f"{name} must be >= 1, got {value}")
+    return int(number)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """Which clips of a video are decoded, and how (docs/format.md "Clip sampling").
+
+    ``num_clips`` clips of ``clip_len`` frames, ``frame_stride`` apart, spread uniformly over the
+    video; each frame's short side resized to ``size`` * 8/7 and the centre ``size`` x ``size``
+    crop kept. ``positions``, when given, keeps only those of the ``num_clips`` clips, in that
+    order (predict on a fitted run's subset): their frames are exactly those a full decode gives
+    at those positions. Validated once, here: every count >= 1, positions distinct and in
+    [0, num_clips) (stored as a tuple of ints).
+    """
+
+    clip_len: int
+    num_clips: int
+    size: int
+    frame_stride: int = 1
+    positions: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("clip_len", "num_clips", "size", "frame_stride"):
+            object.__setattr__(self, name, _count(name, getattr(self, name)))
+        if self.positions is not None:
+            object.__setattr__(self, "positions", _positions(self.positions, self.num_clips))
+
+    @property
+    def clips(self) -> int:
+        """Clips decoded per video: ``len(positions)``, else ``num_clips``."""
+        return self.num_clips if self.positions is None else len(self.positions)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """One video's decoded clips: (clips, L, size, size, 3) uint8 RGB."""
+        return (self.clips, self.clip_len, self.size, self.size, 3)
+
+    @property
+    def span(self) -> int:
+        """Frames covered by one clip."""
+        return clip_span(self.clip_len, self.frame_stride)
+
+    def starts(self, num_frames: int) -> list[int]:
+        """First frame of each decoded clip of a video of ``num_frames`` frames (at ``positions`` only)."""
+        starts = clip_starts(num_frames, self.num_clips, self.clip_len, self.frame_stride)
+        return starts if self.positions is None else [starts[p] for p in self.positions]
+
+    def frame_indices(self, starts: list[int], num_frames: int) -> list[list[int]]:
+        """Frame index of every frame of the clips starting at ``starts``, clamped to the last frame."""
+        return frame_indices(starts, num_frames, self.clip_len, self.frame_stride)
+
+
+def _positions(positions: Iterable[int], num_clips: int) -> tuple[int, ...]:
+    try:
+        values = tuple(operator.index(p) for p in positions)
+    except TypeError:
+        raise BadValue(f"clip positions {positions!r} must be integers in [0, {num_clips})") from None
+    if not values or len(set(values)) != len(values) or not all(0 <= p < num_clips for p in values):
+        raise BadValue(f"clip positions {list(values)} must be distinct indices in [0, {num_clips})")
+    return values

@@ -11,8 +11,8 @@ PyAV (a runtime dependency: the fallback decoder) is imported lazily, inside the
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 

@@ -1,17 +1,22 @@
-"""Aggregators by name: FAST-GRU (paper Eq. 4) and the baselines of Table 3 (avg, concat Eq. 5, lstm, gru).
+"""Aggregators by name: FAST-GRU (paper Eq. 4, ``fastgru``), the baselines of Table 3 (``avg``,
+``concat`` Eq. 5, ``lstm``, ``gru`` Eqs. 2-3), and from related papers ``netvlad``, ``nextvlad``
+(aggregate/vlad.py) and ``tam`` (aggregate/tam.py); ``names()`` lists what is registered.
 
 ``register(name)`` is a class decorator; ``get(name)`` returns the class, ``names()`` the sorted names.
 A duplicate name is refused. Importing this package does not import torch: the built-in aggregators
-(faster.aggregate.models) are imported on the first ``get``/``names``, so ``faster --help`` stays light.
+(faster.aggregate.models, which imports vlad and tam) are imported on the first ``get``/``names``,
+so ``faster --help`` stays light. To add one, subclass ``faster.aggregate.models.Aggregator`` (its
+docstring says what to implement) and register it.
 """
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from faster.errors import BadValue
 
-__all__ = ["get", "names", "register"]
+__all__ = ["check_dropout", "get", "names", "register"]
 
 _REGISTRY: dict[str, Any] = {}
 _BUILTIN = "faster.aggregate.models"
@@ -32,8 +37,15 @@ def register(name: str) -> Callable[[T], T]:
     return decorate
 
 
+def check_dropout(value: float) -> float:
+    """The dropout before an aggregator's classifier: in [0, 1)."""
+    if not 0 <= value < 1:
+        raise BadValue(f"dropout must be in [0, 1), got {value}")
+    return float(value)
+
+
 def _load_builtin() -> None:
-    importlib.import_module(_BUILTIN)  # registers avg, concat, lstm, gru, fastgru once
+    importlib.import_module(_BUILTIN)  # registers the eight built-in aggregators once
 
 
 def names() -> list[str]:

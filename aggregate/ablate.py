@@ -31,11 +31,12 @@ import math
 import shutil
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
-from faster.aggregate import patterns as P
+from faster.aggregate import schedule
 from faster.errors import BadFile, BadValue, Incompatible
 from faster.store import files, schema
 from faster.store.files import ChecksumCache
@@ -101,23 +102,10 @@ def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: 
     """
     aggs, patterns, seeds = _unique(aggs), _unique(patterns), _unique(seeds)
     budgets = _unique(float(b) for b in budgets) if budgets else []
-    if P.ADAPTIVE in patterns:
-        if not budgets:
-            raise BadValue("--pattern adaptive needs --budget B[,B...] (fractions of clips that also get the "
-                           "expensive backbone, e.g. 0.0625,0.125,0.25)")
-        from faster.aggregate.policy import check_budget
-
-        for b in budgets:
-            check_budget(b)
-        i = patterns.index(P.ADAPTIVE)
-        patterns[i:i + 1] = [policy_pattern(b) for b in budgets]
-    elif budgets:
-        raise BadValue("--budget is for --pattern adaptive")
+    patterns = schedule.grid_patterns(patterns, budgets)
     counts = _unique(num_clips) if num_clips is not None else [num_extracted]
     if not aggs or not patterns or not seeds or not counts:
         raise BadValue("a grid needs at least one aggregator, number of clips, pattern and seed")
-    for p in patterns:
-        P.check(split_policy(p)[0])
     for n in counts:
         if n < 1:
             raise BadValue(f"numbers of clips must be >= 1, got {n}")
@@ -127,22 +115,16 @@ def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: 
             notes.append(f"{n} clips skipped: the feature sets hold {num_extracted} clips per video")
             continue
         for p in patterns:
-            if not P.is_valid(split_policy(p)[0], n):
+            if not schedule.is_valid(split_policy(p)[0], n):
                 notes.append(f"pattern {p} at {n} clips skipped: x+1 must divide the number of clips")
                 continue
             cells += [Cell(a, n, p, s) for a in aggs for s in seeds]
     return cells, notes
 
 
-def policy_pattern(budget: float) -> str:
-    """A policy cell's pattern in the grid: ``adaptive@B``."""
-    return f"{P.ADAPTIVE}@{budget:g}"
-
-
 def split_policy(pattern: str) -> tuple[str, float | None]:
     """(fit's pattern, budget) of a grid pattern: ``adaptive@0.125`` -> ("adaptive", 0.125)."""
-    name, sep, budget = pattern.partition("@")
-    return (name, float(budget)) if sep else (pattern, None)
+    return schedule.split_label(pattern)
 
 
 def _unique(values: Iterable) -> list:
@@ -297,7 +279,7 @@ def plan_grid(cfg: AblateConfig) -> GridPlan:
     cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"], cfg.budgets)
     clip_len = info["clip_len"]
 
-    from faster.aggregate.train import FitConfig
+    from faster.aggregate.fit import FitConfig
 
     sums = ChecksumCache(out / ".checksums.json")
     feats_sums = [feature_checksums(d, sums) for d in cfg.feats]
@@ -451,7 +433,8 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, devi
     looked at, so a cell that another process finished or trains is never touched; a claim left by a
     killed process is taken over (a dead pid on this host; another host's after STALE_AFTER seconds
     without a heartbeat) and its half-written run directory is redone."""
-    from faster.aggregate import train
+    from faster.aggregate import fit as fitting
+    from faster.engine import Distributed
     from faster.store.lock import FileLock, describe
 
     run_dir = Path(fit_dict["out"])
@@ -463,10 +446,10 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, devi
             return meta, "done", None
         if run_dir.exists():  # an unfinished cell from an interrupted grid: start it afresh
             shutil.rmtree(run_dir)
-        cfg = train.FitConfig(**{**fit_dict, "threads": threads, "progress": progress,
+        cfg = fitting.FitConfig(**{**fit_dict, "threads": threads, "progress": progress,
                                  **({"device": device} if device else {})})
         try:
-            result = train.fit(cfg)
+            result = fitting.fit(cfg, dist=Distributed())  # a cell is one process, also under torchrun
         except Exception as err:  # one bad cell must not lose the others: reported in the summary and results.md
             log.debug("cell %s", meta["key"], exc_info=True)
             return meta, "failed", f"{type(err).__name__}: {err}"
@@ -474,10 +457,9 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, devi
             return meta, "failed", f"its claim was taken over by {describe(lock.holder())} during training"
         trainer = {k: lock.me[k] for k in ("host", "pid", "since")}
         done = {**meta, "result": result, "trained_by": trainer}
-        if cfg.pattern == P.ADAPTIVE:  # the policy's two references at its own budget (policy.reference_points)
-            from faster.aggregate.policy import reference_points
-
-            done["references"] = reference_points(run_dir, seed=cfg.seed)
+        references = schedule.create(cfg.pattern, cfg.num_clips or 1, cfg.budget).references(run_dir, seed=cfg.seed)
+        if references:  # a policy's two references at its own budget (policy.reference_points)
+            done["references"] = references
         files.write_json(run_dir / CELL_DONE, done)
         return meta, "trained", None
     finally:
@@ -569,7 +551,7 @@ def _agg_label(agg: str) -> str:
     return AGG_NAMES.get(base, base) + (" + KD" if agg.endswith("+kd") else "")
 
 
-REFERENCES = ("adaptive", "oracle", "random")  # a policy's rows, then its references at the same budget
+REFERENCES = tuple(schedule.GRID_ROWS)  # a policy's rows, then its references at the same budget
 
 
 def _pattern_order(pattern: str) -> tuple[int, float]:
@@ -588,7 +570,7 @@ def _pattern_order(pattern: str) -> tuple[int, float]:
 def _pattern_label(pattern: str) -> str:
     name, budget = split_policy(pattern)
     if budget is not None:
-        return {"adaptive": "Policy", "oracle": "Oracle", "random": "Random"}.get(name, name) + f" B={budget:g}"
+        return schedule.GRID_ROWS.get(name, name) + f" B={budget:g}"
     return {"all-e": "All E", "all-c": "All C", "1:0": "All E"}.get(pattern, pattern)
 
 
@@ -695,7 +677,7 @@ def accuracy_vs_gflops_figure(rows: list[dict[str, Any]]) -> Figure:
     tab10 = matplotlib.colormaps["tab10"]
     colours = {a: tab10(i % 10) for i, a in enumerate(aggs)}
     markers = {p: "osD^v<>ph*"[i % 10] for i, p in enumerate(pats)}
-    for (agg, pattern, clip_len, expensive), group in _groups(rows, "agg", "pattern", "clip_len",
+    for (agg, pattern, _clip_len, _expensive), group in _groups(rows, "agg", "pattern", "clip_len",
                                                               "expensive").items():
         points = sorted((_mean([float(r["gflops_per_video"]) for r in rs])[0],
                          _mean([100 * float(r["top1"]) for r in rs])[0])

@@ -1,10 +1,17 @@
 """Aggregators of clip feature maps (paper, "Learning to Aggregate"): FAST-GRU (Eq. 4) and the
-baselines of Table 3 — average pooling of clip scores, Concat (Eq. 5), LSTM and GRU.
+baselines of Table 3 — average pooling of clip scores, Concat (Eq. 5), LSTM and GRU (Eqs. 2-3) —
+and the base class ``Aggregator`` that every registered aggregator shares (avg, concat, lstm, gru,
+fastgru here; netvlad and nextvlad in aggregate/vlad.py, tam in aggregate/tam.py; the names:
+``faster.aggregate.names()``).
 
 Every aggregator reads N clip maps x_0 .. x_{N-1} (res5 maps, T' x H' x W' x C) that come from the
 expensive or the cheap backbone according to the E:C pattern, and returns class logits. The
 recurrent ones follow Eq. 1: o_0 = x_0, o_t = f(o_{t-1}, x_t) for t = 1..N-1, then global average
 pooling, dropout and a fully-connected layer on o_{N-1}.
+
+Maps come channels last, (..., T', H', W', C), exactly as the shards store them; every layer works
+in that layout. 1x1x1 convolutions are matrix products over the channel axis (``Conv1x1x1``): the
+same maths and multiply-adds as ``nn.Conv3d(kernel_size=1)``, without a layout change.
 
 Sources of different widths or grids (a 512-channel torchvision map beside a 2048-channel one) are
 aligned before aggregation: each map is average-pooled to the common grid (the smallest T', H', W'
@@ -15,21 +22,20 @@ Two ways to run one aggregator, which give the same result (tests/test_aggregate
   * ``forward(x, mask)`` on a batch of whole videos (training, evaluation);
   * ``init_state`` / ``step`` / ``logits``, one clip at a time (online prediction): the prediction
     after the clips seen so far.
-
-1x1x1 convolutions are applied to channels-last maps as matrix products over the channel axis
-(``Conv1x1x1``): the same maths and multiply-adds as ``nn.Conv3d(kernel_size=1)``, without the
-layout changes (the shards store channels last).
+Both are built from the public pieces ``encode`` / ``fold`` / ``readout`` (see ``Aggregator``),
+which a schedule (a learned policy) also drives directly.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faster.aggregate import register
+from faster.aggregate import check_dropout, register
 from faster.errors import BadValue
 
 SOURCES = ("expensive", "cheap")
@@ -61,12 +67,13 @@ class Align(nn.Module):
         self.register_buffer("in_std", torch.ones(c))
 
     def forward(self, x: Tensor) -> Tensor:
-        # x: (M, T', H', W', C) channels last
-        x = (x - self.in_mean) / self.in_std
+        # x: (M, T', H', W', C) channels last. Averaging commutes with the per-channel
+        # standardisation, so the maps are pooled first and fewer values standardised.
         if self.pooled:
             x = x.mean(dim=(1, 2, 3))  # (M, C)
-        elif self.pool:
+        elif self.pool:  # the pooling op wants channels first: a view for it, channels last again after
             x = F.adaptive_avg_pool3d(x.movedim(-1, 1), self.grid).movedim(1, -1)  # (M, t, h, w, C)
+        x = (x - self.in_mean) / self.in_std
         return self.proj(x) if self.proj is not None else x
 
 
@@ -75,11 +82,27 @@ class Aggregator(nn.Module):
 
     Args:
         num_classes: output classes.
-        sources: per source in use ("expensive", "cheap"), its map shape [C, T', H', W'].
+        sources: per source in use ("expensive", "cheap"), its map shape [C, T', H', W'] (the
+            order stored in checkpoints; the maps themselves come channels last, see ``forward``).
         dropout: dropout before the final fully-connected layer.
 
-    Subclasses set ``pooled`` and implement ``_start`` (o_0 from x_0), ``_update`` (Eq. 1's f) and
-    ``_readout`` (logits from the state); they may override ``_run`` with a faster batched loop.
+    Public API (fit, evaluate, the schedules and predict use only these):
+
+      * ``forward(x, mask)``, ``forward_with_state(x, mask)``: whole videos;
+      * ``sequence(x, mask)``: every clip aligned and embedded, in clip order; ``encode(x, source)``:
+        a batch of single clips of one source aligned and embedded;
+      * ``fold(state, x)``: Eq. 1 on one encoded clip (``state=None`` starts, o_0 = x_0);
+        ``fold_sequence(seq)``: the same over a whole sequence; ``readout(state, num_seen)``: logits;
+      * ``init_state`` / ``step`` / ``logits``: the online step over raw maps;
+      * ``state_vector(state)``, ``state_width()``, ``set_input_stats``; class attributes ``pooled``
+        (the aggregator reads globally pooled vectors) and ``stateful`` (its state is a recurrent
+        state a policy's gate can read).
+
+    To add an aggregator, subclass this, register it (``@register(name)``) and implement
+    ``start(x0)`` (the state from the first encoded clip, o_0), ``update(state, x)`` (Eq. 1's f) and
+    ``readout(state, num_seen)``; optionally ``embed(x, source)`` (a per-source transform after
+    alignment, identity by default), ``fold_sequence(seq)`` (a faster batched loop; it must equal
+    folding clip by clip) and ``state_vector``; set ``pooled`` / ``stateful``.
     """
 
     pooled = False
@@ -94,8 +117,7 @@ class Aggregator(nn.Module):
         for name, shape in sources.items():
             if len(shape) != 4 or min(shape) < 1:
                 raise BadValue(f"source {name!r}: shape must be [C, T', H', W'] with positive sizes, got {shape}")
-        if not 0 <= dropout < 1:
-            raise BadValue(f"dropout must be in [0, 1), got {dropout}")
+        check_dropout(dropout)
         self.kwargs: dict[str, Any] = {"num_classes": int(num_classes), "dropout": float(dropout),
                                        "sources": {k: [int(v) for v in s] for k, s in sources.items()}}
         self.num_classes = int(num_classes)
@@ -115,18 +137,28 @@ class Aggregator(nn.Module):
         align.in_mean.copy_(mean)
         align.in_std.copy_(std.clamp_min(1e-6))
 
+    def _channels(self, source: str) -> int:
+        if source not in self.align:
+            raise BadValue(f"this aggregator was built without a {source} source")
+        return int(self.kwargs["sources"][source][0])
+
     # -- batched -----------------------------------------------------------------------------------
     def forward(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:
         """Logits (B, num_classes) of whole videos.
 
-        ``x[source]``: (B, n_source, C, T', H', W') channels first, the clips of that source in
-        order; ``mask[i]`` says whether clip i is expensive. Channels-last storage (a permuted
-        view) is what the layers use, so passing ``feats.movedim(-1, 2)`` costs no copy.
+        ``x[source]``: (B, n_source, T', H', W', C) channels last, as the shards store the maps: the
+        clips of that source in order; ``mask[i]`` says whether clip i is expensive.
         """
-        seq = self._sequence(x, mask)  # (B, N, *feature)
-        return self._readout(self._run(seq), len(mask))
+        return self.forward_with_state(x, mask)[0]
 
-    def _sequence(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:
+    def forward_with_state(self, x: dict[str, Tensor], mask: Sequence[bool]) -> tuple[Tensor, Any]:
+        """(logits (B, num_classes), the state after the last clip) of whole videos, as ``forward``;
+        ``state_vector`` of that state is the video's final representation (distillation)."""
+        state = self.fold_sequence(self.sequence(x, mask))
+        return self.readout(state, len(mask)), state
+
+    def sequence(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:
+        """(B, N, *feature): every clip of ``x`` (as ``forward`` takes it) aligned and embedded, in clip order."""
         positions = {"expensive": [i for i, m in enumerate(mask) if m],
                      "cheap": [i for i, m in enumerate(mask) if not m]}
         parts = {}
@@ -136,13 +168,12 @@ class Aggregator(nn.Module):
             if src not in x or src not in self.align:
                 raise BadValue(f"the pattern needs {len(pos)} {src} clips but the aggregator "
                                  f"or the batch has no {src} source")
-            xs = x[src]
-            if xs.dim() != 6 or xs.shape[1] != len(pos):
-                raise BadValue(f"{src} clips: expected (B, {len(pos)}, C, T', H', W'), got {tuple(xs.shape)}")
+            xs, c = x[src], self._channels(src)
+            if xs.dim() != 6 or xs.shape[1] != len(pos) or xs.shape[-1] != c:
+                raise BadValue(f"{src} clips: expected (B, {len(pos)}, C-last maps) = (B, {len(pos)}, T', H', W', {c}), "
+                                 f"got {tuple(xs.shape)}")
             B, n = xs.shape[:2]
-            xs = xs.movedim(2, -1).flatten(0, 1)  # (B*n, T', H', W', C)
-            xs = self._embed(self.align[src](xs), src)
-            parts[src] = xs.unflatten(0, (B, n))  # (B, n, *feature)
+            parts[src] = self.encode(xs.flatten(0, 1), src).unflatten(0, (B, n))  # (B, n, *feature)
         if len(parts) == 1:
             return next(iter(parts.values()))
         first = parts["expensive"]
@@ -151,31 +182,45 @@ class Aggregator(nn.Module):
             seq[:, positions[src]] = part.to(seq.dtype)
         return seq
 
-    def _embed(self, x: Tensor, source: str) -> Tensor:
-        """Per-source hook after alignment (avg classifies each clip here)."""
-        return x
+    def encode(self, x: Tensor, source: str) -> Tensor:
+        """A batch of single clips of ``source``, (M, T', H', W', C) channels last, aligned and
+        embedded: (M, *feature), what ``fold`` takes."""
+        c = self._channels(source)
+        if x.dim() != 5 or x.shape[-1] != c:
+            raise BadValue(f"{source} clips: expected (M, T', H', W', C={c}) channels last, got {tuple(x.shape)}")
+        return self.embed(self.align[source](x), source)
 
-    def _run(self, seq: Tensor) -> Any:
-        state = self._start(seq[:, 0])
-        for t in range(1, seq.shape[1]):
-            state = self._update(state, seq[:, t])
+    def fold(self, state: Any, x: Tensor) -> Any:
+        """Eq. 1 on one encoded clip x (B, *feature): ``state`` None starts (o_0 = x_0), otherwise
+        o_t = f(o_{t-1}, x_t)."""
+        return self.start(x) if state is None else self.update(state, x)
+
+    def fold_sequence(self, seq: Tensor) -> Any:
+        """The state after folding every clip of ``seq`` (B, N, *feature) in order."""
+        state = None
+        for t in range(seq.shape[1]):
+            state = self.fold(state, seq[:, t])
         return state
 
     # -- online ------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         """An empty state for ``batch_size`` videos (no clip seen yet)."""
-        return {"t": 0, "h": None, "batch_size": int(batch_size), "device": str(device or "cpu")}
+        return {"t": 0, "h": None, "batch_size": int(batch_size)}
 
     def step(self, state: State, x: Tensor, expensive: bool) -> State:
-        """Fold one clip's map x (B, C_src, T', H', W'), channels first, from the given source."""
+        """Fold one clip's map x (B, T', H', W', C_src), channels last, from the given source."""
         src = "expensive" if expensive else "cheap"
-        if src not in self.align:
-            raise BadValue(f"this aggregator was built without a {src} source")
-        if x.dim() != 5 or x.shape[0] != state["batch_size"]:
-            raise BadValue(f"step expects (B={state['batch_size']}, C, T', H', W'), got {tuple(x.shape)}")
-        xa = self._embed(self.align[src](x.movedim(1, -1)), src)
-        h = self._start(xa) if state["t"] == 0 else self._update(state["h"], xa)
-        return {**state, "t": state["t"] + 1, "h": h}
+        c = self._channels(src)
+        if x.dim() != 5 or x.shape[0] != state["batch_size"] or x.shape[-1] != c:
+            raise BadValue(f"step expects (B={state['batch_size']}, T', H', W', C={c}) channels last, "
+                             f"got {tuple(x.shape)}")
+        return {**state, "t": state["t"] + 1, "h": self.fold(state["h"], self.encode(x, src))}
+
+    def logits(self, state: State) -> Tensor:
+        """(B, num_classes): the prediction after the clips folded so far."""
+        if state["t"] == 0:
+            raise BadValue("no clip has been stepped yet")
+        return self.readout(state["h"], state["t"])
 
     def state_vector(self, h: Any) -> Tensor:
         """(B, D): a step state pooled to a vector (a map's mean over its grid; an LSTM's hidden h)."""
@@ -186,26 +231,29 @@ class Aggregator(nn.Module):
     def state_width(self) -> int:
         """D of ``state_vector``, found by folding one zero clip."""
         src = "cheap" if "cheap" in self.align else "expensive"
+        c, *grid = self.kwargs["sources"][src]
         p = next(self.parameters())
-        x = torch.zeros((2, *self.kwargs["sources"][src]), device=p.device, dtype=p.dtype)  # (2, C, T', H', W')
+        x = torch.zeros((2, *grid, c), device=p.device, dtype=p.dtype)  # (2, T', H', W', C)
         with torch.no_grad():
-            h = self._start(self._embed(self.align[src](x.movedim(1, -1)), src))
+            h = self.fold(None, self.encode(x, src))
         return int(self.state_vector(h).shape[-1])
 
-    def logits(self, state: State) -> Tensor:
-        """(B, num_classes): the prediction after the clips folded so far."""
-        if state["t"] == 0:
-            raise BadValue("no clip has been stepped yet")
-        return self._readout(state["h"], state["t"])
-
     # -- to implement ------------------------------------------------------------------------------
-    def _start(self, x0: Tensor) -> Any:
+    def embed(self, x: Tensor, source: str) -> Tensor:
+        """Per-source hook after alignment, (M, T', H', W', C) -> (M, *feature); identity here
+        (avg classifies each clip, the VLADs take descriptors, TAM projects)."""
+        return x
+
+    def start(self, x0: Tensor) -> Any:
+        """The state from the first encoded clip (o_0 = x_0 in Eq. 1)."""
         raise NotImplementedError
 
-    def _update(self, state: Any, x: Tensor) -> Any:
+    def update(self, state: Any, x: Tensor) -> Any:
+        """Eq. 1's f: the state after one more encoded clip."""
         raise NotImplementedError
 
-    def _readout(self, state: Any, num_seen: int) -> Tensor:
+    def readout(self, state: Any, num_seen: int) -> Tensor:
+        """(B, num_classes): logits from the state after ``num_seen`` clips."""
         raise NotImplementedError
 
 
@@ -237,19 +285,19 @@ class AvgPool(Aggregator):
         self.align = nn.ModuleDict({k: Align(s, int(s[0]), self.grid, pooled=True) for k, s in sources.items()})
         self.classifier = nn.ModuleDict({k: nn.Linear(int(s[0]), num_classes) for k, s in sources.items()})
 
-    def _embed(self, x: Tensor, source: str) -> Tensor:
+    def embed(self, x: Tensor, source: str) -> Tensor:
         return F.log_softmax(self.classifier[source](self.dropout(x)).float(), dim=-1)  # (M, K) log-scores
 
-    def _run(self, seq: Tensor) -> Tensor:
+    def fold_sequence(self, seq: Tensor) -> Tensor:
         return torch.logsumexp(seq, dim=1)  # (B, K): log of the summed scores
 
-    def _start(self, x0: Tensor) -> Tensor:
+    def start(self, x0: Tensor) -> Tensor:
         return x0
 
-    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+    def update(self, state: Tensor, x: Tensor) -> Tensor:
         return torch.logaddexp(state, x)
 
-    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+    def readout(self, state: Tensor, num_seen: int) -> Tensor:
         return state - math.log(num_seen)
 
 
@@ -270,20 +318,20 @@ class Concat(Aggregator):
         y = self.W(o) + ux  # (B, T', H', W', C)
         return F.relu(self.bn(y.reshape(-1, y.shape[-1])).view_as(y))
 
-    def _run(self, seq: Tensor) -> Tensor:
+    def fold_sequence(self, seq: Tensor) -> Tensor:
         ux = self.U(seq[:, 1:])  # (B, N-1, T', H', W', C): the input side of every step at once
         o = seq[:, 0]
         for t in range(ux.shape[1]):
             o = self._cell(o, ux[:, t])
         return o
 
-    def _start(self, x0: Tensor) -> Tensor:
+    def start(self, x0: Tensor) -> Tensor:
         return x0
 
-    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+    def update(self, state: Tensor, x: Tensor) -> Tensor:
         return self._cell(state, self.U(x))
 
-    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+    def readout(self, state: Tensor, num_seen: int) -> Tensor:
         return self.head(state)
 
 
@@ -301,7 +349,7 @@ class _PooledRNN(Aggregator):
     def _hidden(self, state: Any) -> Tensor:
         return state
 
-    def _readout(self, state: Any, num_seen: int) -> Tensor:
+    def readout(self, state: Any, num_seen: int) -> Tensor:
         return self.fc(self.dropout(self._hidden(state)))
 
 
@@ -311,10 +359,10 @@ class GRU(_PooledRNN):
 
     cell_type = nn.GRUCell
 
-    def _start(self, x0: Tensor) -> Tensor:
+    def start(self, x0: Tensor) -> Tensor:
         return x0
 
-    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+    def update(self, state: Tensor, x: Tensor) -> Tensor:
         return self.cell(x, state.to(x.dtype))
 
 
@@ -325,10 +373,10 @@ class LSTM(_PooledRNN):
 
     cell_type = nn.LSTMCell
 
-    def _start(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+    def start(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         return x0, torch.zeros_like(x0)
 
-    def _update(self, state: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, state: tuple[Tensor, Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
         h, c = state
         return self.cell(x, (h.to(x.dtype), c.to(x.dtype)))
 
@@ -375,7 +423,7 @@ class FastGRU(Aggregator):
         cand = torch.tanh(vx + self.cand_o(r * o))
         return (1 - z) * o + z * cand
 
-    def _run(self, seq: Tensor) -> Tensor:
+    def fold_sequence(self, seq: Tensor) -> Tensor:
         rest = seq[:, 1:]  # (B, N-1, T', H', W', C): the input side of steps 1..N-1 at once
         gx, vx = self.gates_x(rest), self.cand_x(rest)
         o = seq[:, 0]
@@ -383,13 +431,13 @@ class FastGRU(Aggregator):
             o = self._cell(o, gx[:, t], vx[:, t])
         return o
 
-    def _start(self, x0: Tensor) -> Tensor:
+    def start(self, x0: Tensor) -> Tensor:
         return x0
 
-    def _update(self, state: Tensor, x: Tensor) -> Tensor:
+    def update(self, state: Tensor, x: Tensor) -> Tensor:
         return self._cell(state, self.gates_x(x), self.cand_x(x))
 
-    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+    def readout(self, state: Tensor, num_seen: int) -> Tensor:
         return self.head(state)
 
 

@@ -3,34 +3,31 @@
 ``all-e``: every clip expensive. ``all-c``: every clip cheap. ``first``: only clip 0 expensive
 (Table 3). ``1:N``: positions 0, N+1, 2(N+1), ... expensive, the rest cheap, valid only when N+1
 divides the number of clips (Table 4 leaves the other cells empty). ``1:0`` equals ``all-e``.
-``adaptive``: no fixed mask; a learned gate chooses per video (aggregate/policy.py).
+These are the fixed schedules; aggregate/schedule.py puts them beside the learned policy.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from faster.errors import BadValue
 
 _RATIO = re.compile(r"^1:(\d+)$")
 NAMED = ("all-e", "all-c", "first")
-ADAPTIVE = "adaptive"  # a learned gate decides per clip (aggregate/policy.py); needs a budget
 
 
 def check(pattern: str) -> str:
     """Return ``pattern`` if its syntax is valid; raise BadValue naming it otherwise."""
-    if pattern in NAMED or pattern == ADAPTIVE or _RATIO.match(pattern):
+    if pattern in NAMED or _RATIO.match(pattern):
         return pattern
-    raise BadValue(f"unknown pattern {pattern!r}; expected all-e, all-c, first, 1:N with N >= 0 "
-                   f"(expensive clips 0, N+1, 2(N+1), ...; 1:0 is all-e) or adaptive (with a budget)")
+    raise BadValue(f"unknown pattern {pattern!r}; expected all-e, all-c, first or 1:N with N >= 0 "
+                   f"(expensive clips 0, N+1, 2(N+1), ...; 1:0 is all-e)")
 
 
 def expensive_mask(pattern: str, num_clips: int) -> list[bool]:
     """True at the clip positions the expensive backbone processes."""
     check(pattern)
-    if pattern == ADAPTIVE:
-        raise BadValue("pattern adaptive has no fixed mask: a learned gate chooses the expensive clips per video")
     if num_clips < 1:
         raise BadValue(f"num_clips must be >= 1, got {num_clips}")
     if pattern == "all-e":
@@ -47,8 +44,6 @@ def expensive_mask(pattern: str, num_clips: int) -> list[bool]:
 
 
 def is_valid(pattern: str, num_clips: int) -> bool:
-    if pattern == ADAPTIVE:
-        return num_clips >= 1
     try:
         expensive_mask(pattern, num_clips)
     except ValueError:

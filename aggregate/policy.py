@@ -29,28 +29,18 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faster.aggregate.models import Aggregator
-from faster.aggregate.patterns import video_gflops as pattern_gflops
+from faster.aggregate.schedule import check_budget
 from faster.errors import BadValue
 
 GATE_HIDDEN = 64  # the gate's hidden width: its cost is negligible beside one clip of a backbone
 PENALTY = 10.0  # w of the budget term w (mean decision - B)^2 (LiteEval); recorded in the run
-
-
-def check_budget(budget: float | None) -> float:
-    """B in (0, 1]: the target fraction of clips that also get the expensive backbone."""
-    if budget is None:
-        raise BadValue("pattern adaptive needs --budget B (the fraction of clips that also get the expensive "
-                       "backbone, in (0, 1], e.g. 0.125 for one clip in eight)")
-    if not 0 < float(budget) <= 1:
-        raise BadValue(f"--budget must be in (0, 1], got {budget}")
-    return float(budget)
 
 
 def dither(t: int) -> float:
@@ -105,30 +95,22 @@ class Policy(nn.Module):
     # -- pieces --
 
     def _cheap_summary(self, c: Tensor) -> Tensor:
-        """(B, C, T', H', W') channels first -> (B, C): standardised as the aggregator's input, pooled."""
+        """(B, T', H', W', C) channels last -> (B, C): standardised as the aggregator's input, pooled."""
         align = self.aggregator.align["cheap"]
-        return ((c.movedim(1, -1) - align.in_mean) / align.in_std).mean(dim=(1, 2, 3))
+        return ((c - align.in_mean) / align.in_std).mean(dim=(1, 2, 3))
 
     def _state_summary(self, h: Any, like: Tensor) -> Tensor:
         if h is None:
             return like.new_zeros((like.shape[0], self.gate.state_channels))
         return self.aggregator.state_vector(h)
 
-    def _fold(self, h: Any, t: int, x: Tensor) -> Any:
-        agg = self.aggregator
-        return agg._start(x) if t == 0 else agg._update(h, x)
-
-    def _aligned(self, src: str, x: Tensor) -> Tensor:
-        """One clip's map of ``src`` (B, C, T', H', W') as the aggregator folds it."""
-        agg = self.aggregator
-        return agg._embed(agg.align[src](x.movedim(1, -1)), src)
 
     # -- batched (training, evaluation) --
 
     def forward(self, x: dict[str, Tensor], tau: float | None = None) -> tuple[Tensor, Tensor]:
         """(logits (B, K), decisions (B, N) in {0, 1}) for whole videos.
 
-        ``x["expensive"]`` and ``x["cheap"]``: (B, N, C, T', H', W') channels first, every clip of both
+        ``x["expensive"]`` and ``x["cheap"]``: (B, N, T', H', W', C) channels last, every clip of both
         backbones. ``tau``: sample straight-through Gumbel-softmax decisions at that temperature
         (training); None: hard argmax decisions (evaluation, predict).
         """
@@ -141,11 +123,12 @@ class Policy(nn.Module):
             g = self.gate(self._cheap_summary(c[:, t]), self._state_summary(h, c[:, t, 0, 0, 0]))  # (B, 2)
             d = (F.gumbel_softmax(g.float(), tau=tau, hard=True)[:, 1] if tau is not None
                  else (torch.softmax(g.float(), dim=-1)[:, 1] > dither(t)).to(c.dtype))  # (B,)
-            xe, xc = self._aligned("expensive", e[:, t]), self._aligned("cheap", c[:, t])
+            agg = self.aggregator
+            xe, xc = agg.encode(e[:, t], "expensive"), agg.encode(c[:, t], "cheap")
             w = d.view(-1, *([1] * (xe.dim() - 1))).to(xe.dtype)
-            h = self._fold(h, t, w * xe + (1 - w) * xc)
+            h = agg.fold(h, w * xe + (1 - w) * xc)
             decisions.append(d)
-        return self.aggregator._readout(h, c.shape[1]), torch.stack(decisions, dim=1)
+        return self.aggregator.readout(h, c.shape[1]), torch.stack(decisions, dim=1)
 
     def penalty(self, decisions: Tensor, weight: float) -> Tensor:
         """LiteEval's budget term: weight x (mean decision - B)^2."""
@@ -157,19 +140,20 @@ class Policy(nn.Module):
         return {"t": 0, "h": None, "batch_size": int(batch_size)}
 
     def decide(self, state: dict[str, Any], cheap: Tensor) -> bool:
-        """Whether the next clip, whose cheap map is ``cheap`` (1, C, T', H', W'), gets the expensive backbone."""
+        """Whether the next clip, whose cheap map is ``cheap`` (1, T', H', W', C), gets the expensive backbone."""
         g = self.gate(self._cheap_summary(cheap), self._state_summary(state["h"], cheap[:, 0, 0, 0]))
         return bool(torch.softmax(g.float(), dim=-1)[0, 1] > dither(state["t"]))
 
     def step(self, state: dict[str, Any], x: Tensor, expensive: bool) -> dict[str, Any]:
-        """Fold the clip's chosen map x (1, C_src, T', H', W')."""
-        h = self._fold(state["h"], state["t"], self._aligned("expensive" if expensive else "cheap", x))
+        """Fold the clip's chosen map x (1, T', H', W', C_src)."""
+        agg = self.aggregator
+        h = agg.fold(state["h"], agg.encode(x, "expensive" if expensive else "cheap"))
         return {**state, "t": state["t"] + 1, "h": h}
 
     def logits(self, state: dict[str, Any]) -> Tensor:
         if state["t"] == 0:
             raise BadValue("no clip has been stepped yet")
-        return self.aggregator._readout(state["h"], state["t"])
+        return self.aggregator.readout(state["h"], state["t"])
 
 
 def gate_gflops(policy: Policy, num_clips: int) -> float:
@@ -179,49 +163,24 @@ def gate_gflops(policy: Policy, num_clips: int) -> float:
     return num_clips * per_clip / 1e9
 
 
-def video_gflops(num_expensive: float, num_clips: int, expensive: float, cheap: float, agg_all_e: float,
-                 agg_all_c: float, gate: float) -> float:
-    """A policy video's cost: N x cheap (always) + #E x expensive + the aggregator (its cheap-clip
-    alignment cost falls as #E grows: interpolated between the all-e and all-c counts, exact since
-    the alignment is per clip) + the gate."""
-    agg = agg_all_c + num_expensive / max(num_clips, 1) * (agg_all_e - agg_all_c)
-    return pattern_gflops(num_expensive, num_clips, expensive, cheap, agg) + gate  # every clip's cheap map
-
-
-def sources(positions: Sequence[int], expensive: str, cheap: str) -> dict[str, tuple[str, list[int]]]:
-    """What an adaptive run reads: both models at every position (or every row of an (videos, n)
-    array of per-video draws)."""
-    pos = positions if getattr(positions, "ndim", 1) == 2 else list(positions)
-    return {"expensive": (expensive, pos), "cheap": (cheap, pos)}
-
-
-def reference_points(run_dir: Any, *, seed: int = 0) -> dict[str, dict[str, float]]:
+def reference_points(run_dir: Any, schedule: Any, *, seed: int = 0) -> dict[str, dict[str, float]]:
     """Two schedules at a policy run's own mean budget, scored on its validation videos with its
     aggregator (the gate replaced): ``random`` (k positions per video drawn at random) and ``oracle``
     (k positions chosen greedily per video to lower that video's loss: it knows the label, an upper
     bound for any gate). k = the run's mean number of expensive clips per video, rounded. Each is
     {"top1", "gflops_per_video", "num_expensive"}; the cost counts the cheap backbone on every clip,
-    as the policy's does (without the gate)."""
+    as the policy's does (without the gate). ``schedule``: the run's (aggregate/schedule.py)."""
     import numpy as np
 
-    from faster.aggregate import train
+    from faster.aggregate.data import validation_videos
     from faster.aggregate.run import RESULT, Run
     from faster.store.files import read_json
-    from faster.store.reader import FeatureSet
 
     run = Run.load(run_dir)
-    if not run.adaptive:
-        raise BadValue(f"{run_dir}: not a policy run (pattern adaptive)")
-    cfg = run.config
     n = run.num_clips
     k = int(round(float((read_json(Path(run_dir) / RESULT) or {}).get("num_expensive_mean") or 0)))
     k = min(max(k, 0), n)
-    if cfg.get("val"):
-        fs = FeatureSet(cfg["val"])
-        idx = np.flatnonzero(fs.labels >= 0)
-    else:
-        fs = FeatureSet(cfg["feats"])
-        idx = np.flatnonzero((fs.labels >= 0) & train.holdout(fs.ids, cfg["val_fraction"]))
+    fs, idx = validation_videos(run.config)
     agg = run.aggregator()
     ds = fs.dataset(run.sources(), idx)
     rng = np.random.default_rng(seed)
@@ -230,11 +189,11 @@ def reference_points(run_dir: Any, *, seed: int = 0) -> dict[str, dict[str, floa
         with torch.no_grad():
             for i in range(len(ds)):
                 item = ds[i]
-                e = item["expensive"].float().movedim(-1, 1)[None]  # (1, n, C, T', H', W')
-                c = item["cheap"].float().movedim(-1, 1)[None]
+                e = item["expensive"].float()[None]  # (1, n, T', H', W', C)
+                c = item["cheap"].float()[None]
                 y = int(item["label"])
 
-                def logits(chosen: set[int]) -> Tensor:
+                def logits(chosen: set[int], e: Tensor = e, c: Tensor = c) -> Tensor:
                     mask = [t in chosen for t in range(n)]
                     x = {}
                     if any(mask):
@@ -253,9 +212,8 @@ def reference_points(run_dir: Any, *, seed: int = 0) -> dict[str, dict[str, floa
                 hits["oracle"] += int(logits(chosen).argmax()) == y
     finally:
         ds.close()
-    e_clip = float(run.models[run.expensive]["gflops_per_clip"])
-    c_clip = float(run.models[run.cheap]["gflops_per_clip"])
-    g = run.gflops
-    cost = video_gflops(k, n, e_clip, c_clip, g["aggregator_all_e"], g["aggregator_all_c"], 0.0)
+    per_clip = {"expensive": float(run.models[run.expensive]["gflops_per_clip"]),
+                "cheap": float(run.models[run.cheap]["gflops_per_clip"])}
+    cost = schedule.video_gflops({**run.gflops, "gate": 0.0}, per_clip, k)
     return {name: {"top1": h / max(len(ds), 1), "gflops_per_video": cost, "num_expensive": k}
             for name, h in hits.items()}

@@ -3,9 +3,11 @@
 A run directory, written by `faster fit` (and by every cell of `faster ablate`):
 
   config.json             the FitConfig (asdict), written first
+  last.pt                 while it trains: the training state after the last finished epoch
+                          (faster/engine.py), what ``--resume`` continues from; removed at the end
   checkpoint.pt           the ``Run`` below as plain containers + tensors, loadable with
                           torch.load(weights_only=True)
-  metrics.jsonl           one JSON object per epoch
+  metrics.jsonl           one JSON object per finished epoch, written while it trains
   val_predictions.jsonl   the final epoch's validation predictions (what `faster evaluate` reproduces)
   result.json             written last: a run with result.json is complete
 
@@ -21,12 +23,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from faster.aggregate import patterns
-from faster.errors import BadFile, Incompatible
+from faster.errors import BadFile
 from faster.store.files import replace_atomically
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
+TRAINING_STATE = "last.pt"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
 VAL_PREDICTIONS = "val_predictions.jsonl"
@@ -50,23 +52,25 @@ class Run:
     extraction: dict[str, int]  # clip_len, num_clips (N extracted), frame_stride, size
     positions: list[int]  # which of the N extracted clips the run uses (patterns.subset_positions)
     pattern: str
-    mask: list[bool]  # per used clip: expensive?
+    mask: list[bool]  # per used clip: expensive? ([] when the schedule chooses per video)
     gflops: dict[str, Any]  # per_video, aggregator, per_clip (per source)
     software_version: str = ""
     torch_version: str = ""
-    policy: dict[str, Any] | None = None  # pattern adaptive: budget, gate width, penalty, gate state dict
+    policy: dict[str, Any] | None = None  # the schedule's own record (a learned gate: budget, width, state dict)
     extra: dict[str, Any] = field(default_factory=dict)  # further keys of newer checkpoints, kept as they are
 
     def __post_init__(self) -> None:
         self.positions = [int(p) for p in self.positions]
         self.mask = [bool(m) for m in self.mask]
-        if not self.adaptive and len(self.positions) != len(self.mask):
+        if self.mask and len(self.positions) != len(self.mask):
             raise BadFile(f"run of {len(self.positions)} clip positions with a mask of {len(self.mask)}")
 
     @property
-    def adaptive(self) -> bool:
-        """A learned policy chooses the expensive clips of each video (aggregate/policy.py)."""
-        return self.policy is not None
+    def schedule(self) -> Any:
+        """The schedule it was fitted with (aggregate/schedule.py): what runs where, what it costs."""
+        from faster.aggregate.schedule import from_run
+
+        return from_run(self)
 
     # -- what it reads and costs --
 
@@ -95,39 +99,28 @@ class Run:
         """The aggregator's own multiply-adds per video, GFLOPs."""
         return float(self.gflops["aggregator"])
 
-    def model_at(self, k: int) -> str:
-        """The backbone that processes the run's k-th clip (fixed patterns; a policy decides per video)."""
-        return self.expensive if self.mask[k] else self.cheap
+    def model_name(self, source: str) -> str:
+        """The backbone of source "expensive" or "cheap"."""
+        return self.expensive if source == "expensive" else self.cheap
 
     @property
     def needed(self) -> list[str]:
-        """Backbones the pattern calls (all-c never builds the expensive one), expensive first."""
-        if self.adaptive:
-            return list(dict.fromkeys((self.expensive, self.cheap)))
-        return [m for m in dict.fromkeys((self.expensive, self.cheap))
-                if any(self.model_at(k) == m for k in range(len(self.mask)))]
+        """Backbones the schedule calls (all-c never builds the expensive one), expensive first."""
+        return list(dict.fromkeys(self.model_name(src) for src in self.schedule.roles()))
 
     def sources(self) -> dict[str, tuple[str, list[int]]]:
-        """Source -> (model, extracted clip positions) that the aggregator reads (a policy: both, everywhere)."""
-        if self.adaptive:
-            from faster.aggregate import policy
+        """Source -> (model, extracted clip positions) that the aggregator reads."""
+        return self.schedule.sources(self.positions, self.expensive, self.cheap)
 
-            return policy.sources(self.positions, self.expensive, self.cheap)
-        return patterns.sources(self.positions, self.mask, self.expensive, self.cheap)
+    def per_clip_gflops(self) -> dict[str, float]:
+        """Source -> its backbone's GFLOPs per clip, as recorded at extraction."""
+        return {src: float(self.models[self.model_name(src)]["gflops_per_clip"])
+                for src in ("expensive", "cheap") if self.model_name(src) in self.models
+                and self.models[self.model_name(src)].get("gflops_per_clip") is not None}
 
-    def video_gflops(self, num_expensive: int, num_cheap: int) -> float:
-        """A video's cost for these counts of clips, with the per-clip costs recorded at extraction
-        (under a policy ``num_cheap`` is every clip: the cheap backbone always runs)."""
-        m = self.models
-        e = float(m[self.expensive]["gflops_per_clip"]) if num_expensive else 0.0
-        c = float(m[self.cheap]["gflops_per_clip"]) if num_cheap else 0.0
-        if self.adaptive:
-            from faster.aggregate import policy
-
-            g = self.gflops
-            return policy.video_gflops(num_expensive, self.num_clips, e, c, g["aggregator_all_e"],
-                                       g["aggregator_all_c"], g["gate"])
-        return patterns.video_gflops(num_expensive, num_cheap, e, c, self.agg_gflops)
+    def video_gflops(self, num_expensive: float) -> float:
+        """A video's cost when ``num_expensive`` of its clips got the expensive backbone."""
+        return self.schedule.video_gflops(self.gflops, self.per_clip_gflops(), num_expensive)
 
     def videos_gflops(self, chosen: Any) -> Any:
         """Each video's cost from its expensive decisions ``chosen`` (V, n) bool; None when a shard
@@ -136,21 +129,17 @@ class Run:
 
         if self.gflops.get("per_video") is None:
             return None
+        schedule, per_clip = self.schedule, self.per_clip_gflops()
         n_e = np.asarray(chosen, dtype=bool).sum(axis=1)
-        n = self.num_clips
-        return np.array([self.video_gflops(int(k), n if self.adaptive else n - int(k)) for k in n_e])
+        return np.array([schedule.video_gflops(self.gflops, per_clip, int(k)) for k in n_e])
 
     def check_features(self, fs: Any, what: str) -> None:
         """Incompatible unless feature set ``fs`` has this run's classes, extraction and map shapes."""
-        if list(fs.classes) != list(self.classes):
-            raise Incompatible(f"{what}: class list differs from the run's ({len(fs.classes)} vs "
-                               f"{len(self.classes)} classes)")
-        if dict(fs.config) != dict(self.extraction):
-            raise Incompatible(f"{what}: extraction {fs.config} differs from the run's {self.extraction}")
-        for name, _ in self.sources().values():
-            if list(fs.model(name).shape) != list(self.models[name]["shape"]):
-                raise Incompatible(f"{what}: {name} clips are {fs.model(name).shape}, the run was fitted on "
-                                   f"{self.models[name]['shape']}")
+        from faster.store.header import check_compatible
+
+        check_compatible(fs, classes=self.classes, config=self.extraction,
+                         shapes={name: self.models[name]["shape"] for name, _ in self.sources().values()},
+                         what=what, reference="the run")
 
     # -- the aggregator --
 
@@ -163,14 +152,8 @@ class Run:
         return model.to(device).eval()
 
     def model(self, device: Any = "cpu") -> Any:
-        """What evaluate and predict run: the aggregator, or for a policy run the aggregator with its gate."""
-        if not self.adaptive:
-            return self.aggregator(device)
-        from faster.aggregate.policy import Policy
-
-        p = Policy(self.aggregator(), budget=float(self.policy["budget"]), hidden=int(self.policy["hidden"]))
-        p.gate.load_state_dict(self.policy["state_dict"])
-        return p.to(device).eval()
+        """What evaluate and predict run: the schedule's module (the aggregator, or with its gate)."""
+        return self.schedule.restore(self.aggregator(device), self.policy)
 
     # -- files --
 
@@ -188,7 +171,7 @@ class Run:
         return replace_atomically(path, lambda tmp: torch.save(self.payload(), tmp))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Run":
+    def load(cls, path: str | Path) -> Run:
         """The run of a run directory (or its checkpoint.pt), loaded with weights_only=True; BadFile
         naming the file when it is missing, unreadable, not a run checkpoint, of another version, or
         when the run is incomplete (no result.json beside it: its fit was interrupted)."""
@@ -197,11 +180,12 @@ class Run:
         path = Path(path)
         if path.is_dir():
             path = path / CHECKPOINT
-        if not path.is_file():
+        partial = any((path.parent / name).exists() for name in (CHECKPOINT, CONFIG, TRAINING_STATE))
+        if not path.is_file() and not partial:
             raise BadFile(f"{path}: no checkpoint (a run directory holds {CHECKPOINT})")
         if not (path.parent / RESULT).is_file():
             raise BadFile(f"{path.parent}: an incomplete run (no {RESULT}): its fit was interrupted or failed; "
-                          f"fit it again with --overwrite")
+                          f"continue it with `faster fit ... --resume` or start again with --overwrite")
         try:
             ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file: name it, without torch's advice on unpickling

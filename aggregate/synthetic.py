@@ -28,8 +28,8 @@ The cheap model's features carry the same signal with more noise.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

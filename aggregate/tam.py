@@ -9,7 +9,8 @@ instead of inside every residual stage of the backbone.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ class TemporalAggregation(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, H, W, D = x.shape
-        z = x.permute(0, 2, 3, 4, 1).reshape(B * H * W, D, N)  # (B*H'*W', D, N): clips last
+        z = x.permute(0, 2, 3, 4, 1).reshape(B * H * W, D, N)  # (B*H'*W', D, N): Conv1d's layout, clips last
         y = F.relu(self.conv(z))
         return y.view(B, H, W, D, N).permute(0, 4, 1, 2, 3)  # (B, N, H', W', D)
 
@@ -102,8 +103,8 @@ class TAM(Aggregator):
         self.blocks = nn.ModuleList(TAMBlock(D) for _ in range(int(blocks)))
         self.fc = nn.Linear(D, num_classes)
 
-    def _embed(self, x: Tensor, source: str) -> Tensor:
-        # x: (M, T', H', W', C) aligned
+    def embed(self, x: Tensor, source: str) -> Tensor:
+        """z_t: (M, T', H', W', C) aligned clips -> (M, H', W', D)."""
         return F.relu(self.proj_bn(self.proj(x.mean(dim=1))))  # (M, H', W', D)
 
     def _head(self, seq: Tensor) -> Tensor:
@@ -111,16 +112,16 @@ class TAM(Aggregator):
             seq = block(seq)
         return seq  # (B, n, H', W', D)
 
-    def _run(self, seq: Tensor) -> State:
+    def fold_sequence(self, seq: Tensor) -> State:
         y = self._head(seq)  # seq: (B, N, H', W', D)
         return {"sum": y.mean(dim=(2, 3)).sum(dim=1), "buf": [], "n": seq.shape[1], "done": seq.shape[1]}
 
     # the state: "sum" (B, D) of the pooled finished outputs z^L_0 .. z^L_(done-1), "buf" the last
     # clips z_t (at most 2L + 1), "n" clips seen
-    def _start(self, x0: Tensor) -> State:
-        return self._update({"sum": x0.new_zeros((x0.shape[0], self.dim)), "buf": [], "n": 0, "done": 0}, x0)
+    def start(self, x0: Tensor) -> State:
+        return self.update({"sum": x0.new_zeros((x0.shape[0], self.dim)), "buf": [], "n": 0, "done": 0}, x0)
 
-    def _update(self, state: State, x: Tensor) -> State:
+    def update(self, state: State, x: Tensor) -> State:
         L = len(self.blocks)
         buf, n = [*state["buf"], x][-(2 * L + 1):], state["n"] + 1
         total, done = state["sum"], state["done"]
@@ -140,5 +141,5 @@ class TAM(Aggregator):
             total = total + y[:, h["done"] - (h["n"] - len(h["buf"])):].mean(dim=(2, 3)).sum(dim=1)
         return total / h["n"]
 
-    def _readout(self, state: State, num_seen: int) -> Tensor:
+    def readout(self, state: State, num_seen: int) -> Tensor:
         return self.fc(self.dropout(self.state_vector(state)))  # (B, Y)

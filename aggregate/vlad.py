@@ -22,7 +22,7 @@ get if it ended there.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +44,8 @@ def _check_positive(**values: int) -> None:
 class _VLAD(Aggregator):
     """Shared part: descriptors of each clip, the running residual sums, the online step.
 
-    Subclasses implement ``_residuals(d)`` ((B, M, D) descriptors -> (B, K, F) residual sums) and
-    ``_readout``. The state is the (B, K, F) sum, so ``_update`` is an addition.
+    Subclasses implement ``residuals(d)`` ((B, M, D) descriptors -> (B, K, F) residual sums) and
+    ``readout``. The state is the (B, K, F) sum, so ``update`` is an addition.
     """
 
     pooled = False
@@ -62,8 +62,8 @@ class _VLAD(Aggregator):
         self.dim = min(int(dim), self.width)
         self.reduce = nn.Linear(self.width, self.dim, bias=False) if self.dim < self.width else None
 
-    def _embed(self, x: Tensor, source: str) -> Tensor:
-        # x: (M, T', H', W', C) aligned, channels last
+    def embed(self, x: Tensor, source: str) -> Tensor:
+        """(M, T', H', W', C) aligned clips -> (M, P, D) descriptors (by ``descriptors``, reduced)."""
         if self.descriptor_mode == "positions":
             d = x.flatten(1, 3)  # (M, T'*H'*W', C)
         elif self.descriptor_mode == "steps":
@@ -74,18 +74,19 @@ class _VLAD(Aggregator):
 
     def descriptors(self, x: dict[str, Tensor], mask: Sequence[bool]) -> Tensor:
         """(B, N*P, D): the descriptors the clusters see for a batch (e.g. for ``init_centres``)."""
-        return self._sequence(x, mask).flatten(1, 2)  # (B, N, P, D) -> (B, N*P, D)
+        return self.sequence(x, mask).flatten(1, 2)  # (B, N, P, D) -> (B, N*P, D)
 
-    def _run(self, seq: Tensor) -> Tensor:
-        return self._residuals(seq.flatten(1, 2))  # (B, N*P, D) -> (B, K, F)
+    def fold_sequence(self, seq: Tensor) -> Tensor:
+        return self.residuals(seq.flatten(1, 2))  # (B, N*P, D) -> (B, K, F): every descriptor at once
 
-    def _start(self, x0: Tensor) -> Tensor:
-        return self._residuals(x0)  # x0: (B, P, D)
+    def start(self, x0: Tensor) -> Tensor:
+        return self.residuals(x0)  # x0: (B, P, D)
 
-    def _update(self, state: Tensor, x: Tensor) -> Tensor:
-        return state + self._residuals(x)
+    def update(self, state: Tensor, x: Tensor) -> Tensor:
+        return state + self.residuals(x)
 
-    def _residuals(self, d: Tensor) -> Tensor:
+    def residuals(self, d: Tensor) -> Tensor:
+        """(B, K, F): the soft-assigned residual sums V_k of descriptors d (B, M, D)."""
         raise NotImplementedError
 
 
@@ -126,7 +127,7 @@ class NetVLAD(_VLAD):
         self.gate = nn.Linear(H, H)  # context gating W_g, b_g
         self.fc = nn.Linear(H, num_classes)
 
-    def _residuals(self, d: Tensor) -> Tensor:
+    def residuals(self, d: Tensor) -> Tensor:
         # d: (B, M, D)
         logits = self.assign(d)  # (B, M, K)
         a = torch.softmax(self.assign_bn(logits.flatten(0, 1)).view_as(logits), dim=-1)  # (B, M, K)
@@ -138,7 +139,7 @@ class NetVLAD(_VLAD):
         v = F.normalize(state, dim=-1)  # (B, K, D): each cluster's residual to unit length
         return F.normalize(v.flatten(1), dim=-1)  # (B, K*D)
 
-    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+    def readout(self, state: Tensor, num_seen: int) -> Tensor:
         h = self.hidden_bn(self.hidden(self.dropout(self.vlad_vector(state))))  # (B, H)
         y = h * torch.sigmoid(self.gate(h))
         return self.fc(y)
@@ -236,7 +237,7 @@ class NeXtVLAD(_VLAD):
         self.se_up = nn.Linear(H // reduction, H, bias=False)
         self.fc = nn.Linear(H, num_classes)
 
-    def _residuals(self, d: Tensor) -> Tensor:
+    def residuals(self, d: Tensor) -> Tensor:
         B, M, _ = d.shape
         e = self.expand(d)  # (B, M, lambda*D)
         att = torch.sigmoid(self.attention(e))  # (B, M, G)
@@ -251,7 +252,7 @@ class NeXtVLAD(_VLAD):
         """(B, K*F): the intra-L2-normalised VLAD vector (before its BN)."""
         return F.normalize(state, dim=-1).flatten(1)
 
-    def _readout(self, state: Tensor, num_seen: int) -> Tensor:
+    def readout(self, state: Tensor, num_seen: int) -> Tensor:
         v = self.vlad_bn(self.vlad_vector(state))  # (B, K*F)
         h = self.hidden_bn(self.hidden(self.dropout(v)))  # (B, H)
         gates = torch.sigmoid(self.se_up(F.relu(self.se_bn(self.se_down(h)))))

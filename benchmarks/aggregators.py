@@ -1,10 +1,11 @@
 """Training-step time of every registered aggregator on Kinetics-shaped clip maps, as ratios to FAST-GRU.
 
-    python benchmarks/aggregators.py                  # CPU, about a minute on 2 cores
+    python benchmarks/aggregators.py                  # CPU (figures: BENCHMARKS.md, docs/aggregators.md)
     python benchmarks/aggregators.py --device cuda --batch-size 32
 
 One training step = forward of a batch of B videos (pattern 1:1 over N clips of T' x H' x W' x C maps
-from two sources of equal shape), cross-entropy over 400 classes, backward, AdamW step, at each
+from two sources of equal shape, channels last as the shards store them and fit passes them),
+cross-entropy over 400 classes, backward, AdamW step, at each
 aggregator's defaults. Inputs are random (the cost does not depend on their values) and are built
 once, outside the timing. Every aggregator is timed in the same run, round-robin (one step of each
 in turn, so a machine that other work slows down slows them alike), after a warm-up step, as the
@@ -37,7 +38,8 @@ class Stepper:
         self.model = build(agg, num_classes=400, sources={"expensive": shape, "cheap": shape},
                            dropout=0.5).to(device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
-        self.x = {src: torch.randn((batch_size, n, *shape), device=device)
+        c, *grid = shape  # the aggregators' ``sources`` order; the maps themselves are channels last
+        self.x = {src: torch.randn((batch_size, n, *grid, c), device=device)  # (B, n, T', H', W', C)
                   for src, n in (("expensive", n_e), ("cheap", num_clips - n_e))}
         self.y = torch.randint(400, (batch_size,), device=device)
 
@@ -63,7 +65,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-clips", type=int, default=8)
     p.add_argument("--shape", type=int, nargs=4, default=[2048, 1, 7, 7], metavar=("C", "T", "H", "W"),
-                   help="per-clip map, channels first (default: 8-frame clips at 224 px, 1 x 7 x 7 x 2048)")
+                   help="per-clip map size, given as the aggregators' sources are (the inputs are built "
+                        "channels last, T' x H' x W' x C; default: 8-frame clips at 224 px, 1 x 7 x 7 x 2048)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)

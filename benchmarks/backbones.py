@@ -12,7 +12,7 @@ a CPU with native bf16), beside the CPU's own ceilings measured in the same run:
 bf16 matrix product (multiply-adds/s); each model's rate is also printed as a fraction of the bf16
 ceiling. Before timing, each model's bf16 output is checked once
 against fp32 on the same input (PyTorch 2.9 disabled cuDNN conv3d under autocast, and cuDNN
-9.8-9.10 gave wrong bf16 conv3d: see PITFALLS.md); the relative error is printed with the figures.
+9.8-9.10 gave wrong bf16 conv3d: see docs/pitfalls.md); the relative error is printed with the figures.
 Weights are random (seeded): throughput does not depend on their values.
 """
 from __future__ import annotations
@@ -158,7 +158,7 @@ def main() -> None:
                   f"{r['gflop_per_s'] / ceiling['bf16']:.2f} | {err} |", flush=True)
             if r["bf16_err"] is not None and r["bf16_err"] > BF16_TOLERANCE:
                 print(f"# WARNING {r['model']}: bf16 output differs from fp32 by {r['bf16_err']:.1e} (relative "
-                      "max): check the torch/cuDNN versions (PITFALLS.md)", flush=True)
+                      "max): check the torch/cuDNN versions (docs/pitfalls.md)", flush=True)
 
 
 if __name__ == "__main__":

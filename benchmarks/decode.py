@@ -48,6 +48,7 @@ def main() -> None:
 
     from faster import synthetic
     from faster.extract.video import DecodeError, decode_clips
+    from faster.sampling import Sampling
 
     tmp = Path(tempfile.mkdtemp(prefix="faster-decode-"))
     rows = []
@@ -71,7 +72,7 @@ def main() -> None:
                 for _ in range(args.repeat):
                     t = time.perf_counter()
                     try:
-                        d = decode_clips(path, num_clips=n, clip_len=8, size=args.size, decoder=dec)
+                        decode_clips(path, Sampling(num_clips=n, clip_len=8, size=args.size), decoder=dec)
                     except DecodeError as err:
                         error = str(err)[:80]
                         break

@@ -10,7 +10,7 @@ and cached under the temp dir). Every stage processes the same videos with the s
 
 * decode-only: the decode worker pool (``--workers`` processes, uint8 frames to the main process);
 * model-only: every backbone over the already decoded clips (batches of ``--batch-size``);
-* pipeline: ``run_extract`` end to end, shards written (its run time, models already built).
+* pipeline: ``extract_videos`` end to end, shards written (its own time, models already built).
 
 Printed: clips/s of each stage and the ratio of seconds pipeline / (decode + model). On a CPU the
 stages share the cores, so the pipeline cannot beat their sum; the goal is <= 1.1 (no overhead
@@ -38,11 +38,8 @@ import torch
 
 from backbones import cpu_model, matmul_rate  # benchmarks/backbones.py, beside this script
 
-from faster import synthetic
-from faster import runtime
-from faster.extract import decoders
-from faster.extract import pipeline as pl
-from faster.extract import video as vid
+from faster import runtime, synthetic
+from faster.extract import decoders, pipeline, video
 
 CACHE = Path(tempfile.gettempdir()) / "faster-bench-kinetics-340x256-10s-v1"
 
@@ -62,12 +59,12 @@ def make_videos(n: int) -> Path:
     return root
 
 
-def decode_only(items, cfg: pl.ExtractConfig, pin: bool) -> tuple[float, list]:
+def decode_only(items, cfg: pipeline.ExtractConfig, pin: bool) -> tuple[float, list]:
     """Seconds to decode every video through the worker pool, and the decoded frames."""
     frames = []
     t0 = time.perf_counter()
-    with decoders.DecodePool(items, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len,
-                             size=cfg.size, frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=pin) as pool:
+    with decoders.DecodePool(items, cfg.sampling, workers=cfg.workers, timeout=cfg.timeout, pin_memory=pin,
+                             decoder=cfg.decoder) as pool:
         for r in pool:
             if isinstance(r, decoders.Failed):
                 raise RuntimeError(f"{r.item.id}: {r.stage}: {r.error}")
@@ -75,7 +72,7 @@ def decode_only(items, cfg: pl.ExtractConfig, pin: bool) -> tuple[float, list]:
     return time.perf_counter() - t0, frames
 
 
-def model_only(models: pl.ClipModels, frames: list) -> float:
+def model_only(models: pipeline.ClipModels, frames: list) -> float:
     """Seconds to run every backbone over every decoded clip, in batches as the pipeline forms them."""
     clips = torch.cat(frames)  # (V*N, L, S, S, 3) uint8
     if models.cuda:
@@ -102,7 +99,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, help="CPU: torch threads for model-only and pipeline "
                                                 "(sets OMP_NUM_THREADS; default: faster's choice)")
-    ap.add_argument("--dtype", default="auto", choices=pl.DTYPES)
+    ap.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
     ap.add_argument("--startup", action="store_true", help="measure start-up and short jobs instead (see above)")
     args = ap.parse_args()
     if args.threads:
@@ -113,21 +110,21 @@ def main() -> None:
 
     root = make_videos(args.videos)
     out = Path(tempfile.mkdtemp(prefix="faster-bench-extract-"))
-    cfg = pl.ExtractConfig(str(root), str(out / "feats"), tuple(args.model or ["r2d26"]), clip_len=args.clip_len,
-                           num_clips=args.num_clips, size=args.size, batch_size=args.batch_size,
-                           workers=args.workers, device=args.device, progress=False, shard_size=64,
-                           dtype=args.dtype)
+    cfg = pipeline.ExtractConfig(str(root), str(out / "feats"), tuple(args.model or ["r2d26"]), clip_len=args.clip_len,
+                                 num_clips=args.num_clips, size=args.size, batch_size=args.batch_size,
+                                 workers=args.workers, device=args.device, progress=False, shard_size=64,
+                                 dtype=args.dtype)
     device = runtime.resolve_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(runtime.cpu_threads(cfg.workers))
     else:
         torch.backends.cudnn.benchmark = True
-    items = vid.discover(root).items
+    items = video.discover(root).items
     clips = len(items) * cfg.num_clips
     decoders.warm_up_workers()
-    models = pl.ClipModels(cfg, device, pl._compute_dtype(cfg, device, out / "feats"))
+    models = pipeline.ClipModels(cfg, device, pipeline._compute_dtype(cfg, device, out / "feats"))
     models.load()
-    if device.type == "cpu":  # the threads run_extract gives these models (heavy ones take every core)
+    if device.type == "cpu":  # the threads extract_videos gives these models (heavy ones take every core)
         torch.set_num_threads(runtime.cpu_threads(cfg.workers, gflops_per_clip=sum(
             h.gflops_per_clip for h in models.headers.values())))
     bf16_rate = matmul_rate(torch.bfloat16, device)
@@ -136,7 +133,7 @@ def main() -> None:
         models(frames[0][: cfg.batch_size].to(models.device))  # warm-up forward
         t_model = model_only(models, frames)
         del frames
-        summary = pl.run_extract(cfg)
+        summary = pipeline.extract_videos(cfg)
         t_pipe = summary["run_seconds"]
         assert summary["extracted"] == len(items), summary
     finally:

@@ -43,8 +43,8 @@ def _sync(device: torch.device) -> None:
 def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
     """Videos, features and the four runs under ``work`` (reused when already there)."""
     from faster import synthetic
-    from faster.aggregate.train import FitConfig, fit
-    from faster.extract.pipeline import ExtractConfig, run_extract
+    from faster.aggregate.fit import FitConfig, fit
+    from faster.extract.pipeline import ExtractConfig, extract_videos
 
     videos, feats = work / "videos", work / "feats"
     for i in range(args.videos):
@@ -52,7 +52,7 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
         if not path.exists():
             synthetic.write_kinetics_like(path, seconds=args.seconds, seed=i)
     if not any(feats.glob("shard-*.h5")):
-        run_extract(ExtractConfig(str(videos), str(feats), (args.expensive, args.cheap), clip_len=args.clip_len,
+        extract_videos(ExtractConfig(str(videos), str(feats), (args.expensive, args.cheap), clip_len=args.clip_len,
                                   num_clips=args.num_clips, size=args.size, workers=1, device=args.device,
                                   progress=False))
     runs = {}
@@ -85,7 +85,7 @@ def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dic
                                     "num_cheap": records[0]["num_cheap"], "model_s": [], "model_cpu_s": [],
                                     "e2e_s": []}}
     for _ in range(args.repeats):
-        for pattern, r in runs.items():
+        for r in runs.values():
             _sync(r["predictor"].device)
             t0, c0 = time.perf_counter(), time.process_time()
             for c in r["clips"]:
@@ -93,7 +93,7 @@ def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dic
             _sync(r["predictor"].device)
             r["result"]["model_s"].append(time.perf_counter() - t0)
             r["result"]["model_cpu_s"].append(time.process_time() - c0)
-        for pattern, r in runs.items():
+        for r in runs.values():
             t0 = time.perf_counter()
             records = list(iter_predict(r["cfg"], r["predictor"]))
             _sync(r["predictor"].device)

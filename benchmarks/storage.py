@@ -50,14 +50,15 @@ def res5_maps(distinct: int, size: int, synthetic: bool, seed: int) -> np.ndarra
         return x.astype(np.float16)
     import torch
 
-    from faster import synthetic as syn
+    from faster import synthetic
     from faster.extract import models
     from faster.extract.video import decode_clips, normalise_clips
+    from faster.sampling import Sampling
 
     tmp = Path(tempfile.mkdtemp(prefix="faster-storage-"))
     try:
-        video = syn.write_kinetics_like(tmp / "k.mp4", seconds=4.0, seed=seed)
-        d = decode_clips(video, num_clips=distinct, clip_len=8, size=size)
+        video = synthetic.write_kinetics_like(tmp / "k.mp4", seconds=4.0, seed=seed)
+        d = decode_clips(video, Sampling(num_clips=distinct, clip_len=8, size=size))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     model = models.build("r2d26", weights=None, seed=seed).eval()

@@ -1,17 +1,16 @@
 """Decoding videos in worker processes for extraction and predict (README "faster extract").
 
 ``DecodePool`` decodes each video in one of ``workers`` processes so that decoding overlaps the
-model and a decoder that hangs (decord can, holding the GIL, PITFALLS) or dies is killed after
+model and a decoder that hangs (decord can, holding the GIL: docs/pitfalls.md) or dies is killed after
 ``timeout`` s, reported as Failed(stage="timeout" / "crash"), and replaced; the other videos it
 had queued go to other workers. Each worker owns ``prefetch`` frame buffers in shared memory
 (pipes when /dev/shm is too small): it decodes the next video while the main process copies out
 the last. Workers are recycled every ``recycle_every`` videos (decord leaks a little).
 ``InlineDecoder`` (``workers=0``) decodes in the calling process, without overlap or timeout.
 
-Both iterate over Decoded / Failed results (``for r in decoder``) and close as context managers.
-``decode`` is the function that decodes one video (default ``faster.extract.video.decode_clips``,
-called with ``decoder=`` auto, decord or pyav); it must be importable by name in the worker
-processes (a module-level function, or a functools.partial of one). Around each decode the
+Both take the clips to decode as one faster.sampling.Sampling and the ``decoder`` (auto, decord
+or pyav), decode each video with ``faster.extract.video.decode_clips``, iterate over Decoded /
+Failed results (``for r in decoder``) and close as context managers. Around each decode the
 process's stderr (file descriptor 2, where decord's C++ log and FFmpeg write) goes to a file: a
 video that fails has the end of it in its failure record ("log"), one that decodes drops it.
 """
@@ -27,20 +26,19 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 from faster.errors import BadValue
-from faster.extract import video as vid
+from faster.extract import video
+from faster.sampling import Sampling
 
 log = logging.getLogger(__name__)
-
-DecodeFn = Callable[..., "vid.DecodedVideo"]
-
 
 LOG_CHARS = 2000  # the end of a failed video's captured decoder output kept in its failure record
 
@@ -100,15 +98,16 @@ def _failure_extra(err: BaseException, text: str) -> dict[str, Any]:
     return extra
 
 
-def _decode_one(decode: DecodeFn, path: str, sink: Any, video_id: str, **kw: Any):
+def _decode_one(path: str, sampling: Sampling, decoder: str, sink: Any, video_id: str,
+                out: np.ndarray | None = None):
     """("ok", DecodedVideo) or ("err", stage, error, extra): one decode with stderr captured into ``sink``."""
     with captured_stderr(sink) as captured:
         try:
-            d = decode(path, **kw)
-        except vid.DecodeError as err:
+            d = video.decode_clips(path, sampling, out=out, decoder=decoder)
+        except video.DecodeError as err:
             result = ("err", err.stage, str(err), err)
-        except Exception as err:  # any other decoder error is this video's, not the run's
-            result = ("err", "decode", vid._short_error(err), err)
+        except Exception as err:  # any other decoder error is this video's, not the extraction's
+            result = ("err", "decode", video.short_error(err), err)
         else:
             result = ("ok", d)
     if result[0] == "ok":
@@ -120,7 +119,7 @@ def _decode_one(decode: DecodeFn, path: str, sink: Any, video_id: str, **kw: Any
     return ("err", result[1], result[2], _failure_extra(result[3], captured["text"]))
 
 
-def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: DecodeFn | None) -> None:
+def _decode_worker(conn, sampling: Sampling, decoder: str, log_path: str | None, buffer_names: list[str]) -> None:
     """A decode process: receives (task_id, path, buffer, id), decodes into the shared buffer, replies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the main process, which stops us
     import torch
@@ -128,11 +127,9 @@ def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: 
     torch.set_num_threads(1)
     from multiprocessing import shared_memory
 
-    shape = tuple(spec["shape"])
     shms = [shared_memory.SharedMemory(name=n) for n in buffer_names]
-    arrays = [np.ndarray(shape, dtype=np.uint8, buffer=s.buf) for s in shms]
-    decode = decode or vid.decode_clips
-    sink = open(spec["log_path"], "w+b") if spec.get("log_path") else tempfile.TemporaryFile()
+    arrays = [np.ndarray(sampling.shape, dtype=np.uint8, buffer=s.buf) for s in shms]
+    sink = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
     conn.send(("ready", os.getpid()))
     try:
         while True:
@@ -144,9 +141,7 @@ def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: 
                 break
             _, task_id, path, buf, video_id = msg
             out = arrays[buf] if arrays else None
-            r = _decode_one(decode, path, sink, video_id, num_clips=spec.get("num_clips") or shape[0],
-                            clip_len=shape[1], size=shape[2], frame_stride=spec["frame_stride"], out=out,
-                            positions=spec.get("positions"), decoder=spec.get("decoder", "auto"))
+            r = _decode_one(path, sampling, decoder, sink, video_id, out=out)
             if r[0] == "ok":
                 d = r[1]
                 conn.send(("ok", task_id, {"num_frames": d.num_frames, "fps": d.fps, "clip_start": d.clip_start,
@@ -165,11 +160,11 @@ def _decode_worker(conn, spec: dict[str, Any], buffer_names: list[str], decode: 
 def mp_context():
     """The start method of decode workers: a forkserver that has imported torch and decord once (a clean
     process, never a fork of one holding CUDA or OpenMP state), spawn where there is no forkserver."""
-    import multiprocessing as mp
+    import multiprocessing
 
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["numpy", "torch", "decord", "av", "faster.extract.decoders"])
     return ctx
 
@@ -220,18 +215,18 @@ def _main_not_reimported(ignore_signals: bool = False):
 class Decoded:
     """A decoded video handed to the model loop: ``frames`` is a (N, L, S, S, 3) uint8 tensor."""
 
-    item: vid.VideoItem
+    item: video.VideoItem
     frames: Any
     num_frames: int
     fps: float
     clip_start: list[int]
     short: bool
-    decoder: str = "decord"  # which decoder read it (vid.DecodedVideo.decoder)
+    decoder: str = "decord"  # which decoder read it (video.DecodedVideo.decoder)
 
 
 @dataclass
 class Failed:
-    item: vid.VideoItem
+    item: video.VideoItem
     stage: str
     error: str
     extra: dict[str, Any] = field(default_factory=dict)  # for the failure record: "errors" per decoder, "log"
@@ -258,13 +253,13 @@ class _Decoder:
     """What both decoders share: ``get`` (one result, or None when done) in a blocking iterator, and
     closing as a context manager."""
 
-    def get(self, timeout: float = 0.1) -> "Decoded | Failed | None":
+    def get(self, timeout: float = 0.1) -> Decoded | Failed | None:
         raise NotImplementedError
 
     def close(self) -> None:
         raise NotImplementedError
 
-    def __iter__(self) -> Iterator["Decoded | Failed"]:
+    def __iter__(self) -> Iterator[Decoded | Failed]:
         """Every result, as it comes; ends after the last item."""
         while True:
             try:
@@ -283,22 +278,20 @@ class _Decoder:
 
 
 class DecodePool(_Decoder):
-    """Decode ``items`` in ``workers`` processes; ``get()`` returns Decoded / Failed objects, then None.
+    """Decode ``sampling``'s clips of ``items`` in ``workers`` processes; ``get()`` returns Decoded /
+    Failed objects, then None.
 
     A video whose decode takes longer than ``timeout`` seconds has its worker killed and is
     returned as Failed(stage="timeout"); a worker that dies gives Failed(stage="crash"). Both
     workers are replaced and the other videos they had queued are decoded by others.
     """
 
-    def __init__(self, items: list[vid.VideoItem], *, workers: int, num_clips: int, clip_len: int, size: int,
-                 frame_stride: int = 1, timeout: float = 300.0, pin_memory: bool = False,
-                 decode: DecodeFn | None = None, recycle_every: int = 200, prefetch: int = 2,
-                 positions: list[int] | None = None, decoder: str = "auto"):
+    def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, workers: int, timeout: float = 300.0,
+                 pin_memory: bool = False, recycle_every: int = 200, prefetch: int = 2, decoder: str = "auto"):
         if workers < 1:
             raise BadValue(f"DecodePool needs workers >= 1, got {workers}")
-        # positions: only those of the num_clips clips are decoded (predict on a fitted run's subset)
-        positions = vid.check_positions(positions, num_clips)
-        self.shape = (num_clips if positions is None else len(positions), clip_len, size, size, 3)
+        self.sampling, self.decoder = sampling, video.check_decoder(decoder)
+        self.shape = sampling.shape
         self.nbytes = int(np.prod(self.shape))
         self.timeout = timeout
         self.pin_memory = pin_memory
@@ -310,10 +303,6 @@ class DecodePool(_Decoder):
             self._cuda_device = torch.cuda.current_device()
         self.recycle_every = max(1, recycle_every)
         self.prefetch = max(1, prefetch)
-        self.decode = decode
-        _check_decoder(decoder)
-        self.spec = {"shape": self.shape, "frame_stride": frame_stride, "num_clips": num_clips,
-                     "positions": None if positions is None else [int(p) for p in positions], "decoder": decoder}
         self.results: queue.Queue = queue.Queue()
         self.max_ready = max(2, workers)  # decoded videos waiting for the model, at most
         self._todo = deque(items)
@@ -341,7 +330,7 @@ class DecodePool(_Decoder):
         except BaseException:
             self.close()
             raise
-        self._thread = threading.Thread(target=self._run, name="faster-decode-dispatch", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="faster-decode-dispatch", daemon=True)
         self._thread.start()
 
     # -- worker management (dispatcher thread) --
@@ -352,9 +341,8 @@ class DecodePool(_Decoder):
         if slot.log_path is None:  # the worker's captured stderr: read from here when it is killed mid-decode
             fd, slot.log_path = tempfile.mkstemp(prefix=f"faster-decode-{slot.index}-", suffix=".log")
             os.close(fd)
-        spec = {**self.spec, "log_path": slot.log_path}
-        slot.proc = self._ctx.Process(target=_decode_worker, args=(child, spec, names, self.decode),
-                                      name=f"faster-decode-{slot.index}", daemon=True)
+        args = (child, self.sampling, self.decoder, slot.log_path, names)
+        slot.proc = self._ctx.Process(target=_decode_worker, args=args, name=f"faster-decode-{slot.index}", daemon=True)
         with _main_not_reimported():
             slot.proc.start()
         child.close()
@@ -435,7 +423,9 @@ class DecodePool(_Decoder):
     def _in_flight(self) -> int:
         return sum(len(s.tasks) for s in self.slots)
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
+        """The dispatcher thread: hands videos to the workers, collects their results, kills and
+        replaces a worker that hangs past ``timeout`` or dies."""
         from multiprocessing.connection import wait
 
         try:
@@ -532,14 +522,9 @@ class InlineDecoder(_Decoder):
     for the decode meanwhile, so little else is writing).
     """
 
-    def __init__(self, items: list[vid.VideoItem], *, num_clips: int, clip_len: int, size: int,
-                 frame_stride: int = 1, decode: DecodeFn | None = None, positions: list[int] | None = None,
-                 decoder: str = "auto", **_: Any):
-        _check_decoder(decoder)
+    def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, decoder: str = "auto"):
+        self.sampling, self.decoder = sampling, video.check_decoder(decoder)
         self._todo = deque(items)
-        self.kw = {"num_clips": num_clips, "clip_len": clip_len, "size": size, "frame_stride": frame_stride,
-                   "positions": positions, "decoder": decoder}
-        self.decode = decode or vid.decode_clips
         self._sink = None
 
     def get(self, timeout: float = 0.1) -> Decoded | Failed | None:
@@ -550,7 +535,7 @@ class InlineDecoder(_Decoder):
         item = self._todo.popleft()
         if self._sink is None:
             self._sink = tempfile.TemporaryFile()
-        r = _decode_one(self.decode, item.path, self._sink, item.id, **self.kw)
+        r = _decode_one(item.path, self.sampling, self.decoder, self._sink, item.id)
         if r[0] == "err":
             return Failed(item, r[1], r[2], r[3])
         d = r[1]
@@ -561,8 +546,3 @@ class InlineDecoder(_Decoder):
         if self._sink is not None:
             self._sink.close()
             self._sink = None
-
-
-def _check_decoder(decoder: str) -> None:
-    if decoder not in vid.DECODERS:
-        raise BadValue(f"unknown decoder {decoder!r}; expected one of {', '.join(vid.DECODERS)}")

@@ -7,15 +7,17 @@ aggregators of the second stage consume (Eq. 1-6). Here the maps are computed on
 
 One process of an extraction (README "faster extract"):
 
-  decoders.DecodePool --uint8 frames--> run loop (this module) --> runner.BackboneRunner --> store FeatureSetWriter
-  worker processes, killed on timeout    batches clips across videos   normalise, bf16, fp16      shards, manifest
+  decoders.DecodePool --uint8 frames--> extraction loop --> runner.BackboneRunner --> store FeatureSetWriter
+  worker processes, killed on timeout   batches clips         normalise, bf16, fp16,     shards, manifest
+                                        across videos         (N, T', H', W', C)
 
-This module holds the run loop: the configuration, the plan (which videos this part still has to
-extract, whether the disk has room), batching clips across videos so every model sees every clip
-of one decode, and the clean stop on SIGINT/SIGTERM (the open shard is completed, the rest is
-left to a resume). Placement and devices come from faster.runtime; everything about the feature
-set's files (resume, configuration refusal, shard rollover, manifests, failures) from the store's
-FeatureSetWriter.
+This module holds the extraction loop: the configuration (and its one faster.sampling.Sampling,
+handed to the decoders), the work list (which videos this part still has to extract, whether the
+disk has room), batching clips across videos so every model sees every clip of one decode, and
+the clean stop on SIGINT/SIGTERM (the open shard is completed, the rest is left to a resume).
+The maps go from the runner to the writer channels-last, as stored. Placement, devices and
+--dtype come from faster.runtime; everything about the feature set's files (resume,
+configuration refusal, shard rollover, manifests, failures) from the store's FeatureSetWriter.
 """
 from __future__ import annotations
 
@@ -26,23 +28,24 @@ import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from faster.errors import BadFile, BadValue
-from faster.runtime import warn_once
-from faster.extract import video as vid
-from faster.extract.decoders import DecodeFn, Decoded, DecodePool, Failed, InlineDecoder, warm_up_workers
+from faster.extract import video
+from faster.extract.decoders import Decoded, DecodePool, Failed, InlineDecoder, warm_up_workers
+from faster.runtime import check_dtype, warn_once
+from faster.sampling import Sampling
 from faster.store import schema
 
 log = logging.getLogger(__name__)
 
 FRAMES_PER_VIDEO = 256  # the paper's N x L
-DTYPES = ("auto", "fp32", "bf16")
-BF16_TOLERANCE = 0.05  # relative L2 error of bf16 res5 maps against fp32 above which a run refuses bf16
+BF16_TOLERANCE = 0.05  # relative L2 error of bf16 res5 maps against fp32 above which an extraction refuses bf16
 # Stored bytes / float16 bytes of res5 maps per --compression, for the disk estimate: what
 # benchmarks/storage.py measured on random-init R2D-26 maps (37% zeros; docs/storage.md), rounded
 # up: trained maps have more zeros and compress better, so the estimate errs on the safe side.
@@ -51,7 +54,10 @@ COMPRESSED_FRACTION = {"none": 1.0, "lzf": 0.9, "gzip": 0.7, "zstd": 0.65, "lz4"
 @dataclass
 class ExtractConfig:
     """One extraction. Fields that define the features (clip_len, num_clips, size, frame_stride,
-    models and their weights) must match those of the shards already in ``out``."""
+    models and their weights) must match those of the shards already in ``out``.
+
+    ``sampling`` (made once, when constructed): the clips every video is decoded to, at
+    ``decode_size``; the decoders take it as it is."""
 
     video_root: str  # directory of videos; ids are paths relative to it
     out: str  # the feature-set directory
@@ -103,8 +109,8 @@ class ExtractConfig:
         if unknown:
             raise BadValue(f"--weights for {unknown[0]!r}, which is not a --model ({', '.join(self.models)})")
         if self.num_clips is None:
-            self.num_clips = max(1, FRAMES_PER_VIDEO // self.clip_len)
-        for name in ("clip_len", "num_clips", "size", "frame_stride", "batch_size", "shard_size", "num_shards"):
+            self.num_clips = max(1, FRAMES_PER_VIDEO // max(1, self.clip_len))  # a bad clip_len: Sampling says so
+        for name in ("size", "batch_size", "shard_size", "num_shards"):  # clip_len, num_clips, ...: Sampling
             if int(getattr(self, name)) < 1:
                 raise BadValue(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workers < 0:
@@ -119,12 +125,12 @@ class ExtractConfig:
                 raise BadValue(f"--size {name}={px}: {name!r} is not a --model ({', '.join(self.models)})")
             if px < 8:
                 raise BadValue(f"--size {name}={px}: must be >= 8 pixels")
-        if self.dtype not in DTYPES:
-            raise BadValue(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        if self.decoder not in vid.DECODERS:
-            raise BadValue(f"unknown decoder {self.decoder!r}; expected one of {', '.join(vid.DECODERS)}")
+        check_dtype(self.dtype)
+        video.check_decoder(self.decoder)
         if not self.timeout > 0:
             raise BadValue(f"timeout must be > 0 seconds, got {self.timeout}")
+        self.sampling = Sampling(clip_len=self.clip_len, num_clips=self.num_clips, frame_stride=self.frame_stride,
+                                 size=self.decode_size)
 
 
 
@@ -132,10 +138,10 @@ class ExtractConfig:
 # Models
 
 class ClipModels:
-    """The run's backbones. Constructing describes them without reading weights or building a network
+    """The extraction's backbones. Constructing describes them without reading weights or building a network
     (their provenance for the header and the resume check: an extraction with nothing left to do
     never builds one); ``load()`` builds them for real, checks they are what was described, counts
-    their cost, and, when they run in bf16, checks bf16 against fp32 on a clip of the run's shape."""
+    their cost, and, when they run in bf16, checks bf16 against fp32 on a clip of the extraction's shape."""
 
     def __init__(self, cfg: ExtractConfig, device: Any, compute_dtype: str):
         import torch
@@ -212,9 +218,9 @@ class ClipModels:
         return int(raw * COMPRESSED_FRACTION.get(compression, 1.0))
 
     def __call__(self, clips) -> dict[str, Any]:
-        """(b, L, S, S, 3) uint8 on the device -> per model (b, T', H', W', C) float16 on the CPU
-        (H' = W' = 1 with --spatial-pool: extract.runner pools)."""
-        return {name: self.runner(name, clips).permute(0, 2, 3, 4, 1).cpu() for name in self.names}
+        """(b, L, S, S, 3) uint8 on the device -> per model (b, T', H', W', C) float16 on the CPU, as
+        the runner returns them and the shards store them (H' = W' = 1 with --spatial-pool)."""
+        return {name: self.runner(name, clips).cpu() for name in self.names}
 
 
 @dataclass
@@ -238,13 +244,13 @@ def _fmt_bytes(n: float) -> str:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set the flag (the run closes its shard and stops); a second signal acts as usual."""
+    """SIGINT/SIGTERM set the flag (the extraction closes its shard and stops); a second signal acts as usual."""
 
     def __init__(self):
         self.signal: str | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -266,16 +272,12 @@ class _StopFlag:
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# The extraction
 
-def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *, decode: DecodeFn | None = None,
-                after_add: Callable[[Any], None] | None = None) -> dict[str, Any]:
-    """Extract the features of ``cfg.video_root`` into ``cfg.out``; return the run's summary.
+def extract_videos(cfg: ExtractConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Extract the features of ``cfg.video_root`` into ``cfg.out``; return the extraction's summary.
 
-    ``echo`` receives the user-facing lines (the plan with its size estimate); logging otherwise.
-    ``decode`` replaces the function that decodes one video (faster.extract.video.decode_clips) and
-    ``after_add`` is called with the store's FeatureSetWriter after each video is written: hooks
-    for callers that wrap extraction (the fault-injection tests use both).
+    ``echo`` receives the user-facing lines (the work list with its size estimate); logging otherwise.
     Raises a faster.errors.UserError for a bad configuration, a configuration that differs from the
     shards in ``out``, or a disk without room for the estimated output.
     """
@@ -290,12 +292,12 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
     t0 = time.monotonic()
     place = placement(cfg.num_shards, cfg.shard_index)
     device = resolve_device(cfg.device, place.local_rank)
-    found = vid.discover(cfg.video_root, cfg.annotations, cfg.classes_file, cfg.unlabelled)
+    found = video.discover(cfg.video_root, cfg.annotations, cfg.classes_file, cfg.unlabelled)
     for note in found.notes:
         log.warning("%s", note)
     if not found.items and not cfg.allow_empty:
         raise BadFile(f"no videos in {cfg.video_root}" + (f" or {cfg.annotations}" if cfg.annotations else "")
-                      + f" (looked for {', '.join(sorted(vid.VIDEO_EXTENSIONS))}"
+                      + f" (looked for {', '.join(sorted(video.VIDEO_EXTENSIONS))}"
                       + (f"; {found.ignored} other file{'s' if found.ignored != 1 else ''} ignored"
                          if found.ignored else "")
                       + "); pass --allow-empty to write an empty feature set anyway")
@@ -310,48 +312,48 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
         torch.backends.cudnn.benchmark = True
     try:
         models = ClipModels(cfg, device, _compute_dtype(cfg, device, out))
-        header = Header(clip_len=cfg.clip_len, num_clips=cfg.num_clips, frame_stride=cfg.frame_stride,
-                        size=cfg.decode_size,
-                        classes=found.classes, models=models.headers, software_version=faster.__version__,
-                        torch_version=str(torch.__version__))
+        sampling = cfg.sampling
+        header = Header(clip_len=sampling.clip_len, num_clips=sampling.num_clips, frame_stride=sampling.frame_stride,
+                        size=sampling.size, classes=found.classes, models=models.headers,
+                        software_version=faster.__version__, torch_version=str(torch.__version__))
         writer = FeatureSetWriter(out, header, part=place.part, num_parts=place.num_parts, shard_size=cfg.shard_size,
-                                  compression=cfg.compression, after_add=after_add, wait=cfg.wait)
+                                  compression=cfg.compression, wait=cfg.wait)
         mine = found.items[place.part::place.num_parts]
-        plan = _plan(mine, writer.done)
-        if plan.todo:  # nothing to do: no decode process, no backbone built or counted
+        work = _worklist(mine, writer.done)
+        if work.todo:  # nothing to do: no decode process, no backbone built or counted
             _start(cfg, models, place.local_world_size)
-        per_video = models.bytes_per_video(cfg.num_clips, cfg.compression) if plan.todo else 0
-        need = per_video * len(plan.todo)
+        per_video = models.bytes_per_video(cfg.num_clips, cfg.compression) if work.todo else 0
+        need = per_video * len(work.todo)
         free = shutil.disk_usage(out if out.exists() else _existing_parent(out)).free
         if need > 0 and need * 1.02 + 64 * 2**20 > free:
             hint = [] if cfg.compression in ("zstd", "gzip") else ["--compression zstd"]
             hint += [] if cfg.spatial_pool else ["--spatial-pool (pooled aggregators only)"]
             raise BadValue(f"not enough disk space in {out}: the features need about {_fmt_bytes(need)} "
-                           f"({len(plan.todo)} videos x {_fmt_bytes(per_video)}"
+                           f"({len(work.todo)} videos x {_fmt_bytes(per_video)}"
                            + (f", {cfg.compression}" if cfg.compression != "none" else "")
                            + f"), {_fmt_bytes(free)} are free; free space or choose fewer --num-clips, a smaller "
                              f"--size" + "".join(f" or {h}" for h in hint))
         _note_compression(out, cfg.compression)
         with writer:  # holds this part's lock from here on
-            plan = _plan(mine, writer.done)  # under the lock: what a process that just finished wrote counts
-            if plan.todo:
+            work = _worklist(mine, writer.done)  # under the lock: what a process that just finished wrote counts
+            if work.todo:
                 _start(cfg, models, place.local_world_size)  # a no-op unless shards went away meanwhile
-            say(f"{len(plan.todo)} videos to extract ({plan.skipped} done already, {len(plan.missing)} "
+            say(f"{len(work.todo)} videos to extract ({work.skipped} done already, {len(work.missing)} "
                 f"missing) of {len(found.items)} [{found.layout}, {len(found.classes)} classes]"
                 + (f", part {place.part} of {place.num_parts}" if place.num_parts > 1 else "")
-                + f"; {device}; about {_fmt_bytes(per_video * len(plan.todo))} of features "
+                + f"; {device}; about {_fmt_bytes(per_video * len(work.todo))} of features "
                   f"({_fmt_bytes(per_video)}/video"
                 + (f", {cfg.compression}" if cfg.compression != "none" else "")
                 + (", spatially pooled" if cfg.spatial_pool else "") + f"), {_fmt_bytes(free)} free")
-            if cfg.spatial_pool and plan.todo:
+            if cfg.spatial_pool and work.todo:
                 say("--spatial-pool: maps are stored as their mean over H' x W' (T' kept); pooled aggregators "
                     "(avg, lstm, gru, netvlad, ...) lose nothing, map aggregators would run on a 1x1 grid")
-            if plan.todo:
+            if work.todo:
                 for name in cfg.models:
                     if cfg.weights.get(name) is None:
                         warn_once(log, f"{name} is randomly initialised (seed {cfg.seed}): its features carry no "
                                        f"learned information; pass --weights {name}=PATH for real features")
-            summary = _Run(cfg, place, models, writer, decode).execute(plan.todo, plan.missing, plan.skipped)
+            summary = _Extraction(cfg, place, models, writer).execute(work.todo, work.missing, work.skipped)
         summary["merged"] = writer.merged is not None  # written when the with-block closed
     finally:
         torch.set_num_threads(old_threads)
@@ -361,25 +363,27 @@ def run_extract(cfg: ExtractConfig, echo: Callable[[str], None] | None = None, *
 
 
 @dataclass
-class _Plan:
+class _Worklist:
+    """What this part still has to do, of its videos ``mine``."""
+
     todo: list  # VideoItems to extract
     missing: list  # listed by an annotation file but not found
     skipped: int  # already in a complete shard
 
 
-def _plan(mine: list, done: set[str]) -> _Plan:
+def _worklist(mine: list, done: set[str]) -> _Worklist:
     todo = [it for it in mine if it.id not in done]
     missing = [it for it in todo if it.path is None]
     todo = [it for it in todo if it.path is not None]
-    return _Plan(todo, missing, len(mine) - len(todo) - len(missing))
+    return _Worklist(todo, missing, len(mine) - len(todo) - len(missing))
 
 
 def _note_compression(out: Path, compression: str) -> None:
     """A resume with another --compression is allowed (the values are the same; each shard names its
     filters) but said, so a directory of mixed codecs is never a surprise."""
-    from faster.store import manifest as mf
+    from faster.store import manifest
 
-    used = {m.get("compression") for m in mf.part_manifests(out).values() if m and m.get("shards")} - {None}
+    used = {m.get("compression") for m in manifest.part_manifests(out).values() if m and m.get("shards")} - {None}
     if used and used != {compression}:
         log.warning("%s holds shards written with --compression %s; new shards use %s", out,
                     "/".join(sorted(used)), compression)
@@ -406,9 +410,9 @@ def _compute_dtype(cfg: ExtractConfig, device: Any, out: Path) -> str:
     from faster.runtime import resolve_dtype
 
     if cfg.dtype == "auto":
-        from faster.store import manifest as mf
+        from faster.store import manifest
 
-        for m in (mf.part_manifests(out) if out.is_dir() else {}).values():
+        for m in (manifest.part_manifests(out) if out.is_dir() else {}).values():
             for provenance in ((m or {}).get("config") or {}).get("models", {}).values():
                 if provenance.get("compute_dtype") in ("float32", "bfloat16"):
                     return provenance["compute_dtype"]
@@ -423,11 +427,11 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-class _Run:
+class _Extraction:
     """One process's loop: decoded videos in, batches of clips through the models, videos to the writer."""
 
-    def __init__(self, cfg: ExtractConfig, place: Any, models: ClipModels, writer: Any, decode: DecodeFn | None):
-        self.cfg, self.place, self.models, self.writer, self.decode = cfg, place, models, writer, decode
+    def __init__(self, cfg: ExtractConfig, place: Any, models: ClipModels, writer: Any):
+        self.cfg, self.place, self.models, self.writer = cfg, place, models, writer
         self.clips = 0
         self.short = 0
         self.decoders: dict[str, int] = {}  # videos read by each decoder (decord, pyav)
@@ -441,26 +445,30 @@ class _Run:
         self.short += bool(d.short)
         self.decoders[d.decoder] = self.decoders.get(d.decoder, 0) + 1
 
-    def _fail(self, item: vid.VideoItem, stage: str, error: str, **extra: Any) -> None:
+    def _fail(self, item: video.VideoItem, stage: str, error: str, **extra: Any) -> None:
         log.warning("%s: %s failed: %s", item.id, stage, error)
         self.writer.fail(item.id, stage, error, **extra)
 
-    def execute(self, todo: list[vid.VideoItem], missing: list[vid.VideoItem], skipped: int) -> dict[str, Any]:
+    def _decoder(self, todo: list[video.VideoItem]) -> DecodePool | InlineDecoder:
+        """The decoder of ``todo``: worker processes, or this process with --workers 0 (or nothing to do)."""
+        cfg = self.cfg
+        if cfg.workers > 0 and todo:
+            return DecodePool(todo, cfg.sampling, workers=cfg.workers, timeout=cfg.timeout,
+                              pin_memory=self.models.cuda, recycle_every=cfg.recycle_every, decoder=cfg.decoder)
+        return InlineDecoder(todo, cfg.sampling, decoder=cfg.decoder)
+
+    def execute(self, todo: list[video.VideoItem], missing: list[video.VideoItem], skipped: int) -> dict[str, Any]:
         from tqdm import tqdm
 
         cfg, w = self.cfg, self.writer
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         t0 = time.monotonic()
-        decoder_cls = DecodePool if cfg.workers > 0 and todo else InlineDecoder  # nothing to do: no processes
         bar = tqdm(total=len(todo), unit="video", disable=not cfg.progress or not todo, dynamic_ncols=True,
                    desc="extract" if self.place.num_parts == 1 else f"extract part {self.place.part}")
         pending: deque[_Pending] = deque()
         exhausted = not todo
         interrupted = None
-        with _StopFlag() as stop, decoder_cls(
-                todo, workers=cfg.workers, num_clips=cfg.num_clips, clip_len=cfg.clip_len, size=cfg.decode_size,
-                frame_stride=cfg.frame_stride, timeout=cfg.timeout, pin_memory=self.models.cuda,
-                decode=self.decode, recycle_every=cfg.recycle_every, decoder=cfg.decoder) as decoder:
+        with _StopFlag() as stop, self._decoder(todo) as decoder:
             for item in missing:
                 self._fail(item, "missing", item.error or "not found")
             try:

@@ -2,20 +2,21 @@
 
 ``BackboneRunner`` takes clips as decoded, (B, L, S, S, 3) uint8 on the device, and for one
 backbone: scales and normalises them with the backbone's mean/std on the device (cheaper than on
-the decoding CPU, PITFALLS), lays them out channels_last_3d (model and input both), runs
-the backbone under bf16 autocast when asked (on CUDA, or on a CPU with native bf16), and rounds the res5 map to float16, the dtype of the
-shards, so that what predict feeds an aggregator equals what it was fitted on (and, for a model
-extracted with --spatial-pool, the float16 map's mean over H' x W', rounded to float16 again, as it
-was stored). On CUDA the batch
-shape is kept fixed (the last batch padded) so cudnn.benchmark tunes once, and on out-of-memory
-the batch is halved and the work goes on.
+the decoding CPU: docs/pitfalls.md), lays them out channels_last_3d (model and input both), runs
+the backbone under bf16 autocast when asked (on CUDA, or on a CPU with native bf16), and rounds
+the res5 map to float16, the dtype of the shards, so that what predict feeds an aggregator equals
+what it was fitted on (and, for a model extracted with --spatial-pool, the float16 map's mean over
+H' x W', rounded to float16 again, as it was stored). Maps come out channels-last, (B, T', H', W',
+C): the layout of the shards and of the aggregators' input, and a view of what a channels_last_3d
+model returns, so no copy is made. On CUDA the batch shape is kept fixed (the last batch padded)
+so cudnn.benchmark tunes once, and on out-of-memory the batch is halved and the work goes on.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
-from faster.extract import video as vid
+from faster.extract import video
 
 if TYPE_CHECKING:
     import torch
@@ -31,11 +32,12 @@ class BackboneRunner:
     features were computed so). ``pooled``: the models whose maps are averaged over H' x W'
     (--spatial-pool). ``sizes``: each model's crop, when it differs from the decoded clips' (a
     big-little pair decoded once at the larger crop: the smaller is resized on the device,
-    antialiased bilinear, after normalisation, which commutes with it). ``calls[name]`` counts the clips each backbone has processed.
+    antialiased bilinear, after normalisation, which commutes with it). ``calls[name]`` counts the
+    clips each backbone has processed.
     """
 
-    def __init__(self, models: dict[str, "nn.Module"], device: "torch.device", *, batch_size: int = 8,
-                 amp: bool = False, pooled: "set[str] | frozenset[str]" = frozenset(),
+    def __init__(self, models: dict[str, nn.Module], device: torch.device, *, batch_size: int = 8,
+                 amp: bool = False, pooled: set[str] | frozenset[str] = frozenset(),
                  sizes: dict[str, int] | None = None, clip_len: int = 8):
         import torch
 
@@ -44,7 +46,7 @@ class BackboneRunner:
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
         self.models = {}
-        for name, model in models.items():  # channels_last_3d on CPU too: 1.3x fp32 conv3d here (PITFALLS)
+        for name, model in models.items():  # channels_last_3d on CPU too: faster there as well (see BENCHMARKS.md)
             model = model.to(self.device).eval()
             fold_batchnorm(model, clip_len)
             self.models[name] = model.to(memory_format=torch.channels_last_3d)
@@ -56,28 +58,28 @@ class BackboneRunner:
     def compute_dtype(self) -> str:
         return "bfloat16" if self.amp else "float32"
 
-    def _forward(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
+    def _forward(self, name: str, clips: torch.Tensor) -> torch.Tensor:
         import torch
-        import torch.nn.functional as F
+        from torch.nn import functional
 
         model = self.models[name]
         b = clips.shape[0]
         if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
             clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
-        x = vid.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
+        x = video.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
         size = self.sizes.get(name, x.shape[-1])
         if size != x.shape[-1]:  # a smaller model of a big-little pair: the same field of view, resized
             B, _, L, S, _ = x.shape
-            x = F.interpolate(x.reshape(B, 3 * L, S, S), size=(size, size), mode="bilinear", antialias=True,
+            x = functional.interpolate(x.reshape(B, 3 * L, S, S), size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False).reshape(B, 3, L, size, size)  # (B, 3, L, s, s)
         x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            y = model(x)  # (B, C, T', H', W')
-        return y[:b].to(torch.float16)
+            y = model(x)  # (B, C, T', H', W'), channels_last_3d in memory
+        return y[:b].to(torch.float16).permute(0, 2, 3, 4, 1)  # (b, T', H', W', C): a view, no copy
 
-    def check_bf16(self, clips: "torch.Tensor") -> dict[str, float]:
+    def check_bf16(self, clips: torch.Tensor) -> dict[str, float]:
         """Per model, the relative L2 error of its bf16 map against fp32 on ``clips`` (uint8): some
-        cuDNN versions computed bf16 conv3d wrongly (PITFALLS); ~1% is bf16's own rounding here."""
+        cuDNN versions computed bf16 conv3d wrongly (docs/pitfalls.md); ~1% is bf16's own rounding."""
         import torch
 
         errors = {}
@@ -93,9 +95,9 @@ class BackboneRunner:
             self.amp = amp
         return errors
 
-    def __call__(self, name: str, clips: "torch.Tensor") -> "torch.Tensor":
-        """res5 maps (B, C, T', H', W') float16 on the device of ``clips`` (B, L, S, S, 3) uint8
-        ((B, C, T', 1, 1) for a pooled model)."""
+    def __call__(self, name: str, clips: torch.Tensor) -> torch.Tensor:
+        """res5 maps (B, T', H', W', C) float16, channels-last as the shards store them, on this
+        runner's device, of ``clips`` (B, L, S, S, 3) uint8 ((B, T', 1, 1, C) for a pooled model)."""
         import torch
 
         clips = clips.to(self.device, non_blocking=True)
@@ -117,18 +119,18 @@ class BackboneRunner:
         self.calls[name] += int(clips.shape[0])
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if name in self.pooled:
-            y = y.float().mean(dim=(3, 4), keepdim=True).half()  # (B, C, T', 1, 1)
+            y = y.float().mean(dim=(2, 3), keepdim=True).half()  # (B, T', 1, 1, C)
         return y
 
 
-def fold_batchnorm(model: "nn.Module", clip_len: int = 8, size: int = 64) -> int:
+def fold_batchnorm(model: nn.Module, clip_len: int = 8, size: int = 64) -> int:
     """Fold every eval-mode batch norm that directly follows a convolution into that convolution's
     weights and bias, and replace it by an identity; return how many were folded.
 
     Inference only (the running statistics are constants then): w' = w * g / sqrt(v + eps), b' =
     (b - m) * g / sqrt(v + eps) + beta. The pairs are found by one forward of a small clip with
     hooks: a norm whose input is the very tensor a convolution just returned, and that no other
-    module read. On this CPU batch norm was 30% of R(2+1)D-50's bf16 time (BENCHMARKS.md).
+    module read. Batch norm is a large share of a CPU's bf16 time (see BENCHMARKS.md).
     """
     import torch
     from torch import nn

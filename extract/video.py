@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from faster import sampling
 from faster.errors import BadFile, BadValue, Incompatible
+from faster.sampling import Sampling, round_half_up
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def scan(root: str | Path) -> list[str]:
 
 def _count_ignored(root: Path) -> int:
     n = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for _, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         n += sum(1 for f in filenames if not f.startswith(".") and not is_video(f))
     return n
@@ -237,17 +237,17 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
             log.warning("%s: %d files match %r (%s); using %s", where, len(candidates), stem,
                         ", ".join(candidates[:3]), candidates[0])
         if candidates:
-            vid = candidates[0]
-            item = VideoItem(vid, path_of[vid], label, split)
+            video_id = candidates[0]
+            item = VideoItem(video_id, path_of[video_id], label, split)
         else:
-            vid = rel or stem
-            item = VideoItem(vid, None, label, split,
+            video_id = rel or stem
+            item = VideoItem(video_id, None, label, split,
                              error=f"listed in {annotations.name} line {n} but no video named {stem}.* under the root")
             missing += 1
-        if vid in items:
-            log.warning("%s: %s is listed again; keeping its first row", where, vid)
+        if video_id in items:
+            log.warning("%s: %s is listed again; keeping its first row", where, video_id)
             continue
-        items[vid] = item
+        items[video_id] = item
     notes = [f"{missing} listed videos are missing"] if missing else []
     unlisted = len(by_path - set(items))
     if unlisted:
@@ -259,6 +259,13 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
 # Decoding
 
 DECODERS = ("auto", "decord", "pyav")  # --decoder; auto: decord, then PyAV when decord cannot open or decode a file
+
+
+def check_decoder(name: str) -> str:
+    """``name`` if it is one of DECODERS; BadValue naming it otherwise (the one check of --decoder)."""
+    if name not in DECODERS:
+        raise BadValue(f"unknown decoder {name!r}; expected one of {', '.join(DECODERS)}")
+    return name
 
 
 @dataclass
@@ -288,21 +295,21 @@ class DecodeError(Exception):
 
 def resize_size(height: int, width: int, size: int) -> tuple[int, int]:
     """(h, w) after resizing the short side to round(size * 8 / 7), keeping the aspect ratio."""
-    short = sampling.round_half_up(size * 8 / 7)
+    short = round_half_up(size * 8 / 7)
     if height <= width:
-        return short, max(short, sampling.round_half_up(width * short / height))
-    return max(short, sampling.round_half_up(height * short / width)), short
+        return short, max(short, round_half_up(width * short / height))
+    return max(short, round_half_up(height * short / width)), short
 
 
 def resize_crop(frames: Any, size: int) -> Any:
     """(k, H, W, 3) uint8 tensor -> (k, size, size, 3) uint8: short side to size*8/7 (antialiased bilinear), centre crop."""
-    import torch.nn.functional as F
+    from torch.nn import functional
 
     k, h, w, _ = frames.shape
     rh, rw = resize_size(h, w, size)
     x = frames.permute(0, 3, 1, 2)  # (k, 3, H, W), a channels-last view: the fast uint8 path
     if (rh, rw) != (h, w):
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+        x = functional.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (rh - size) // 2, (rw - size) // 2
     return x[:, :, top:top + size, left:left + size].permute(0, 2, 3, 1)  # (k, size, size, 3)
 
@@ -316,26 +323,17 @@ def open_reader(path: str | Path):
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
     except Exception as err:  # decord raises RuntimeError or DECORDError for anything it cannot open
-        raise DecodeError("open", _short_error(err)) from None
+        raise DecodeError("open", short_error(err)) from None
     if len(vr) < 1:
         raise DecodeError("open", "no video frames")
     return vr
 
 
-def _short_error(err: BaseException) -> str:
+def short_error(err: BaseException) -> str:
+    """An exception as one short line: its type and the last non-empty line of its message."""
     text = str(err).strip().splitlines()
     msg = next((line for line in reversed(text) if line.strip()), type(err).__name__) if text else type(err).__name__
     return f"{type(err).__name__}: {msg[:300]}"
-
-
-def check_positions(positions: list[int] | None, num_clips: int) -> list[int] | None:
-    """None (every clip) or distinct clip positions in [0, num_clips), as ints; ValueError otherwise."""
-    if positions is None:
-        return None
-    positions = [int(p) for p in positions]
-    if not positions or len(set(positions)) != len(positions) or not all(0 <= p < num_clips for p in positions):
-        raise BadValue(f"clip positions {positions} must be distinct indices in [0, {num_clips})")
-    return positions
 
 
 class _Frames:
@@ -345,24 +343,20 @@ class _Frames:
     and crops a chunk of decoded frames ``unique[a:b]`` and writes it to every clip slot using it.
     """
 
-    def __init__(self, num_frames: int, *, num_clips: int, clip_len: int, size: int, frame_stride: int,
-                 out: np.ndarray | None, positions: list[int] | None):
+    def __init__(self, num_frames: int, sampling: Sampling, out: np.ndarray | None):
         import torch
 
-        starts = sampling.clip_starts(num_frames, num_clips, clip_len, frame_stride)
-        if positions is not None:
-            starts = [starts[p] for p in positions]
-            num_clips = len(starts)
-        flat = np.asarray(sampling.frame_indices(starts, num_frames, clip_len, frame_stride), dtype=np.int64).reshape(-1)
+        starts = sampling.starts(num_frames)
+        flat = np.asarray(sampling.frame_indices(starts, num_frames), dtype=np.int64).reshape(-1)
         self.unique, self.inverse = np.unique(flat, return_inverse=True)
-        shape = (num_clips, clip_len, size, size, 3)
+        shape = sampling.shape
         if out is None:
             out = np.empty(shape, dtype=np.uint8)
         elif out.shape != shape or out.dtype != np.uint8:
             raise BadValue(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
-        self.out, self.starts, self.size, self.num_frames = out, starts, size, num_frames
-        self.short = num_frames < sampling.clip_span(clip_len, frame_stride)
-        self._dest = torch.from_numpy(out).view(num_clips * clip_len, size, size, 3)
+        self.out, self.starts, self.size, self.num_frames = out, starts, sampling.size, num_frames
+        self.short = num_frames < sampling.span
+        self._dest = torch.from_numpy(out).view(sampling.clips * sampling.clip_len, sampling.size, sampling.size, 3)
 
     def put(self, a: int, b: int, chunk: np.ndarray) -> None:
         """``chunk`` (b - a, H, W, 3) uint8: the decoded frames ``unique[a:b]``."""
@@ -381,18 +375,15 @@ def _finite(fps: float) -> float:
     return fps if np.isfinite(fps) and fps > 0 else 0.0
 
 
-def decode_clips_decord(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
-                        out: np.ndarray | None = None, positions: list[int] | None = None) -> DecodedVideo:
+def decode_clips_decord(path: str | Path, sampling: Sampling, *, out: np.ndarray | None = None) -> DecodedVideo:
     """``decode_clips`` with decord: ``get_batch`` of the needed frames, ``CHUNK_FRAMES`` at a time."""
-    positions = check_positions(positions, num_clips)
     vr = open_reader(path)
     num_frames = len(vr)
     try:
         fps = _finite(float(vr.get_avg_fps()))
     except Exception:  # some containers have no rate
         fps = 0.0
-    plan = _Frames(num_frames, num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride,
-                   out=out, positions=positions)
+    plan = _Frames(num_frames, sampling, out)
     unique = plan.unique
     for a in range(0, len(unique), CHUNK_FRAMES):
         b = min(a + CHUNK_FRAMES, len(unique))
@@ -400,7 +391,7 @@ def decode_clips_decord(path: str | Path, *, num_clips: int, clip_len: int, size
             chunk = vr.get_batch(unique[a:b].tolist()).asnumpy()  # (k, H, W, 3) uint8
         except Exception as err:
             raise DecodeError("decode", f"frames {int(unique[a])}-{int(unique[b - 1])} of {num_frames}: "
-                                        f"{_short_error(err)}") from None
+                                        f"{short_error(err)}") from None
         if chunk.ndim != 4 or chunk.shape[0] != b - a or chunk.shape[-1] != 3:  # decord misreads some
             raise DecodeError("decode", f"decoder returned frames of shape {chunk.shape} for {b - a} frames "
                                         f"(decord misreads frames narrower than 80 px of some widths)")
@@ -417,7 +408,7 @@ def _pyav_open(path: str | Path):
     try:
         container = av.open(str(path), mode="r")
     except Exception as err:  # av.error.FFmpegError subclasses (InvalidDataError, ...) and OSError
-        raise DecodeError("open", _short_error(err)) from None
+        raise DecodeError("open", short_error(err)) from None
     if not container.streams.video:
         container.close()
         raise DecodeError("open", "no video stream")
@@ -433,11 +424,10 @@ def _pyav_count(path: str | Path) -> int:
         try:
             return sum(1 for _ in container.decode(stream))
         except Exception as err:
-            raise DecodeError("decode", f"counting frames: {_short_error(err)}") from None
+            raise DecodeError("decode", f"counting frames: {short_error(err)}") from None
 
 
-def decode_clips_pyav(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
-                      out: np.ndarray | None = None, positions: list[int] | None = None,
+def decode_clips_pyav(path: str | Path, sampling: Sampling, *, out: np.ndarray | None = None,
                       num_frames: int | None = None) -> DecodedVideo:
     """``decode_clips`` with PyAV (FFmpeg with dav1d: AV1, VP9, HEVC, ProRes, MPEG-2, ...).
 
@@ -446,22 +436,18 @@ def decode_clips_pyav(path: str | Path, *, num_clips: int, clip_len: int, size: 
     MPEG-PS) or overstates it. The file is decoded sequentially up to the last needed frame; only
     needed frames are converted to RGB, resized and cropped, ``CHUNK_FRAMES`` at a time.
     """
-    positions = check_positions(positions, num_clips)
-    kw = dict(num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride, out=out,
-              positions=positions)
     container, stream = _pyav_open(path)
     if num_frames is None and not stream.frames:
         container.close()
         counted = _pyav_count(path)
         if counted < 1:
             raise DecodeError("open", "no video frames")
-        return decode_clips_pyav(path, **kw, num_frames=counted)
+        return decode_clips_pyav(path, sampling, out=out, num_frames=counted)
     num_frames = int(num_frames or stream.frames)
     with container:
         rate = stream.average_rate or stream.guessed_rate
         fps = _finite(float(rate)) if rate else 0.0
-        plan = _Frames(num_frames, num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride,
-                       out=out, positions=positions)
+        plan = _Frames(num_frames, sampling, out)
         unique = plan.unique.tolist()
         chunk: list[np.ndarray] = []
         a = k = 0  # chunk start in unique; next needed position in unique
@@ -480,13 +466,13 @@ def decode_clips_pyav(path: str | Path, *, num_clips: int, clip_len: int, size: 
         except DecodeError:
             raise
         except Exception as err:
-            raise DecodeError("decode", f"frame {index + 1} of {num_frames}: {_short_error(err)}") from None
+            raise DecodeError("decode", f"frame {index + 1} of {num_frames}: {short_error(err)}") from None
     if k < len(unique):  # the header overstated the frame count: resample on the frames that exist
         counted = index + 1
         if not 0 < counted < num_frames:
             raise DecodeError("decode", f"the decoder gave {counted} of the {num_frames} frames")
         log.debug("%s: the container says %d frames, %d decoded", path, num_frames, counted)
-        return decode_clips_pyav(path, **kw, num_frames=counted)
+        return decode_clips_pyav(path, sampling, out=out, num_frames=counted)
     return plan.result(fps, "pyav")
 
 
@@ -499,34 +485,29 @@ def _put_frames(plan: _Frames, a: int, chunk: list[np.ndarray]) -> None:
             plan.put(a + j, a + j + 1, f[None])
 
 
-def decode_clips(path: str | Path, *, num_clips: int, clip_len: int, size: int, frame_stride: int = 1,
-                 out: np.ndarray | None = None, positions: list[int] | None = None,
+def decode_clips(path: str | Path, sampling: Sampling, *, out: np.ndarray | None = None,
                  decoder: str = "auto") -> DecodedVideo:
-    """Decode the ``num_clips`` uniformly sampled clips of one video (docs/format.md "Clip sampling").
-
-    ``positions``, when given, keeps only those of the ``num_clips`` clips (a fitted run's subset,
-    for predict): their frames are exactly the ones a full decode gives at those positions.
+    """Decode the clips ``sampling`` names (its ``num_clips`` uniformly sampled clips, or only those
+    at its ``positions``) of one video (docs/format.md "Clip sampling").
 
     ``decoder``: "decord", "pyav", or "auto" (decord; PyAV in the same process when decord cannot
     open or decode the file, e.g. AV1). Only the needed frames are read, in sorted order,
     ``CHUNK_FRAMES`` at a time, each chunk resized and cropped before the next is decoded. ``out``
-    (N, L, size, size, 3) uint8, when given, receives the frames (a decode worker's shared buffer).
+    (``sampling.shape``: n, L, size, size, 3) uint8, when given, receives the frames (a decode
+    worker's shared buffer).
     Raises DecodeError with stage "open" or "decode"; after both decoders failed its ``errors``
     holds each one's message (stage "open" only when neither could open the file).
     """
-    if decoder not in DECODERS:
-        raise BadValue(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
-    kw = dict(num_clips=num_clips, clip_len=clip_len, size=size, frame_stride=frame_stride, out=out,
-              positions=positions)
+    check_decoder(decoder)
     if decoder == "pyav":
-        return decode_clips_pyav(path, **kw)
+        return decode_clips_pyav(path, sampling, out=out)
     if decoder == "decord":
-        return decode_clips_decord(path, **kw)
+        return decode_clips_decord(path, sampling, out=out)
     try:
-        return decode_clips_decord(path, **kw)
+        return decode_clips_decord(path, sampling, out=out)
     except DecodeError as first:
         try:
-            d = decode_clips_pyav(path, **kw)
+            d = decode_clips_pyav(path, sampling, out=out)
         except DecodeError as second:
             stage = "open" if first.stage == second.stage == "open" else "decode"
             errors = {"decord": str(first), "pyav": str(second)}

@@ -2,25 +2,26 @@
 shard's HDF5 attributes, reads it back, and compares two of them.
 
 A ``Header`` is what an extraction configuration fixes: clip_len, num_clips, frame_stride, size,
-the class list, and per model its provenance (``ModelHeader``: layer, weights, mean, std,
-compute_dtype, gflops_per_clip). Every shard of a directory carries the same header; resume,
-verify, the reader and ablate all read it through :func:`read_header`, and the resume refusal and
-verify's consistency check both use :func:`config_diff`.
+the class list, and per model its provenance and cost (``ModelHeader``: the attributes of
+``schema.MODEL_ATTRS``). Every shard of a directory carries the same header; resume, verify, the
+reader and ablate all read it through :func:`read_header`. Two comparisons live here:
+:func:`config_diff` (the whole configuration, provenance included: the resume refusal and verify's
+consistency check) and :func:`check_compatible` (whether features can be used together: classes,
+extraction and map shapes; the reader's join, a validation set against a training set, a run's
+features).
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from faster.errors import BadFile
+from faster.errors import BadFile, Incompatible
 from faster.store import schema
-
-# The per-model attributes that define a configuration (gflops_per_clip is a cost, not an identity).
-MODEL_CONFIG = ("layer", "weights", "mean", "std", "compute_dtype", "spatial_pool", "size")
 
 
 def plain_attr(value: Any) -> Any:
@@ -40,7 +41,8 @@ def _h5_value(value: Any) -> Any:
 
 @dataclass
 class ModelHeader:
-    """One model's provenance and cost, the attributes of ``/features/<model>``."""
+    """One model's provenance and cost, the attributes of ``/features/<model>`` (its fields are
+    ``schema.MODEL_ATTRS``, in that order)."""
 
     gflops_per_clip: float | None = None  # multiply-adds per clip / 1e9 (the paper's convention)
     layer: str | None = None  # the stage whose map is stored: "res5", "layer4", ...
@@ -52,7 +54,7 @@ class ModelHeader:
     size: int | None = None  # this model's crop in pixels (format 2); unset (format 1): the root's size
 
     @classmethod
-    def from_attrs(cls, attrs: Mapping[str, Any]) -> "ModelHeader":
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> ModelHeader:
         """From HDF5 attributes or a dict; unknown keys are ignored, absent ones stay None."""
         return cls(**{f.name: plain_attr(attrs[f.name]) for f in fields(cls) if f.name in attrs})
 
@@ -85,12 +87,12 @@ class Header:
     @property
     def extraction(self) -> dict[str, int]:
         """clip_len, num_clips, frame_stride and size: what a run records of the features it read."""
-        return {k: int(getattr(self, k)) for k in ("clip_len", "num_clips", "frame_stride", "size")}
+        return {k: int(getattr(self, k)) for k in schema.EXTRACTION_ATTRS}
 
     def config(self) -> dict[str, Any]:
         """What a feature-set directory must never mix, as plain JSON (kept in the part manifests)."""
         return {**self.extraction, "classes": list(self.classes),
-                "models": {m: {k: h.attrs().get(k) for k in MODEL_CONFIG} for m, h in self.models.items()}}
+                "models": {m: {k: h.attrs().get(k) for k in schema.MODEL_CONFIG} for m, h in self.models.items()}}
 
     def root_attrs(self) -> dict[str, Any]:
         return {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, **self.extraction,
@@ -103,7 +105,7 @@ class Header:
             f.attrs[key] = _h5_value(value)
 
     @classmethod
-    def read(cls, f: Any, where: str | Path) -> "Header":
+    def read(cls, f: Any, where: str | Path) -> Header:
         """The header of an open shard; BadFile naming ``where`` when the format or an attribute is wrong."""
         a = f.attrs
         fmt = plain_attr(a.get("format"))
@@ -135,8 +137,7 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str = "there
     def say(what: str, x: Any, y: Any) -> str:
         return f"{what} {x} in {a_name}, {y} in {b_name}"
 
-    diffs = [say(k, a.get(k), b.get(k)) for k in ("clip_len", "num_clips", "frame_stride", "size")
-             if a.get(k) != b.get(k)]
+    diffs = [say(k, a.get(k), b.get(k)) for k in schema.EXTRACTION_ATTRS if a.get(k) != b.get(k)]
     ca, cb = list(a.get("classes") or []), list(b.get("classes") or [])
     if ca != cb:
         diffs.append(f"classes differ ({len(ca)} in {a_name}, {len(cb)} in {b_name})")
@@ -144,7 +145,7 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str = "there
     if set(ma) != set(mb):
         diffs.append(say("models", sorted(ma), sorted(mb)))
     for m in sorted(set(ma) & set(mb)):
-        for k in MODEL_CONFIG:
+        for k in schema.MODEL_CONFIG:
             x, y = ma[m].get(k), mb[m].get(k)
             if k == "size":  # format 1 recorded one size for every model: the root's
                 x, y = x if x is not None else a.get("size"), y if y is not None else b.get("size")
@@ -172,10 +173,6 @@ class ModelInfo:
         t, h, w, c = self.shape
         return [c, t, h, w]
 
-    @property
-    def gflops_per_clip(self) -> float:
-        return float(self.attrs.get("gflops_per_clip", float("nan")))
-
 
 @dataclass
 class ShardHeader:
@@ -191,6 +188,51 @@ class ShardHeader:
     @property
     def config(self) -> dict[str, Any]:
         return self.header.config()
+
+    @property
+    def classes(self) -> list[str]:
+        return self.header.classes
+
+    def model(self, name: str) -> ModelInfo:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise BadFile(f"{self.path}: no features/{name}") from None
+
+
+def check_compatible(fs: Any, *, classes: Sequence[str], config: Mapping[str, Any],
+                     shapes: Mapping[str, Sequence[int]], what: str, reference: str) -> None:
+    """Incompatible unless features ``fs`` can be used together with ``reference``'s: the same class
+    list, the same extraction ``config`` (the keys it gives, e.g. ``schema.EXTRACTION_ATTRS``) and, per
+    model in ``shapes``, the same clip shape (T', H', W', C). The one home of this check.
+
+    ``fs``: a ``FeatureSet``, or one shard's ``ShardHeader``: anything with ``classes``, ``config``
+    (a mapping holding those keys) and ``model(name).shape``. The error is one line, starting with
+    ``what`` (what ``fs`` is, e.g. "validation set ['val']") and naming ``reference`` (e.g. "the
+    training set", "the run", a shard's path):
+
+      "<what>: class list differs from the one in <reference> (<n> vs <m> classes)"
+      "<what>: class list differs from the one in <reference> (position <i>: <a> vs <b>)"
+      "<what>: extraction <key> <value>[, ...] differs from <key> <value>[, ...] in <reference>"
+      "<what>: <model> clips are <shape>, not <shape> as in <reference>"
+    """
+    mine, theirs = list(fs.classes), list(classes)
+    if mine != theirs:
+        if len(mine) != len(theirs):
+            detail = f"{len(mine)} vs {len(theirs)} classes"
+        else:
+            i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+            detail = f"position {i}: {mine[i]!r} vs {theirs[i]!r}"
+        raise Incompatible(f"{what}: class list differs from the one in {reference} ({detail})")
+    found = fs.config
+    keys = [k for k in config if found.get(k) != config[k]]
+    if keys:
+        raise Incompatible(f"{what}: extraction {', '.join(f'{k} {found.get(k)}' for k in keys)} differs from "
+                           f"{', '.join(f'{k} {config[k]}' for k in keys)} in {reference}")
+    for model, shape in shapes.items():
+        have, want = tuple(int(s) for s in fs.model(model).shape), tuple(int(s) for s in shape)
+        if have != want:
+            raise Incompatible(f"{what}: {model} clips are {have}, not {want} as in {reference}")
 
 
 def read_header(path: str | Path) -> ShardHeader:

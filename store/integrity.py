@@ -1,4 +1,5 @@
-"""What a training command checks before it reads a feature set (fit, evaluate, ablate).
+"""What a training command checks before it reads a feature set (fit, evaluate, ablate), and the
+one definition of a non-finite video that the reader, this check and `faster verify` share.
 
 * Every shard that a manifest lists must still have the listed size and sha256: a shard changed
   after it was written is an error naming it (or, with ``skip_bad``, left out with a warning).
@@ -10,9 +11,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,22 @@ class Integrity:
     bad_shards: list[str] = field(default_factory=list)  # paths left out (skip_bad)
     bad_videos: list[str] = field(default_factory=list)  # ids left out (skip_bad)
     problems: list[str] = field(default_factory=list)  # one line per shard or video left out
+
+
+def finite(values: np.ndarray) -> bool:
+    """Whether every value is finite (no NaN, no inf): the test the reader, ``check`` and verify apply."""
+    return bool(np.isfinite(values).all())
+
+
+def nonfinite_videos(features: Any, ids: Sequence[str]) -> list[str]:
+    """The ids of the videos (rows) of ``features``, an h5py ``/features/<model>`` dataset, whose
+    values are not all finite; read one video at a time, so memory stays at one video."""
+    return [ids[i] for i in range(features.shape[0]) if not finite(features[i])]
+
+
+def nonfinite_message(shard: str | Path, video: str, model: str) -> str:
+    """The one-line description of a damaged video, as the reader and ``check`` report it."""
+    return f"{shard}: video {video!r} has non-finite {model} features"
 
 
 def _listed(directory: Path) -> dict[str, dict]:
@@ -53,7 +71,8 @@ def _nonfinite_ids(path: Path) -> dict[str, list[str]]:
     with h5py.File(path, "r") as f:
         ids = list(f["videos/id"].asstr()[()])
         for model, ds in f["features"].items():
-            bad = [ids[i] for i in range(ds.shape[0]) if not np.isfinite(ds[i]).all()]
+            schema.require_filters(ds, f"{path}: features/{model}")  # zstd/lz4: import hdf5plugin first
+            bad = nonfinite_videos(ds, ids)
             if bad:
                 out[model] = bad
     return out
@@ -92,7 +111,7 @@ def check(dirs: Iterable[str | Path], *, skip_bad: bool = False, models: Iterabl
                         if models is not None and model not in models:
                             continue
                         for i in ids:
-                            msg = f"{shard}: video {i!r} has non-finite {model} features"
+                            msg = nonfinite_message(shard, i, model)
                             log.warning("%s: left out (--skip-bad)", msg)
                             found.bad_videos.append(i)
                             found.problems.append(msg)

@@ -167,7 +167,7 @@ class FileLock:
         self._thread.start()
         return True
 
-    def acquire(self) -> "FileLock":
+    def acquire(self) -> FileLock:
         """Take the lock; a live holder means LockHeld, or (``wait``) polling until it is free."""
         while not self.try_acquire():
             if not self.wait:
@@ -196,7 +196,7 @@ class FileLock:
             self.path.unlink(missing_ok=True)
         self.held = False
 
-    def __enter__(self) -> "FileLock":
+    def __enter__(self) -> FileLock:
         return self.acquire()
 
     def __exit__(self, *exc: Any) -> None:

@@ -10,8 +10,9 @@ a failure of a video that some shard holds is dropped). JSON files are replaced 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from faster.errors import BadValue
 from faster.store import schema

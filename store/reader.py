@@ -5,8 +5,8 @@ are not needed). Shards holding the same models are parts of one extraction and 
 whatever directory or process wrote them; groups holding different models (an expensive extraction
 beside a cheap one) are joined by video id, and the join reports how many videos matched. Every
 shard must carry format "faster-features", format_version 1 or 2, and the same clip_len, num_clips,
-frame_stride, size and classes; joined videos must have the same clip starts. Any violation is a
-ValueError naming the file.
+frame_stride, size and classes (``header.check_compatible``); joined videos must have the same clip
+starts. Any violation is a ValueError naming the file.
 
 ``FeatureSet.dataset(sources)`` is a torch Dataset that reads, for each source ("expensive",
 "cheap"), only that source's model at that source's clip positions: an expensive position never
@@ -20,14 +20,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from faster.errors import BadFile, BadValue, Incompatible
 from faster.store import schema
-from faster.store.header import ModelInfo, ShardHeader, read_header
+from faster.store.header import ModelInfo, ShardHeader, check_compatible, read_header
+from faster.store.integrity import finite, nonfinite_message
 
 __all__ = ["FeatureDataset", "FeatureSet", "ModelInfo", "ThreadedLoader", "list_shards", "read_header"]
 
@@ -48,11 +50,10 @@ def list_shards(directory: str | Path) -> list[Path]:
 class _Group:
     """Shards that hold the same models: parts of one extraction, pooled."""
 
-    def __init__(self, models: tuple[str, ...]):
-        self.models = models
+    def __init__(self, first: ShardHeader):
+        self.models = tuple(sorted(first.models))
+        self.first = first  # the reference every other shard of the group is checked against
         self.paths: list[str] = []
-        self.infos: dict[str, ModelInfo] = {}
-        self.first: dict[str, Path] = {}
         self.index: dict[str, int] = {}  # id -> position in the lists below
         self.shard: list[int] = []
         self.row: list[int] = []
@@ -61,12 +62,6 @@ class _Group:
         self.duplicates = 0
 
     def add(self, sh: ShardHeader) -> None:
-        for name, info in sh.models.items():
-            if name not in self.infos:
-                self.infos[name], self.first[name] = info, sh.path
-            elif info.shape != self.infos[name].shape:
-                raise Incompatible(f"{sh.path}: features/{name} clips are {info.shape}, "
-                                 f"{self.first[name]} has {self.infos[name].shape}")
         k = len(self.paths)
         self.paths.append(str(sh.path))
         for r, vid in enumerate(sh.ids):
@@ -97,8 +92,7 @@ class FeatureSet:
         self.dirs = [str(d) for d in dirs]
         self._skip_videos = set(skip_videos)
         groups: dict[tuple[str, ...], _Group] = {}
-        config: dict[str, Any] | None = None
-        config_from: Path | None = None
+        first: ShardHeader | None = None
         for d in dirs:
             skip = {str(Path(p)) for p in skip_shards}
             shards = [p for p in list_shards(d) if str(p) not in skip]
@@ -106,18 +100,21 @@ class FeatureSet:
                 raise BadFile(f"{d}: no complete shards ({schema.SHARD_GLOB})")
             for path in shards:
                 sh = read_header(path)
-                if config is None:
-                    config, config_from = sh.config, path
-                for key in schema.CONFIG_ATTRS:
-                    if sh.config[key] != config[key]:
-                        what = "class list" if key == "classes" else key
-                        raise Incompatible(f"{path}: {what} {sh.config[key]!r} differs from "
-                                         f"{config[key]!r} in {config_from}")
                 key = tuple(sorted(sh.models))
-                groups.setdefault(key, _Group(key)).add(sh)
-        assert config is not None, "at least one shard was read"
-        self.config = {k: config[k] for k in ("clip_len", "num_clips", "frame_stride", "size")}
-        self.classes: list[str] = list(config["classes"])
+                group = groups.get(key)
+                # the first shard of a group is checked against the set's first shard, every other
+                # shard against its group's first (which has the same models): so all shards agree
+                ref = group.first if group else (first or sh)
+                check_compatible(sh, classes=ref.classes, config=ref.header.extraction,
+                                 shapes={m: ref.model(m).shape for m in key} if group else {},
+                                 what=str(path), reference=str(ref.path))
+                first = first or sh
+                if group is None:
+                    group = groups[key] = _Group(sh)
+                group.add(sh)
+        assert first is not None, "at least one shard was read"
+        self.config = first.header.extraction
+        self.classes: list[str] = list(first.classes)
         seen: dict[str, tuple[str, ...]] = {}
         for key in groups:
             for m in key:
@@ -164,8 +161,8 @@ class FeatureSet:
                    np.asarray(g.row, dtype=np.int32)[idx])
             for m in g.models:
                 self._ptr[m] = ptr
-                self.models[m] = g.infos[m]
-        for g in self._groups:  # the per-id dicts are only needed for the join
+                self.models[m] = g.first.model(m)
+        for g in self._groups:  # the per-id tables are only needed for the join
             g.index, g.clip_start = {}, []
 
     def __len__(self) -> int:
@@ -178,7 +175,7 @@ class FeatureSet:
             raise BadValue(f"model {name!r} is not in {self.dirs}; it holds {sorted(self.models)}") from None
 
     def dataset(self, sources: dict[str, tuple[str, Sequence[int]]], indices: np.ndarray | None = None,
-                max_open_files: int = MAX_OPEN_FILES) -> "FeatureDataset":
+                max_open_files: int = MAX_OPEN_FILES) -> FeatureDataset:
         """A Dataset over ``indices`` (default all) yielding, per source, ``model``'s clips at ``positions``."""
         return FeatureDataset(self, sources, indices, max_open_files)
 
@@ -295,9 +292,9 @@ class FeatureDataset:
                     ds.read_direct(out, np.s_[r, p], np.s_[k])
         except (OSError, KeyError) as err:
             raise BadFile(f"{path}: cannot read features/{model} of row {r} ({err})") from None
-        if not np.isfinite(out).all():
-            raise BadFile(f"{path}: video {str(self.ids[i])!r} has non-finite {model} features; `faster verify` lists "
-                          f"what is damaged, --skip-bad leaves such videos out")
+        if not finite(out):
+            raise BadFile(f"{nonfinite_message(path, str(self.ids[i]), model)}; `faster verify` lists what is "
+                          f"damaged, --skip-bad leaves such videos out")
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
@@ -313,7 +310,7 @@ class ThreadedLoader:
 
     The in-process alternative to DataLoader worker processes (``workers=0`` in fit): no process
     start-up, no copy into shared memory and no page faults on fresh buffers, which on a small CPU
-    cost more than the read itself (benchmarks/fit.py). HDF5 reads are serialised by h5py anyway,
+    cost more than the read itself (BENCHMARKS.md "Fit"). HDF5 reads are serialised by h5py anyway,
     so one reader thread is as fast as several; it overlaps with the consumer's torch compute.
 
     Each batch is {source: float16 (b, n, T', H', W', C), "label": (b,), "index": (b,)}, views into

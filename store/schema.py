@@ -12,8 +12,9 @@ A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard hold
   /videos/fps                (V,) float32
   /videos/clip_start         (V, N) int64        first frame of every clip
   /features/<model>          (V, N, T', H', W', C) float16, channels last, one video per chunk
-  attrs on /features/<model> gflops_per_clip, layer, weights, mean, std, compute_dtype
-                             (+ spatial_pool=1 when H' = W' = 1 holds each map's spatial mean)
+  attrs on /features/<model> MODEL_ATTRS: gflops_per_clip, layer, weights, mean, std, compute_dtype,
+                             size (format 2: this model's crop), spatial_pool=1 (H' = W' = 1 holds
+                             each map's spatial mean; absent for full maps)
 
 Compression is per dataset (HDF5 filters): none, lzf, gzip (built into h5py), zstd, lz4 (the
 hdf5plugin filters, registered by ``import hdf5plugin`` in the reading process: ``require_filters``).
@@ -30,9 +31,18 @@ FEATURE_DTYPE = "float16"
 
 ROOT_ATTRS = ("format", "format_version", "clip_len", "num_clips", "frame_stride", "size", "classes",
               "software_version", "torch_version")
-# Attributes that define an extraction configuration: a directory never mixes two.
-CONFIG_ATTRS = ("clip_len", "num_clips", "frame_stride", "size", "classes")
-MODEL_ATTRS = ("gflops_per_clip", "layer", "weights", "mean", "std", "compute_dtype")
+# How the clips were sampled and cropped: what a run records of the features it read.
+EXTRACTION_ATTRS = ("clip_len", "num_clips", "frame_stride", "size")
+# Root attributes that define an extraction configuration: a directory never mixes two.
+CONFIG_ATTRS = (*EXTRACTION_ATTRS, "classes")
+# The attributes of /features/<model>, the one list (store.header.ModelHeader has these fields):
+MODEL_ATTRS = ("gflops_per_clip", "layer", "weights", "mean", "std", "compute_dtype", "spatial_pool", "size")
+# ... of which these may be absent: spatial_pool is set only on pooled maps, size only by format 2
+MODEL_OPTIONAL = ("spatial_pool", "size")
+# ... and this one is a cost, not part of what the features are
+MODEL_COST = ("gflops_per_clip",)
+MODEL_REQUIRED = tuple(a for a in MODEL_ATTRS if a not in MODEL_OPTIONAL)  # every shard has them (verify)
+MODEL_CONFIG = tuple(a for a in MODEL_ATTRS if a not in MODEL_COST)  # per model, part of the configuration
 VIDEO_FIELDS = ("id", "label", "num_frames", "fps", "clip_start")  # + optional "split"
 COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
 # HDF5 filter ids of the compressors (registered ids; the last two come from hdf5plugin).

@@ -1,26 +1,27 @@
 """`faster verify`: check feature-set directories against the shard schema (format_version 2; 1 still reads).
 
 For every complete shard: the root attributes of schema.ROOT_ATTRS, the /videos datasets with
-consistent lengths, clip starts inside the video (unless unknown: packed), labels inside the class list, every
-/features/<model> as (V, N, T', H', W', C) float16 with one video per chunk and the provenance
-attributes of schema.MODEL_ATTRS, every value finite (read one video at a time), one
-configuration and one set of models across the directory, each video id in one shard only, and
-the sha256 that the manifests list. Then the merged ``manifest.json`` and ``failures.jsonl`` are
+consistent lengths, clip starts inside the video (unless unknown: packed), labels inside the class
+list, every /features/<model> as (V, N, T', H', W', C) float16 with one video per chunk and the
+attributes of schema.MODEL_REQUIRED, every value finite (integrity.nonfinite_videos: one video at a
+time), one configuration and one set of models across the directory, each video id in one shard
+only, and the sha256 that the manifests list. Then the merged ``manifest.json`` and ``failures.jsonl`` are
 (re)written from the shards that passed.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from faster.errors import BadFile
-from faster.store import manifest as mf
-from faster.store import schema
+from faster.store import manifest, schema
 from faster.store.files import sha256_file
 from faster.store.header import config_diff, read_header
+from faster.store.integrity import nonfinite_videos
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def check_shard(path: Path) -> tuple[dict[str, Any] | None, list[str], list[str]
             problems.append(f"{name}: a video id appears twice")
         for model, ds in f["features"].items():
             where = f"{name}: /features/{model}"
-            miss = [k for k in schema.MODEL_ATTRS if k not in ds.attrs]
+            miss = [k for k in schema.MODEL_REQUIRED if k not in ds.attrs]
             if miss:
                 problems.append(f"{where}: attributes {miss} missing")
             if ds.chunks is not None and ds.chunks[0] != 1:
@@ -81,7 +82,7 @@ def check_shard(path: Path) -> tuple[dict[str, Any] | None, list[str], list[str]
             except BadFile as err:
                 problems.append(str(err))
                 continue
-            bad = [ids[i] for i in range(V) if not np.isfinite(ds[i]).all()]
+            bad = nonfinite_videos(ds, ids)
             if bad:
                 problems.append(f"{where}: non-finite values for {len(bad)} videos, e.g. {bad[0]}")
     return {"config": config, "ids": ids}, problems, ids
@@ -96,8 +97,8 @@ def verify_dir(feats: str | Path) -> dict[str, Any]:
     if not shards:
         problems.append(f"{feats}: no complete shard (shard-<part>-<seq>.h5)")
     listed: dict[str, str] = {}
-    for m in mf.part_manifests(feats).values():
-        for s in (m or {}).get("shards", []):
+    for part in manifest.part_manifests(feats).values():
+        for s in (part or {}).get("shards", []):
             listed[s["name"]] = s["sha256"]
     good: dict[str, list[str]] = {}
     checksums: dict[str, str] = {}
@@ -131,7 +132,7 @@ def verify_dir(feats: str | Path) -> dict[str, Any]:
     tmp = sorted(p.name for p in feats.glob(".shard-*.h5.tmp"))
     if tmp:
         notes.append(f"{len(tmp)} temporary shards of interrupted or running extractions: {', '.join(tmp[:3])}")
-    merged = mf.merge(feats, good, checksums, config=reference[1] if reference else None)
+    merged = manifest.merge(feats, good, checksums, config=reference[1] if reference else None)
     return {"dir": str(feats), "ok": not problems, "shards": len(shards), "videos": len(owner),
             "videos_in_good_shards": merged["num_videos"],
             "failed": merged["num_failed"], "failed_by_stage": merged["failed_by_stage"],
@@ -203,16 +204,16 @@ def repair_dir(feats: str | Path) -> list[str]:
         actions.append(f"rewrote {path.name} as {w.path.name} without {len(dup)} videos that are also in "
                        f"{', '.join(where)} ({len(keep)} kept)")
     if replaced:
-        for p, m in mf.part_manifests(feats).items():
-            if not m:
+        for p, part in manifest.part_manifests(feats).items():
+            if not part:
                 continue
             entries = []
-            for entry in m.get("shards", []):
+            for entry in part.get("shards", []):
                 if entry["name"] not in replaced:
                     entries.append(entry)
                 elif replaced[entry["name"]] is not None:
                     new = replaced[entry["name"]]
-                    entries.append(mf.shard_entry(new, len(read_header(new).ids)))
-            m["shards"], m["videos"] = entries, sum(e["videos"] for e in entries)
-            mf.write_part_manifest(feats, p, m)
+                    entries.append(manifest.shard_entry(new, len(read_header(new).ids)))
+            part["shards"], part["videos"] = entries, sum(e["videos"] for e in entries)
+            manifest.write_part_manifest(feats, p, part)
     return actions

@@ -16,8 +16,8 @@ benchmarks, and any packer of other tools' features use it::
 
 It owns the directory's state for one *part* (one writing process): shards written under a
 temporary name and renamed when complete, rolled over every ``shard_size`` videos, sequence
-numbers never reused (not even a killed run's temporary one), the part manifest with each shard's
-sha256 (rewritten atomically after every shard), the failures log, and, for a single-part run,
+numbers never reused (not even a killed writer's temporary one), the part manifest with each shard's
+sha256 (rewritten atomically after every shard), the failures log, and, for a single-part directory,
 the merged manifest. A directory holding shards of another configuration is refused before
 anything is written. If an exception escapes the ``with`` block the open shard is deleted; the
 complete ones and the manifest that lists them stay.
@@ -31,13 +31,12 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from faster.errors import BadValue, Incompatible
-from faster.store import manifest as mf
-from faster.store import schema
+from faster.store import manifest, schema
 from faster.store.files import read_json, sha256_file
 from faster.store.header import Header, config_diff, read_header
 from faster.store.lock import PartLock
@@ -114,7 +113,7 @@ class ShardWriter:
         self.sha256: str | None = None
         self._file = None
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         import h5py
 
         self._file = h5py.File(self.tmp_path, "w")
@@ -209,7 +208,6 @@ class FeatureSetWriter:
         part, num_parts: this process's part of a distributed job (faster.runtime.placement).
         shard_size: videos per shard.
         compression: "none", "lzf", "gzip", "zstd" or "lz4" (the last two need hdf5plugin).
-        after_add: called with the writer after each video is added (progress, tests).
         wait: when another live process holds this part's lock (store.lock), wait for it instead of
             refusing at once.
 
@@ -219,31 +217,30 @@ class FeatureSetWriter:
     """
 
     def __init__(self, out: str | Path, header: Header, *, part: int = 0, num_parts: int = 1, shard_size: int = 64,
-                 compression: str = "none", after_add: Callable[["FeatureSetWriter"], None] | None = None,
-                 wait: bool = False):
+                 compression: str = "none", wait: bool = False):
         if shard_size < 1:
             raise BadValue(f"shard_size must be >= 1, got {shard_size}")
         filter_options(compression)  # an unknown one, or zstd/lz4 without hdf5plugin, is refused now
         self.out, self.header = Path(out), header
         self.part, self.num_parts = part, num_parts
-        self.shard_size, self.compression, self.after_add = shard_size, compression, after_add
+        self.shard_size, self.compression = shard_size, compression
         self.config = header.config()
         self.lock = PartLock(self.out, part, wait=wait)
         self.shard_videos: dict[str, list[str]] = {}  # every complete shard of the directory -> its ids
         self.my_shards: dict[str, dict[str, Any]] = {}  # this part's shards -> manifest entries
         self.short: set[str] = set()  # ids whose video was shorter than one clip (recorded in the manifest)
-        self.runs: list[dict[str, Any]] = []
-        self.failures = mf.FailureLog(self.out, part)
+        self.history: list[dict[str, Any]] = []  # the summaries of earlier writes of this part (manifest "runs")
+        self.failures = manifest.FailureLog(self.out, part)
         self.shards_written = self.added = self.failed = 0
         self.merged: dict[str, Any] | None = None
-        self._run: dict[str, Any] | None = None
+        self._summary: dict[str, Any] | None = None
         self._shard: ShardWriter | None = None
         self._seq = 0
         if self.out.is_dir():
             self._scan()
 
     def _reset(self) -> None:
-        self.shard_videos, self.my_shards, self.short, self.runs = {}, {}, set(), []
+        self.shard_videos, self.my_shards, self.short, self.history = {}, {}, set(), []
 
     @property
     def done(self) -> set[str]:
@@ -251,34 +248,34 @@ class FeatureSetWriter:
         return {i for ids in self.shard_videos.values() for i in ids}
 
     def _scan(self) -> None:
-        checksums: dict[str, str] = {}
         for path in sorted(self.out.glob(schema.SHARD_GLOB)):
             if schema.parse_shard_name(path.name) is None:
                 continue
             sh = read_header(path)
-            diff = config_diff(sh.config, self.config, path.name, "this run")
+            diff = config_diff(sh.config, self.config, path.name, "this command")
             if diff:
                 raise Incompatible(f"{self.out} holds features of another configuration ({'; '.join(diff[:4])}); "
                                    f"use a new output directory, or the options that made it")
             self.shard_videos[path.name] = sh.ids
-        for p, m in mf.part_manifests(self.out).items():
+        for p, m in manifest.part_manifests(self.out).items():
             if m and m.get("config"):
-                diff = config_diff(m["config"], self.config, schema.manifest_name(p), "this run")
+                diff = config_diff(m["config"], self.config, schema.manifest_name(p), "this command")
                 if diff:
                     raise Incompatible(f"{self.out} was started with another configuration ({'; '.join(diff[:4])}); "
                                        f"use a new output directory, or the options that made it")
         old = read_json(self.out / schema.manifest_name(self.part)) or {}
         checksums = {s["name"]: s["sha256"] for s in old.get("shards", []) if s["name"] in self.shard_videos}
         self.short = set(old.get("short", []))
-        self.runs = list(old.get("runs", []))
+        self.history = list(old.get("runs", []))
         for name in sorted(self.shard_videos):
             parsed = schema.parse_shard_name(name)
             if parsed and parsed[0] == self.part:
-                self.my_shards[name] = mf.shard_entry(self.out / name, len(self.shard_videos[name]), checksums.get(name))
+                self.my_shards[name] = manifest.shard_entry(self.out / name, len(self.shard_videos[name]),
+                                                            checksums.get(name))
 
     # -- the with-block --
 
-    def __enter__(self) -> "FeatureSetWriter":
+    def __enter__(self) -> FeatureSetWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
@@ -287,11 +284,11 @@ class FeatureSetWriter:
         except BaseException:
             self.lock.release()
             raise
-        self._seq = next_seq(self.out, self.part)  # before cleaning: a killed run's temporary name is not reused
-        for p in self.out.glob(".shard-*.h5.tmp"):  # this part's, left by a killed run: incomplete by construction
+        self._seq = next_seq(self.out, self.part)  # before cleaning: a killed writer's temporary name is not reused
+        for p in self.out.glob(".shard-*.h5.tmp"):  # this part's, left by a killed writer: incomplete by construction
             parsed = schema.parse_shard_name(p.name[1:-4])
             if parsed and parsed[0] == self.part:
-                log.info("removing %s, left by an interrupted run", p.name)
+                log.info("removing %s, left by an interrupted write", p.name)
                 p.unlink(missing_ok=True)
         self.failures.compact(self.done)
         self._write_manifest()
@@ -309,14 +306,12 @@ class FeatureSetWriter:
         self.added += 1
         if short:
             self.short.add(id)
-        if self.after_add is not None:
-            self.after_add(self)
         if self._shard.full:
             self.close_shard()
 
     def fail(self, video_id: str, stage: str, error: str, **extra: Any) -> None:
         """Record a video that could not be written (failures-<part>.jsonl; the latest record per id wins)."""
-        self.failures.append(mf.failure_record(video_id, stage, error, **extra))
+        self.failures.append(manifest.failure_record(video_id, stage, error, **extra))
         self.failed += 1
 
     def close_shard(self) -> None:
@@ -327,17 +322,14 @@ class FeatureSetWriter:
         w.__exit__(None, None, None)
         self._seq += 1
         self.shard_videos[w.path.name] = list(w.ids)
-        self.my_shards[w.path.name] = mf.shard_entry(w.path, len(w.ids), w.sha256)
+        self.my_shards[w.path.name] = manifest.shard_entry(w.path, len(w.ids), w.sha256)
         self.shards_written += 1
         self._write_manifest()
 
-    @property
-    def open_shard(self) -> ShardWriter | None:
-        return self._shard
-
-    def finish(self, **run: Any) -> None:
-        """Record this run's summary (times, counts, device, ...) in the part manifest's ``runs``."""
-        self._run = run
+    def finish(self, **summary: Any) -> None:
+        """Record this write's summary (times, counts, device, ...) in the part manifest's ``runs``
+        (the on-disk name, docs/format.md), written when the ``with`` block closes."""
+        self._summary = summary
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -348,9 +340,9 @@ class FeatureSetWriter:
                 return
             self.close_shard()
             self.failures.compact(self.done)
-            self._write_manifest(self._run)
+            self._write_manifest(self._summary)
             if self.num_parts == 1:
-                self.merged = mf.merge(self.out, self.shard_videos, config=self.config)
+                self.merged = manifest.merge(self.out, self.shard_videos, config=self.config)
         finally:
             self.lock.release()
 
@@ -358,7 +350,9 @@ class FeatureSetWriter:
         h = self.header
         m = {"format": schema.FORMAT, "format_version": schema.FORMAT_VERSION, "part": self.part,
              "num_parts": self.num_parts, "config": self.config, "software_version": h.software_version,
-             "torch_version": h.torch_version, "compression": self.compression, "shards": [self.my_shards[k] for k in sorted(self.my_shards)],
+             "torch_version": h.torch_version, "compression": self.compression,
+             "shards": [self.my_shards[k] for k in sorted(self.my_shards)],
              "videos": sum(s["videos"] for s in self.my_shards.values()), "short": sorted(self.short),
-             "runs": self.runs + ([finished] if finished else []), "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        mf.write_part_manifest(self.out, self.part, m)
+             "runs": self.history + ([finished] if finished else []),  # the on-disk name (docs/format.md)
+             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        manifest.write_part_manifest(self.out, self.part, m)

@@ -2,19 +2,19 @@
 
     python tests/extract_driver.py [--fault SUBSTRING:sleep=S|SUBSTRING:exit] [--kill-after-shards K] -- ARGS...
 
-ARGS are those of `faster extract`. The fault replaces the decode function of the decode workers;
---kill-after-shards SIGKILLs the process inside shard K+1, after K complete shards.
+ARGS are those of `faster extract`. The fault is patched into the decoding (this process's and the
+decode workers', helpers.inject_decode_fault); --kill-after-shards SIGKILLs the process inside
+shard K+1, after K complete shards (helpers.kill_after_shards).
 """
 import argparse
-import functools
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import helpers  # noqa: E402
-
-from faster.extract import pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -24,12 +24,11 @@ def main() -> None:
     parser.add_argument("--fault")
     parser.add_argument("--kill-after-shards", type=int)
     args = parser.parse_args(argv[:rest])
-    hooks = {}
+    patches = pytest.MonkeyPatch()  # undone only when the process ends
     if args.fault:
-        hooks["decode"] = helpers.fault(args.fault)
+        helpers.inject_decode_fault(patches, args.fault)
     if args.kill_after_shards is not None:
-        hooks["after_add"] = helpers.kill_after_shards(args.kill_after_shards)
-    pipeline.run_extract = functools.partial(pipeline.run_extract, **hooks)  # what `faster extract` calls
+        helpers.kill_after_shards(patches, args.kill_after_shards)
     from faster.cli import cli
 
     cli(["extract", *argv[rest + 1:]], prog_name="faster")

@@ -1,12 +1,16 @@
 """Helpers the tests share (importable as ``helpers``: conftest.py puts this folder on sys.path, so
-decode workers started by the tests can import the fault functions below by name too)."""
+decode workers started by the tests can import the fault functions below by name too).
+
+Faults are injected from here, by patching faster's module-level functions (inject_decode_fault,
+kill_after_shards); faster itself has no parameter for them."""
 from __future__ import annotations
 
 import functools
 import os
 import signal
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from faster.store.header import Header, ModelHeader
 
@@ -21,31 +25,67 @@ def header(models: Sequence[str], *, num_clips: int, clip_len: int = 8, classes:
                                          std=[std] * 3, compute_dtype="float32") for m in models})
 
 
-def _faulty_decode(path: Any, *, match: str, action: str, seconds: float, **kw: Any) -> Any:
-    """decode_clips, except on a video whose path contains ``match``: sleep first, or kill the process."""
-    from faster.extract.video import decode_clips
-
+def _faulty_decode(path: Any, *args: Any, match: str, action: str, seconds: float, decode: Any, **kw: Any) -> Any:
+    """``decode`` (the real decode_clips), except on a video whose path contains ``match``: sleep
+    first, or kill the process."""
     if match in str(path):
         if action == "exit":
             os._exit(3)  # a decoder that dies
         time.sleep(seconds)  # a decoder that hangs
-    return decode_clips(path, **kw)
+    return decode(path, *args, **kw)
 
 
-def fault(spec: str) -> functools.partial:
-    """A decode function with a fault: "SUBSTRING:sleep=SECONDS" or "SUBSTRING:exit"."""
+def _parse_fault(spec: str) -> dict[str, Any]:
+    """"SUBSTRING:sleep=SECONDS" or "SUBSTRING:exit" as _faulty_decode's keywords."""
     match, _, action = spec.rpartition(":")
     if action == "exit":
-        return functools.partial(_faulty_decode, match=match, action="exit", seconds=0.0)
+        return {"match": match, "action": "exit", "seconds": 0.0}
     if action.startswith("sleep="):
-        return functools.partial(_faulty_decode, match=match, action="sleep", seconds=float(action[6:]))
+        return {"match": match, "action": "sleep", "seconds": float(action[6:])}
     raise ValueError(f"fault {spec!r}: expected SUBSTRING:sleep=SECONDS or SUBSTRING:exit")
 
 
-def kill_after_shards(k: int):
-    """An ``after_add`` callback: SIGKILL this process inside shard k+1, after k complete shards."""
-    def after_add(writer: Any) -> None:
-        if writer.shards_written >= k:
+def _patch_decode(spec: str) -> None:
+    """In this process: faster.extract.video.decode_clips, which every decoder calls, gets the fault."""
+    from faster.extract import video
+
+    video.decode_clips = functools.partial(_faulty_decode, **_parse_fault(spec), decode=video.decode_clips)
+
+
+def _worker_with_fault(*args: Any, spec: str) -> None:
+    """A decode worker process (the target DecodePool starts) that first gives its own decode_clips
+    the fault, then runs the real worker."""
+    from faster.extract import decoders
+
+    _patch_decode(spec)
+    decoders._decode_worker(*args)
+
+
+def inject_decode_fault(monkeypatch: Any, spec: str) -> None:
+    """Decode with a fault, "SUBSTRING:sleep=SECONDS" or "SUBSTRING:exit", from now on (``monkeypatch``:
+    pytest's fixture, or a pytest.MonkeyPatch). In this process (--workers 0) decode_clips is
+    patched; the decode worker processes, which a forkserver starts with their own fresh modules,
+    run _worker_with_fault instead of the worker (DecodePool looks its target up when it starts
+    one, and pickles it by name: this module is importable there, conftest.py puts it on sys.path)."""
+    from faster.extract import decoders, video
+
+    decode = video.decode_clips
+    while isinstance(decode, functools.partial) and decode.func is _faulty_decode:  # a fault injected before
+        decode = decode.keywords["decode"]
+    monkeypatch.setattr(video, "decode_clips", functools.partial(_faulty_decode, **_parse_fault(spec), decode=decode))
+    monkeypatch.setattr(decoders, "_decode_worker", functools.partial(_worker_with_fault, spec=spec))
+
+
+def kill_after_shards(monkeypatch: Any, k: int) -> None:
+    """SIGKILL this process inside shard k+1 of a new feature set: right after its first video is added
+    (FeatureSetWriter.add, patched through ``monkeypatch``), with k complete shards written."""
+    from faster.store.writer import FeatureSetWriter
+
+    add = FeatureSetWriter.add
+
+    def add_then_kill(self: FeatureSetWriter, **kw: Any) -> None:
+        add(self, **kw)
+        if self.added > k * self.shard_size:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    return after_add
+    monkeypatch.setattr(FeatureSetWriter, "add", add_then_kill)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from faster.aggregate import ablate as A
+from faster.aggregate import ablate
 from faster.cli import cli
 
 
@@ -26,7 +26,7 @@ def write_features(root, *, clip_len=8, num_clips=8, videos=16, seed=0):
 
 
 def test_expand_grid_skips_invalid_cells_with_a_note():
-    cells, notes = A.expand_grid(["avg", "fastgru"], [2, 3, 4, 16], ["first", "1:1", "1:3", "all-e"], [0, 1],
+    cells, notes = ablate.expand_grid(["avg", "fastgru"], [2, 3, 4, 16], ["first", "1:1", "1:3", "all-e"], [0, 1],
                                  num_extracted=8)
     keys = {(c.agg, c.num_clips, c.pattern, c.seed) for c in cells}
     # 1:1 needs an even count, 1:3 a multiple of 4; 16 clips exceed the 8 extracted.
@@ -41,20 +41,20 @@ def test_expand_grid_skips_invalid_cells_with_a_note():
 
 
 def test_expand_grid_defaults_to_all_clips_and_rejects_bad_patterns():
-    cells, notes = A.expand_grid(["gru"], None, ["1:3"], [0], num_extracted=8)
+    cells, notes = ablate.expand_grid(["gru"], None, ["1:3"], [0], num_extracted=8)
     assert [(c.num_clips, c.pattern) for c in cells] == [(8, "1:3")] and notes == []
     with pytest.raises(ValueError, match="1-3"):
-        A.expand_grid(["gru"], [4], ["1-3"], [0], num_extracted=8)
+        ablate.expand_grid(["gru"], [4], ["1-3"], [0], num_extracted=8)
 
 
 def test_cell_key_ignores_paths_and_threads_but_not_data_or_options():
     base = {"feats": ["/a"], "val": [], "out": "/x", "agg": "gru", "lr": 1e-3, "threads": 1, "workers": 2,
             "progress": True}
-    k = A.cell_key(base, [["s1"]], [])
-    assert A.cell_key({**base, "feats": ["/b"], "out": "/y", "threads": 4, "workers": 0, "progress": False},
+    k = ablate.cell_key(base, [["s1"]], [])
+    assert ablate.cell_key({**base, "feats": ["/b"], "out": "/y", "threads": 4, "workers": 0, "progress": False},
                       [["s1"]], []) == k
-    assert A.cell_key({**base, "lr": 1e-2}, [["s1"]], []) != k
-    assert A.cell_key(base, [["s2"]], []) != k
+    assert ablate.cell_key({**base, "lr": 1e-2}, [["s1"]], []) != k
+    assert ablate.cell_key(base, [["s2"]], []) != k
 
 
 def test_checksums_come_from_the_manifest_or_a_cached_hash(tmp_path):
@@ -62,27 +62,27 @@ def test_checksums_come_from_the_manifest_or_a_cached_hash(tmp_path):
     for manifest in feats.glob("manifest*.json"):  # shards without manifests: hashed and cached
         manifest.unlink()
     shard = next(feats.glob("shard-*.h5"))
-    cache = A.ChecksumCache(tmp_path / "sums.json")
-    hashed = A.feature_checksums(feats, cache)
+    cache = ablate.ChecksumCache(tmp_path / "sums.json")
+    hashed = ablate.feature_checksums(feats, cache)
     cache.save()
     assert len(hashed) == 1 and len(hashed[0]) == 64
-    again = A.ChecksumCache(tmp_path / "sums.json")
+    again = ablate.ChecksumCache(tmp_path / "sums.json")
     assert again.entries[str(shard.resolve())]["sha256"] == hashed[0]
     (feats / "manifest.json").write_text(json.dumps({"shards": [{"name": shard.name, "sha256": "f" * 64}]}))
-    assert A.feature_checksums(feats, again) == ["f" * 64]
+    assert ablate.feature_checksums(feats, again) == ["f" * 64]
     stale = {"shards": [{"name": shard.name, "sha256": "f" * 64, "bytes": shard.stat().st_size + 1}]}
     (feats / "manifest.json").write_text(json.dumps(stale))  # listed for another file size: hashed instead
-    assert A.feature_checksums(feats, again) == hashed
+    assert ablate.feature_checksums(feats, again) == hashed
 
 
 def test_resolve_models_picks_the_costlier_model_as_expensive():
-    assert A.resolve_models(None, None, {"small": 1.0, "big": 10.0}) == ("big", "small")
-    assert A.resolve_models(None, "big", {"small": 1.0, "big": 10.0}) == ("small", "big")
-    assert A.resolve_models(None, None, {"big": 10.0}) == ("big", "big")
+    assert ablate.resolve_models(None, None, {"small": 1.0, "big": 10.0}) == ("big", "small")
+    assert ablate.resolve_models(None, "big", {"small": 1.0, "big": 10.0}) == ("small", "big")
+    assert ablate.resolve_models(None, None, {"big": 10.0}) == ("big", "big")
     with pytest.raises(ValueError, match="'huge'"):
-        A.resolve_models("huge", None, {"small": 1.0, "big": 10.0})
+        ablate.resolve_models("huge", None, {"small": 1.0, "big": 10.0})
     with pytest.raises(ValueError, match="--expensive"):
-        A.resolve_models(None, None, {"a": 1.0, "b": 2.0, "c": 3.0})
+        ablate.resolve_models(None, None, {"a": 1.0, "b": 2.0, "c": 3.0})
 
 
 # ---------------------------------------------------------------------------------------- tables
@@ -98,7 +98,7 @@ def test_markdown_tables_have_the_papers_shapes():
     rows = [_row("avg", 8, 2, "first", 0, 0.5, 11.0), _row("avg", 8, 4, "first", 0, 0.6, 13.0),
             _row("fastgru", 8, 2, "first", 0, 0.7, 11.1), _row("fastgru", 8, 2, "first", 1, 0.8, 11.1),
             _row("fastgru", 8, 4, "1:1", 0, 0.9, 22.2), _row("fastgru", 16, 2, "all-e", 0, 0.95, 40.0)]
-    md = A.render_markdown(rows, ["L=8: pattern 1:1 at 3 clips skipped"])
+    md = ablate.render_markdown(rows, ["L=8: pattern 1:1 at 3 clips skipped"])
     lines = md.splitlines()
     t3 = lines.index("## Table 3 layout: aggregator x number of clips (E = big, C = small, L = 8, pattern first)")
     assert lines[t3 + 2] == "| Model | 2 | 4 |"
@@ -113,7 +113,7 @@ def test_markdown_tables_have_the_papers_shapes():
 
 def test_plot_file_is_a_png(tmp_path):
     rows = [_row("avg", 8, 2, "first", 0, 0.5, 11.0), _row("gru", 8, 4, "first", 0, 0.6, 13.0)]
-    path = A.plot_accuracy_vs_gflops(rows, tmp_path / "p.png")
+    path = ablate.plot_accuracy_vs_gflops(rows, tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
@@ -127,15 +127,15 @@ FAST = {"epochs": 2, "batch_size": 8, "workers": 0, "device": "cpu"}
 def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monkeypatch):
     feats = write_features(tmp_path / "f8")
     out = tmp_path / "grid"
-    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "fastgru"], num_clips=[3, 4],
+    cfg = ablate.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "fastgru"], num_clips=[3, 4],
                          patterns=["first", "1:1"], fit=dict(FAST), progress=False)
-    summary = A.run_ablate(cfg)
+    summary = ablate.run_ablate(cfg)
     assert (summary["cells"], summary["trained"], summary["reused"], summary["failed"]) == (6, 6, 0, 0)
     assert summary["expensive"] == "big" and summary["cheap"] == "small"
     assert summary["skipped"] == ["pattern 1:1 at 3 clips skipped: x+1 must divide the number of clips"]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and set(rows[0]) == set(A.CSV_COLUMNS)
+    assert len(rows) == 6 and set(rows[0]) == set(ablate.CSV_COLUMNS)
     assert {(r["agg"], r["num_clips"], r["pattern"]) for r in rows} >= {("avg", "3", "first"), ("fastgru", "4", "1:1")}
     for r in rows:
         run = out / r["run"]
@@ -148,13 +148,13 @@ def test_grid_writes_cells_tables_and_plot_then_reuses_every_cell(tmp_path, monk
     assert "pattern first)" in md and "| FAST-GRU |" in md and "Table 4 layout" in md
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()}
 
-    from faster.aggregate import train
+    from faster.aggregate import fit as fitting
 
-    def no_training(cfg):
+    def no_training(cfg, **kw):
         raise AssertionError(f"fit called again for {cfg.out}")
 
-    monkeypatch.setattr(train, "fit", no_training)
-    again = A.run_ablate(cfg)
+    monkeypatch.setattr(fitting, "fit", no_training)
+    again = ablate.run_ablate(cfg)
     assert (again["trained"], again["reused"], again["failed"]) == (0, 6, 0)
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*") if p.is_file()} == mtimes
 
@@ -164,16 +164,16 @@ def test_adding_an_aggregator_trains_only_its_column_and_clip_lengths_accumulate
     f8, f16 = write_features(tmp_path / "f8"), write_features(tmp_path / "f16", clip_len=16, num_clips=4)
     out = tmp_path / "grid"
     base = dict(out=str(out), num_clips=[2, 4], patterns=["first"], fit=dict(FAST), progress=False)
-    A.run_ablate(A.AblateConfig(feats=[str(f8)], aggs=["avg"], **base))
+    ablate.run_ablate(ablate.AblateConfig(feats=[str(f8)], aggs=["avg"], **base))
 
-    from faster.aggregate import train
+    from faster.aggregate import fit as fitting
 
-    real_fit, trained = train.fit, []
-    monkeypatch.setattr(train, "fit", lambda cfg: trained.append((cfg.agg, cfg.num_clips)) or real_fit(cfg))
-    summary = A.run_ablate(A.AblateConfig(feats=[str(f8)], aggs=["avg", "gru"], **base))
+    real_fit, trained = fitting.fit, []
+    monkeypatch.setattr(fitting, "fit", lambda cfg, **kw: trained.append((cfg.agg, cfg.num_clips)) or real_fit(cfg, **kw))
+    summary = ablate.run_ablate(ablate.AblateConfig(feats=[str(f8)], aggs=["avg", "gru"], **base))
     assert sorted(trained) == [("gru", 2), ("gru", 4)] and summary["reused"] == 2
     trained.clear()
-    A.run_ablate(A.AblateConfig(feats=[str(f16)], aggs=["gru"], **base))
+    ablate.run_ablate(ablate.AblateConfig(feats=[str(f16)], aggs=["gru"], **base))
     assert sorted(trained) == [("gru", 2), ("gru", 4)]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -213,25 +213,25 @@ def test_ablate_cli_names_bad_values(tmp_path):
 def test_a_failing_cell_is_reported_and_retried_while_the_others_are_kept(tmp_path, monkeypatch):
     feats = write_features(tmp_path / "f8", num_clips=4)
     out = tmp_path / "grid"
-    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru"], patterns=["first"],
+    cfg = ablate.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru"], patterns=["first"],
                          fit=dict(FAST), progress=False)
-    from faster.aggregate import train
+    from faster.aggregate import fit as fitting
 
-    real_fit = train.fit
+    real_fit = fitting.fit
 
-    def gru_breaks(c):
+    def gru_breaks(c, **kw):
         if c.agg == "gru":
             raise RuntimeError("out of patience")
-        return real_fit(c)
+        return real_fit(c, **kw)
 
-    monkeypatch.setattr(train, "fit", gru_breaks)
-    summary = A.run_ablate(cfg)
+    monkeypatch.setattr(fitting, "fit", gru_breaks)
+    summary = ablate.run_ablate(cfg)
     assert (summary["trained"], summary["failed"]) == (1, 1)
     assert "gru first at 4 clips (seed 0) failed" in (out / "results.md").read_text()
     assert summary["failures"][0].endswith("RuntimeError: out of patience")
     assert [r["agg"] for r in csv.DictReader(open(out / "results.csv"))] == ["avg"]
-    monkeypatch.setattr(train, "fit", real_fit)
-    again = A.run_ablate(cfg)
+    monkeypatch.setattr(fitting, "fit", real_fit)
+    again = ablate.run_ablate(cfg)
     assert (again["trained"], again["reused"], again["failed"]) == (1, 1, 0)
     assert sorted(r["agg"] for r in csv.DictReader(open(out / "results.csv"))) == ["avg", "gru"]
     assert "failed" not in (out / "results.md").read_text()
@@ -253,7 +253,7 @@ def _spread_rows(lo, hi):
 
 @pytest.mark.parametrize("lo,hi", [(0.05, 0.09), (1, 1000), (100, 1000), (0.02, 0.4), (0.051, 0.053), (1e-3, 1e5)])
 def test_plot_tick_labels_never_overlap_and_the_legend_sits_outside_the_axes(lo, hi):
-    fig = A.accuracy_vs_gflops_figure(_spread_rows(lo, hi))
+    fig = ablate.accuracy_vs_gflops_figure(_spread_rows(lo, hi))
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
@@ -271,10 +271,10 @@ def test_plot_tick_labels_never_overlap_and_the_legend_sits_outside_the_axes(lo,
 
 
 def test_readable_log_ticks_thin_out_as_the_axis_shortens():
-    wide = A.readable_log_ticks(1, 1000, 1000, 10)
-    narrow = A.readable_log_ticks(1, 1000, 100, 10)
+    wide = ablate.readable_log_ticks(1, 1000, 1000, 10)
+    narrow = ablate.readable_log_ticks(1, 1000, 100, 10)
     assert {1, 10, 100, 1000} <= set(wide) and len(wide) > len(narrow) >= 2
-    assert A.readable_log_ticks(0.05, 0.09, 400, 10) == [0.05, 0.06, 0.07, 0.08, 0.09]
+    assert ablate.readable_log_ticks(0.05, 0.09, 400, 10) == [0.05, 0.06, 0.07, 0.08, 0.09]
 
 
 # ------------------------------------------------------------------------------- grids over a cluster
@@ -321,19 +321,19 @@ def test_shards_split_the_grid_in_a_fixed_order(tmp_path, monkeypatch):
     feats = write_features(tmp_path / "f8", num_clips=4, videos=8)
     base = dict(feats=[str(feats)], out=str(tmp_path / "grid"), aggs=["avg", "gru", "fastgru"], num_clips=[2, 4],
                 patterns=["first"], seeds=[0, 1], progress=False)
-    whole = A.plan_grid(A.AblateConfig(**base))
+    whole = ablate.plan_grid(ablate.AblateConfig(**base))
     names = [run_dir.name for _, run_dir in whole.cells]
     assert len(names) == 12 and [Path(f["out"]).name for f, _ in whole.mine] == names
-    parts = [A.plan_grid(A.AblateConfig(**base, num_shards=3, shard_index=i)) for i in range(3)]
+    parts = [ablate.plan_grid(ablate.AblateConfig(**base, num_shards=3, shard_index=i)) for i in range(3)]
     for i, p in enumerate(parts):
         assert [Path(f["out"]).name for f, _ in p.mine] == names[i::3] and (p.part, p.num_parts) == (i, 3)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    ranked = A.plan_grid(A.AblateConfig(**base, num_shards=2, shard_index=1))  # torchrun inside a Slurm task
+    ranked = ablate.plan_grid(ablate.AblateConfig(**base, num_shards=2, shard_index=1))  # torchrun inside a Slurm task
     assert (ranked.part, ranked.num_parts) == (3, 4)
     assert [Path(f["out"]).name for f, _ in ranked.mine] == names[3::4]
     with pytest.raises(ValueError, match="shard_index 2"):
-        A.plan_grid(A.AblateConfig(**base, num_shards=2, shard_index=2))
+        ablate.plan_grid(ablate.AblateConfig(**base, num_shards=2, shard_index=2))
 
 
 def _ablate_cmd(feats, out, *extra):
@@ -357,30 +357,30 @@ def test_shard_processes_started_together_train_each_cell_once_then_the_closing_
     procs = [subprocess.Popen(_ablate_cmd(feats, out, *s), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for s in shards]
     outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, outputs):
+    for p, (_, stderr) in zip(procs, outputs):
         assert p.returncode == 0, stderr
     trained = [int(re.search(r"(\d+) trained", stderr).group(1)) for _, stderr in outputs]
-    done = sorted((out / "cells").glob(f"*/{A.CELL_DONE}"))
+    done = sorted((out / "cells").glob(f"*/{ablate.CELL_DONE}"))
     assert len(done) == 6 and sum(trained) == 6  # every cell trained, and trained once
     trainers = [json.loads(d.read_text())["trained_by"]["pid"] for d in done]
     assert [trainers.count(p.pid) for p in procs] == trained
     for d in done:  # one epoch each: no cell was trained twice into its directory
         assert len((d.parent / "metrics.jsonl").read_text().splitlines()) == 1
-    plan = A.plan_grid(A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru", "fastgru"],
+    plan = ablate.plan_grid(ablate.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru", "fastgru"],
                                       num_clips=[2, 4], fit={"epochs": 1, "batch_size": 8, "workers": 0,
                                                              "device": "cpu"}, progress=False))
     by_shard1 = {d.parent.name for d, pid in zip(done, trainers) if pid == procs[1].pid}
     assert by_shard1 == {run_dir.name for _, run_dir in plan.cells[1::2]}  # every 2nd cell of the fixed order
     assert not list(out.glob("results*")) and not list(out.glob("*.png"))  # parts write no tables
-    assert len(json.loads((out / A.INDEX).read_text())["cells"]) == 6  # merged, no entry lost
-    assert not list((out / A.CLAIMS).iterdir())  # every claim released
+    assert len(json.loads((out / ablate.INDEX).read_text())["cells"]) == 6  # merged, no entry lost
+    assert not list((out / ablate.CLAIMS).iterdir())  # every claim released
 
-    from faster.aggregate import train
+    from faster.aggregate import fit as fitting
 
-    def no_training(cfg):
+    def no_training(cfg, **kw):
         raise AssertionError(f"fit called again for {cfg.out}")
 
-    monkeypatch.setattr(train, "fit", no_training)
+    monkeypatch.setattr(fitting, "fit", no_training)
     result = CliRunner().invoke(cli, _ablate_cmd(feats, out)[3:])
     assert result.exit_code == 0, result.output
     assert "0 trained, 6 reused" in result.output and "| FAST-GRU |" in result.output
@@ -396,9 +396,9 @@ def test_a_killed_claim_is_retaken_and_a_live_one_is_left_alone(tmp_path):
 
     feats = write_features(tmp_path / "f8", num_clips=4)
     out = tmp_path / "grid"
-    cfg = A.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru"], patterns=["first"],
+    cfg = ablate.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg", "gru"], patterns=["first"],
                          fit=dict(FAST), progress=False)
-    plan = A.plan_grid(cfg)
+    plan = ablate.plan_grid(cfg)
     (_, avg_dir), (_, gru_dir) = plan.cells
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from faster.store.lock import FileLock; "
@@ -412,28 +412,28 @@ def test_a_killed_claim_is_retaken_and_a_live_one_is_left_alone(tmp_path):
         dead = {**me, "pid": 2 ** 22 + 7, "token": "killed"}  # a claim naming a dead pid on this host
         plan.claim_path(gru_dir).write_text(json.dumps(dead))
 
-        first = A.run_ablate(cfg)
+        first = ablate.run_ablate(cfg)
         assert (first["trained"], first["busy"]) == (1, 1)  # gru retaken; avg's holder is alive
-        assert (gru_dir / A.CELL_DONE).exists() and not (avg_dir / A.CELL_DONE).exists()
+        assert (gru_dir / ablate.CELL_DONE).exists() and not (avg_dir / ablate.CELL_DONE).exists()
         assert f"being trained by pid {holder.pid} on " in (out / "results.md").read_text()
         assert (avg_dir / "config.json").read_text() == "{}"  # a live holder's directory is not touched
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    again = A.run_ablate(cfg)
+    again = ablate.run_ablate(cfg)
     assert (again["trained"], again["reused"], again["busy"], again["failed"]) == (1, 1, 0, 0)
-    assert json.loads((avg_dir / A.CELL_DONE).read_text())["trained_by"]["pid"] == os.getpid()
+    assert json.loads((avg_dir / ablate.CELL_DONE).read_text())["trained_by"]["pid"] == os.getpid()
     assert "being trained" not in (out / "results.md").read_text()
-    assert not list((out / A.CLAIMS).iterdir())
+    assert not list((out / ablate.CLAIMS).iterdir())
 
 
 @pytest.mark.slow
 def test_a_taught_grid_gives_its_column_beside_the_untaught_one(tmp_path):
-    from faster.aggregate import train
+    from faster.aggregate import fit as fitting
 
     feats = write_features(tmp_path / "feats", videos=32)
     teacher = tmp_path / "teacher"
-    train.fit(train.FitConfig(feats=[str(feats)], out=str(teacher), agg="gru", expensive="big", cheap="small",
+    fitting.fit(fitting.FitConfig(feats=[str(feats)], out=str(teacher), agg="gru", expensive="big", cheap="small",
                               pattern="all-e", epochs=2, batch_size=8, workers=0, progress=False))
     grid = tmp_path / "grid"
     base = ["ablate", str(feats), "-o", str(grid), "--agg", "gru", "--pattern", "all-c", "--epochs", "2",

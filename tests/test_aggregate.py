@@ -22,7 +22,8 @@ def test_registry_names_and_duplicates():
 def _clips(sources, mask, batch=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = {"expensive": sum(mask), "cheap": len(mask) - sum(mask)}
-    return {s: torch.randn((batch, n[s], *shape), generator=g) for s, shape in sources.items() if n[s]}
+    # (B, n, T', H', W', C): channels last, as stored; ``sources`` give [C, T', H', W']
+    return {s: torch.randn((batch, n[s], *shape[1:], shape[0]), generator=g) for s, shape in sources.items() if n[s]}
 
 
 @pytest.mark.parametrize("sources", [EQUAL, MIXED], ids=["equal", "mixed"])

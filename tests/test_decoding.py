@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from faster import sampling
-from faster.extract import video as vid
+from faster.extract import video
+from faster.sampling import Sampling
 
 av = pytest.importorskip("av")
 from faster import synthetic  # noqa: E402  (needs av)
@@ -16,9 +17,9 @@ def root(motion_videos):
 
 
 def test_resize_size_short_side_is_size_times_8_over_7():
-    assert vid.resize_size(256, 340, 224) == (256, 340)  # Kinetics 340x256: already 256 on the short side
-    assert vid.resize_size(480, 640, 224) == (256, 341)
-    assert vid.resize_size(640, 480, 112) == (171, 128)
+    assert video.resize_size(256, 340, 224) == (256, 340)  # Kinetics 340x256: already 256 on the short side
+    assert video.resize_size(480, 640, 224) == (256, 341)
+    assert video.resize_size(640, 480, 112) == (171, 128)
 
 
 def test_decoded_clips_start_where_sampling_says_and_hold_those_frames(root):
@@ -26,19 +27,19 @@ def test_decoded_clips_start_where_sampling_says_and_hold_those_frames(root):
     import torch
 
     path = root / "left" / "left_000.mp4"
-    d = vid.decode_clips(path, num_clips=3, clip_len=4, size=16, frame_stride=2)
+    d = video.decode_clips(path, Sampling(num_clips=3, clip_len=4, size=16, frame_stride=2))
     assert d.num_frames == 16 and not d.short and d.fps == pytest.approx(30.0)
     assert d.clip_start == sampling.clip_starts(16, 3, 4, 2) == [0, 5, 9]  # round(4.5) = 5: half up
     assert d.frames.shape == (3, 4, 16, 16, 3) and d.frames.dtype == np.uint8
     vr = decord.VideoReader(str(path), num_threads=1)
     for i, start in enumerate(d.clip_start):
-        want = vid.resize_crop(torch.from_numpy(vr.get_batch([start + 2 * j for j in range(4)]).asnumpy()), 16)
+        want = video.resize_crop(torch.from_numpy(vr.get_batch([start + 2 * j for j in range(4)]).asnumpy()), 16)
         np.testing.assert_array_equal(d.frames[i], want.numpy())
 
 
 def test_video_shorter_than_a_clip_repeats_its_last_frame(tmp_path):
     path = synthetic.write_video(tmp_path / "short.mp4", synthetic.motion_frames("right", frames=3, size=32))
-    d = vid.decode_clips(path, num_clips=2, clip_len=8, size=16)
+    d = video.decode_clips(path, Sampling(num_clips=2, clip_len=8, size=16))
     assert d.short and d.num_frames == 3 and d.clip_start == [0, 0]
     for j in range(3, 8):
         np.testing.assert_array_equal(d.frames[0, j], d.frames[0, 2])
@@ -57,8 +58,8 @@ def test_broken_files_raise_decode_error_at_open(tmp_path, kind):
         path.write_bytes(good.read_bytes()[:500])
     else:
         synthetic.write_audio_only(path)
-    with pytest.raises(vid.DecodeError) as info:
-        vid.decode_clips(path, num_clips=2, clip_len=4, size=16)
+    with pytest.raises(video.DecodeError) as info:
+        video.decode_clips(path, Sampling(num_clips=2, clip_len=4, size=16))
     assert info.value.stage == "open"
 
 
@@ -67,7 +68,7 @@ def test_normalise_clips_layout_and_values():
 
     clips = torch.full((2, 4, 8, 8, 3), 255, dtype=torch.uint8)
     clips[..., 1] = 0
-    x = vid.normalise_clips(clips, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
+    x = video.normalise_clips(clips, (0.5, 0.5, 0.5), (0.25, 0.5, 1.0))
     assert x.shape == (2, 3, 4, 8, 8)
     assert torch.allclose(x[:, 0], torch.tensor(2.0)) and torch.allclose(x[:, 1], torch.tensor(-1.0))
     assert torch.allclose(x[:, 2], torch.tensor(0.5))
@@ -75,12 +76,12 @@ def test_normalise_clips_layout_and_values():
 
 def test_positions_decode_a_subset_of_the_clips_exactly(root):
     path = root / "right" / "right_001.mp4"
-    full = vid.decode_clips(path, num_clips=4, clip_len=4, size=32)
-    part = vid.decode_clips(path, num_clips=4, clip_len=4, size=32, positions=[3, 0])
+    full = video.decode_clips(path, Sampling(num_clips=4, clip_len=4, size=32))
+    part = video.decode_clips(path, Sampling(num_clips=4, clip_len=4, size=32, positions=[3, 0]))
     assert part.clip_start == [full.clip_start[3], full.clip_start[0]]
     np.testing.assert_array_equal(part.frames, full.frames[[3, 0]])
-    with pytest.raises(ValueError, match="positions"):
-        vid.decode_clips(path, num_clips=4, clip_len=4, size=32, positions=[4])
+    with pytest.raises(ValueError, match="positions"):  # refused when the sampling is made, before any decode
+        video.decode_clips(path, Sampling(num_clips=4, clip_len=4, size=32, positions=[4]))
 
 
 
@@ -89,9 +90,9 @@ def test_decode_pool_recycles_workers_and_returns_every_video(root):
 
     from faster.extract.decoders import Decoded, DecodePool
 
-    items = vid.discover(root).items
+    items = video.discover(root).items
     got, pids = [], set()
-    with DecodePool(items, workers=2, num_clips=2, clip_len=8, size=32, recycle_every=1) as pool:
+    with DecodePool(items, Sampling(num_clips=2, clip_len=8, size=32), workers=2, recycle_every=1) as pool:
         while True:
             try:
                 r = pool.get(timeout=0.1)
@@ -128,17 +129,17 @@ def test_cli_spells_the_decoders_and_compressions_of_the_library():
     from faster import cli
     from faster.store import schema
 
-    assert cli.DECODERS == vid.DECODERS and cli.COMPRESSIONS == schema.COMPRESSIONS
+    assert cli.DECODERS == video.DECODERS and cli.COMPRESSIONS == schema.COMPRESSIONS
 
 
 @pytest.mark.parametrize("codec", list(CODECS))
 def test_every_codec_decodes_through_auto_with_its_frame_count(codec_videos, codec):
     path = codec_videos[codec]
-    d = vid.decode_clips(path, num_clips=3, clip_len=4, size=32)
+    d = video.decode_clips(path, Sampling(num_clips=3, clip_len=4, size=32))
     assert d.decoder == (CODECS[codec][1] or d.decoder)
     assert d.num_frames == 21 and d.clip_start == sampling.clip_starts(21, 3, 4) and d.fps == pytest.approx(30.0)
     assert (d.fallback is not None) == (d.decoder == "pyav")
-    p = vid.decode_clips(path, num_clips=3, clip_len=4, size=32, decoder="pyav")  # the same frames, by index
+    p = video.decode_clips(path, Sampling(num_clips=3, clip_len=4, size=32), decoder="pyav")  # the same frames
     assert p.num_frames == 21 and p.clip_start == d.clip_start
     diff = np.abs(p.frames.astype(np.int16) - d.frames.astype(np.int16))
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), diff.max())
@@ -146,12 +147,13 @@ def test_every_codec_decodes_through_auto_with_its_frame_count(codec_videos, cod
 
 def test_decord_and_pyav_give_the_same_frames_on_h264(tmp_path):
     path = synthetic.write_video(tmp_path / "h.mp4", synthetic.motion_frames("left", frames=40, size=64, seed=1))
-    a = vid.decode_clips(path, num_clips=3, clip_len=8, size=48, frame_stride=2, decoder="decord")
-    b = vid.decode_clips(path, num_clips=3, clip_len=8, size=48, frame_stride=2, decoder="pyav")
+    a = video.decode_clips(path, Sampling(num_clips=3, clip_len=8, size=48, frame_stride=2), decoder="decord")
+    b = video.decode_clips(path, Sampling(num_clips=3, clip_len=8, size=48, frame_stride=2), decoder="pyav")
     assert (a.decoder, b.decoder) == ("decord", "pyav") and a.clip_start == b.clip_start
     diff = np.abs(a.frames.astype(np.int16) - b.frames.astype(np.int16))
     assert diff.max() <= 2, diff.max()
-    part = vid.decode_clips(path, num_clips=3, clip_len=8, size=48, frame_stride=2, decoder="pyav", positions=[2, 0])
+    part = video.decode_clips(path, Sampling(num_clips=3, clip_len=8, size=48, frame_stride=2, positions=[2, 0]),
+                              decoder="pyav")
     np.testing.assert_array_equal(part.frames, b.frames[[2, 0]])
 
 
@@ -161,7 +163,7 @@ def test_pyav_counts_frames_when_the_header_has_none(codec_videos):
     path = codec_videos["vp9"]
     with av.open(str(path)) as c:
         assert c.streams.video[0].frames == 0  # WebM keeps no frame count
-    d = vid.decode_clips(path, num_clips=2, clip_len=8, size=32, decoder="pyav")
+    d = video.decode_clips(path, Sampling(num_clips=2, clip_len=8, size=32), decoder="pyav")
     assert d.num_frames == 21 and d.clip_start == [0, 13]
 
 
@@ -174,22 +176,22 @@ def _broken(tmp_path):
 
 def test_a_file_neither_decoder_opens_fails_with_both_reasons(tmp_path):
     path = _broken(tmp_path)
-    with pytest.raises(vid.DecodeError) as info:
-        vid.decode_clips(path, num_clips=2, clip_len=4, size=16)
+    with pytest.raises(video.DecodeError) as info:
+        video.decode_clips(path, Sampling(num_clips=2, clip_len=4, size=16))
     err = info.value
     assert err.stage == "open" and set(err.errors) == {"decord", "pyav"}
     assert "decord: " in str(err) and "pyav: " in str(err) and "Invalid data" in err.errors["pyav"]
     with pytest.raises(ValueError, match="unknown decoder 'ffmpeg'"):
-        vid.decode_clips(path, num_clips=2, clip_len=4, size=16, decoder="ffmpeg")
+        video.decode_clips(path, Sampling(num_clips=2, clip_len=4, size=16), decoder="ffmpeg")
 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_the_decoders_messages_go_to_the_failure_not_the_terminal(tmp_path, capfd, workers):
     from faster.extract.decoders import Decoded, DecodePool, Failed, InlineDecoder
 
-    items = [vid.VideoItem("broken.mp4", _broken(tmp_path)), vid.VideoItem("good.mp4", tmp_path / "good.mp4")]
-    cls = DecodePool if workers else InlineDecoder
-    with cls(items, workers=workers, num_clips=2, clip_len=4, size=16) as pool:
+    items = [video.VideoItem("broken.mp4", _broken(tmp_path)), video.VideoItem("good.mp4", tmp_path / "good.mp4")]
+    clips = Sampling(num_clips=2, clip_len=4, size=16)
+    with (DecodePool(items, clips, workers=workers) if workers else InlineDecoder(items, clips)) as pool:
         got = {r.item.id: r for r in pool}
     bad, good = got["broken.mp4"], got["good.mp4"]
     assert isinstance(bad, Failed) and bad.stage == "open" and set(bad.extra["errors"]) == {"decord", "pyav"}
@@ -211,7 +213,7 @@ def test_extract_reads_every_codec_and_counts_videos_per_decoder(codec_videos, t
     import h5py
 
     root = tmp_path / "videos"
-    for codec, path in codec_videos.items():
+    for path in codec_videos.values():
         (root / "a").mkdir(parents=True, exist_ok=True)
         shutil.copy(path, root / "a" / path.name)
     _broken(root / "a")

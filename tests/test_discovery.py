@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from faster.extract import video as vid
+from faster.extract import video
 
 av = pytest.importorskip("av")
 from faster import synthetic  # noqa: E402  (needs av)
@@ -24,7 +24,7 @@ def ids(found):
 
 
 def test_folder_per_class_sorted_classes_and_only_video_extensions(root):
-    found = vid.discover(root)
+    found = video.discover(root)
     assert found.layout == "folders"
     assert found.classes == ["left", "right"]
     assert ids(found) == ["left/left_000.mp4", "left/left_001.mp4", "right/right_000.mp4", "right/right_001.mp4"]
@@ -35,27 +35,27 @@ def test_folder_per_class_sorted_classes_and_only_video_extensions(root):
 def test_classes_file_fixes_indices_and_refuses_unknown_folders(root, tmp_path):
     names = tmp_path / "classes.txt"
     names.write_text("up\nright\nleft\n")
-    found = vid.discover(root, classes_file=names)
+    found = video.discover(root, classes_file=names)
     assert found.classes == ["up", "right", "left"]
     assert [it.label for it in found.items] == [2, 2, 1, 1]
     names.write_text("right\n")
     with pytest.raises(ValueError, match="left"):
-        vid.discover(root, classes_file=names)
+        video.discover(root, classes_file=names)
 
 
 def test_unlabelled_root_and_flag(root, tmp_path):
     synthetic.make_motion_dataset(tmp_path, classes=("up",), per_class=1, frames=8, size=32)
     (tmp_path / "up" / "up_000.mp4").rename(tmp_path / "loose.mp4")
-    found = vid.discover(tmp_path)
+    found = video.discover(tmp_path)
     assert found.layout == "unlabelled" and ids(found) == ["loose.mp4"] and found.items[0].label == -1
-    flagged = vid.discover(root, unlabelled=True)
+    flagged = video.discover(root, unlabelled=True)
     assert flagged.layout == "unlabelled" and {it.label for it in flagged.items} == {-1}
 
 
 def test_path_label_csv_matches_by_path_then_stem_and_records_missing(root, tmp_path):
     csv = tmp_path / "ann.csv"
     csv.write_text("path,label\nleft/left_000.mp4,left\nright_001.avi,right\nright/gone.mp4,right\n")
-    found = vid.discover(root, annotations=csv)
+    found = video.discover(root, annotations=csv)
     assert found.layout == "csv" and found.classes == ["left", "right"]
     by_id = {it.id: it for it in found.items}
     assert by_id["left/left_000.mp4"].label == 0
@@ -68,7 +68,7 @@ def test_path_label_csv_matches_by_path_then_stem_and_records_missing(root, tmp_
 def test_headerless_csv_with_integer_labels(root, tmp_path):
     csv = tmp_path / "ann.csv"
     csv.write_text("left/left_001.mp4,2\nright/right_000.mp4,0\n")
-    found = vid.discover(root, annotations=csv)
+    found = video.discover(root, annotations=csv)
     assert found.classes == ["0", "1", "2"]
     assert {it.id: it.label for it in found.items} == {"left/left_001.mp4": 2, "right/right_000.mp4": 0}
 
@@ -82,7 +82,7 @@ def test_kinetics_csv_names_split_and_classes_file(tmp_path):
                    "riding,abc,10,20,train\nsurfing,xyz,0,10,train\nriding,missing1,5,15,val\n")
     classes = tmp_path / "classes.txt"
     classes.write_text("archery\nriding\nsurfing\n")
-    found = vid.discover(tmp_path, annotations=csv, classes_file=classes)
+    found = video.discover(tmp_path, annotations=csv, classes_file=classes)
     assert found.layout == "kinetics"
     by_id = {it.id: it for it in found.items}
     assert by_id["train/riding/abc_000010_000020.mp4"].label == 1
@@ -96,7 +96,7 @@ def test_csv_path_leaving_the_root_is_refused(root, tmp_path, bad):
     csv = tmp_path / "ann.csv"
     csv.write_text(f"path,label\n{bad},left\n")
     with pytest.raises(ValueError, match="leaves the video root"):
-        vid.discover(root, annotations=csv)
+        video.discover(root, annotations=csv)
 
 
 def test_csv_label_outside_the_class_list_is_refused(root, tmp_path):
@@ -104,4 +104,4 @@ def test_csv_label_outside_the_class_list_is_refused(root, tmp_path):
     csv.write_text("path,label\nleft/left_000.mp4,jumping\n")
     classes.write_text("left\nright\n")
     with pytest.raises(ValueError, match="jumping"):
-        vid.discover(root, annotations=csv, classes_file=classes)
+        video.discover(root, annotations=csv, classes_file=classes)

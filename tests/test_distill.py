@@ -8,8 +8,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from faster.aggregate.data import jitter_positions
+from faster.aggregate.fit import FitConfig, distillation_loss, fit
 from faster.aggregate.synthetic import write_synthetic
-from faster.aggregate.train import FitConfig, distillation_loss, fit, jitter_positions
 
 COMMON = dict(num_clips=8, signal="static", num_classes=4, amplitude=1.0, noise=(0.5, 4.0), shard_size=512)
 
@@ -112,7 +113,7 @@ def test_the_run_records_its_teacher_and_the_weights(sets, tmp_path):
     assert r.config["teacher"]["sha256"] == sha
     assert not any(k.startswith("teacher") or "proj" in k for k in r.state_dict)  # the projection is not saved
     # avg's representation (4 class scores) differs from the gru teacher's (16): projected, and it trains
-    assert r.agg == "avg" and r.model()({"cheap": torch.zeros(1, 8, 16, 1, 2, 2)}, [False] * 8).shape == (1, 4)
+    assert r.agg == "avg" and r.model()({"cheap": torch.zeros(1, 8, 1, 2, 2, 16)}, [False] * 8).shape == (1, 4)
 
 
 def test_a_teacher_teaches_a_student_trained_on_per_video_draws(sets, tmp_path):
@@ -213,7 +214,7 @@ def test_train_clips_jitter_draws_ordered_positions_per_video_and_epoch_determin
 
     r = Run.load(tmp_path / "a")  # evaluation and predict: the uniform positions, always
     assert r.positions == [0, 4, 7] and r.config["train_clips"] == "jitter"
-    from faster.aggregate.train import evaluate
+    from faster.aggregate.evaluation import evaluate
 
     val = {row["id"]: row["probs"] for row in map(json.loads, (tmp_path / "a" / "val_predictions.jsonl").open())}
     evaluate(tmp_path / "a", [str(order_set)], str(tmp_path / "p.jsonl"), progress=False)

@@ -3,7 +3,6 @@
 One reference extraction (module fixture) of 6 motion videos, a video shorter than one clip and
 four broken files; the other tests resume, kill, distribute and refuse against it.
 """
-import functools
 import json
 import os
 import shutil
@@ -16,8 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from faster.cli import cli
 from faster import sampling
+from faster.cli import cli
 from faster.store import schema
 
 av = pytest.importorskip("av")
@@ -56,9 +55,7 @@ def with_fault(monkeypatch, spec):
     """`faster extract` in this process decodes with a fault injected (tests/helpers.py)."""
     import helpers
 
-    from faster.extract import pipeline
-
-    monkeypatch.setattr(pipeline, "run_extract", functools.partial(pipeline.run_extract, decode=helpers.fault(spec)))
+    helpers.inject_decode_fault(monkeypatch, spec)
 
 
 def read_features(out):
@@ -114,9 +111,10 @@ def test_features_equal_the_backbone_on_the_decoded_clips(root, reference):
 
     from faster.extract import models
     from faster.extract.video import decode_clips, normalise_clips
+    from faster.sampling import Sampling
 
     feats = read_features(reference[0])["left/left_001.mp4"]
-    clips = decode_clips(root / "left" / "left_001.mp4", num_clips=3, clip_len=8, size=32).frames
+    clips = decode_clips(root / "left" / "left_001.mp4", Sampling(num_clips=3, clip_len=8, size=32)).frames
     for name in ("r2plus1d50_tiny", "r2d26_tiny"):
         model = models.build(name, seed=0)
         with torch.inference_mode():
@@ -307,20 +305,20 @@ def test_no_videos_is_an_error_unless_allowed_and_a_failed_start_writes_nothing(
 
 
 def test_random_init_is_warned_once_and_only_when_there_is_work(motion_videos, tmp_path, caplog):
-    from faster.extract.pipeline import ExtractConfig, run_extract
+    from faster.extract.pipeline import ExtractConfig, extract_videos
     from faster.runtime import _warned
 
     _warned.clear()
     cfg = dict(models=("r2d26_tiny",), clip_len=8, num_clips=2, size=32, workers=0, progress=False)
     with caplog.at_level("WARNING"):
         for out in ("a", "b", "a"):  # two extractions with work (as the demo does), then one without
-            run_extract(ExtractConfig(str(motion_videos), str(tmp_path / out), **cfg))
+            extract_videos(ExtractConfig(str(motion_videos), str(tmp_path / out), **cfg))
     warned = [r for r in caplog.records if "randomly initialised" in r.getMessage()]
     assert len(warned) == 1
     _warned.clear()
     caplog.clear()
     with caplog.at_level("WARNING"):
-        summary = run_extract(ExtractConfig(str(motion_videos), str(tmp_path / "a"), **cfg))
+        summary = extract_videos(ExtractConfig(str(motion_videos), str(tmp_path / "a"), **cfg))
     assert summary["extracted"] == 0 and not [r for r in caplog.records if "randomly" in r.getMessage()]
 
 
@@ -355,9 +353,9 @@ def test_dtype_auto_resumes_an_fp32_directory_and_bf16_stays_close_to_fp32(root,
     result = invoke(root, "-o", tmp_path / "bf16", *auto, "--workers", "0")  # a new directory: bf16
     assert result.exit_code == 0, result.output
     got, want = read_features(tmp_path / "bf16"), read_features(reference[0])
-    for vid in want:
-        for m in want[vid]:
-            a, b = got[vid][m].astype(np.float32), want[vid][m].astype(np.float32)
-            assert np.linalg.norm(a - b) <= BF16_TOLERANCE * np.linalg.norm(b), (vid, m)
+    for video_id in want:
+        for m in want[video_id]:
+            a, b = got[video_id][m].astype(np.float32), want[video_id][m].astype(np.float32)
+            assert np.linalg.norm(a - b) <= BF16_TOLERANCE * np.linalg.norm(b), (video_id, m)
     with h5py.File(next((tmp_path / "bf16").glob(schema.SHARD_GLOB))) as f:
         assert f["features/r2d26_tiny"].attrs["compute_dtype"] == "bfloat16"

@@ -10,9 +10,9 @@ import torch
 from click.testing import CliRunner
 
 from faster.aggregate import patterns
+from faster.aggregate.fit import FitConfig, fit, make_plan
 from faster.aggregate.run import Run
 from faster.aggregate.synthetic import write_synthetic
-from faster.aggregate.train import FitConfig, fit, make_plan
 from faster.cli import cli
 from faster.store.reader import FeatureSet
 
@@ -221,8 +221,10 @@ def test_non_finite_features_name_the_video_or_are_left_out(static_set, tmp_path
     assert result["skipped"]["videos"] == [victim] and result["num_train"] + result["num_val"] == 95
 
 
-def test_fit_refuses_an_existing_run_and_an_interrupted_one_leaves_no_run(static_set, tmp_path, monkeypatch):
-    from faster.aggregate import train
+def test_fit_refuses_an_existing_run_and_an_interrupted_one_is_resumable(static_set, tmp_path, monkeypatch):
+    """Changed in [17]: a fit stopped during training leaves a resumable partial run (it left nothing
+    before); evaluate refuses it as incomplete, naming it, and fit asks for --resume or --overwrite."""
+    from faster import engine
 
     fit(_cfg(static_set, tmp_path / "r", "avg", epochs=1))
     before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
@@ -239,11 +241,17 @@ def test_fit_refuses_an_existing_run_and_an_interrupted_one_leaves_no_run(static
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    real = train._train_epoch
-    monkeypatch.setattr(train, "_train_epoch", interrupted)
+    real = engine.Engine.train_epoch
+    monkeypatch.setattr(engine.Engine, "train_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         fit(_cfg(static_set, tmp_path / "ctrl-c", "avg", epochs=3))
-    assert not (tmp_path / "ctrl-c").exists()
+    assert (tmp_path / "ctrl-c" / "last.pt").is_file() and not (tmp_path / "ctrl-c" / "result.json").exists()
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "ctrl-c"), static_set])
+    assert res.exit_code == 1 and "incomplete run" in res.output and str(tmp_path / "ctrl-c") in res.output
+    with pytest.raises(ValueError, match=r"interrupted fit .*--resume .*--overwrite"):
+        fit(_cfg(static_set, tmp_path / "ctrl-c", "avg", epochs=3))
+    monkeypatch.setattr(engine.Engine, "train_epoch", real)
+    assert fit(_cfg(static_set, tmp_path / "ctrl-c", "avg", epochs=3, resume=True))["best"]["epoch"] >= 1
     (tmp_path / "half").mkdir()  # what a SIGKILLed fit leaves: a checkpoint but no result.json
     (tmp_path / "half" / "checkpoint.pt").write_bytes(before)
     res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "half"), static_set])

@@ -1,4 +1,4 @@
-"""Per-clip GFLOPs against the paper's Tables 2 and 6, and the `faster flops` command."""
+"""Multiply-adds (faster.macs), per-clip GFLOPs against the paper's Tables 2 and 6, and the `faster flops` command."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,29 @@ def test_torchvision_models_match_torchvision_published_ops(name, enum):
 
     published = getattr(video, enum).KINETICS400_V1.meta["_ops"]
     assert clip_gflops(name, 16, 112) == pytest.approx(published, rel=0.005)
+
+
+def test_count_macs_counts_multiply_adds_on_meta_tensors():
+    import torch
+
+    from faster.macs import count_macs
+
+    with torch.device("meta"):
+        linear, conv = torch.nn.Linear(4, 3), torch.nn.Conv3d(2, 5, (1, 3, 3), padding=(0, 1, 1))
+        x, clip = torch.empty(2, 4), torch.empty(1, 2, 4, 6, 6)
+    assert count_macs(linear, x) == 2 * 4 * 3
+    assert count_macs(conv, clip) == 5 * 4 * 6 * 6 * 2 * 3 * 3  # outputs x (in channels x kernel)
+
+
+def test_build_on_meta_skips_the_init_and_restores_it():
+    import torch
+
+    from faster.extract.models import get
+    from faster.extract.models.cost import build_on_meta
+
+    fill = torch.nn.init.kaiming_normal_
+    net = build_on_meta(get("r2d26_tiny"))
+    assert next(net.parameters()).is_meta and torch.nn.init.kaiming_normal_ is fill
 
 
 def test_clip_gflops_scales_and_is_cached():

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from faster.cli import cli
 from faster.errors import BadFile, BadValue
 from faster.pack import PackConfig, find_files, load_features, read_values, run_pack
-from faster.store import manifest as mf
+from faster.store import manifest
 
 N, C = 8, 16
 CLASSES = ("dance", "jump")
@@ -60,8 +60,8 @@ def read_shards(out, model="i3d"):
     for path in sorted(out.glob("shard-*.h5")):
         with h5py.File(path, "r") as f:
             v = f["videos"]
-            for r, vid in enumerate(v["id"].asstr()[()]):
-                rows[vid] = (int(v["label"][r]), int(v["num_frames"][r]), v["clip_start"][r], f["features"][model][r])
+            for r, video_id in enumerate(v["id"].asstr()[()]):
+                rows[video_id] = (int(v["label"][r]), int(v["num_frames"][r]), v["clip_start"][r], f["features"][model][r])
     return rows
 
 
@@ -71,9 +71,9 @@ def test_shards_hold_the_files_values_labels_and_unknowns(packed):
     assert "8 clips of 1 x 1 x 1 x 16 (T' x H' x W' x C), 2 classes [folders]" in output
     rows = read_shards(out)
     assert sorted(rows) == sorted(arrays)  # ids keep their spaces, lose _i3d.npy; the _fps file is ignored
-    for vid, x in arrays.items():
-        label, num_frames, starts, feats = rows[vid]
-        assert label == CLASSES.index(vid.split("/")[0])
+    for video_id, x in arrays.items():
+        label, num_frames, starts, feats = rows[video_id]
+        assert label == CLASSES.index(video_id.split("/")[0])
         assert num_frames == -1 and starts.tolist() == [-1] * N
         assert feats.dtype == np.float16 and feats.shape == (N, 1, 1, 1, C)
         np.testing.assert_array_equal(feats[:, 0, 0, 0], x.astype(np.float16))
@@ -87,7 +87,7 @@ def test_shards_hold_the_files_values_labels_and_unknowns(packed):
 
 def test_bad_files_are_listed_with_their_reason(packed):
     _, out, _, _ = packed
-    failures = {r["id"]: r for r in mf.read_failures(out / "failures.jsonl")}
+    failures = {r["id"]: r for r in manifest.read_failures(out / "failures.jsonl")}
     assert sorted(failures) == ["dance/broken", "jump/short", "jump/wide"]
     assert {r["stage"] for r in failures.values()} == {"pack"}
     assert "not a readable .npy array" in failures["dance/broken"]["error"]
@@ -144,7 +144,7 @@ def test_resume_packs_only_what_is_missing(tmp_path):
     rows = read_shards(out)
     assert len(rows) == 8 and set(arrays) < set(rows)
     np.testing.assert_array_equal(rows["jump/short"][3][:, 0, 0, 0], -x.astype(np.float16))
-    failures = {r["id"] for r in mf.read_failures(out / "failures.jsonl")}
+    failures = {r["id"] for r in manifest.read_failures(out / "failures.jsonl")}
     assert failures == {"dance/broken", "jump/wide"}  # the fixed file's old failure is gone
     res = runner.invoke(cli, pack_args(src, out, "--shard-size", "2"))
     assert "packed 0, skipped 8 (done before), failed 2" in res.output, res.output
@@ -180,16 +180,16 @@ def test_maps_round_trip(tmp_path, channels_first):
     assert res.exit_code == 0, res.output
     assert "packed 3, skipped 0 (done before), failed 0; 4 clips of 2 x 3 x 3 x 5" in res.output
     rows = read_shards(out, "m")
-    for vid, x in arrays.items():
-        np.testing.assert_array_equal(rows[vid][3], x.astype(np.float16))
+    for video_id, x in arrays.items():
+        np.testing.assert_array_equal(rows[video_id][3], x.astype(np.float16))
     assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
 
 
 def test_annotations_and_classes_give_labels_by_id(tmp_path):
     src = tmp_path / "flat"
     src.mkdir()
-    for vid in ("clip one", "clip two", "clip three"):
-        np.save(src / f"{vid}_r21d.npy", np.zeros((2, 4), np.float32))
+    for video_id in ("clip one", "clip two", "clip three"):
+        np.save(src / f"{video_id}_r21d.npy", np.zeros((2, 4), np.float32))
     csv = tmp_path / "labels.csv"
     csv.write_text("path,label,split\nclip one.mp4,b,train\nclip two,a,val\nclip four,a,val\n")
     classes = tmp_path / "classes.txt"
@@ -202,7 +202,7 @@ def test_annotations_and_classes_give_labels_by_id(tmp_path):
     assert {k: v[0] for k, v in rows.items()} == {"clip one": 0, "clip two": 1}  # "clip three" is not listed
     with h5py.File(next((tmp_path / "feats").glob("shard-*.h5")), "r") as f:
         assert f["videos/split"].asstr()[()].tolist() == ["train", "val"]
-    (failure,) = mf.read_failures(tmp_path / "feats" / "failures.jsonl")
+    (failure,) = manifest.read_failures(tmp_path / "feats" / "failures.jsonl")
     assert failure["id"] == "clip four" and failure["stage"] == "missing"
 
 

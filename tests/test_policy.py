@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from faster.aggregate.evaluation import evaluate
+from faster.aggregate.fit import FitConfig, fit
 from faster.aggregate.synthetic import write_synthetic
-from faster.aggregate.train import FitConfig, evaluate, fit
 from faster.cli import cli
 
 MODELS = {"exp": (1, 2, 2, 16), "chp": (1, 2, 2, 16)}
@@ -88,13 +89,13 @@ def test_flops_prints_the_expected_cost_at_the_budget():
 @pytest.mark.slow
 def test_predict_runs_the_expensive_backbone_exactly_where_evaluate_decided(tmp_path):
     from faster import synthetic
-    from faster.extract.pipeline import ExtractConfig, run_extract
+    from faster.extract.pipeline import ExtractConfig, extract_videos
     from faster.predict import Predictor, decoded_videos, list_videos
 
     E, C = "r2plus1d50_tiny", "r2d26_tiny"
     videos, feats = tmp_path / "videos", tmp_path / "feats"
     synthetic.make_motion_dataset(videos, classes=("left", "right", "up"), per_class=3, frames=24, size=64)
-    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=8, size=32, workers=0,
+    extract_videos(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=8, size=32, workers=0,
                               progress=False))
     run = tmp_path / "run"
     fit(FitConfig([str(feats)], str(run), "gru", E, C, "adaptive", budget=0.25, epochs=3, batch_size=4, workers=0,

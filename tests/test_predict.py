@@ -12,10 +12,11 @@ from click.testing import CliRunner
 
 from faster import synthetic
 from faster.aggregate import patterns
-from faster.aggregate.train import FitConfig, evaluate, fit
+from faster.aggregate.evaluation import evaluate
+from faster.aggregate.fit import FitConfig, fit
 from faster.cli import cli
-from faster.extract.pipeline import ExtractConfig, run_extract
-from faster.predict import PredictConfig, Predictor, PredictError, check_weights, decoded_videos, list_videos, predict
+from faster.extract.pipeline import ExtractConfig, extract_videos
+from faster.predict import PredictConfig, PredictError, Predictor, check_weights, decoded_videos, list_videos, predict
 
 E, C = "r2plus1d50_tiny", "r2d26_tiny"
 N = 4  # clips extracted per video
@@ -28,7 +29,7 @@ def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("predict")
     videos, feats = base / "videos", base / "feats"
     synthetic.make_motion_dataset(videos, classes=("left", "right", "up"), per_class=2, frames=24, size=64)
-    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
+    extract_videos(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
                               progress=False))
     runs = {}
 
@@ -250,7 +251,7 @@ def test_predict_on_spatially_pooled_features_agrees_with_evaluate(tmp_path):
     """A run fitted on --spatial-pool features: predict pools the maps as extraction stored them."""
     videos, feats = tmp_path / "videos", tmp_path / "feats"
     synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=64)
-    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
+    extract_videos(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=32, workers=0,
                               progress=False, spatial_pool=True))
     _fit_and_compare(videos, feats, tmp_path, "gru")
 
@@ -265,7 +266,7 @@ def test_a_big_little_extraction_fits_evaluates_and_predicts(tmp_path):
 
     videos, feats = tmp_path / "videos", tmp_path / "feats"
     synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=128)
-    run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, sizes={C: 128},
+    extract_videos(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, sizes={C: 128},
                               workers=0, progress=False))
     with h5py.File(next(feats.glob("shard-*.h5"))) as f:
         assert f.attrs["size"] == 128 and f.attrs["format_version"] == 2  # decoded once, at the larger crop
@@ -277,5 +278,5 @@ def test_a_big_little_extraction_fits_evaluates_and_predicts(tmp_path):
     _fit_and_compare(videos, feats, tmp_path, "fastgru")
     # a resume with another size for one model is refused
     with pytest.raises(ValueError, match="size"):
-        run_extract(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, workers=0,
+        extract_videos(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, workers=0,
                                   progress=False))

@@ -1,6 +1,7 @@
 """Feature-set reader: parts pooled, models joined by id, pattern-aware reads, clear errors on bad shards."""
 import json
 import pickle
+import re
 
 import h5py
 import numpy as np
@@ -135,7 +136,7 @@ def test_threaded_loader_batches_every_video_once_and_reuses_buffers(tmp_path):
     loader = ThreadedLoader(ds, 4, shuffle=True, seed=3)
     assert len(loader) == 2
     seen = []
-    for epoch in range(2):
+    for _ in range(2):  # two epochs
         batches = [{k: v.clone() for k, v in b.items()} for b in loader]
         assert [len(b["index"]) for b in batches] == [4, 2]
         index = torch.cat([b["index"] for b in batches])
@@ -152,3 +153,67 @@ def test_threaded_loader_batches_every_video_once_and_reuses_buffers(tmp_path):
         p.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot open shard"):
         list(ThreadedLoader(fs.dataset({"expensive": ("exp", [0])}), 4))
+
+
+def test_check_compatible_is_one_line_naming_what_differs(tmp_path):
+    from faster.store.header import check_compatible
+
+    fs = FeatureSet([write_set(tmp_path / "ec", ["exp", "chp"], range(3))])
+    same = {"classes": ["a", "b"], "config": dict(fs.config), "shapes": {"exp": list(SHAPE), "chp": SHAPE}}
+    check_compatible(fs, **same, what="validation set", reference="the training set")  # lists or tuples alike
+    cases = [({"classes": ["a", "b", "c"]}, r"^validation set: class list differs from the one in the training set "
+                                            r"\(2 vs 3 classes\)$"),
+             ({"classes": ["a", "z"]}, r"class list differs .*\(position 1: 'b' vs 'z'\)$"),
+             ({"config": {**fs.config, "clip_len": 16, "size": 64}},
+              r"^validation set: extraction clip_len 8, size 32 differs from clip_len 16, size 64 in the training set$"),
+             ({"shapes": {"chp": (1, 2, 2, 8)}}, r"^validation set: chp clips are \(1, 2, 2, 4\), not \(1, 2, 2, 8\) as "
+                                                 r"in the training set$")]
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_compatible(fs, **{**same, **change}, what="validation set", reference="the training set")
+    with pytest.raises(ValueError, match="model 'nope' is not in"):
+        check_compatible(fs, **{**same, "shapes": {"nope": SHAPE}}, what="validation set", reference="the run")
+
+
+def test_shards_of_one_group_with_other_map_shapes_are_refused(tmp_path):
+    d = write_set(tmp_path / "e", ["exp"], range(4))
+    first, second = sorted(d.glob("shard-*.h5"))
+    with h5py.File(second, "a") as f:
+        f.create_dataset("features/wide", data=np.zeros((1, N, 1, 2, 2, 8), np.float16))
+        del f["features/exp"]
+        f["features/exp"] = f["features/wide"]
+        del f["features/wide"]
+    with pytest.raises(ValueError, match=rf"{second.name}: exp clips are \(1, 2, 2, 8\), not \(1, 2, 2, 4\) as in "
+                                         rf".*{first.name}$"):
+        FeatureSet([d])
+
+
+def test_model_attributes_are_one_list():
+    """schema.MODEL_ATTRS is the one list; ModelHeader's fields, the required and the configuration subsets follow it."""
+    import dataclasses
+
+    from faster.store import schema
+    from faster.store.header import ModelHeader
+
+    assert tuple(f.name for f in dataclasses.fields(ModelHeader)) == schema.MODEL_ATTRS
+    assert schema.MODEL_REQUIRED == ("gflops_per_clip", "layer", "weights", "mean", "std", "compute_dtype")
+    assert schema.MODEL_CONFIG == ("layer", "weights", "mean", "std", "compute_dtype", "spatial_pool", "size")
+    head = helpers.header(["m"], num_clips=N)
+    assert list(head.config()["models"]["m"]) == list(schema.MODEL_CONFIG)
+
+
+def test_nonfinite_videos_are_found_by_one_function(tmp_path):
+    """The reader, integrity.check and verify share integrity.nonfinite_videos / finite and one message."""
+    from faster.store import integrity
+
+    d = write_set(tmp_path / "e", ["exp"], range(3), shard_size=3)
+    shard = next(d.glob("shard-*.h5"))
+    with h5py.File(shard, "a") as f:
+        f["features/exp"][1, 2, 0, 0, 0, 0] = np.inf
+        assert integrity.nonfinite_videos(f["features/exp"], ["v0", "v1", "v2"]) == ["v1"]
+    fs = FeatureSet([d])
+    ds = fs.dataset({"expensive": ("exp", [0, 1])})
+    assert ds[1]["expensive"].isfinite().all()  # positions 0 and 1 of v001 are finite: only what is read counts
+    message = integrity.nonfinite_message(shard, "v001.mp4", "exp")
+    with pytest.raises(ValueError, match=rf"^{re.escape(message)}; `faster verify`"):
+        fs.dataset({"expensive": ("exp", [2])})[1]

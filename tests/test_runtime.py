@@ -31,3 +31,17 @@ def test_devices_resolve_and_bad_names_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+def test_dtype_is_checked_in_one_place():
+    import torch
+
+    from faster.errors import BadValue
+    from faster.runtime import DTYPES, check_dtype, resolve_dtype
+
+    assert [check_dtype(d) for d in DTYPES] == ["auto", "fp32", "bf16"]
+    with pytest.raises(BadValue, match="unknown dtype 'fp16'; expected one of auto, fp32, bf16"):
+        check_dtype("fp16")
+    with pytest.raises(BadValue, match="unknown dtype 'fp16'"):
+        resolve_dtype("fp16", torch.device("cpu"))
+    assert resolve_dtype("bf16", torch.device("cpu")) == "bfloat16"

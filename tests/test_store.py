@@ -8,10 +8,9 @@ import pytest
 
 import helpers
 
-from faster.store import manifest as mf
-from faster.store import schema
-from faster.store.verify import verify
+from faster.store import manifest, schema
 from faster.store.files import sha256_file
+from faster.store.verify import verify
 from faster.store.writer import ShardWriter, next_seq
 
 N, SHAPE = 3, (1, 2, 2, 4)  # clips per video; per clip (T', H', W', C)
@@ -64,39 +63,39 @@ def test_writer_accepts_str_subclasses_as_attributes(tmp_path):
 
 
 def test_failure_log_keeps_the_latest_record_per_video_and_drops_done_ones(tmp_path):
-    log = mf.FailureLog(tmp_path, 0)
-    log.append(mf.failure_record("a.mp4", "open", "bad", ))
-    log.append(mf.failure_record("b.mp4", "timeout", "slow"))
-    log.append({**mf.failure_record("a.mp4", "decode", "worse"), "time": 1e12})
+    log = manifest.FailureLog(tmp_path, 0)
+    log.append(manifest.failure_record("a.mp4", "open", "bad", ))
+    log.append(manifest.failure_record("b.mp4", "timeout", "slow"))
+    log.append({**manifest.failure_record("a.mp4", "decode", "worse"), "time": 1e12})
     with open(log.path, "a") as f:
         f.write('{"id": "c.mp4", "sta')  # a line cut short by SIGKILL
     log.compact(done={"b.mp4"})
-    records = mf.read_failures(log.path)
+    records = manifest.read_failures(log.path)
     assert [(r["id"], r["stage"]) for r in records] == [("a.mp4", "decode")]
     with pytest.raises(ValueError, match="stage"):
-        mf.failure_record("x", "exploded", "?")
+        manifest.failure_record("x", "exploded", "?")
 
 
 def test_verify_passes_a_good_directory_and_writes_merged_views(tmp_path):
     a = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
     b = write_shard(tmp_path, 1, ["c.mp4"])
     for part, w in ((0, a), (1, b)):
-        mf.write_part_manifest(tmp_path, part, {"shards": [mf.shard_entry(w.path, len(w.ids), w.sha256)]})
-    mf.FailureLog(tmp_path, 1).append(mf.failure_record("d.mp4", "missing", "not found"))
-    mf.FailureLog(tmp_path, 0).append(mf.failure_record("a.mp4", "open", "fixed since"))  # a.mp4 is in a shard
+        manifest.write_part_manifest(tmp_path, part, {"shards": [manifest.shard_entry(w.path, len(w.ids), w.sha256)]})
+    manifest.FailureLog(tmp_path, 1).append(manifest.failure_record("d.mp4", "missing", "not found"))
+    manifest.FailureLog(tmp_path, 0).append(manifest.failure_record("a.mp4", "open", "fixed since"))  # a.mp4 is in a shard
     report = verify([tmp_path])
     assert report["ok"], report["problems"]
     assert report["videos"] == 3 and report["failed"] == 1
-    merged = json.loads((tmp_path / mf.MANIFEST).read_text())
+    merged = json.loads((tmp_path / manifest.MANIFEST).read_text())
     assert [s["name"] for s in merged["shards"]] == [a.path.name, b.path.name]
     assert merged["shards"][0]["sha256"] == a.sha256
-    assert [json.loads(x)["id"] for x in (tmp_path / mf.FAILURES).read_text().splitlines()] == ["d.mp4"]
+    assert [json.loads(x)["id"] for x in (tmp_path / manifest.FAILURES).read_text().splitlines()] == ["d.mp4"]
 
 
 @pytest.mark.parametrize("damage", ["nan", "changed", "duplicate", "not-hdf5", "other-config"])
 def test_verify_reports_problems(tmp_path, damage):
     w = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
-    mf.write_part_manifest(tmp_path, 0, {"shards": [mf.shard_entry(w.path, 2, w.sha256)]})
+    manifest.write_part_manifest(tmp_path, 0, {"shards": [manifest.shard_entry(w.path, 2, w.sha256)]})
     if damage == "nan":
         with h5py.File(w.path, "a") as f:
             f["features/m"][1, 0, 0, 0, 0, 0] = np.nan
@@ -167,7 +166,7 @@ def test_feature_set_writer_output_verifies_and_trains(tmp_path):
             again.add(**v)
     with pytest.raises(ValueError, match="another configuration"):
         FeatureSetWriter(tmp_path, dataclasses.replace(head, clip_len=16))
-    merged = json.loads((tmp_path / mf.MANIFEST).read_text())
+    merged = json.loads((tmp_path / manifest.MANIFEST).read_text())
     assert merged["num_videos"] == 48 and merged["num_failed"] == 1 and len(merged["shards"]) == 4
 
     runner = CliRunner()
@@ -216,7 +215,7 @@ def test_verify_repair_keeps_one_copy_of_each_video_and_never_an_only_copy(tmp_p
     write_shard(tmp_path, 0, ["b.mp4"], value=5.0)  # every video also in the first: removed
     write_shard(tmp_path, 1, ["b.mp4", "c.mp4"], value=9.0)  # c.mp4 only here: rewritten without b
     for part in (0, 1):
-        mf.write_part_manifest(tmp_path, part, {"shards": [mf.shard_entry(p, 1) for p in
+        manifest.write_part_manifest(tmp_path, part, {"shards": [manifest.shard_entry(p, 1) for p in
                                                            sorted(tmp_path.glob(f"shard-0000{part}-*.h5"))]})
     runner = CliRunner()
     res = runner.invoke(cli, ["verify", str(tmp_path)])
@@ -232,7 +231,7 @@ def test_verify_repair_keeps_one_copy_of_each_video_and_never_an_only_copy(tmp_p
                 held[i] = float(f["features/m"][k].flat[0])
     assert held == {"a.mp4": 1.0, "b.mp4": 2.0, "c.mp4": 10.0}  # the first copy of b, c's own values
     assert first.path.exists()
-    listed = {s["name"] for m in mf.part_manifests(tmp_path).values() for s in m["shards"]}
+    listed = {s["name"] for m in manifest.part_manifests(tmp_path).values() for s in m["shards"]}
     assert listed == {p.name for p in tmp_path.glob(schema.SHARD_GLOB)}
 
 

@@ -299,7 +299,8 @@ def test_pytorchvideo_plain_state_dict_and_wrong_files(tmp_path):
         models.build("pv_slow_r50", weights=str(plain))
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=r"are a pytorchvideo state dict, which backbone 'r2d26_tiny' \(faster "
-                                         r"layout\) cannot load; it takes faster or torchvision-videoresnet or resnet2d files"):
+                                         r"layout\) cannot load; it takes faster or torchvision-videoresnet "
+                                         r"or resnet2d files"):
         models.build("r2d26_tiny", weights=str(plain))
 
 

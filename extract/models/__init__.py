@@ -1,7 +1,9 @@
-"""Clip backbones by name: the paper's R(2+1)D-50 and R2D-26 (Table 1), R3D-50 (Table 6), their tiny
-test variants, torchvision's video ResNets (r2plus1d_18, r3d_18, mc3_18), VMZ's R(2+1)D-34 / -152 and
-ir- / ip-CSN-152 (:mod:`.vmz`), and pytorchvideo's zoo models (``pv_*``, :mod:`.pv`, optional extra
-``zoo``), each loading its publisher's weights files as they are (:mod:`.layouts`).
+"""Clip backbones by name (``names()`` lists them; `faster flops --list` with their costs), one module
+per family: the paper's models, e.g. R(2+1)D-50 and R2D-26 (Table 1), R3D-50 (Table 6), and their tiny
+test variants (:mod:`.resnet`); torchvision's video ResNets (:mod:`.tv`); VMZ's published models
+(:mod:`.vmz`); pytorchvideo's zoo models (``pv_*``, :mod:`.pv`, optional extra ``zoo``). Each loads
+its publisher's weights files as they are (:mod:`.layouts`); what a backbone costs per clip is
+:mod:`.cost`.
 
 ``build(name, weights=None, seed=0)`` returns a module in eval mode mapping float (B, 3, L, H, W),
 normalised with its ``.mean``/``.std``, to the last stage's map (B, C, T', H', W'), e.g.
@@ -16,10 +18,11 @@ strings and resolved on first use, so ``names()`` is cheap (the CLI's --help sta
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable, Union
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from faster.errors import BadValue
-from faster.extract.models.flops import clip_gflops, feature_shape
+from faster.extract.models.cost import clip_gflops, feature_shape
 from faster.extract.models.weights import save_weights
 
 if TYPE_CHECKING:
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["build", "clip_gflops", "describe", "feature_shape", "get", "names", "register", "save_weights"]
 
 Builder = Callable[[], "nn.Module"]
-_REGISTRY: dict[str, Union[Builder, str]] = {}
+_REGISTRY: dict[str, Builder | str] = {}
 
 
 def register(name: str, builder: Builder | str) -> None:
@@ -58,7 +61,7 @@ def get(name: str) -> Builder:
     return builder
 
 
-def build(name: str, weights: str | None = None, seed: int = 0) -> "nn.Module":
+def build(name: str, weights: str | None = None, seed: int = 0) -> nn.Module:
     """The backbone ``name`` in eval mode, with ``weights`` or a random init deterministic in ``seed``.
 
     ``weights``: a file (our :func:`save_weights` checkpoint, or a published file as downloaded:
@@ -87,17 +90,13 @@ def describe(name: str, weights: str | None = None, seed: int = 0) -> dict:
     A torchvision weight enum is built for real (its provenance comes from torch.hub's copy)."""
     from pathlib import Path
 
-    import torch
-
-    from faster.extract.models.flops import _no_random_init
+    from faster.extract.models.cost import build_on_meta
     from faster.store.files import cached_sha256
 
     if weights is not None and not Path(weights).is_file():  # an enum, or a missing file: build tells which
         model = build(name, weights=weights, seed=seed)
     else:
-        builder = get(name)
-        with torch.device("meta"), _no_random_init():
-            model = builder()
+        model = build_on_meta(get(name))
         model.weights = f"random-init:seed={seed}" if weights is None else cached_sha256(weights)
     return {"layer": str(model.layer), "weights": str(model.weights), "mean": [float(v) for v in model.mean],
             "std": [float(v) for v in model.std]}

@@ -21,7 +21,8 @@ error. The result still goes through the strict key and shape check of
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from faster.errors import BadFile
 
@@ -35,7 +36,6 @@ FASTER = "faster"
 VIDEORESNET = "torchvision-videoresnet"
 PYTORCHVIDEO = "pytorchvideo"
 RESNET2D = "resnet2d"
-LAYOUTS = (FASTER, VIDEORESNET, PYTORCHVIDEO, RESNET2D)
 
 VMZ_BN_EPS = 1e-3  # VMZ (and ig65m-pytorch) set every BatchNorm's eps to Caffe2's 1e-3
 
@@ -64,12 +64,12 @@ def unwrap_pytorchvideo(obj: dict) -> State | None:
 
 # --- converters: (file layout, backbone layout) -> function ------------------------------------
 
-def same_layout(state: State, model: "nn.Module") -> State:
+def same_layout(state: State, model: nn.Module) -> State:
     """The file is in the backbone's own layout: key for key (torchvision / VMZ files into VMZ models, ...)."""
     return state
 
 
-def pytorchvideo_trunk(state: State, model: "nn.Module") -> State:
+def pytorchvideo_trunk(state: State, model: nn.Module) -> State:
     """pytorchvideo keys for a backbone holding ``blocks[:-1]``: drop the head block's keys (its classifier)."""
     n = len(model.blocks)
     out, dropped = {}, 0
@@ -82,7 +82,7 @@ def pytorchvideo_trunk(state: State, model: "nn.Module") -> State:
     return out
 
 
-def videoresnet_to_faster(state: State, model: "nn.Module") -> State:
+def videoresnet_to_faster(state: State, model: nn.Module) -> State:
     """torchvision ``VideoResNet`` keys, as VMZ's code saves a bottleneck network, to our bottleneck ResNet.
 
     ``stem.i`` -> ``conv1.i``; ``layerK.j`` -> ``res{K+1}.j`` with ``conv1.0`` -> ``conv1``,
@@ -118,7 +118,7 @@ def videoresnet_to_faster(state: State, model: "nn.Module") -> State:
     return out
 
 
-def inflate_resnet2d(state: State, model: "nn.Module") -> State:
+def inflate_resnet2d(state: State, model: nn.Module) -> State:
     """A 2D ResNet-50 (torchvision / timm keys) inflated into R2D-26 (the paper's cheap backbone).
 
     conv1's 7x7 kernel is repeated over the T frames of the backbone's Tx7x7 conv1 and divided by
@@ -167,7 +167,7 @@ CONVERTERS: dict[tuple[str, str], Converter] = {
 }
 
 
-def convert(state: State, layout: str, model: "nn.Module", source: str) -> State:
+def convert(state: State, layout: str, model: nn.Module, source: str) -> State:
     """``state`` (in ``layout``) in the keys of ``model``; a layout the backbone cannot take is a ValueError."""
     target = layout_of(model.state_dict())
     fn = CONVERTERS.get((layout, target))

@@ -33,7 +33,7 @@ not counted; the fc would add 0.0008 GFLOPs).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

@@ -28,7 +28,7 @@ Native inputs (VMZ's model zoo): R(2+1)D at 112 px (8 or 32 frames for -34, 32 f
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn

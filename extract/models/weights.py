@@ -32,7 +32,7 @@ _HEAD_PREFIXES = ("fc.",)
 _SHOW = 6  # keys listed per kind in a mismatch error
 
 
-def save_weights(model: "nn.Module", path: str | Path) -> str:
+def save_weights(model: nn.Module, path: str | Path) -> str:
     """Save ``model`` (built by :func:`faster.extract.models.build`) in our format; return the file's sha256."""
     import torch
 
@@ -48,7 +48,7 @@ def save_weights(model: "nn.Module", path: str | Path) -> str:
     return sha256_file(path)
 
 
-def load_weights(model: "nn.Module", weights: str | Path) -> str:
+def load_weights(model: nn.Module, weights: str | Path) -> str:
     """Load ``weights`` (a file, or a torchvision enum string for torchvision models) into ``model``.
 
     Returns the provenance string: the sha256 of the weights file.
@@ -103,7 +103,7 @@ def read_state_dict(path: str | Path, name: str | None = None, *, with_layout: b
     return (state, layouts.layout_of(state)) if with_layout else state
 
 
-def _clean(state: dict[str, "torch.Tensor"]) -> dict[str, "torch.Tensor"]:
+def _clean(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
         for prefix in _STRIP_PREFIXES:
@@ -121,7 +121,7 @@ def _listing(kind: str, keys: list[str]) -> str:
     return f"{len(keys)} {kind} [{shown}]"
 
 
-def _load_state(model: "nn.Module", state: dict[str, "torch.Tensor"], source: str, layout: str | None = None) -> None:
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, layout: str | None = None) -> None:
     expected = model.state_dict()
     # BatchNorm's batch counter carries no weights and converted files (ig65m-pytorch's) lack it
     state = dict(state)

@@ -1,19 +1,21 @@
-"""FLOPs as the paper counts them: multiply-adds (Tables 2, 4, 6).
+"""Counting multiply-adds, the paper's FLOPs (Tables 2, 4, 6), and caching the counts per user.
 
-The formulas are torch.utils.flop_counter's (its ``flop_registry``: convolutions, matrix products,
-attention), which count 2 FLOPs per multiply-add; we halve them. Counting runs on meta tensors, so
-a full-size backbone costs no real compute. Shared by extract (backbones) and aggregate
-(aggregators); it imports neither.
+``count_macs`` runs a forward under a dispatch mode that sums torch.utils.flop_counter's formulas
+(its ``flop_registry``: convolutions, matrix products, attention), which count 2 FLOPs per
+multiply-add; we halve them. Counting runs on meta tensors, so a full-size backbone costs no real
+compute. ``cached_count`` keeps a count in the per-user cache. Used by the backbones' cost
+(extract/models/cost.py) and the aggregators' (aggregate/flops.py); it imports neither.
 
 The counting mode is ours, not ``FlopCounterMode``: since torch 2.9 every TorchDispatchMode's
-``__torch_dispatch__`` is wrapped so that its first call imports torch._dynamo (1.9 s on the
-2-core CPU of BENCHMARKS.md, two thirds of `faster flops` and of an extraction's start-up). A mode
-that only counts needs none of it, so it opts out (``_should_skip_dynamo``). The per-module
-breakdown of FlopCounterMode is not needed here: we count one total.
+``__torch_dispatch__`` is wrapped so that its first call imports torch._dynamo, most of `faster
+flops`'s and an extraction's start-up (BENCHMARKS.md "Start-up"). A mode that only counts needs
+none of it, so it opts out (``_should_skip_dynamo``). FlopCounterMode's per-module breakdown is not
+needed: we count one total.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _MODE: Any = None
 
@@ -72,7 +74,7 @@ def cached_count(key: str, sources: list[str], compute: Callable[[], Any]) -> An
     """``compute()`` (JSON-able), kept in the per-user cache ($FASTER_CACHE_DIR/flops.json) under
     ``key`` plus the versions of faster and torch and the size and mtime of each file in ``sources``
     (the modules that define the network): counting runs on meta tensors, whose first use costs
-    torch's import of torch._dynamo (about 2 s here); a count already made costs nothing."""
+    torch's import of torch._dynamo (BENCHMARKS.md "Start-up"); a count already made costs nothing."""
     import os
 
     import torch

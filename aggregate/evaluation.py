@@ -1,0 +1,121 @@
+"""Scoring fitted aggregators: metrics, per-video prediction rows, and `faster evaluate`.
+
+``score`` runs a schedule's module over a loader in eval mode; ``metrics`` gives top-1/top-5/mean
+class accuracy; ``prediction_rows`` writes the per-video JSON lines that evaluate, fit's validation
+and predict share (predict imports this module, not the training code).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def score(module: Any, schedule: Any, batches: Any, device: Any, *, progress: bool = False,
+          desc: str = "evaluate") -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
+    """(probs (V, K) float32, labels (V,), indices (V,), mean loss over labelled videos, expensive
+    decisions (V, n) bool) of ``module`` under ``schedule`` (aggregate/schedule.py), in eval mode."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from faster.aggregate.data import inputs
+
+    module.eval()
+    probs, labels, indices, chosen = [], [], [], []
+    loss_sum, count = 0.0, 0
+    with torch.no_grad():
+        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+            logits, decisions = schedule.forward(module, inputs(batch, device))
+            logits = logits.float()
+            chosen.append(decisions.cpu().numpy() > 0.5)
+            y = batch["label"].to(device)
+            known = y >= 0
+            if known.any():
+                loss_sum += float(F.cross_entropy(logits[known], y[known], reduction="sum"))
+                count += int(known.sum())
+            probs.append(torch.softmax(logits, dim=-1).cpu().numpy())
+            labels.append(batch["label"].numpy().copy())  # a ThreadedLoader reuses its buffers
+            indices.append(batch["index"].numpy().copy())
+
+    def cat(parts: list[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(shape)
+
+    return (cat(probs, (0, 0)).astype(np.float32), cat(labels, (0,)).astype(np.int64),
+            cat(indices, (0,)).astype(np.int64), loss_sum / max(count, 1),
+            cat(chosen, (0, schedule.num_clips)).astype(bool))
+
+
+def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """top1, top5 (fractions) and mean per-class accuracy over the labelled videos."""
+    known = labels >= 0
+    p, y = probs[known], labels[known]
+    if not len(y):
+        return {"top1": None, "top5": None, "mean_class_acc": None, "num_labelled": 0}
+    k = min(5, p.shape[1])
+    topk = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    hit1 = topk[:, 0] == y
+    hit5 = (topk == y[:, None]).any(axis=1)
+    per_class = [hit1[y == c].mean() for c in np.unique(y)]
+    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "mean_class_acc": float(np.mean(per_class)),
+            "num_labelled": int(len(y))}
+
+
+def prediction_rows(ids: Sequence[Any], labels: Sequence[int], probs: np.ndarray, classes: Sequence[str],
+                    gflops: Any, reports: Sequence[dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+    """Per-video JSON objects: id, label, probs, top5 [[class, prob], ...], gflops (one value, or one
+    per video), and with ``reports`` each video's schedule report (num_expensive, num_cheap and, for a
+    policy, expensive_clips: aggregate/schedule.py ``Schedule.report``)."""
+    k = min(5, len(classes))
+    for i, (video_id, y, p) in enumerate(zip(ids, labels, probs)):
+        top = np.argsort(-p, kind="stable")[:k]
+        row = {"id": str(video_id), "label": int(y), "probs": [float(v) for v in p],
+               "top5": [[classes[int(c)], float(p[c])] for c in top],
+               "gflops": gflops if gflops is None or np.isscalar(gflops) else float(gflops[i])}
+        if reports is not None:
+            row.update(reports[i])
+        yield row
+
+
+def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, batch_size: int | None = None,
+             workers: int | None = None, device: str | None = None, progress: bool = True,
+             skip_bad: bool = False) -> dict[str, Any]:
+    """Score a fitted run on ``feats``; write per-video predictions (default RUN/predictions.jsonl);
+    return the metrics over the labelled videos (top1, top5, mean_class_acc) and the counts."""
+    from faster.aggregate import data, run
+    from faster.runtime import resolve_device
+    from faster.store import files, integrity
+    from faster.store.reader import FeatureSet
+
+    t0 = time.perf_counter()
+    fitted = run.Run.load(run_dir)
+    dev = resolve_device(device or "auto")
+    module = fitted.model(dev)
+    schedule = fitted.schedule
+    checked = integrity.check(feats, skip_bad=skip_bad, models=[name for name, _ in fitted.sources().values()])
+    fs = FeatureSet(feats, skip_shards=checked.bad_shards, skip_videos=checked.bad_videos)
+    fitted.check_features(fs, str(feats))
+    ds = fs.dataset(fitted.sources())
+    batches = data.loader(ds, batch_size or fitted.config["batch_size"],
+                          fitted.config["workers"] if workers is None else workers,
+                          seed=fitted.config["seed"], pin=dev.type == "cuda")
+    probs, labels, indices, loss, chosen = score(module, schedule, batches, dev, progress=progress)
+    ds.close()
+    gflops = fitted.videos_gflops(chosen)
+    path = Path(out) if out else Path(run_dir) / run.PREDICTIONS
+    files.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, fitted.classes, gflops,
+                                            [schedule.report(row) for row in chosen]))
+    result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)),
+              "gflops_per_video": None if gflops is None or not len(gflops) else float(np.mean(gflops)),
+              "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
+              "agg": fitted.agg, "pattern": fitted.pattern, "num_clips": fitted.num_clips, "predictions": str(path),
+              "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
+              "seconds": round(time.perf_counter() - t0, 3)}
+    log.info("evaluate %s: %d videos, top-1 %s", run_dir, len(indices), result["top1"])
+    return result

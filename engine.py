@@ -1,0 +1,389 @@
+"""The training engine: one loop for `faster fit` (aggregators on cached maps) and, next, train-clip.
+
+What it owns, so that a command only prepares data and writes its results:
+
+* **processes** (:class:`Distributed`): one process, or DDP under ``torchrun`` (gloo on the CPU,
+  nccl on GPUs); ``--batch-size`` is per process and the global batch is it times the world size
+  (PySlowFast's and mmaction2's convention); rank 0 writes every file;
+* **the optimiser and learning rate**: AdamW or SGD (momentum, optionally Nesterov), weight decay
+  (optionally none on norm and bias parameters), linear warmup then cosine decay to 0, stepped
+  per optimiser step;
+* **precision**: fp32, bf16 autocast, or fp16 autocast with a gradient scaler; gradient clipping;
+* **state**: a checkpoint at the end of every epoch (model, optimiser, schedule, scaler, epoch,
+  every RNG state, the caller's own state), written atomically; :meth:`Engine.resume` continues
+  exactly where it stopped, so a rerun with ``--resume`` ends with the weights of an uninterrupted
+  run (tests/test_engine.py);
+* **reporting**: metrics.jsonl (a line per finished epoch, with the optimiser ``steps`` taken),
+  a progress bar on a terminal, and in a log file a line every ``log_every`` seconds with the rate
+  and the ETA.
+
+The data order is not the engine's: a caller draws each epoch's order from (seed, epoch) and takes
+its rank's share with :meth:`Distributed.shard` (equal lengths on every rank, as
+DistributedSampler pads), so a resumed epoch sees what the uninterrupted one saw.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from faster.errors import BadFile, BadValue, Incompatible
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
+STATE_FORMAT = "faster-training-state"
+STATE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place among the training processes (torchrun's RANK, WORLD_SIZE, LOCAL_RANK)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Distributed:
+        env = os.environ if env is None else env
+        try:
+            rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        except ValueError:
+            raise BadValue(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers, got {env.get('RANK')!r}, "
+                           f"{env.get('WORLD_SIZE')!r}, {env.get('LOCAL_RANK')!r}") from None
+        if world < 1 or not 0 <= rank < world:
+            raise BadValue(f"RANK {rank} is not within WORLD_SIZE {world}")
+        return cls(rank, world, local)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes."""
+        return self.rank == 0
+
+    def start(self, device: Any) -> None:
+        """Join the process group (gloo on the CPU, nccl on CUDA) when there is more than one process."""
+        import torch.distributed as dist
+
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    def stop(self) -> None:
+        import torch.distributed as dist
+
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def shard(self, order: Any) -> Any:
+        """This rank's share of an epoch's sample order: every world_size-th element from rank, the
+        order first padded by its own head to a multiple of world_size (all ranks take the same
+        number of steps)."""
+        order = np.asarray(order)
+        if not self.enabled or not len(order):
+            return order
+        pad = -len(order) % self.world_size
+        if pad:
+            order = np.concatenate([order, np.resize(order, pad)])
+        return order[self.rank::self.world_size]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every process (a picklable value: rank 0's decisions, never data read from files)."""
+        if not self.enabled:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over the processes."""
+        if not self.enabled:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+# ------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to train: the optimiser, the learning-rate schedule and the precision."""
+
+    epochs: int
+    lr: float  # the peak rate, used as given at the global batch the job runs with
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw or sgd
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    decay_norm_and_bias: bool = True  # False: no weight decay on 1-D parameters (norms, biases)
+    warmup_epochs: float = 0.0  # linear warmup from 0, then cosine to 0 over the remaining steps
+    clip_grad: float | None = None  # max global gradient norm; None: no clipping
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast and a gradient scaler)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise BadValue(f"epochs must be >= 1, got {self.epochs}")
+        if not self.lr > 0:
+            raise BadValue(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise BadValue(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadValue(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.precision not in PRECISIONS:
+            raise BadValue(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
+            raise BadValue(f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise BadValue(f"clip_grad must be > 0, got {self.clip_grad}")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """The learning rate's multiplier at optimiser step ``step`` of ``total``: linear warmup over
+    ``warmup`` steps, then half a cosine to 0 (SGDR without restarts)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+# ---------------------------------------------------------------------------------------- engine
+
+
+class Engine:
+    """Trains ``module`` (an nn.Module whose parameters with requires_grad are optimised).
+
+    ``steps_per_epoch``: optimiser steps per epoch on this rank (equal on every rank). ``state_path``:
+    where the per-epoch training state goes (None: nowhere); ``metrics_path``: metrics.jsonl.
+    ``find_unused``: DDP's find_unused_parameters (a module whose forward may skip parameters).
+    """
+
+    def __init__(self, module: Any, settings: Settings, *, device: Any, steps_per_epoch: int,
+                 dist: Distributed | None = None, state_path: str | Path | None = None,
+                 metrics_path: str | Path | None = None, progress: bool = True, log_every: float = 60.0,
+                 find_unused: bool = False):
+        import torch
+
+        self.settings, self.device = settings, device
+        self.dist = dist or Distributed()
+        self.module = module.to(device)
+        self.state_path = None if state_path is None else Path(state_path)
+        self.metrics_path = None if metrics_path is None else Path(metrics_path)
+        self.progress, self.log_every = progress, float(log_every)
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.step = 0  # optimiser steps taken
+        self.model = module
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.model = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused)
+        params = [p for p in module.parameters() if p.requires_grad]
+        s = settings
+        if s.decay_norm_and_bias:
+            groups = [{"params": params, "weight_decay": s.weight_decay}]
+        else:
+            groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": s.weight_decay},
+                      {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+        self.optimizer = (torch.optim.AdamW(groups, lr=s.lr) if s.optimizer == "adamw" else
+                          torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, nesterov=s.nesterov))
+        total = s.epochs * self.steps_per_epoch
+        warmup = int(round(s.warmup_epochs * self.steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(k, total, warmup))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=s.precision == "fp16")
+
+    # -- one epoch -------------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """The forward's precision context (bf16/fp16 autocast, or nothing for fp32)."""
+        import torch
+
+        p = self.settings.precision
+        return torch.autocast(device_type=self.device.type, dtype=torch.float16 if p == "fp16" else torch.bfloat16,
+                              enabled=p != "fp32")
+
+    def train_epoch(self, epoch: int, batches: Iterable[Any], step: Callable[[Any, Any], tuple[Any, int]],
+                    total: int | None = None) -> dict[str, Any]:
+        """Run ``step(model, batch) -> (loss, count)`` on every batch (under autocast), back-propagate,
+        clip, step the optimiser and the learning rate. ``model`` is the DDP-wrapped module under
+        torchrun: call it (its forward) for the gradients to be averaged. Returns {"train_loss"
+        (count-weighted mean over every process), "steps", "samples", "train_seconds", "data_wait"
+        (the share of the epoch spent waiting for batches)}."""
+        import torch
+
+        self.module.train()
+        s = self.settings
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        bar = _Progress(total or self.steps_per_epoch, f"epoch {epoch}/{s.epochs}",
+                        enabled=self.progress and self.dist.main, log_every=self.log_every)
+        loss_sum, count, steps, wait = 0.0, 0, 0, 0.0
+        t0 = time.perf_counter()
+        t_ready = t0
+        for batch in batches:
+            wait += time.perf_counter() - t_ready
+            with self.autocast():
+                loss, n = step(self.model, batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if s.clip_grad is not None:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            steps += 1
+            loss_sum += float(loss.detach()) * n
+            count += n
+            bar.update(loss_sum / max(count, 1))
+            t_ready = time.perf_counter()
+        bar.close()
+        seconds = time.perf_counter() - t0
+        loss_sum, count = self.dist.sum([loss_sum, float(count)])
+        return {"train_loss": loss_sum / max(count, 1), "steps": steps, "samples": int(count),
+                "train_seconds": round(seconds, 3), "data_wait": round(wait / seconds, 4) if seconds > 0 else 0.0,
+                "lr": self.optimizer.param_groups[0]["lr"]}
+
+    # -- state -----------------------------------------------------------------------------------
+    def end_epoch(self, epoch: int, row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
+        """Rank 0 appends ``row`` to metrics.jsonl, then saves the training state after ``epoch``
+        (atomically); every rank waits for it."""
+        if self.dist.main:
+            from faster.store import files
+
+            if self.metrics_path is not None:
+                files.append_jsonl(self.metrics_path, {"epoch": epoch, **row})
+            if self.state_path is not None:
+                files.replace_atomically(self.state_path, lambda tmp: _save(self.state(epoch, extra), tmp))
+        self.dist.barrier()
+
+    def state(self, epoch: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Everything :meth:`resume` needs to continue after ``epoch``, as plain containers and tensors."""
+        import torch
+
+        np_state = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": _plain(random.getstate()),
+               "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": int(epoch), "step": self.step,
+                "world_size": self.dist.world_size, "module": self.module.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "extra": extra or {}}
+
+    def resume(self, path: str | Path | None = None) -> tuple[int, dict[str, Any]]:
+        """Load the training state at ``path`` (default: ``state_path``): (the last finished epoch,
+        the caller's extra state). Every RNG is restored, so the next epoch is the one an
+        uninterrupted run would have trained. BadFile naming the file when it is not ours;
+        Incompatible when it was trained with another world size (the global batch would change)."""
+        import torch
+
+        path = Path(path or self.state_path)
+        try:
+            ck = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise BadFile(f"{path}: not a training state (torch.load with weights_only=True failed: "
+                          f"{err.__class__.__name__})") from None
+        if not isinstance(ck, dict) or ck.get("format") != STATE_FORMAT or ck.get("version") != STATE_VERSION:
+            raise BadFile(f"{path}: not a faster training state of version {STATE_VERSION}")
+        if int(ck["world_size"]) != self.dist.world_size:
+            raise Incompatible(f"{path}: trained with {ck['world_size']} processes, resumed with "
+                               f"{self.dist.world_size}: the global batch would change; resume with "
+                               f"{ck['world_size']} processes")
+        self.module.load_state_dict(ck["module"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.step = int(ck["step"])
+        rng = ck["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_tuples(rng["python"]))
+        name, keys, *rest = rng["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        if self.metrics_path is not None and self.dist.main:  # lines of epochs the state does not hold go
+            _keep_epochs(self.metrics_path, int(ck["epoch"]))
+        return int(ck["epoch"]), dict(ck["extra"])
+
+
+def _save(obj: Any, path: Path) -> None:
+    import torch
+
+    torch.save(obj, path)
+
+
+def _plain(x: Any) -> Any:
+    """Tuples as lists (torch.load with weights_only=True reads lists, ints, floats, strings)."""
+    return [_plain(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tuples(x: Any) -> Any:
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def _keep_epochs(path: Path, last: int) -> None:
+    from faster.store import files
+
+    if path.exists():
+        rows = [r for r in files.read_jsonl(path) if int(r.get("epoch", 0)) <= last]
+        files.write_jsonl(path, rows)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; in a log file a line every ``log_every`` seconds with the rate and ETA."""
+
+    def __init__(self, total: int, desc: str, *, enabled: bool, log_every: float):
+        self.total, self.desc, self.enabled, self.log_every = total, desc, enabled, log_every
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last_log = self.t0
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, leave=False)
+
+    def update(self, loss: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last_log >= self.log_every:
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+            log.info("%s: %d/%d steps, %.2f steps/s, loss %.4f, ETA %.0f s", self.desc, self.done, self.total, rate,
+                     loss, eta)
+            self.last_log = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
