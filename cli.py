@@ -206,6 +206,85 @@ def extract(**kw) -> None:
         raise click.ClickException(f"{failed} videos failed (--strict)")
 
 
+@cli.command("train-clip")
+@click.argument("video_root", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--model", required=True, help=MODEL_HELP + ".")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False),
+              help="Start the backbone from this weights file (a zoo file or ours); the head is always new.")
+@click.option("--val", type=click.Path(exists=True, file_okay=False),
+              help="Validation videos [default: the annotations' val split, else --val-fraction of VIDEO_ROOT].")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="CSV: path,label or Kinetics (its split column chooses train / val).")
+@click.option("--val-annotations", type=click.Path(exists=True, dir_okay=False), help="CSV for --val.")
+@click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
+              help="Class names, one per line (fixes the label indices).")
+@click.option("--val-fraction", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Without --val or a split column: the fraction of videos held out (chosen by hashing ids).")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
+              help="Clips per step and process: under torchrun the global batch is this x the number of processes; "
+                   "batch-norm statistics see the per-process batch.")
+@click.option("--lr", default=0.0125, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Peak SGD rate, used as given at the global batch the job runs with (no automatic scaling). "
+                   "Scale it linearly with the global batch: 0.1 at 64 (PySlowFast's Kinetics recipe) is 0.0125 at 8.")
+@click.option("--momentum", default=0.9, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--nesterov/--no-nesterov", default=True, show_default=True)
+@click.option("--weight-decay", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Not applied to norm and bias parameters.")
+@click.option("--warmup-epochs", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Linear warmup from 0, then cosine to 0.")
+@click.option("--dropout", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--label-smoothing", default=0.0, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--sync-bn", is_flag=True, help="Synchronise batch-norm statistics over the processes (CUDA only).")
+@click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1), help="L, frames per clip.")
+@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8),
+              help="Crop side; the short side is jittered in [256, 320] x size / 224.")
+@click.option("--no-flip", "flip", is_flag=True, flag_value=False, default=True,
+              help="No horizontal flips (classes a flip changes, e.g. left/right motion).")
+@click.option("--val-clips", type=click.IntRange(1), help="Uniform clips per validation video [default: 256 // clip-len].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="auto: bf16 autocast on CUDA devices that support it, else fp32.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Decoding processes per process.")
+@click.option("--decoder", default="auto", show_default=True, type=click.Choice(DECODERS), help=DECODER_HELP)
+@click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds before a hung decode is killed and the video replaced.")
+@click.option("--save-every", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Minutes between training-state saves inside an epoch (also saved after every epoch).")
+@click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in -o where its last save left it.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in -o.")
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
+def train_clip(**kw) -> None:
+    """Train a clip backbone and a new head on labelled videos (the paper's first stage).
+
+    \b
+    Writes RUN/config.json, metrics.jsonl (a line per epoch: val video@1 and clip@1, data wait),
+    last.pt (the training state: --resume), model.pt (the best weights by val video@1, read by
+    `faster extract --weights NAME=RUN/model.pt`), failures.jsonl and result.json. Under torchrun
+    the processes train one model with DDP (--batch-size is per process).
+    e.g. faster train-clip videos/ -o runs/r2d26 --model r2d26 --epochs 30 --lr 0.0125
+    """
+    from faster.engine import Distributed
+    from faster.train.clip import TrainClipConfig, train_clip as run_train
+
+    try:
+        dist = Distributed.from_env()
+        r = run_train(TrainClipConfig(**kw), dist=dist, echo=lambda line: click.echo(line, err=True))
+    except UserError as err:
+        _fail(err)
+    if not dist.main:
+        return
+    top = "-" if r["video_top1"] is None else f"{r['video_top1']:.4f}"
+    clip = "-" if r["clip_top1"] is None else f"{r['clip_top1']:.4f}"
+    click.echo(f"{r['model']}: val video@1 {top}, clip@1 {clip} (epoch {r['best_epoch']} of {r['epochs']}); "
+               f"{r['num_train']} train / {r['num_val']} val videos, {r['num_classes']} classes, "
+               f"{r['failures']} failed; global batch {r['global_batch_size']}; {r['seconds']:.1f} s -> {r['weights']}")
+
+
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--repair", is_flag=True,

@@ -10,9 +10,11 @@ What it owns, so that a command only prepares data and writes its results:
   per optimiser step;
 * **precision**: fp32, bf16 autocast, or fp16 autocast with a gradient scaler; gradient clipping;
 * **state**: a checkpoint at the end of every epoch (model, optimiser, schedule, scaler, epoch,
-  every RNG state, the caller's own state), written atomically; :meth:`Engine.resume` continues
-  exactly where it stopped, so a rerun with ``--resume`` ends with the weights of an uninterrupted
-  run (tests/test_engine.py);
+  every RNG state, the caller's own state), and with ``save_every`` one inside an epoch every so
+  many seconds (with the steps done and the caller's data position: train-clip's epochs take
+  hours), written atomically; :meth:`Engine.resume` continues exactly where it stopped, so a rerun
+  with ``--resume`` ends with the weights of an uninterrupted run (tests/test_engine.py,
+  tests/test_train_clip.py);
 * **reporting**: metrics.jsonl (a line per finished epoch, with the optimiser ``steps`` taken),
   a progress bar on a terminal, and in a log file a line every ``log_every`` seconds with the rate
   and the ETA.
@@ -119,6 +121,22 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (picklable), in rank order, on every process."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on some process (one collective: every process must call it)."""
+        if not self.enabled:
+            return bool(flag)
+        return self.sum([float(bool(flag))])[0] > 0
+
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise sum over the processes."""
         if not self.enabled:
@@ -200,6 +218,7 @@ class Engine:
         self.progress, self.log_every = progress, float(log_every)
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
         self.step = 0  # optimiser steps taken
+        self.partial: dict[str, Any] | None = None  # after resume: the interrupted epoch's progress, if any
         self.model = module
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -230,22 +249,35 @@ class Engine:
                               enabled=p != "fp32")
 
     def train_epoch(self, epoch: int, batches: Iterable[Any], step: Callable[[Any, Any], tuple[Any, int]],
-                    total: int | None = None) -> dict[str, Any]:
+                    total: int | None = None, *, save_every: float | None = None,
+                    position: Callable[[], Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Run ``step(model, batch) -> (loss, count)`` on every batch (under autocast), back-propagate,
         clip, step the optimiser and the learning rate. ``model`` is the DDP-wrapped module under
         torchrun: call it (its forward) for the gradients to be averaged. Returns {"train_loss"
         (count-weighted mean over every process), "steps", "samples", "train_seconds", "data_wait"
-        (the share of the epoch spent waiting for batches)}."""
+        (the share of the epoch spent waiting for batches)}.
+
+        ``save_every`` (seconds): also save the training state inside the epoch when that long has
+        passed since the last save (rank 0's clock decides, every rank follows), with ``position()``
+        of every rank (where its data stream stands: picklable) and ``extra``. When :meth:`resume`
+        found such a state for this epoch, ``batches`` must start where ``partial["positions"]``
+        says; the counters (loss, samples, seconds) continue from it."""
         import torch
 
         self.module.train()
         s = self.settings
         params = [p for p in self.module.parameters() if p.requires_grad]
+        start = self.partial if self.partial is not None and self.partial.get("epoch") == epoch else None
+        self.partial = None
         bar = _Progress(total or self.steps_per_epoch, f"epoch {epoch}/{s.epochs}",
-                        enabled=self.progress and self.dist.main, log_every=self.log_every)
-        loss_sum, count, steps, wait = 0.0, 0, 0, 0.0
+                        enabled=self.progress and self.dist.main, log_every=self.log_every,
+                        done=int(start["steps"]) if start else 0)
+        loss_sum, count, steps, wait, before = 0.0, 0, 0, 0.0, 0.0
+        if start:
+            loss_sum, count, steps = float(start["loss_sum"]), int(start["count"]), int(start["steps"])
+            wait, before = float(start["wait"]), float(start["seconds"])
         t0 = time.perf_counter()
-        t_ready = t0
+        t_ready = t_saved = t0
         for batch in batches:
             wait += time.perf_counter() - t_ready
             with self.autocast():
@@ -263,9 +295,16 @@ class Engine:
             loss_sum += float(loss.detach()) * n
             count += n
             bar.update(loss_sum / max(count, 1))
+            if save_every is not None and self.state_path is not None and steps < self.steps_per_epoch and \
+                    self.dist.any(self.dist.main and time.perf_counter() - t_saved >= save_every):
+                partial = {"epoch": epoch, "steps": steps, "loss_sum": loss_sum, "count": count, "wait": wait,
+                           "seconds": before + time.perf_counter() - t0,
+                           "positions": self.dist.gather(position() if position else None)}
+                self._save_state(epoch - 1, extra, partial)
+                t_saved = time.perf_counter()
             t_ready = time.perf_counter()
         bar.close()
-        seconds = time.perf_counter() - t0
+        seconds = before + time.perf_counter() - t0
         loss_sum, count = self.dist.sum([loss_sum, float(count)])
         return {"train_loss": loss_sum / max(count, 1), "steps": steps, "samples": int(count),
                 "train_seconds": round(seconds, 3), "data_wait": round(wait / seconds, 4) if seconds > 0 else 0.0,
@@ -280,11 +319,20 @@ class Engine:
 
             if self.metrics_path is not None:
                 files.append_jsonl(self.metrics_path, {"epoch": epoch, **row})
-            if self.state_path is not None:
-                files.replace_atomically(self.state_path, lambda tmp: _save(self.state(epoch, extra), tmp))
+        self._save_state(epoch, extra)
+
+    def _save_state(self, epoch: int, extra: dict[str, Any] | None, partial: dict[str, Any] | None = None) -> None:
+        """Rank 0 writes the state after ``epoch`` (and ``partial``: the next epoch's progress) atomically; all wait."""
+        if self.dist.main and self.state_path is not None:
+            from faster.store import files
+
+            files.replace_atomically(self.state_path, lambda tmp: _save(self.state(epoch, extra, partial), tmp))
+            if partial is not None:
+                log.info("saved the training state at step %d of epoch %d", partial["steps"], partial["epoch"])
         self.dist.barrier()
 
-    def state(self, epoch: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    def state(self, epoch: int, extra: dict[str, Any] | None = None,
+              partial: dict[str, Any] | None = None) -> dict[str, Any]:
         """Everything :meth:`resume` needs to continue after ``epoch``, as plain containers and tensors."""
         import torch
 
@@ -296,12 +344,14 @@ class Engine:
         return {"format": STATE_FORMAT, "version": STATE_VERSION, "epoch": int(epoch), "step": self.step,
                 "world_size": self.dist.world_size, "module": self.module.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng, "extra": extra or {}}
+                "scaler": self.scaler.state_dict(), "rng": rng, "extra": extra or {}, "partial": partial}
 
     def resume(self, path: str | Path | None = None) -> tuple[int, dict[str, Any]]:
         """Load the training state at ``path`` (default: ``state_path``): (the last finished epoch,
         the caller's extra state). Every RNG is restored, so the next epoch is the one an
-        uninterrupted run would have trained. BadFile naming the file when it is not ours;
+        uninterrupted run would have trained. A state saved inside an epoch sets ``self.partial``
+        (the epoch, its steps done and every rank's data ``positions``), which the next
+        :meth:`train_epoch` of that epoch continues. BadFile naming the file when it is not ours;
         Incompatible when it was trained with another world size (the global batch would change)."""
         import torch
 
@@ -322,6 +372,7 @@ class Engine:
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
         self.step = int(ck["step"])
+        self.partial = ck.get("partial")
         rng = ck["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_tuples(rng["python"]))
@@ -332,6 +383,38 @@ class Engine:
         if self.metrics_path is not None and self.dist.main:  # lines of epochs the state does not hold go
             _keep_epochs(self.metrics_path, int(ck["epoch"]))
         return int(ck["epoch"]), dict(ck["extra"])
+
+
+def check_run_dir(out: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool, done: str,
+                  partial: tuple[str, ...], state: str, free: tuple[str, ...], what: str) -> bool:
+    """Whether a training command resumes the interrupted run in ``out``: a finished run there (its
+    ``done`` file) is refused without ``overwrite``; an interrupted one (any of ``partial``) without
+    ``resume`` or ``overwrite``; a resume whose config.json differs outside the ``free`` keys
+    (those that may change between attempts: device, workers, ...) is Incompatible, naming them.
+    ``what`` names the run in messages ("fit", "train-clip")."""
+    from faster.store import files
+
+    out = Path(out)
+    if overwrite:
+        return False
+    if (out / done).exists():
+        held = [name for name in ("config.json", *partial, done) if (out / name).exists()]
+        raise BadValue(f"{out} already holds a run ({', '.join(dict.fromkeys(held))}); pass --overwrite to replace "
+                       f"it, or choose another -o")
+    found = [name for name in partial if (out / name).exists()]
+    if not found:
+        if resume:
+            log.warning("%s holds no interrupted %s to resume: starting from the first epoch", out, what)
+        return False
+    if not resume:
+        raise BadValue(f"{out} holds an interrupted {what} ({', '.join(found)}, no {done}); pass --resume to "
+                       f"continue it or --overwrite to start again")
+    before = files.read_json(out / "config.json") or {}
+    differ = sorted(k for k in set(before) | set(config) if k not in free and before.get(k) != config.get(k))
+    if differ:
+        raise Incompatible(f"--resume {out}: the interrupted {what} ran with other settings ({', '.join(differ)}); "
+                           f"resume with the same arguments or pass --overwrite")
+    return (out / state).exists()
 
 
 def _save(obj: Any, path: Path) -> None:
@@ -360,15 +443,15 @@ def _keep_epochs(path: Path, last: int) -> None:
 class _Progress:
     """A tqdm bar on a terminal; in a log file a line every ``log_every`` seconds with the rate and ETA."""
 
-    def __init__(self, total: int, desc: str, *, enabled: bool, log_every: float):
+    def __init__(self, total: int, desc: str, *, enabled: bool, log_every: float, done: int = 0):
         self.total, self.desc, self.enabled, self.log_every = total, desc, enabled, log_every
-        self.done, self.t0 = 0, time.perf_counter()
+        self.done, self.first, self.t0 = done, done, time.perf_counter()
         self.last_log = self.t0
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, leave=False)
+            self.bar = tqdm(total=total, initial=done, desc=desc, leave=False)
 
     def update(self, loss: float) -> None:
         self.done += 1
@@ -378,7 +461,7 @@ class _Progress:
             return
         now = time.perf_counter()
         if self.enabled and now - self.last_log >= self.log_every:
-            rate = self.done / (now - self.t0)
+            rate = (self.done - self.first) / (now - self.t0)
             eta = (self.total - self.done) / rate if rate > 0 else float("nan")
             log.info("%s: %d/%d steps, %.2f steps/s, loss %.4f, ETA %.0f s", self.desc, self.done, self.total, rate,
                      loss, eta)

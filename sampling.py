@@ -68,6 +68,11 @@ class Sampling:
     order (predict on a fitted run's subset): their frames are exactly those a full decode gives
     at those positions. Validated once, here: every count >= 1, positions distinct and in
     [0, num_clips) (stored as a tuple of ints).
+
+    Training (``faster train-clip``) decodes one clip per video differently: ``start``, a fraction
+    in [0, 1], puts the one clip (``num_clips`` must be 1) at frame round(start * (frames - span))
+    instead of the middle, and ``short_side`` resizes the short side to that many pixels instead of
+    size * 8/7 (>= ``size``; equal to it keeps the centre square).
     """
 
     clip_len: int
@@ -75,12 +80,30 @@ class Sampling:
     size: int
     frame_stride: int = 1
     positions: tuple[int, ...] | None = None
+    short_side: int | None = None
+    start: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("clip_len", "num_clips", "size", "frame_stride"):
             object.__setattr__(self, name, _count(name, getattr(self, name)))
         if self.positions is not None:
             object.__setattr__(self, "positions", _positions(self.positions, self.num_clips))
+        if self.short_side is not None:
+            short = _count("short_side", self.short_side)
+            if short < self.size:
+                raise BadValue(f"short_side must be >= size {self.size}, got {short}")
+            object.__setattr__(self, "short_side", short)
+        if self.start is not None:
+            if self.num_clips != 1:
+                raise BadValue(f"a clip start is for one clip per video, got num_clips={self.num_clips}")
+            if not 0.0 <= float(self.start) <= 1.0:
+                raise BadValue(f"clip start must be a fraction in [0, 1], got {self.start!r}")
+            object.__setattr__(self, "start", float(self.start))
+
+    @property
+    def resize_short(self) -> int:
+        """The short side frames are resized to before the centre crop."""
+        return self.short_side if self.short_side is not None else round_half_up(self.size * 8 / 7)
 
     @property
     def clips(self) -> int:
@@ -99,6 +122,8 @@ class Sampling:
 
     def starts(self, num_frames: int) -> list[int]:
         """First frame of each decoded clip of a video of ``num_frames`` frames (at ``positions`` only)."""
+        if self.start is not None:
+            return [round_half_up(self.start * max(num_frames - self.span, 0))]
         starts = clip_starts(num_frames, self.num_clips, self.clip_len, self.frame_stride)
         return starts if self.positions is None else [starts[p] for p in self.positions]
 

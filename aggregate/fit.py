@@ -419,30 +419,12 @@ def prepare(cfg: FitConfig, device: Any) -> _Prepared:
 
 
 def _check_out(cfg: FitConfig, config: dict[str, Any]) -> bool:
-    """Whether the fit resumes an interrupted one in ``cfg.out``; refuses a finished run there
-    (without --overwrite), an interrupted one without --resume or --overwrite, and a resume with
-    other settings."""
-    out = Path(cfg.out)
-    if cfg.overwrite:
-        return False
-    if (out / run.RESULT).exists():
-        held = [name for name in (run.CONFIG, run.CHECKPOINT, run.RESULT) if (out / name).exists()]
-        raise BadValue(f"{out} already holds a run ({', '.join(held)}); pass --overwrite to replace it, "
-                       f"or choose another -o")
-    partial = [name for name in (run.CONFIG, run.TRAINING_STATE, run.METRICS, run.CHECKPOINT) if (out / name).exists()]
-    if not partial:
-        if cfg.resume:
-            log.warning("%s holds no interrupted fit to resume: starting from the first epoch", out)
-        return False
-    if not cfg.resume:
-        raise BadValue(f"{out} holds an interrupted fit ({', '.join(partial)}, no {run.RESULT}); pass --resume to "
-                       f"continue it or --overwrite to start again")
-    before = files.read_json(out / run.CONFIG) or {}
-    differ = sorted(k for k in set(before) | set(config) if k not in RESUME_FREE and before.get(k) != config.get(k))
-    if differ:
-        raise Incompatible(f"--resume {out}: the interrupted fit ran with other settings ({', '.join(differ)}); "
-                           f"resume with the same arguments or pass --overwrite")
-    return (out / run.TRAINING_STATE).exists()
+    """Whether the fit resumes an interrupted one in ``cfg.out`` (faster.engine.check_run_dir)."""
+    from faster.engine import check_run_dir
+
+    return check_run_dir(cfg.out, config, resume=cfg.resume, overwrite=cfg.overwrite, done=run.RESULT,
+                         partial=(run.CONFIG, run.TRAINING_STATE, run.METRICS, run.CHECKPOINT),
+                         state=run.TRAINING_STATE, free=RESUME_FREE, what="fit")
 
 
 def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:

@@ -8,7 +8,8 @@ had queued go to other workers. Each worker owns ``prefetch`` frame buffers in s
 the last. Workers are recycled every ``recycle_every`` videos (decord leaks a little).
 ``InlineDecoder`` (``workers=0``) decodes in the calling process, without overlap or timeout.
 
-Both take the clips to decode as one faster.sampling.Sampling and the ``decoder`` (auto, decord
+Both take the clips to decode as one faster.sampling.Sampling (or, ``samplings``, one per item of
+that shape: train-clip's random clip of each video) and the ``decoder`` (auto, decord
 or pyav), decode each video with ``faster.extract.video.decode_clips``, iterate over Decoded /
 Failed results (``for r in decoder``) and close as context managers. Around each decode the
 process's stderr (file descriptor 2, where decord's C++ log and FFmpeg write) goes to a file: a
@@ -139,9 +140,9 @@ def _decode_worker(conn, sampling: Sampling, decoder: str, log_path: str | None,
                 break
             if msg[0] == "stop":
                 break
-            _, task_id, path, buf, video_id = msg
+            _, task_id, path, buf, video_id, own = msg
             out = arrays[buf] if arrays else None
-            r = _decode_one(path, sampling, decoder, sink, video_id, out=out)
+            r = _decode_one(path, own or sampling, decoder, sink, video_id, out=out)
             if r[0] == "ok":
                 d = r[1]
                 conn.send(("ok", task_id, {"num_frames": d.num_frames, "fps": d.fps, "clip_start": d.clip_start,
@@ -211,6 +212,19 @@ def _main_not_reimported(ignore_signals: bool = False):
             signal.signal(sig, handler)
 
 
+def _jobs(items: list[video.VideoItem], sampling: Sampling,
+          samplings: list[Sampling] | None) -> list[tuple[int, video.VideoItem, Sampling | None]]:
+    """(index, item, its own sampling or None) per item; every own sampling must decode to ``sampling.shape``."""
+    if samplings is None:
+        return [(i, item, None) for i, item in enumerate(items)]
+    if len(samplings) != len(items):
+        raise BadValue(f"{len(samplings)} samplings for {len(items)} videos: give one per video")
+    for s in samplings:
+        if s.shape != sampling.shape:
+            raise BadValue(f"a video's sampling decodes {s.shape}, the decoder's buffers hold {sampling.shape}")
+    return list(zip(range(len(items)), items, samplings))
+
+
 @dataclass
 class Decoded:
     """A decoded video handed to the model loop: ``frames`` is a (N, L, S, S, 3) uint8 tensor."""
@@ -222,6 +236,7 @@ class Decoded:
     clip_start: list[int]
     short: bool
     decoder: str = "decord"  # which decoder read it (video.DecodedVideo.decoder)
+    index: int = -1  # the item's position in the list given to the decoder
 
 
 @dataclass
@@ -230,6 +245,7 @@ class Failed:
     stage: str
     error: str
     extra: dict[str, Any] = field(default_factory=dict)  # for the failure record: "errors" per decoder, "log"
+    index: int = -1  # the item's position in the list given to the decoder
 
 
 class _Slot:
@@ -241,7 +257,7 @@ class _Slot:
         self.conn = None
         self.buffers: list[Any] = []  # SharedMemory objects
         self.arrays: list[np.ndarray] = []
-        self.tasks: deque = deque()  # (task_id, item, buf) in the order the worker runs them
+        self.tasks: deque = deque()  # (task_id, (index, item, sampling), buf) in the order the worker runs them
         self.free: list[int] = []
         self.ready = False
         self.since = 0.0  # when the head task started
@@ -287,7 +303,8 @@ class DecodePool(_Decoder):
     """
 
     def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, workers: int, timeout: float = 300.0,
-                 pin_memory: bool = False, recycle_every: int = 200, prefetch: int = 2, decoder: str = "auto"):
+                 pin_memory: bool = False, recycle_every: int = 200, prefetch: int = 2, decoder: str = "auto",
+                 samplings: list[Sampling] | None = None):
         if workers < 1:
             raise BadValue(f"DecodePool needs workers >= 1, got {workers}")
         self.sampling, self.decoder = sampling, video.check_decoder(decoder)
@@ -305,7 +322,7 @@ class DecodePool(_Decoder):
         self.prefetch = max(1, prefetch)
         self.results: queue.Queue = queue.Queue()
         self.max_ready = max(2, workers)  # decoded videos waiting for the model, at most
-        self._todo = deque(items)
+        self._todo = deque(_jobs(items, sampling, samplings))
         self._stop = threading.Event()
         self._task_id = 0
         self._ctx = mp_context()
@@ -363,15 +380,15 @@ class DecodePool(_Decoder):
     def _requeue_rest(self, slot: _Slot) -> None:
         """The tasks behind the head of a dead worker go back to the front of the queue, in order."""
         rest = list(slot.tasks)[1:]
-        for _, item, _ in reversed(rest):
-            self._todo.appendleft(item)
+        for _, job, _ in reversed(rest):
+            self._todo.appendleft(job)
 
     def _fail_head(self, slot: _Slot, stage: str, error: str) -> None:
-        _, item, _ = slot.tasks[0]
+        _, (index, item, _), _ = slot.tasks[0]
         self._requeue_rest(slot)
         self._kill(slot)
         text = read_log(slot.log_path)
-        self.results.put(Failed(item, stage, error, {"log": text} if text else {}))
+        self.results.put(Failed(item, stage, error, {"log": text} if text else {}, index))
         if not self._stop.is_set():
             self._start(slot)
 
@@ -382,7 +399,7 @@ class DecodePool(_Decoder):
         if msg[0] == "ready":
             slot.ready, slot.since = True, time.monotonic()
             return
-        task_id, item, buf = slot.tasks.popleft()
+        task_id, (index, item, _), buf = slot.tasks.popleft()
         assert msg[1] == task_id, f"decode worker answered task {msg[1]}, expected {task_id}"
         if msg[0] == "ok":
             meta = msg[2]
@@ -392,9 +409,9 @@ class DecodePool(_Decoder):
             else:
                 slot.conn.recv_bytes_into(memoryview(frames.numpy()).cast("B"))
             self.results.put(Decoded(item, frames, meta["num_frames"], meta["fps"], meta["clip_start"], meta["short"],
-                                     meta.get("decoder", "decord")))
+                                     meta.get("decoder", "decord"), index))
         else:
-            self.results.put(Failed(item, msg[2], msg[3], msg[4]))
+            self.results.put(Failed(item, msg[2], msg[3], msg[4], index))
         slot.free.append(buf)
         slot.since = time.monotonic()
 
@@ -403,15 +420,16 @@ class DecodePool(_Decoder):
             while (slot.free and self._todo and slot.sent < self.recycle_every
                    and self.results.qsize() + self._in_flight() < self.max_ready + len(self.slots) * self.prefetch
                    and self.results.qsize() < self.max_ready):
-                item = self._todo.popleft()
+                job = self._todo.popleft()
+                _, item, own = job
                 buf = slot.free.pop()
                 self._task_id += 1
                 if not slot.tasks:
                     slot.since = time.monotonic()
-                slot.tasks.append((self._task_id, item, buf))
+                slot.tasks.append((self._task_id, job, buf))
                 slot.sent += 1
                 try:
-                    slot.conn.send(("task", self._task_id, str(item.path), buf, item.id))
+                    slot.conn.send(("task", self._task_id, str(item.path), buf, item.id, own))
                 except OSError:  # the worker died: the wait below sees its sentinel and handles it
                     break
             if slot.sent >= self.recycle_every and not slot.tasks and self._todo:
@@ -470,7 +488,7 @@ class DecodePool(_Decoder):
                 now = time.monotonic()
                 for s in self.slots:
                     if s.tasks and s.ready and now - s.since > self.timeout:
-                        log.warning("%s: no frames after %.0f s; killing its decoder", s.tasks[0][1].id, self.timeout)
+                        log.warning("%s: no frames after %.0f s; killing its decoder", s.tasks[0][1][1].id, self.timeout)
                         self._fail_head(s, "timeout", f"decoding took longer than {self.timeout:g} s; worker killed")
                     elif not s.ready and now - s.since > max(120.0, self.timeout):
                         raise RuntimeError(f"a decode worker did not start within {max(120.0, self.timeout):.0f} s")
@@ -522,9 +540,10 @@ class InlineDecoder(_Decoder):
     for the decode meanwhile, so little else is writing).
     """
 
-    def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, decoder: str = "auto"):
+    def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, decoder: str = "auto",
+                 samplings: list[Sampling] | None = None):
         self.sampling, self.decoder = sampling, video.check_decoder(decoder)
-        self._todo = deque(items)
+        self._todo = deque(_jobs(items, sampling, samplings))
         self._sink = None
 
     def get(self, timeout: float = 0.1) -> Decoded | Failed | None:
@@ -532,14 +551,14 @@ class InlineDecoder(_Decoder):
 
         if not self._todo:
             return None
-        item = self._todo.popleft()
+        index, item, own = self._todo.popleft()
         if self._sink is None:
             self._sink = tempfile.TemporaryFile()
-        r = _decode_one(item.path, self.sampling, self.decoder, self._sink, item.id)
+        r = _decode_one(item.path, own or self.sampling, self.decoder, self._sink, item.id)
         if r[0] == "err":
-            return Failed(item, r[1], r[2], r[3])
+            return Failed(item, r[1], r[2], r[3], index)
         d = r[1]
-        return Decoded(item, torch.from_numpy(d.frames), d.num_frames, d.fps, d.clip_start, d.short, d.decoder)
+        return Decoded(item, torch.from_numpy(d.frames), d.num_frames, d.fps, d.clip_start, d.short, d.decoder, index)
 
     def close(self) -> None:
         self._todo.clear()

@@ -293,20 +293,21 @@ class DecodeError(Exception):
         self.errors = errors or {}
 
 
-def resize_size(height: int, width: int, size: int) -> tuple[int, int]:
-    """(h, w) after resizing the short side to round(size * 8 / 7), keeping the aspect ratio."""
-    short = round_half_up(size * 8 / 7)
+def resize_size(height: int, width: int, size: int, short: int | None = None) -> tuple[int, int]:
+    """(h, w) after resizing the short side to ``short`` (default round(size * 8 / 7)), keeping the aspect ratio."""
+    short = round_half_up(size * 8 / 7) if short is None else short
     if height <= width:
         return short, max(short, round_half_up(width * short / height))
     return max(short, round_half_up(height * short / width)), short
 
 
-def resize_crop(frames: Any, size: int) -> Any:
-    """(k, H, W, 3) uint8 tensor -> (k, size, size, 3) uint8: short side to size*8/7 (antialiased bilinear), centre crop."""
+def resize_crop(frames: Any, size: int, short: int | None = None) -> Any:
+    """(k, H, W, 3) uint8 tensor -> (k, size, size, 3) uint8: short side to ``short`` (default
+    size*8/7; antialiased bilinear), centre crop."""
     from torch.nn import functional
 
     k, h, w, _ = frames.shape
-    rh, rw = resize_size(h, w, size)
+    rh, rw = resize_size(h, w, size, short)
     x = frames.permute(0, 3, 1, 2)  # (k, 3, H, W), a channels-last view: the fast uint8 path
     if (rh, rw) != (h, w):
         x = functional.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
@@ -355,6 +356,7 @@ class _Frames:
         elif out.shape != shape or out.dtype != np.uint8:
             raise BadValue(f"out buffer is {out.shape} {out.dtype}, need {shape} uint8")
         self.out, self.starts, self.size, self.num_frames = out, starts, sampling.size, num_frames
+        self.short_side = sampling.resize_short
         self.short = num_frames < sampling.span
         self._dest = torch.from_numpy(out).view(sampling.clips * sampling.clip_len, sampling.size, sampling.size, 3)
 
@@ -362,7 +364,7 @@ class _Frames:
         """``chunk`` (b - a, H, W, 3) uint8: the decoded frames ``unique[a:b]``."""
         import torch
 
-        small = resize_crop(torch.from_numpy(chunk), self.size)  # (k, size, size, 3)
+        small = resize_crop(torch.from_numpy(chunk), self.size, self.short_side)  # (k, size, size, 3)
         mask = (self.inverse >= a) & (self.inverse < b)
         where = torch.from_numpy(np.nonzero(mask)[0])
         self._dest[where] = small[torch.from_numpy(self.inverse[mask] - a)]
