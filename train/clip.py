@@ -101,6 +101,12 @@ class TrainClipConfig:
             raise BadValue(f"--workers must be >= 0, got {self.workers}")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise BadValue(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        from faster.extract import models
+
+        from faster.extract.models.cost import feature_shape
+
+        models.get(self.model)  # BadValue naming an unknown backbone, before any video is read
+        feature_shape(self.model, self.clip_len, self.size)  # the backbone's own error for a clip it cannot take
 
     @property
     def num_val_clips(self) -> int:
@@ -269,6 +275,7 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
         raise BadValue("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on the CPU)")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    model = build_classifier(cfg.model, len(videos.classes), init=cfg.init, dropout=cfg.dropout, seed=cfg.seed)
     dist.start(device)
     try:
         decision: Any = check_run_dir(out, config, resume=cfg.resume, overwrite=cfg.overwrite, done=RESULT,
@@ -281,6 +288,7 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
         dist.stop()
         raise decision
     resuming = bool(decision)
+    created = not out.exists()
     try:
         if dist.main:
             if not resuming:
@@ -294,7 +302,6 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
             if dist.main:
                 files.append_jsonl(out / FAILURES, {"id": it.id, "stage": "missing", "error": it.error or "not found",
                                                     "phase": "train"})
-        model = build_classifier(cfg.model, len(videos.classes), init=cfg.init, dropout=cfg.dropout, seed=cfg.seed)
         if cfg.sync_bn and dist.enabled:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         aug = Augment.paper(cfg.clip_len, cfg.size, cfg.frame_stride, cfg.flip)
@@ -316,13 +323,14 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
         for epoch in range(first, cfg.epochs + 1):
             t_epoch = time.perf_counter()
             partial = engine.partial if engine.partial and engine.partial.get("epoch") == epoch else None
-            start = int(partial["positions"][dist.rank]) if partial else 0
             stream = EpochStream(videos.train, seed=cfg.seed, epoch=epoch, dist=dist, batch_size=cfg.batch_size, aug=aug,
                                  workers=cfg.workers, decoder=cfg.decoder, timeout=cfg.timeout,
-                                 pin_memory=device.type == "cuda", start=start,
+                                 pin_memory=device.type == "cuda",
+                                 start=int(partial["positions"][dist.rank]) if partial else 0,
+                                 done=int(partial["steps"]) if partial else 0,
                                  on_failure=lambda f, e=epoch: failures.add(f, "train", e))
-            stats = engine.train_epoch(epoch, _limited(stream, steps - (int(partial["steps"]) if partial else 0)), step,
-                                       save_every=cfg.save_every * 60, position=stream.position, extra={"best": best})
+            stats = engine.train_epoch(epoch, stream, step, save_every=cfg.save_every * 60, position=stream.position,
+                                       extra={"best": best})
             n_failed = failures.flush()
             val_row = _validate(cfg, model, videos, dist, device, engine, failures, epoch) if videos.val else {}
             n_failed = failures.flush()
@@ -359,23 +367,16 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
                       "seconds": round(time.perf_counter() - t0, 3), "device": str(device)}
             files.write_json(out / RESULT, result)
         dist.barrier()
+    except BaseException:
+        if dist.main and not (out / STATE).exists():  # nothing resumable yet: leave no half run that looks like one
+            for name in (CONFIG, METRICS, MODEL, FAILURES):
+                (out / name).unlink(missing_ok=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
     finally:
         dist.stop()
     return result if result is not None else files.read_json(out / RESULT)
-
-
-def _limited(stream: Any, steps: int) -> Any:
-    """The stream's first ``steps`` batches (the epoch's rest after a resume); its decoders close after the last."""
-    if steps <= 0:
-        return
-    batches = iter(stream)
-    try:
-        for k, batch in enumerate(batches, start=1):
-            yield batch
-            if k >= steps:
-                return
-    finally:
-        batches.close()
 
 
 def _provenance(cfg: TrainClipConfig, videos: Videos, epoch: int, val_row: dict[str, Any]) -> dict[str, Any]:

@@ -122,13 +122,13 @@ class EpochStream:
     The order is a permutation drawn from (seed, epoch); the rank takes its share
     (:meth:`faster.engine.Distributed.shard`), followed by a reshuffled copy of that share from
     which failed videos are replaced. ``steps`` batches are taken: len(share) // batch_size (at
-    least one). ``start`` skips the stream's first ``start`` entries (a resumed epoch);
-    :meth:`position` is where the next batch starts.
+    least one). A resumed epoch passes ``start`` (the stream entries used so far: the saved
+    :meth:`position`) and ``done`` (the batches taken so far); iteration then yields the rest.
     """
 
     def __init__(self, items: list[VideoItem], *, seed: int, epoch: int, dist: Any, batch_size: int, aug: Augment,
                  workers: int, decoder: str = "auto", timeout: float = 300.0, pin_memory: bool = False,
-                 start: int = 0, on_failure: Callable[[Any], None] | None = None):
+                 start: int = 0, done: int = 0, on_failure: Callable[[Any], None] | None = None):
         order = np.random.default_rng([seed, epoch]).permutation(len(items))
         share = dist.shard(order)
         backup = np.random.default_rng([seed, epoch, 1 + dist.rank]).permutation(share)
@@ -138,6 +138,7 @@ class EpochStream:
         self.items, self.seed, self.epoch, self.aug = items, seed, epoch, aug
         self.workers, self.decoder, self.timeout, self.pin_memory = workers, decoder, timeout, pin_memory
         self.start = self._position = int(start)
+        self.done = int(done)
         self.on_failure = on_failure
 
     def position(self) -> int:
@@ -163,8 +164,9 @@ class EpochStream:
         frames: list[Any] = []
         labels: list[int] = []
         rows: list[tuple[float, float, float, float]] = []
+        remaining = self.steps - self.done
         try:
-            while True:
+            while remaining > 0:
                 while nxt not in waiting:
                     if nxt >= len(entries):
                         raise BadFile(f"epoch {self.epoch}: too many videos failed to decode to fill "
@@ -182,12 +184,12 @@ class EpochStream:
                     if self.on_failure is not None:
                         self.on_failure(r)
                     continue
-                _, scale, top, left, flip = params[nxt - 1]
                 frames.append(r.frames[0])  # (L, C, C, 3)
                 labels.append(r.item.label)
-                rows.append((scale, top, left, float(flip)))
+                rows.append(params[nxt - 1][1:4] + (float(params[nxt - 1][4]),))  # scale, top, left, flip
                 if len(frames) == self.batch:
                     self._position = self.start + nxt
+                    remaining -= 1
                     yield Batch(torch.stack(frames), torch.tensor(labels, dtype=torch.int64),
                                 torch.tensor(rows, dtype=torch.float32))
                     frames, labels, rows = [], [], []
