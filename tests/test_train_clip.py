@@ -143,8 +143,13 @@ def test_the_weights_file_holds_backbone_head_classes_and_provenance_and_extract
 
 
 def test_bad_arguments_are_one_line_errors_and_leave_nothing(small_videos, tmp_path):
-    r = _faster("train-clip", small_videos, "-o", tmp_path / "r", "--model", "nope")
-    assert r.returncode == 1 and "unknown backbone 'nope'" in r.stdout and "Traceback" not in r.stdout
+    from click.testing import CliRunner
+
+    from faster.cli import cli
+
+    r = CliRunner().invoke(cli, ["train-clip", str(small_videos), "-o", str(tmp_path / "r"), "--model", "nope"])
+    assert r.exit_code == 1 and r.output.strip().splitlines() == ["Error: unknown backbone 'nope'; expected one of "
+                                                                  + ", ".join(models.names())]
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="r2d26_tiny expects"):
         train_clip(TrainClipConfig(video_root=str(small_videos), out=str(tmp_path / "c"), model="r2d26_tiny", clip_len=4))
@@ -160,9 +165,11 @@ def test_bad_arguments_are_one_line_errors_and_leave_nothing(small_videos, tmp_p
 # ------------------------------------------------------------------------------------ slow tier
 
 # The scale: r2d26_tiny at 56 px, 8-frame clips, 100 training videos of 48 frames, 30
-# epochs, batch 16, lr 0.05 on a 4-class motion task (no flips: they swap left and right).
-TRAIN = dict(model="r2d26_tiny", size=56, clip_len=8, epochs=30, batch_size=16, lr=0.05, flip=False, val_clips=4,
-             workers=2, threads=1, progress=False)
+# epochs, batch 16, lr 0.05 on a 4-class motion task (no flips: they swap left and right). Dropout
+# 0.2, not 0.5: the tiny model's head sees 64 channels (at 0.5 it reached 0.81 in one run, at 0.2
+# and 0.0 1.0, 2026-12-03).
+TRAIN = dict(model="r2d26_tiny", size=56, clip_len=8, epochs=30, batch_size=16, lr=0.05, dropout=0.2, flip=False,
+             val_clips=4, workers=2, threads=1, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +215,7 @@ def test_torchrun_two_cpu_ranks_reach_the_band_of_one_process_at_the_same_global
     _, one = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = ["--model", "r2d26_tiny", "--size", 56, "--clip-len", 8, "--epochs", 30, "--batch-size", 8, "--lr", 0.05,
-            "--no-flip", "--val-clips", 4, "--workers", 1, "--threads", 1, "--no-progress"]
+            "--dropout", 0.2, "--no-flip", "--val-clips", 4, "--workers", 1, "--threads", 1, "--no-progress"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "faster",
            "train-clip", str(motion / "train"), "--val", str(motion / "val"), "-o", str(tmp_path / "ddp"), *map(str, args)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900, env=env)
@@ -305,6 +312,7 @@ def test_init_from_a_zoo_layout_file_fine_tunes_with_a_new_number_of_classes(sma
     assert not all(torch.equal(tuned[k], ref[k]) for k in conv)
 
 
+@pytest.mark.slow  # starts decode processes
 def test_inline_and_pool_decoders_return_each_item_with_its_own_sampling(small_videos):
     items = _items(small_videos)[:3]
     base = Sampling(clip_len=4, num_clips=1, size=32, short_side=32, start=0.0)
