@@ -127,6 +127,8 @@ def test_an_epoch_stream_is_fixed_by_seed_and_epoch_and_replaces_a_failed_video(
 
 def test_the_weights_file_holds_backbone_head_classes_and_provenance_and_extract_reads_it(tmp_path):
     model = build_classifier("r2d26_tiny", 3, seed=1)
+    # from scratch, every residual branch starts as the identity (PySlowFast's ZERO_INIT_FINAL_BN)
+    assert all(float(m.bn3.weight.abs().sum()) == 0 for m in model.modules() if hasattr(m, "bn3"))
     path = tmp_path / "model.pt"
     save_model(model, path, ["a", "b", "c"], {"epochs": 2, "val_video_top1": 0.5})
     backbone = models.build("r2d26_tiny", weights=str(path))  # what extract and predict do
@@ -167,7 +169,8 @@ def test_bad_arguments_are_one_line_errors_and_leave_nothing(small_videos, tmp_p
 # The scale: r2d26_tiny at 56 px, 8-frame clips, 100 training videos of 48 frames, 30
 # epochs, batch 16, lr 0.05 on a 4-class motion task (no flips: they swap left and right). Dropout
 # 0.2, not 0.5: the tiny model's head sees 64 channels (at 0.5 it reached 0.81 in one run, at 0.2
-# and 0.0 1.0, 2026-12-03).
+# and 0.0 1.0, 2026-12-03). Two ranks x 8 failed (0.56-0.81) until the final batch norms of the
+# residual branches started at zero (faster.train.model.zero_init_final_bn): then 1.0.
 TRAIN = dict(model="r2d26_tiny", size=56, clip_len=8, epochs=30, batch_size=16, lr=0.05, dropout=0.2, flip=False,
              val_clips=4, workers=2, threads=1, progress=False)
 

@@ -102,7 +102,6 @@ class TrainClipConfig:
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise BadValue(f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         from faster.extract import models
-
         from faster.extract.models.cost import feature_shape
 
         models.get(self.model)  # BadValue naming an unknown backbone, before any video is read

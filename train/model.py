@@ -43,9 +43,25 @@ def build_classifier(name: str, num_classes: int, *, init: str | None = None, dr
     from faster.extract import models
 
     backbone = models.build(name, weights=init, seed=seed)
+    if init is None:
+        zero_init_final_bn(backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return ClipClassifier(backbone, num_classes, dropout)
+
+
+def zero_init_final_bn(backbone: nn.Module) -> int:
+    """Zero the scale of each residual branch's last batch norm (``bn3`` of our bottlenecks), so
+    that every block starts as the identity: PySlowFast's ZERO_INIT_FINAL_BN (Goyal et al. 2017),
+    on in its Kinetics recipes; it keeps training stable with small per-process batches. Returns
+    the number of norms zeroed (a backbone built otherwise keeps its init)."""
+    count = 0
+    for m in backbone.modules():
+        bn = getattr(m, "bn3", None)
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.weight is not None:
+            nn.init.zeros_(bn.weight)
+            count += 1
+    return count
 
 
 def save_model(model: ClipClassifier, path: str | Path, classes: list[str], provenance: dict[str, Any]) -> str:
