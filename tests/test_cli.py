@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from faster.cli import cli
 
 COMMANDS = ["extract", "fit", "evaluate", "ablate", "predict", "flops", "verify", "demo", "pack"]
-HEAVY = ["torch", "torchvision", "h5py", "decord", "numpy", "av", "matplotlib", "joblib"]
+HEAVY = ["torch", "torchvision", "h5py", "decord", "numpy", "av", "matplotlib", "joblib", "transformers"]
 
 
 def test_help_lists_every_command_without_heavy_imports():

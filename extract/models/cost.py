@@ -81,6 +81,7 @@ def _meta_forward(name: str, clip_len: int, size: int) -> tuple[int, tuple[int, 
         raise BadValue(f"clip_len and size must be >= 1, got clip_len={clip_len}, size={size}")
     builder = get(name)
     sources = [getattr(sys.modules.get(builder.__module__), "__file__", "") or "", __file__]
+    sources += [str(p) for p in getattr(builder, "sources", ())]  # e.g. an hf: directory's config.json
     macs, shape = cached_count(f"backbone|{name}|{clip_len}|{size}", sources,
                                lambda: _count_backbone(name, builder, clip_len, size))
     return int(macs), tuple(int(v) for v in shape)

@@ -12,6 +12,11 @@ is no option to pass), and the backbone's own layout from the backbone's keys th
                              ``"model_state"``)
     resnet2d                 a 2D ResNet (``conv1.weight`` of 4 dimensions, ``layer1.0.conv1.weight``,
                              ...): torchvision's or timm's ImageNet ResNet-50
+    blvnet-tam               IBM/bLVNet-TAM's ``bLVNet_TAM`` (``baseline_model.*``, ``new_fc.*``):
+                             its released ``*-bLVNet-TAM-*-a2-b4-f*x2.pth.tar``
+    blvnet-tam-backbone      its backbone's own keys (``b_conv0.weight``, ``layer1.tam.prev.weight``,
+                             ...): the ``blvnet_tam*`` backbones and our checkpoints of them
+    blresnet                 the same without TAMs: IBM/BigLittleNet's ImageNet bLResNet files
 
 A file in the backbone's own layout loads key for key (:func:`same_layout`); the other pairs
 that make sense have one named converter each (:data:`CONVERTERS`); any other pair is one clear
@@ -36,6 +41,9 @@ FASTER = "faster"
 VIDEORESNET = "torchvision-videoresnet"
 PYTORCHVIDEO = "pytorchvideo"
 RESNET2D = "resnet2d"
+BLVNET = "blvnet-tam"
+BLVNET_BACKBONE = "blvnet-tam-backbone"
+BLRESNET = "blresnet"
 
 VMZ_BN_EPS = 1e-3  # VMZ (and ig65m-pytorch) set every BatchNorm's eps to Caffe2's 1e-3
 
@@ -46,6 +54,10 @@ Converter = Callable[[State, "nn.Module"], State]
 def layout_of(state: State) -> str:
     """The layout of a state dict (or of a backbone's ``state_dict()``), from its keys."""
     keys = set(state)
+    if any(k.startswith("baseline_model.") for k in keys):
+        return BLVNET
+    if "b_conv0.weight" in keys:  # bLNet's big-branch stem
+        return BLVNET_BACKBONE if "tam.curr.weight" in keys else BLRESNET
     if any(k.startswith("blocks.") for k in keys):
         return PYTORCHVIDEO
     if "stem.0.weight" in keys:
@@ -57,9 +69,15 @@ def layout_of(state: State) -> str:
 
 
 def unwrap_pytorchvideo(obj: dict) -> State | None:
-    """The state dict of a pytorchvideo zoo checkpoint (``{"model_state": ..., ...}``), else None."""
-    inner = obj.get("model_state")
-    return inner if isinstance(inner, dict) else None
+    """The state dict of a pytorchvideo zoo checkpoint (``{"model_state": ..., ...}``), or of a training
+    checkpoint ``{"state_dict": ..., "epoch": ...}`` as bLVNet-TAM's and BigLittleNet's scripts save
+    it (ImageNet bLResNet files); else None. (weights.read_state_dict calls this for every dict
+    that is not our own checkpoint.)"""
+    for key in ("model_state", "state_dict"):
+        inner = obj.get(key)
+        if isinstance(inner, dict):
+            return inner
+    return None
 
 
 # --- converters: (file layout, backbone layout) -> function ------------------------------------
@@ -158,12 +176,49 @@ def inflate_resnet2d(state: State, model: nn.Module) -> State:
     return out
 
 
+def blvnet_to_backbone(state: State, model: nn.Module) -> State:
+    """``bLVNet_TAM`` keys to its backbone's: ``baseline_model.`` stripped, the classifier
+    (``new_fc.*``, or ``baseline_model.fc.*`` of a model trained without dropout) dropped."""
+    prefix = "baseline_model."
+    out, dropped = {}, 0
+    for key, value in state.items():
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+        if key.startswith(("new_fc.", "fc.")):
+            dropped += 1
+            continue
+        out[key] = value  # unknown keys stay, so that the strict check names them
+    log.debug("blvnet-tam: stripped %r, dropped %d classifier keys", prefix, dropped)
+    return out
+
+
+def blresnet_identity_tam(state: State, model: nn.Module) -> State:
+    """An ImageNet bLResNet (bLVNet-TAM without its TAMs) into bLVNet-TAM: every key as it is, each
+    TAM the file lacks set to the identity (``curr`` 1, ``prev`` = ``next`` 0), so that the network
+    is bLResNet on each pair of frames and the load depends on the file alone. (The public code
+    meant to leave the TAMs at their random init, loading with strict=False.)"""
+    import torch
+
+    out, added = dict(state), 0
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        if key not in out and len(parts) >= 3 and parts[-3] == "tam" and parts[-2] in ("prev", "curr", "next"):
+            out[key] = torch.full(value.shape, 1.0 if parts[-2] == "curr" else 0.0, dtype=value.dtype)
+            added += 1
+    log.info("bLResNet into %s: %d TAM weights set to the identity", getattr(model, "name", type(model).__name__),
+             added)
+    return out
+
+
 CONVERTERS: dict[tuple[str, str], Converter] = {
     (FASTER, FASTER): same_layout,
     (VIDEORESNET, VIDEORESNET): same_layout,
     (PYTORCHVIDEO, PYTORCHVIDEO): pytorchvideo_trunk,
     (VIDEORESNET, FASTER): videoresnet_to_faster,
     (RESNET2D, FASTER): inflate_resnet2d,
+    (BLVNET_BACKBONE, BLVNET_BACKBONE): same_layout,
+    (BLVNET, BLVNET_BACKBONE): blvnet_to_backbone,
+    (BLRESNET, BLVNET_BACKBONE): blresnet_identity_tam,
 }
 
 

@@ -4,10 +4,12 @@ Our format is ``{"format": "faster-backbone", "name": <registry name>, "state_di
 Published files load as downloaded: a plain state dict (torchvision's ``r2plus1d_18-91a641e6.pth``,
 VMZ's and ig65m-pytorch's ``.pth``, an ImageNet ResNet-50), or a pytorchvideo zoo ``.pyth``
 (``{"model_state": ...}``). A ``module.`` prefix (DataParallel / DDP) is stripped and classifier
-keys (``fc.*``) are dropped, since a backbone here ends at its last stage. The file's key layout
-is detected and converted by :mod:`faster.extract.models.layouts` (a 2D ResNet-50 is inflated
-into R2D-26, VMZ's torchvision-layout R(2+1)D-50 mapped into ours); the backbone keeps it as
-``.weights_layout`` and the load is logged. Everything loads with ``torch.load(weights_only=True)``.
+keys (``fc.*``, and those under a backbone's own ``.head_prefixes``: ``classifier.*`` of
+torchvision's s3d, ``head.*`` of its MViT and Swin3D) are dropped, since a backbone here ends at
+its last stage. The file's key layout is detected and converted by
+:mod:`faster.extract.models.layouts` (a 2D ResNet-50 is inflated into R2D-26, VMZ's
+torchvision-layout R(2+1)D-50 mapped into ours); the backbone keeps it as ``.weights_layout`` and
+the load is logged. Everything loads with ``torch.load(weights_only=True)``.
 
 The provenance recorded with extracted features (``.weights``) is the weights file's sha256, also
 for a converted or inflated file: predict hashes the file it is given and compares.
@@ -125,6 +127,9 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, l
     expected = model.state_dict()
     # BatchNorm's batch counter carries no weights and converted files (ig65m-pytorch's) lack it
     state = dict(state)
+    head = tuple(getattr(model, "head_prefixes", ()))  # the classifier of a published file (tv.py's s3d, ...)
+    if head:
+        state = {k: v for k, v in state.items() if not k.startswith(head)}
     for k in expected:
         if k.endswith(".num_batches_tracked") and k not in state:
             state[k] = expected[k]
