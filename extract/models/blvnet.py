@@ -48,9 +48,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from faster.errors import BadValue
+from faster.extract.models.resnet import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DEPTHS = {50: (3, 4, 6, 3), 101: (4, 8, 18, 3)}
 WIDTHS = (256, 512, 1024, 2048)  # output channels of layer1..layer4
 STEM = 64

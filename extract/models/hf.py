@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from faster.errors import BadFile, BadValue
+from faster.extract.models.resnet import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,6 @@ INSTALL = 'pip install -e ".[hf]"'
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the first present is the directory's weights
 SHARDED = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ from faster.errors import BadValue
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet statistics: bLVNet-TAM, Swin3D, VideoMAE
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 NormLayer = Callable[[int], nn.Module]
 

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from faster.errors import BadValue
-from faster.extract.models.resnet import KINETICS_MEAN, KINETICS_STD
+from faster.extract.models.resnet import IMAGENET_MEAN, IMAGENET_STD, KINETICS_MEAN, KINETICS_STD
 
 # torchvision builder -> (weight enum class name, temporal stride of layer4 w.r.t. the input)
 _MODELS = {
@@ -49,8 +49,6 @@ _MODELS = {
 }
 
 # the normalisations torchvision publishes with these models' weights (their enums' transforms)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MVIT_MEAN = (0.45, 0.45, 0.45)
 MVIT_STD = (0.225, 0.225, 0.225)
 
