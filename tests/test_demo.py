@@ -1,4 +1,4 @@
-"""faster demo --quick: the README's first command, at CI size, end to end."""
+"""faster demo --quick: the README's first command, at CI size, end to end (stage 1 included)."""
 import csv
 import json
 
@@ -10,12 +10,19 @@ from faster.cli import cli
 
 
 @pytest.mark.slow
-def test_demo_quick_runs_end_to_end_and_prints_the_table(tmp_path):
+def test_demo_quick_trains_both_backbones_extracts_them_and_prints_the_tables(tmp_path):
+    import h5py
+
+    from faster.demo import DemoConfig, run_demo
+    from faster.store.files import sha256_file
+
     out = tmp_path / "demo"
     result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert "| Model | 4 |" in result.output and "| FAST-GRU |" in result.output and "| Avg. pool |" in result.output
-    assert "randomly initialised" in result.output
+    assert "randomly initialised" not in result.output and "random-init" not in result.output
+    assert "## The backbones alone" in result.output
+    assert "| r2plus1d50_tiny | E |" in result.output and "| r2d26_tiny | C |" in result.output
     assert f"Plot: {out / 'ablate' / 'accuracy_vs_gflops.png'}" in result.output
     assert (out / "ablate" / "accuracy_vs_gflops.png").stat().st_size > 5000
     with open(out / "ablate" / "results.csv") as f:
@@ -27,12 +34,56 @@ def test_demo_quick_runs_end_to_end_and_prints_the_table(tmp_path):
     all_e = {r["agg"]: float(r["gflops_per_video"]) for r in rows if r["pattern"] == "all-e"}
     assert all(first[a] < all_e[a] for a in first)  # cheap clips cost less than expensive ones
 
-    # Again into the same directory: nothing is redone; other settings there are refused.
-    again = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(out)])
-    assert again.exit_code == 0 and "0 trained, 4 reused" in again.output
+    # Both backbones were trained (stage 1) and extracted with their trained weights: every shard of
+    # both splits records the sha256 of the run's model.pt, not a random init.
+    digests = {}
+    for name in ("r2plus1d50_tiny", "r2d26_tiny"):
+        run = out / "train" / name
+        assert (run / "model.pt").is_file() and (run / "result.json").is_file()
+        digests[name] = sha256_file(run / "model.pt")
+        assert json.loads((run / "config.json").read_text())["flip"] is False  # a flip swaps left and right
+    for split in ("train", "val"):
+        manifest = json.loads((out / "features" / split / "manifest.json").read_text())
+        assert {n: m["weights"] for n, m in manifest["config"]["models"].items()} == digests
+        shards = sorted((out / "features" / split).glob("shard-*.h5"))
+        assert shards
+        for shard in shards:
+            with h5py.File(shard) as f:
+                assert {n: f[f"features/{n}"].attrs["weights"] for n in digests} == digests
+
+    # Again into the same directory: nothing is retrained, re-extracted or refitted; the summary
+    # carries the backbones' own validation accuracies. Other settings there are refused.
+    summary = run_demo(DemoConfig(out=str(out), quick=True, progress=False))
+    assert summary["trained"] == 0 and summary["reused"] == 4 and summary["random_init"] == []
+    assert set(summary["timings"]) == {"videos", "train", "extract", "ablate"}
+    for name, b in summary["backbones"].items():
+        assert b["trained"] and b["reused"] and b["weights"] == str(out / "train" / name / "model.pt")
+        assert 0 <= b["video_top1"] <= 1 and 0 <= b["clip_top1"] <= 1 and b["seconds"] > 0
+    assert all(e["extracted"] == 0 for e in summary["extractions"].values())
     refused = CliRunner().invoke(cli, ["demo", "-o", str(out)])
     assert refused.exit_code == 1 and "other settings" in refused.output
     assert json.loads((out / "demo.json").read_text())["size"]["expensive"] == "r2plus1d50_tiny"
+
+
+def test_demo_with_given_weights_does_not_train_that_backbone(tmp_path, monkeypatch):
+    import faster.demo as demo
+
+    class Stop(Exception):
+        pass
+
+    trained = []
+
+    def train(name, *args, **kwargs):
+        trained.append(name)
+        raise Stop
+
+    monkeypatch.setattr(demo, "_train_backbone", train)
+    weights = tmp_path / "e.pt"
+    weights.write_bytes(b"read by the extraction, which the stub never reaches")
+    with pytest.raises(Stop):  # the cheap backbone is trained: the stub stops the demo there
+        demo.run_demo(demo.DemoConfig(out=str(tmp_path / "d"), quick=True, progress=False,
+                                      weights={"r2plus1d50_tiny": str(weights)}))
+    assert trained == ["r2d26_tiny"]
 
 
 def test_demo_rejects_weights_for_models_it_does_not_use(tmp_path):
