@@ -17,6 +17,9 @@ from faster.errors import UserError
 DECODERS = ("auto", "decord", "pyav")
 COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
 DECODER_HELP = "auto: decord, and PyAV (AV1, ...) for a file decord cannot open or decode; or only one of them."
+ORDERS = ("temporal", "coarse-to-fine")  # faster.aggregate.schedule.ORDERS and EXITS, spelled here for a light --help
+EXITS = ("threshold", "gate")
+EXIT_BUDGET_HELP = "the mean fraction of a video's clips to read, in (0, 1], e.g. 0.5"
 MODEL_HELP = "backbone name, e.g. r2plus1d50 or r2d26 (`faster flops --list` prints every name with its cost)"
 
 
@@ -91,6 +94,12 @@ FIT_OPTIONS = [
                  help="--teacher: B, the weight of the MSE between final representations."),
     click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
                  help="--teacher: T, the softening temperature."),
+    click.option("--order", type=click.Choice(ORDERS),
+                 help="The order the clips are folded in: temporal (a stream) or coarse-to-fine (0, n/2, n/4, 3n/4, ...) "
+                      "[default: coarse-to-fine with an early exit, temporal otherwise]."),
+    click.option("--exit", "exit_mode", default="threshold", show_default=True, type=click.Choice(EXITS),
+                 help="Early exit: threshold (confidence per step, calibrated on the training set to the exit "
+                      "budget) or gate (a learned gate, FrameExit)."),
 ]
 
 
@@ -335,6 +344,9 @@ def _n(count: int, noun: str) -> str:
 @click.option("--budget", type=click.FloatRange(0, 1, min_open=True),
               help="adaptive: the fraction of clips that also get the expensive backbone, e.g. 0.125.")
 @click.option("--num-clips", type=click.IntRange(1), help="Use n of the extracted clips [default: all].")
+@click.option("--early-exit", is_flag=True,
+              help="Stop reading a video once its prediction is sure enough (needs --exit-budget; see --exit, --order).")
+@click.option("--exit-budget", type=click.FloatRange(0, 1, min_open=True), help="--early-exit: " + EXIT_BUDGET_HELP + ".")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
 @click.option("--overwrite", is_flag=True, help="Replace the run (or interrupted fit) already in -o.")
@@ -365,6 +377,9 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
     gflops = "?" if r["gflops_per_video"] is None else f"{r['gflops_per_video']:.1f}"
     counts = (f"{r['num_expensive']} E + {r['num_cheap']} C" if r["budget"] is None else
               f"budget {r['budget']:g}: {r['num_expensive_mean']:.2f} E per video + {r['num_cheap']} C")
+    if r.get("exit_budget") is not None:
+        counts = (f"early exit at {r['exit_budget']:g}, {r['order']}: {r['clips_seen_mean']:.2f} clips read per video, "
+                  f"{r['num_expensive_mean']:.2f} E + {r['num_cheap']:.2f} C")
     click.echo(f"{r['agg']} {r['pattern']} on {r['num_clips']} clips ({counts}): "
                f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
                f"(best top-1 {best['top1']:.4f} at epoch {best['epoch']}); {gflops} GFLOPs/video; "
@@ -381,22 +396,27 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(0), help="DataLoader workers [default: the run's].")
 @click.option("--skip-bad", is_flag=True, help="Leave out changed shards and videos with NaN/inf (with a warning).")
+@click.option("--order", type=click.Choice(ORDERS),
+              help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
 def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None,
-             skip_bad: bool) -> None:
+             skip_bad: bool, order: str | None) -> None:
     """Score a fitted run on feature sets; write per-video predictions.
 
-    Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops"}.
+    Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops", "clips_seen", ...};
+    a video's gflops count only the clips it read (an early exit leaves it before its last clip).
     """
     from faster.aggregate.evaluation import evaluate as evaluate_run
 
     try:
-        r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad)
+        r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad, order=order)
     except UserError as err:
         _fail(err)
     scores = ("no labelled videos" if r["top1"] is None else
               f"top-1 {r['top1']:.4f}, top-5 {r['top5']:.4f}, mean class {r['mean_class_acc']:.4f} "
               f"on {r['num_labelled']} labelled")
-    click.echo(f"{r['agg']} {r['pattern']}: {r['num_videos']} videos, {scores}; -> {r['predictions']}")
+    cost = ("" if r["gflops_per_video"] is None else
+            f"; {r['gflops_per_video']:.4g} GFLOPs/video, {r['clips_seen_mean']:.2f} clips read/video")
+    click.echo(f"{r['agg']} {r['pattern']}: {r['num_videos']} videos, {scores}{cost}; -> {r['predictions']}")
 
 
 def _split_list(ctx, param, value: str | None) -> list[str] | None:
@@ -434,6 +454,9 @@ _split_floats = _split_as(float, "numbers")
 @click.option("--seeds", default="0", show_default=True, callback=_split_ints, help="Seeds, e.g. 0,1,2.")
 @click.option("--budget", "budgets", callback=_split_floats,
               help="For pattern adaptive: budgets, e.g. 0.0625,0.125,0.25 (one policy cell each).")
+@click.option("--exit-budget", "exit_budgets", callback=_split_floats,
+              help="Early-exit cells beside every pattern and policy: exit budgets (mean fractions of the clips "
+                   "read), e.g. 0.25,0.5.")
 @click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(1), help="Cells trained at once.")
 @click.option("--expensive", help="Expensive model [default: the one with more GFLOPs per clip].")
 @click.option("--cheap", help="Cheap model [default: the one with fewer GFLOPs per clip].")
@@ -441,8 +464,8 @@ _split_floats = _split_as(float, "numbers")
               help="Processes sharing the grid (Slurm array size); each trains every S-th cell, no tables.")
 @click.option("--shard-index", default=0, show_default=True, type=click.IntRange(0), help="Slurm array index.")
 @_fit_options
-def ablate(feats, out, aggs, num_clips, patterns, seeds, budgets, jobs, expensive, cheap, num_shards, shard_index,
-           **fit_kw) -> None:
+def ablate(feats, out, aggs, num_clips, patterns, seeds, budgets, exit_budgets, jobs, expensive, cheap, num_shards,
+           shard_index, **fit_kw) -> None:
     """Run a grid of fits (aggregators x clips x patterns); reuse finished cells; write tables and a plot.
 
     Each cell is a run directory OUT/cells/<key>/; running the grid again trains only new cells, and
@@ -457,7 +480,7 @@ def ablate(feats, out, aggs, num_clips, patterns, seeds, budgets, jobs, expensiv
     fit_kw["val"] = list(fit_kw["val"])
     cfg = AblateConfig(feats=list(feats), out=out, aggs=aggs, num_clips=num_clips, patterns=patterns,
                        seeds=seeds, jobs=jobs, expensive=expensive, cheap=cheap, fit=fit_kw,
-                       num_shards=num_shards, shard_index=shard_index, budgets=budgets)
+                       num_shards=num_shards, shard_index=shard_index, budgets=budgets, exit_budgets=exit_budgets)
     try:
         summary = run_ablate(cfg)
     except (UserError, FileNotFoundError) as err:
@@ -497,7 +520,8 @@ def _check_cells(summary: dict) -> None:
 @click.option("--run", required=True, type=click.Path(exists=True, file_okay=False), help="A fitted run directory.")
 @click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights the features were made with.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), help="Predictions JSONL [default: stdout].")
-@click.option("--online", is_flag=True, help="Also write the running prediction after every clip.")
+@click.option("--online", is_flag=True, help="Also write the running prediction after every clip, and print it "
+              "to stderr as it comes, with where the video was left (an early-exit run).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1),
               help="Clips per backbone forward (within one video).")
@@ -509,18 +533,23 @@ def _check_cells(summary: dict) -> None:
               help="Backbone precision. auto: the one the run's features were extracted in.")
 @click.option("--decoder", default="auto", show_default=True, type=click.Choice(DECODERS), help=DECODER_HELP)
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
-def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, dtype, decoder, strict) -> None:
+@click.option("--order", type=click.Choice(ORDERS),
+              help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
+def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, dtype, decoder, strict,
+            order) -> None:
     """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
 
     VIDEOS are files or directories (searched for video files; ids are paths relative to them).
     Writes one JSON line per video: id, probs, top5, gflops, seconds (and, with --online, the
     running prediction after every clip); a broken video is a line with "error" and "stage".
+    An early-exit run decodes and runs the backbones only up to where it leaves each video
+    ("clips_seen", "exit_clip").
     """
     from faster.predict import PredictConfig, predict as run_predict
 
     cfg = PredictConfig(videos=list(videos), run=run, weights=_parse_weights(weights), out=out, online=online,
                         device=device, batch_size=batch_size, workers=workers, timeout=timeout, decoder=decoder,
-                        dtype=dtype, strict=strict)
+                        dtype=dtype, strict=strict, order=order, echo=online)
     try:
         summary = run_predict(cfg)
     except (UserError, FileNotFoundError) as err:
@@ -582,17 +611,24 @@ def pack(strict: bool, **kw) -> None:
 @click.option("--agg", default="fastgru", show_default=True, help="Aggregator whose cost is added.")
 @click.option("--budget", type=click.FloatRange(0, 1, min_open=True),
               help="Pattern adaptive: the expected fraction of clips that also get the expensive backbone.")
+@click.option("--early-exit", is_flag=True, help="The expected cost of an early-exit run (needs --exit-budget).")
+@click.option("--exit-budget", type=click.FloatRange(0, 1, min_open=True), help="--early-exit: " + EXIT_BUDGET_HELP + ".")
+@click.option("--exit", "exit_mode", default="threshold", show_default=True, type=click.Choice(EXITS),
+              help="--early-exit: threshold or gate (whose decisions are counted).")
+@click.option("--order", type=click.Choice(ORDERS),
+              help="The order clips are read in [default: coarse-to-fine with an early exit, temporal otherwise].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--list", "list_models", is_flag=True, help="List every backbone with its GFLOPs per clip and map shape.")
 def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, sizes: tuple[str, ...], pattern: str,
-          agg: str,
-          budget: float | None, as_json: bool, list_models: bool) -> None:
+          agg: str, budget: float | None, early_exit: bool, exit_budget: float | None, exit_mode: str,
+          order: str | None, as_json: bool, list_models: bool) -> None:
     """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern.
 
     \b
     video GFLOPs = #E * E-GFLOPs/clip + #C * C-GFLOPs/clip + aggregator GFLOPs
     e.g. faster flops --clip-len 16 --pattern 1:7   (FASTER16 of the paper, Table 4)
          faster flops --list --clip-len 8 --size 112
+         faster flops --pattern all-e --early-exit --exit-budget 0.5   (the clips read count: F x n)
     """
     import json
 
@@ -613,8 +649,13 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
                                      param_hint=hint)
     from faster.aggregate import schedule
 
+    if exit_budget is not None and not early_exit:
+        raise click.BadParameter("--exit-budget is for --early-exit", param_hint="--exit-budget")
+    if early_exit and exit_budget is None:
+        raise click.BadParameter("--early-exit needs --exit-budget F (" + EXIT_BUDGET_HELP + ")",
+                                 param_hint="--exit-budget")
     try:
-        plan = schedule.create(pattern, n, budget)
+        plan = schedule.create(pattern, n, budget, order=order, exit_budget=exit_budget, exit_mode=exit_mode)
     except UserError as err:
         raise click.BadParameter(str(err), param_hint="--pattern" if budget is None else "--budget") from None
     model_of = {"expensive": expensive, "cheap": cheap}
@@ -628,8 +669,14 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
         raise click.BadParameter(str(err), param_hint="--agg") from None
     num_e, num_c = plan.expected_counts()
     video = costs["per_video"]
+    read = n if plan.exit_budget is None else plan.exit_budget * n  # clips read per video (expected)
     gate = costs.get("gate")
-    agg_gflops = video - num_e * gflops[expensive] - num_c * gflops[cheap] - (gate or 0.0)
+    if gate is not None:
+        gate *= read / n  # the policy's gate decides at every clip read
+    exit_cost = None
+    if "exit_readout" in costs:  # a readout after every clip read but the last, and the exit gate's decisions
+        exit_cost = costs["exit_readout"] * max(read - 1, 0) + costs["exit_gate"] * read
+    agg_gflops = video - num_e * gflops[expensive] - num_c * gflops[cheap] - (gate or 0.0) - (exit_cost or 0.0)
     used = [model_of[src] for src in roles]
     C, T, H, W = shapes[used[0]]
     note = None if len({shapes[m] for m in used}) == 1 else (
@@ -642,14 +689,18 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
                "feature_shape": [C, T, H, W]}
         if gate is not None:
             out.update(gate_gflops=gate, budget=plan.budget)
+        if exit_cost is not None:
+            out.update(exit_gflops=exit_cost, exit_budget=plan.exit_budget, clips_read=read, order=plan.order,
+                       exit=exit_mode)
         if note:
             out["note"] = note
         click.echo(json.dumps(out))
         return
     click.echo(f"{n} clips of {clip_len} frames {where}, pattern {plan.describe()}: {num_e:g} expensive, "
-               f"{num_c} cheap; features {C} x {T} x {H} x {W} (C x T' x H' x W')")
-    count_e = f"{num_e:3d}" if isinstance(num_e, int) else f"{num_e:5.2f}"
-    count_c = f"{num_c:{len(count_e)}d}"
+               f"{num_c:g} cheap; features {C} x {T} x {H} x {W} (C x T' x H' x W')")
+    whole = isinstance(num_e, int) and isinstance(num_c, int)
+    count_e = f"{num_e:3d}" if whole else f"{num_e:5.2f}"
+    count_c = f"{num_c:3d}" if whole else f"{num_c:5.2f}"
     pad = 24 + len(count_e)
     click.echo(f"  expensive  {expensive:<16} {gflops[expensive]:9.2f} GFLOPs/clip x {count_e} = "
                f"{num_e * gflops[expensive]:9.2f}")
@@ -658,8 +709,12 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     click.echo(f"  aggregator {agg:<16} {'':>{pad}} = {agg_gflops:9.2f}" + (f"  ({note})" if note else ""))
     if gate is not None:
         click.echo(f"  gate       {'':<16} {'':>{pad}} = {gate:9.4f}")
+    if exit_cost is not None:
+        click.echo(f"  exit       {exit_mode:<16} {'':>{pad}} = {exit_cost:9.4f}")
+    expected = [why for why, yes in (("the budget's rate", plan.budget is not None),
+                                     (f"{read:g} of {n} clips read", plan.exit_budget is not None)) if yes]
     click.echo(f"  video      {'':<16} {'':>{pad}} = {video:9.2f} GFLOPs"
-               + ("" if plan.budget is None else " (expected at the budget's rate)"))
+               + (f" (expected at {' and '.join(expected)})" if expected else ""))
 
 
 def _list_backbones(models, clip_len: int, size: int) -> None:
@@ -679,8 +734,8 @@ def _list_backbones(models, clip_len: int, size: int) -> None:
 @click.option("--weights", multiple=True, metavar="NAME=PATH",
               help="Backbone weights to extract with instead of training that backbone.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("-j", "--jobs", default=2, show_default=True, type=click.IntRange(1),
-              help="Grid cells trained at once (each with cores / jobs torch threads).")
+@click.option("-j", "--jobs", type=click.IntRange(1),
+              help="Grid cells trained at once, each with cores / jobs torch threads [default: 2; 1 with --quick].")
 def demo(out, quick, weights, device, jobs) -> None:
     """Make a small labelled video set, train both backbones, extract, fit a small grid and print
     the accuracy/GFLOPs tables beside the backbones' own accuracies.

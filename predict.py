@@ -17,6 +17,12 @@ promises:
    aggregator's share: what the video actually cost), seconds; ``online`` adds the running
    prediction after every clip. A broken video is one line with ``error`` and ``stage``; the run
    goes on.
+
+A run with an early exit (``faster fit --early-exit``) visits its clips in its order and stops
+where its schedule leaves the video: its clips are then decoded on demand, in this process, only
+at the positions visited (coarse-to-fine: the decoder seeks to each; temporal: it stops reading
+the file at the exit), and neither backbone runs past the exit. Its line adds ``clips_seen`` and
+``exit_clip``, the same as evaluate's.
 """
 from __future__ import annotations
 
@@ -56,6 +62,8 @@ class PredictConfig:
     decoder: str = "auto"                                   # auto (decord, then PyAV), decord or pyav
     dtype: str = "auto"                                     # auto: as the run's features were extracted; fp32, bf16
     strict: bool = False                                    # raise at the end if any video failed
+    order: str | None = None                                # fold the clips in this order (None: the run's)
+    echo: bool = False                                      # with online: print each step and the exit to stderr
 
     def __post_init__(self) -> None:
         if not self.videos:
@@ -129,7 +137,7 @@ class Predictor:
     """
 
     def __init__(self, run_dir: str | Path, weights: dict[str, str] | None = None, *, device: str = "auto",
-                 batch_size: int = 8, dtype: str = "auto") -> None:
+                 batch_size: int = 8, dtype: str = "auto", order: str | None = None) -> None:
         from faster.extract.runner import BackboneRunner
         from faster.runtime import resolve_device
 
@@ -138,8 +146,8 @@ class Predictor:
         self.device = resolve_device(device)
         self.batch_size = batch_size
         self.run = Run.load(run_dir)
+        self.schedule = self.run.schedule if order is None else self.run.schedule.with_order(order)
         self.aggregator = self.run.model(self.device)  # the schedule's module (a policy: with its gate)
-        self.schedule = self.run.schedule
         weights = dict(weights or {})
         unknown = sorted(set(weights) - set(self.run.models))
         if unknown:
@@ -198,23 +206,33 @@ class Predictor:
         H' x W' as extraction stored it."""
         return self.runner(name, clips).float()
 
-    def steps(self, clips: torch.Tensor) -> Iterator[dict[str, Any]]:
-        """Fold one video's clips (n, L, S, S, 3) uint8, taken at the run's positions, clip by clip.
+    def steps(self, clips: Any) -> Iterator[dict[str, Any]]:
+        """Fold one video's clips clip by clip, in the schedule's order, up to where it leaves the video.
 
-        Yields after every clip {"clip", "position", "model", "expensive", "probs"} with the running class
-        probabilities (K,). The run's schedule (aggregate/schedule.py) says which backbone runs on
-        which clip: within a chunk of ``batch_size`` clips each backbone runs once, on the clips the
-        schedule gives it and no others (a learned policy: the cheap backbone on every clip, the
-        expensive one where its gate decides); the aggregator then steps through them in order.
+        ``clips``: the run's clips (n, L, S, S, 3) uint8, taken at the run's positions, or a callable
+        ``clips(ks)`` giving the clips ``ks`` (indices among the run's) on demand (:class:`LazyClips`:
+        decoded only when a backbone needs them). Yields after every clip {"clip", "position",
+        "model", "expensive", "probs"} with the running class probabilities (K,). The run's schedule
+        (aggregate/schedule.py) says which backbone runs on which clip: within a chunk of
+        ``batch_size`` clips each backbone runs once, on the clips the schedule gives it and no
+        others (a learned policy: the cheap backbone on every clip, the expensive one where its gate
+        decides; an early exit: clip by clip, nothing past the exit); the aggregator then steps
+        through them in order.
         """
         import torch
 
         run = self.run
-        if clips.shape[0] != run.num_clips:
-            raise ValueError(f"expected {run.num_clips} clips (the run's positions), got {clips.shape[0]}")
+        if callable(clips):
+            get = clips
+        else:
+            if clips.shape[0] != run.num_clips:
+                raise ValueError(f"expected {run.num_clips} clips (the run's positions), got {clips.shape[0]}")
+
+            def get(ks: list[int]) -> Any:
+                return clips[ks]
 
         def features(source: str, ks: list[int]) -> torch.Tensor:
-            return self.features(run.model_name(source), clips[ks])
+            return self.features(run.model_name(source), get(ks))
 
         with torch.inference_mode():
             for k, source, logits in self.schedule.steps(self.aggregator, features, self.batch_size):
@@ -222,41 +240,85 @@ class Predictor:
                 yield {"clip": k, "position": run.positions[k], "model": run.model_name(source),
                        "expensive": source == "expensive", "probs": probs}
 
-    def gflops(self, num_expensive: int) -> float:
-        """A video's cost when ``num_expensive`` clips got the expensive backbone (per-clip GFLOPs as
-        recorded at extraction, the aggregator's share, and a policy's gate)."""
-        return self.run.video_gflops(num_expensive)
+    def gflops(self, num_expensive: int, clips_seen: int | None = None) -> float:
+        """A video's cost when ``num_expensive`` of the ``clips_seen`` clips it read (default: all) got
+        the expensive backbone (per-clip GFLOPs as recorded at extraction, the aggregator's share,
+        a policy's gate, an exit's decisions)."""
+        return self.run.video_gflops(num_expensive, clips_seen)
 
-    def classify(self, clips: Any, *, video_id: str = "", label: int = -1, online: bool = False) -> dict[str, Any]:
-        """One video's line: the fields of `faster evaluate` (id, label, probs, top5, gflops), then
-        num_expensive/num_cheap and, with ``online``, the running prediction after every clip.
+    def classify(self, clips: Any, *, video_id: str = "", label: int = -1, online: bool = False,
+                 on_step: Any = None) -> dict[str, Any]:
+        """One video's line: the fields of `faster evaluate` (id, label, probs, top5, gflops,
+        num_expensive, num_cheap, clips_seen, an exit's exit_clip) and, with ``online``, the running
+        prediction after every clip read.
 
         ``clips``: the run's clips of one video as uint8 (n, L, S, S, 3), a torch tensor or a numpy
-        array (what faster.extract.video.decode_clips returns in ``.frames``)."""
+        array (what faster.extract.video.decode_clips returns in ``.frames``), or a callable giving
+        the clips of the requested indices (:class:`LazyClips`). ``on_step(entry)``: called after
+        every clip with its running prediction (what ``online`` collects), as it comes."""
         import torch
 
         from faster.aggregate.evaluation import prediction_rows
 
-        clips = torch.as_tensor(clips)
-        if clips.dtype != torch.uint8 or clips.ndim != 5:
-            raise PredictError(f"clips must be uint8 (n, L, S, S, 3), got {tuple(clips.shape)} {clips.dtype}")
+        if not callable(clips):
+            clips = torch.as_tensor(clips)
+            if clips.dtype != torch.uint8 or clips.ndim != 5:
+                raise PredictError(f"clips must be uint8 (n, L, S, S, 3), got {tuple(clips.shape)} {clips.dtype}")
 
         classes = self.run.classes
-        running, probs, decisions = [], None, []
+        running, probs, decisions = [], None, [-1] * self.run.num_clips  # -1: a clip never read
         for step in self.steps(clips):
             probs = step["probs"].numpy()
-            decisions.append(step["expensive"])
-            if online:
+            decisions[step["clip"]] = int(step["expensive"])
+            if online or on_step is not None:
                 row = next(prediction_rows([video_id], [label], probs[None], classes, None))
-                running.append({k: step[k] for k in ("clip", "position", "model")}
-                               | {"probs": row["probs"], "top5": row["top5"]})
+                entry = {k: step[k] for k in ("clip", "position", "model")} | {"probs": row["probs"], "top5": row["top5"]}
+                running.append(entry)
+                if on_step is not None:
+                    on_step(entry)
         assert probs is not None, "a run has at least one clip"
         report = self.schedule.report(decisions)
         record = next(prediction_rows([video_id], [label], probs[None], classes,
-                                      self.gflops(report["num_expensive"]), [report]))
+                                      self.gflops(report["num_expensive"], report["clips_seen"]), [report]))
         if online:
             record["online"] = running
         return record
+
+
+class LazyClips:
+    """One video's clips at a run's positions, decoded only when asked for (an early-exit run):
+    ``clips(ks)`` -> (len(ks), L, S, S, 3) uint8 of the run's clips ``ks``, each decoded once, with
+    extraction's sampling (faster.extract.video.decode_clips at those positions only: the same frames
+    a full decode gives there). ``decoded`` counts the clips decoded."""
+
+    def __init__(self, path: str | Path, run: Run, decoder: str = "auto"):
+        from faster.sampling import Sampling
+
+        self.path, self.decoder, self.run = str(path), decoder, run
+        self.sampling = Sampling(clip_len=run.clip_len, num_clips=run.num_extracted, frame_stride=run.frame_stride,
+                                 size=run.size)
+        self.cache: dict[int, Any] = {}
+        self.num_frames: int | None = None
+
+    @property
+    def decoded(self) -> int:
+        return len(self.cache)
+
+    def __call__(self, ks: list[int]) -> Any:
+        import dataclasses
+
+        import torch
+
+        from faster.extract.video import decode_clips
+
+        missing = [k for k in ks if k not in self.cache]
+        if missing:
+            sampling = dataclasses.replace(self.sampling, positions=tuple(self.run.positions[k] for k in missing))
+            d = decode_clips(self.path, sampling, decoder=self.decoder)
+            frames = torch.from_numpy(d.frames)
+            self.cache.update((k, frames[i]) for i, k in enumerate(missing))
+            self.num_frames = d.num_frames
+        return torch.stack([self.cache[k] for k in ks])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -314,6 +376,7 @@ class PredictSummary:
     seconds: float = 0.0
     gflops: float = 0.0
     expensive: int = 0                   # clips the expensive backbone ran on, over all videos
+    seen: int = 0                        # clips read, over all videos (fewer than n each after an early exit)
     calls: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -321,6 +384,7 @@ class PredictSummary:
         if self.predicted:
             parts.append(f"{self.gflops / self.predicted:.4g} GFLOPs/video")
             parts.append(f"{self.expensive / self.predicted:.3g} expensive clips/video")
+            parts.append(f"{self.seen / self.predicted:.3g} clips read/video")
         if self.labelled:
             parts.append(f"top-1 {self.correct / self.labelled:.3f} on {self.labelled} labelled")
         parts.append("clips: " + ", ".join(f"{m} {n}" for m, n in self.calls.items()))
@@ -333,6 +397,7 @@ class PredictSummary:
         self.predicted += 1
         self.gflops += record["gflops"]
         self.expensive += record.get("num_expensive", 0)
+        self.seen += record.get("clips_seen", 0)
         if record["label"] >= 0:
             self.labelled += 1
             self.correct += int(max(range(len(record["probs"])), key=record["probs"].__getitem__) == record["label"])
@@ -345,13 +410,16 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
     from tqdm import tqdm
 
     predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size,
-                                       dtype=cfg.dtype)
+                                       dtype=cfg.dtype, order=cfg.order)
     items = list_videos(cfg.videos, predictor.run.classes)
     if not items:
         raise PredictError(f"no video files in {', '.join(cfg.videos)}")
     bar = tqdm(total=len(items), unit="video", desc="predict", dynamic_ncols=True)
-    t0 = time.perf_counter()
     try:
+        if predictor.schedule.stops_early:
+            yield from _predict_on_demand(items, cfg, predictor, bar)
+            return
+        t0 = time.perf_counter()
         for item, decoded in decoded_videos(items, predictor.run, workers=cfg.workers, timeout=cfg.timeout,
                                             pin_memory=predictor.device.type == "cuda", decoder=cfg.decoder):
             if not hasattr(decoded, "frames"):  # decoders.Failed
@@ -360,7 +428,7 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
             else:
                 try:
                     record = predictor.classify(decoded.frames, video_id=item.id, label=item.label,
-                                                online=cfg.online)
+                                                online=cfg.online, on_step=_printer(cfg, item.id))
                 except Exception as err:  # e.g. clips the backbone cannot take: this video's, not the run's
                     log.warning("%s: model failed: %s", item.id, err)
                     yield {"id": item.id, "error": f"{type(err).__name__}: {err}", "stage": "model"}
@@ -373,6 +441,52 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
         bar.close()
 
 
+def _printer(cfg: PredictConfig, video_id: str) -> Any:
+    """With ``cfg.online`` and ``cfg.echo``: print each clip's running prediction to stderr as it comes."""
+    if not (cfg.online and cfg.echo):
+        return None
+    import sys
+
+    def show(entry: dict[str, Any]) -> None:
+        name, p = entry["top5"][0]
+        print(f"{video_id}: clip {entry['clip']} (position {entry['position']}, {entry['model']}): {name} {p:.3f}",
+              file=sys.stderr, flush=True)
+
+    return show
+
+
+def online_summary(record: dict[str, Any], num_clips: int) -> str:
+    """One line on where a video was left and what it was: its exit point and class."""
+    name, p = record["top5"][0]
+    where = (f"left after {record['clips_seen']} of {num_clips} clips (clip {record['exit_clip']})"
+             if record.get("exit_clip") is not None else f"read all {num_clips} clips")
+    return f"{record['id']}: {where}: {name} {p:.3f}, {record['gflops']:.4g} GFLOPs"
+
+
+def _predict_on_demand(items: list[VideoItem], cfg: PredictConfig, predictor: Predictor, bar: Any) -> Iterator[
+        dict[str, Any]]:
+    """iter_predict for a run that may leave a video early: each video's clips decoded in this
+    process when the schedule reaches them (:class:`LazyClips`; no decode workers, no timeout)."""
+    from faster.extract.video import DecodeError
+
+    for item in items:
+        t0 = time.perf_counter()
+        clips = LazyClips(item.path, predictor.run, cfg.decoder)
+        try:
+            record = predictor.classify(clips, video_id=item.id, label=item.label, online=cfg.online,
+                                        on_step=_printer(cfg, item.id))
+        except DecodeError as err:
+            log.warning("%s: %s failed: %s", item.id, err.stage, err)
+            yield {"id": item.id, "error": str(err), "stage": err.stage}
+        except Exception as err:  # e.g. clips the backbone cannot take: this video's, not the run's
+            log.warning("%s: model failed: %s", item.id, err)
+            yield {"id": item.id, "error": f"{type(err).__name__}: {err}", "stage": "model"}
+        else:
+            yield {**record, "num_frames": clips.num_frames, "clips_decoded": clips.decoded,
+                   "seconds": round(time.perf_counter() - t0, 4)}
+        bar.update(1)
+
+
 def predict(cfg: PredictConfig, stream: IO[str] | None = None) -> PredictSummary:
     """Classify ``cfg.videos`` with the run; write JSON lines to ``cfg.out`` (else ``stream``, else stdout).
 
@@ -383,7 +497,8 @@ def predict(cfg: PredictConfig, stream: IO[str] | None = None) -> PredictSummary
     import sys
 
     t0 = time.perf_counter()
-    predictor = Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype)
+    predictor = Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                          order=cfg.order)
     summary = PredictSummary()
     with contextlib.ExitStack() as stack:
         if cfg.out is not None:
@@ -395,6 +510,8 @@ def predict(cfg: PredictConfig, stream: IO[str] | None = None) -> PredictSummary
             stream.write(json.dumps(record) + "\n")
             stream.flush()
             summary.add(record)
+            if cfg.online and cfg.echo and "error" not in record:
+                print(online_summary(record, predictor.run.num_clips), file=sys.stderr, flush=True)
     summary.seconds = time.perf_counter() - t0
     summary.calls = dict(predictor.calls)
     log.info("%s", summary.line())

@@ -47,14 +47,17 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KEY_EXCLUDE = ("out", "progress", "workers", "threads", "overwrite")  # fit fields that never change a result
+# fit fields added later, left out of a cell's key at these values so that grids run before them keep their cells
+KEY_DEFAULTS = {"order": None, "early_exit": False, "exit_budget": None, "exit_mode": "threshold"}
 CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5", "mean_class_acc",
-               "gflops_per_video", "num_expensive", "num_cheap", "budget", "num_expensive_mean", "expensive",
-               "cheap", "teacher", "run")
+               "gflops_per_video", "num_expensive", "num_cheap", "budget", "num_expensive_mean", "clips_seen_mean",
+               "exit_budget", "order", "pareto", "expensive", "cheap", "teacher", "run")
 AGG_NAMES = {"avg": "Avg. pool", "concat": "Concat", "lstm": "LSTM", "gru": "GRU", "fastgru": "FAST-GRU",
              "netvlad": "NetVLAD", "nextvlad": "NeXtVLAD", "tam": "TAM"}
 INDEX = "index.json"
 INDEX_LOCK = ".index.lock"  # held while index.json (or .checksums.json) is read, merged and written
 CLAIMS = ".claims"  # DIR/.claims/<cell>.claim: created exclusively by the one process training the cell
+MARKERS = "osD^v<>ph*XPd8H"  # one per pattern on the plot (an exit cell is a pattern of its own)
 CELL_DONE = "cell.json"  # written last: a cell directory without it is unfinished and is redone
 
 
@@ -74,6 +77,7 @@ class AblateConfig:
     fit: dict[str, Any] = field(default_factory=dict)    # other FitConfig fields (val, epochs, lr, device, ...)
     progress: bool = True                                # a progress bar over cells (and per fit when jobs=1)
     budgets: list[float] | None = None                   # pattern adaptive: one policy cell per budget
+    exit_budgets: list[float] | None = None              # early-exit cells beside every pattern, one per exit budget
     num_shards: int = 1                                  # processes splitting the grid (a Slurm array's size)
     shard_index: int = 0                                 # this one's index; under torchrun x WORLD_SIZE + RANK
 
@@ -92,17 +96,19 @@ class Cell:
 
 
 def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: Iterable[str],
-                seeds: Iterable[int], num_extracted: int,
-                budgets: Iterable[float] | None = None) -> tuple[list[Cell], list[str]]:
+                seeds: Iterable[int], num_extracted: int, budgets: Iterable[float] | None = None,
+                exit_budgets: Iterable[float] | None = None) -> tuple[list[Cell], list[str]]:
     """The valid cells of a grid, and one note per skipped (pattern, number of clips) pair.
 
     ``num_clips`` None means all ``num_extracted`` clips. A number of clips above the extracted
     ones, or a ``1:N`` pattern whose N+1 does not divide it, is skipped (Table 4's empty cells).
-    Pattern ``adaptive`` gives one cell per budget, named ``adaptive@B`` (a learned policy).
+    Pattern ``adaptive`` gives one cell per budget, named ``adaptive@B`` (a learned policy); every
+    pattern (and policy) gets one early-exit cell per exit budget F beside it, ``...+exit@F``.
     """
     aggs, patterns, seeds = _unique(aggs), _unique(patterns), _unique(seeds)
     budgets = _unique(float(b) for b in budgets) if budgets else []
-    patterns = schedule.grid_patterns(patterns, budgets)
+    exit_budgets = _unique(float(f) for f in exit_budgets) if exit_budgets else []
+    patterns = schedule.grid_patterns(patterns, budgets, exit_budgets)
     counts = _unique(num_clips) if num_clips is not None else [num_extracted]
     if not aggs or not patterns or not seeds or not counts:
         raise BadValue("a grid needs at least one aggregator, number of clips, pattern and seed")
@@ -123,8 +129,14 @@ def expand_grid(aggs: Iterable[str], num_clips: Iterable[int] | None, patterns: 
 
 
 def split_policy(pattern: str) -> tuple[str, float | None]:
-    """(fit's pattern, budget) of a grid pattern: ``adaptive@0.125`` -> ("adaptive", 0.125)."""
+    """(fit's pattern, budget) of a grid pattern: ``adaptive@0.125`` -> ("adaptive", 0.125) (an exit
+    part, ``+exit@F``, is left out: :func:`split_exit`)."""
     return schedule.split_label(pattern)
+
+
+def split_exit(pattern: str) -> tuple[str, float | None]:
+    """(the grid pattern without its exit, the exit budget or None): ``all-e+exit@0.5`` -> ("all-e", 0.5)."""
+    return schedule.split_exit(pattern)
 
 
 def _unique(values: Iterable) -> list:
@@ -207,7 +219,8 @@ def feature_checksums(feats_dir: str | Path, cache: ChecksumCache) -> list[str]:
 
 def cell_key(fit_config: dict[str, Any], feats_sums: list[list[str]], val_sums: list[list[str]]) -> str:
     """Hash of a cell's fit configuration (minus KEY_EXCLUDE; paths replaced by shard checksums)."""
-    keyed = {k: v for k, v in fit_config.items() if k not in KEY_EXCLUDE and k not in ("feats", "val")}
+    keyed = {k: v for k, v in fit_config.items() if k not in KEY_EXCLUDE and k not in ("feats", "val")
+             and not (k in KEY_DEFAULTS and v == KEY_DEFAULTS[k])}
     keyed["feats"], keyed["val"] = feats_sums, val_sums
     blob = json.dumps(keyed, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -259,7 +272,8 @@ def plan_grid(cfg: AblateConfig) -> GridPlan:
     where = placement(cfg.num_shards, cfg.shard_index)
     if not cfg.feats:
         raise BadValue("ablate needs at least one feature set")
-    for name in ("out", "feats", "agg", "pattern", "num_clips", "seed", "expensive", "cheap"):
+    for name in ("out", "feats", "agg", "pattern", "num_clips", "seed", "expensive", "cheap", "budget", "early_exit",
+                 "exit_budget"):
         if name in cfg.fit:
             raise BadValue(f"fit option {name!r} is set by the grid itself, not through AblateConfig.fit")
     _check_aggs(cfg.aggs)
@@ -276,7 +290,8 @@ def plan_grid(cfg: AblateConfig) -> GridPlan:
             raise Incompatible(f"validation sets have {val_info['num_clips']} clips of {val_info['clip_len']} "
                              f"frames, training sets {info['num_clips']} of {info['clip_len']}")
     expensive, cheap = resolve_models(cfg.expensive, cfg.cheap, info["models"])
-    cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"], cfg.budgets)
+    cells, notes = expand_grid(cfg.aggs, cfg.num_clips, cfg.patterns, cfg.seeds, info["num_clips"], cfg.budgets,
+                               cfg.exit_budgets)
     clip_len = info["clip_len"]
 
     from faster.aggregate.fit import FitConfig
@@ -293,8 +308,10 @@ def plan_grid(cfg: AblateConfig) -> GridPlan:
                     local_world_size=where.local_world_size)
     for i, cell in enumerate(cells):
         pattern, budget = split_policy(cell.pattern)
+        exit_budget = split_exit(cell.pattern)[1]
         fit_cfg = FitConfig(feats=[str(d) for d in cfg.feats], out="", agg=cell.agg, expensive=expensive,
                             cheap=cheap, pattern=pattern, budget=budget, num_clips=cell.num_clips, seed=cell.seed,
+                            early_exit=exit_budget is not None, exit_budget=exit_budget,
                             **{k: v for k, v in cfg.fit.items() if k != "val"}, val=[str(d) for d in val])
         fit_dict = dataclasses.asdict(fit_cfg)
         key = cell_key(fit_dict, feats_sums, val_sums)
@@ -457,7 +474,7 @@ def _run_cell(fit_dict: dict[str, Any], meta: dict[str, Any], threads: int, devi
             return meta, "failed", f"its claim was taken over by {describe(lock.holder())} during training"
         trainer = {k: lock.me[k] for k in ("host", "pid", "since")}
         done = {**meta, "result": result, "trained_by": trainer}
-        references = schedule.create(cfg.pattern, cfg.num_clips or 1, cfg.budget).references(run_dir, seed=cfg.seed)
+        references = cfg.schedule(cfg.num_clips or 1).references(run_dir, seed=cfg.seed)
         if references:  # a policy's two references at its own budget (policy.reference_points)
             done["references"] = references
         files.write_json(run_dir / CELL_DONE, done)
@@ -523,9 +540,11 @@ def collect_rows(out: str | Path, index: dict[str, Any] | None = None) -> list[d
         for ref, r in (cell.get("references") or {}).items():  # random and oracle schedules at the same budget
             rows.append({**row, "pattern": f"{ref}@{budget:g}", "top1": r["top1"], "top5": None,
                          "mean_class_acc": None, "gflops_per_video": r["gflops_per_video"],
-                         "num_expensive": r["num_expensive"], "num_expensive_mean": r["num_expensive"]})
+                         "num_expensive": r["num_expensive"], "num_expensive_mean": r["num_expensive"],
+                         "clips_seen_mean": row["clips_seen_mean"]})
     rows.sort(key=lambda r: (r["expensive"], r["cheap"], r["clip_len"], _agg_order(r["agg"]), r["num_clips"],
                              _pattern_order(r["pattern"]), r["seed"]))
+    _mark_pareto(rows)
     return rows
 
 
@@ -554,24 +573,58 @@ def _agg_label(agg: str) -> str:
 REFERENCES = tuple(schedule.GRID_ROWS)  # a policy's rows, then its references at the same budget
 
 
-def _pattern_order(pattern: str) -> tuple[int, float]:
+def _pattern_order(pattern: str) -> tuple[int, float, float]:
     """Table 4's row order: All E, 1:1, 1:3, ..., then first, then All C; then each policy budget
-    (largest first) followed by its oracle and random references."""
-    if pattern == "all-e":
-        return (0, 0)
-    if pattern.startswith("1:"):
-        return (1, int(pattern[2:]))
-    name, budget = split_policy(pattern)
+    (largest first) followed by its oracle and random references; each pattern's early-exit cells
+    right after it, largest exit budget first."""
+    base, exit_budget = split_exit(pattern)
+    after = 0.0 if exit_budget is None else 2.0 - exit_budget
+    if base == "all-e":
+        return (0, 0, after)
+    if base.startswith("1:"):
+        return (1, int(base[2:]), after)
+    name, budget = split_policy(base)
     if budget is not None:
-        return (4, -budget + REFERENCES.index(name) * 1e-9 if name in REFERENCES else 0.0)
-    return (2, 0) if pattern == "first" else (3, 0)
+        return (4, -budget + REFERENCES.index(name) * 1e-9 if name in REFERENCES else 0.0, after)
+    return ((2, 0, after) if base == "first" else (3, 0, after))
 
 
 def _pattern_label(pattern: str) -> str:
-    name, budget = split_policy(pattern)
+    base, exit_budget = split_exit(pattern)
+    name, budget = split_policy(base)
     if budget is not None:
-        return schedule.GRID_ROWS.get(name, name) + f" B={budget:g}"
-    return {"all-e": "All E", "all-c": "All C", "1:0": "All E"}.get(pattern, pattern)
+        label = schedule.GRID_ROWS.get(name, name) + f" B={budget:g}"
+    else:
+        label = {"all-e": "All E", "all-c": "All C", "1:0": "All E"}.get(base, base)
+    return label if exit_budget is None else f"{label} + exit F={exit_budget:g}"
+
+
+def pareto(points: list[tuple[float, float]]) -> list[bool]:
+    """Whether each (GFLOPs, top-1) point is on the Pareto front: no other point is as cheap and as
+    accurate and better in one of them. Points with a missing value are not."""
+    ok = [not (math.isnan(g) or math.isnan(a)) for g, a in points]
+    out = []
+    for i, (g, a) in enumerate(points):
+        dominated = any(ok[j] and j != i and g2 <= g and a2 >= a and (g2 < g or a2 > a)
+                        for j, (g2, a2) in enumerate(points))
+        out.append(ok[i] and not dominated)
+    return out
+
+
+def _mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``pareto``: whether its cell (the mean over seeds) is on the accuracy/GFLOPs front
+    of its models, clip length and aggregator (every family: fixed, policy, exit, references)."""
+    def num(v: Any) -> float:
+        return math.nan if v in (None, "") else float(v)
+
+    for _, group in _groups(rows, "expensive", "cheap", "clip_len", "agg").items():
+        cells = _groups(group, "pattern", "num_clips")
+        keys = list(cells)
+        points = [(_mean([num(r["gflops_per_video"]) for r in cells[k]])[0],
+                   _mean([num(r["top1"]) for r in cells[k]])[0]) for k in keys]
+        for k, on in zip(keys, pareto(points)):
+            for r in cells[k]:
+                r["pareto"] = on
 
 
 def _mean(values: list[float]) -> tuple[float, float]:
@@ -612,8 +665,10 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
     lines = ["# Ablation results", "",
              "V@1: top-1 accuracy (%) on the validation videos, the mean over seeds (± their standard "
              "deviation when there are several). GFLOPs per video (multiply-adds, the paper's convention) = "
-             "#E x expensive GFLOPs/clip + #C x cheap GFLOPs/clip + aggregator. Every value comes from a run "
-             "directory listed in results.csv.", ""]
+             "#E x expensive GFLOPs/clip + #C x cheap GFLOPs/clip + aggregator, counting only the clips a video "
+             "read (an early exit, `+ exit F`, leaves it before its last clip). ★: on the Pareto front of accuracy "
+             "against GFLOPs among the aggregator's cells (no cell is both cheaper and more accurate). Every value "
+             "comes from a run directory listed in results.csv.", ""]
     if not rows:
         lines += ["No finished cells yet.", ""]
     for (expensive, cheap), group in _groups(rows, "expensive", "cheap").items():
@@ -648,7 +703,8 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
                 row = [_pattern_label(pattern)]
                 for L, n in layouts:
                     rs = cells.get((pattern, L, n), [])
-                    row += [_fmt_acc([r["top1"] for r in rs]), _fmt_gflops([r["gflops_per_video"] for r in rs])]
+                    star = " ★" if rs and all(r.get("pareto") for r in rs) else ""
+                    row += [_fmt_acc([r["top1"] for r in rs]) + star, _fmt_gflops([r["gflops_per_video"] for r in rs])]
                 body.append(row)
             lines += [f"## Table 4 layout: #E:#C x clip length x clips ({_agg_label(agg)}, {models})", ""]
             lines += _table(header, body) + [""]
@@ -659,8 +715,13 @@ def render_markdown(rows: list[dict[str, Any]], notes: Iterable[str] = ()) -> st
 
 
 def accuracy_vs_gflops_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Top-1 vs log GFLOPs (the paper's Figs. 3-4): one colour per aggregator, one marker per pattern,
-    lines joining the numbers of clips of one aggregator, pattern and clip length; the legend to the
+    """Top-1 vs log GFLOPs (the paper's Figs. 3-4): one colour per aggregator, one marker per pattern
+    (its early-exit cells hollow, their exit budget F beside them),
+    lines joining the numbers of clips of one aggregator, pattern and clip length, and one curve per
+    family of schedules (fixed patterns, policies, early exits, policies with an exit:
+    aggregate/schedule.py ``family``; a line style each) through the family's own Pareto front
+    among its cells of one aggregator, clip length and number of clips, so that which family
+    dominates at which cost shows; the legend to the
     right of the axes. A figure on an Agg canvas of its own (no pyplot state), drawn by the caller."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -676,14 +737,36 @@ def accuracy_vs_gflops_figure(rows: list[dict[str, Any]]) -> Figure:
     pats = sorted({r["pattern"] for r in rows}, key=_pattern_order)
     tab10 = matplotlib.colormaps["tab10"]
     colours = {a: tab10(i % 10) for i, a in enumerate(aggs)}
-    markers = {p: "osD^v<>ph*"[i % 10] for i, p in enumerate(pats)}
+    bases = list(dict.fromkeys(split_exit(p)[0] for p in pats))  # a marker per pattern; its exit cells hollow
+    markers = {p: MARKERS[i % len(MARKERS)] for i, p in enumerate(bases)}
     for (agg, pattern, _clip_len, _expensive), group in _groups(rows, "agg", "pattern", "clip_len",
                                                               "expensive").items():
         points = sorted((_mean([float(r["gflops_per_video"]) for r in rs])[0],
                          _mean([100 * float(r["top1"]) for r in rs])[0])
                         for rs in _groups(group, "num_clips").values())
         xs, ys = zip(*points)
-        ax.plot(xs, ys, color=colours[agg], marker=markers[pattern], linewidth=1, markersize=6)
+        base, exit_budget = split_exit(pattern)
+        ax.plot(xs, ys, color=colours[agg], marker=markers[base], linewidth=1, markersize=6,
+                **({} if exit_budget is None else {"markerfacecolor": "white"}))
+        if exit_budget is not None:
+            for x, y in points:
+                ax.annotate(f"{exit_budget:g}", (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6,
+                            color=colours[agg])
+    styles = dict(zip(schedule.FAMILIES, ("-", "--", ":", "-.")))
+    drawn: set[str] = set()
+    for (agg, _clip_len, _expensive, _n), group in _groups(rows, "agg", "clip_len", "expensive", "num_clips").items():
+        for fam, members in _groups([{**r, "family": schedule.family(r["pattern"])} for r in group], "family").items():
+            cells = _groups(members, "pattern")
+            if fam[0] is None or len(cells) < 2:
+                continue
+            points = [(_mean([float(r["gflops_per_video"]) for r in rs])[0],
+                       _mean([100 * float(r["top1"]) for r in rs])[0]) for rs in cells.values()]
+            front = sorted(p for p, on in zip(points, pareto(points)) if on)  # the family's own front
+            if len(front) < 2:
+                continue
+            xs, ys = zip(*front)
+            ax.plot(xs, ys, color=colours[agg], linestyle=styles[fam[0]], linewidth=1.6, alpha=0.8)
+            drawn.add(fam[0])
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 20, not 2x10^1
     ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10)), numticks=50))
@@ -695,8 +778,13 @@ def accuracy_vs_gflops_figure(rows: list[dict[str, Any]]) -> Figure:
     ax.grid(True, which="minor", alpha=0.12)
     if rows:
         handles = [Line2D([], [], color=colours[a], linewidth=2, label=_agg_label(a)) for a in aggs]
+        handles += [Line2D([], [], color="grey", linestyle=styles[f], linewidth=1.6, label=f"family: {f}")
+                    for f in schedule.FAMILIES if f in drawn]
         handles += [Line2D([], [], color="grey", marker=markers[p], linestyle="", label=_pattern_label(p))
-                    for p in pats]
+                    for p in bases]
+        if len(bases) < len(pats):
+            handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="",
+                                  label="hollow: + early exit (F beside)"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.03, 1.0), borderaxespad=0.0,
                   fontsize=8, frameon=False)
     else:

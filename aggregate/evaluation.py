@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 def score(module: Any, schedule: Any, batches: Any, device: Any, *, progress: bool = False,
           desc: str = "evaluate") -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
-    """(probs (V, K) float32, labels (V,), indices (V,), mean loss over labelled videos, expensive
-    decisions (V, n) bool) of ``module`` under ``schedule`` (aggregate/schedule.py), in eval mode."""
+    """(probs (V, K) float32, labels (V,), indices (V,), mean loss over labelled videos, decisions
+    (V, n) int8 per clip: 1 expensive, 0 cheap, -1 not read (an early exit)) of ``module`` under
+    ``schedule`` (aggregate/schedule.py), in eval mode."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -34,7 +35,8 @@ def score(module: Any, schedule: Any, batches: Any, device: Any, *, progress: bo
         for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
             logits, decisions = schedule.forward(module, inputs(batch, device))
             logits = logits.float()
-            chosen.append(decisions.cpu().numpy() > 0.5)
+            d = decisions.float().cpu().numpy()
+            chosen.append(np.where(d < -0.5, -1, d > 0.5).astype(np.int8))
             y = batch["label"].to(device)
             known = y >= 0
             if known.any():
@@ -49,7 +51,7 @@ def score(module: Any, schedule: Any, batches: Any, device: Any, *, progress: bo
 
     return (cat(probs, (0, 0)).astype(np.float32), cat(labels, (0,)).astype(np.int64),
             cat(indices, (0,)).astype(np.int64), loss_sum / max(count, 1),
-            cat(chosen, (0, schedule.num_clips)).astype(bool))
+            cat(chosen, (0, schedule.num_clips)).astype(np.int8))
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
@@ -70,8 +72,9 @@ def metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
 def prediction_rows(ids: Sequence[Any], labels: Sequence[int], probs: np.ndarray, classes: Sequence[str],
                     gflops: Any, reports: Sequence[dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
     """Per-video JSON objects: id, label, probs, top5 [[class, prob], ...], gflops (one value, or one
-    per video), and with ``reports`` each video's schedule report (num_expensive, num_cheap and, for a
-    policy, expensive_clips: aggregate/schedule.py ``Schedule.report``)."""
+    per video), and with ``reports`` each video's schedule report (num_expensive, num_cheap,
+    clips_seen and, for a policy, expensive_clips, for an early exit exit_clip: aggregate/schedule.py
+    ``Schedule.report``)."""
     k = min(5, len(classes))
     for i, (video_id, y, p) in enumerate(zip(ids, labels, probs)):
         top = np.argsort(-p, kind="stable")[:k]
@@ -85,9 +88,12 @@ def prediction_rows(ids: Sequence[Any], labels: Sequence[int], probs: np.ndarray
 
 def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, batch_size: int | None = None,
              workers: int | None = None, device: str | None = None, progress: bool = True,
-             skip_bad: bool = False) -> dict[str, Any]:
+             skip_bad: bool = False, order: str | None = None) -> dict[str, Any]:
     """Score a fitted run on ``feats``; write per-video predictions (default RUN/predictions.jsonl);
-    return the metrics over the labelled videos (top1, top5, mean_class_acc) and the counts."""
+    return the metrics over the labelled videos (top1, top5, mean_class_acc), the mean cost
+    (gflops_per_video: only the clips read count), clips_seen_mean and the counts. ``order``: fold
+    the clips in this order instead of the run's (refused for an early-exit run, whose thresholds
+    belong to its order)."""
     from faster.aggregate import data, run
     from faster.runtime import resolve_device
     from faster.store import files, integrity
@@ -96,8 +102,8 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
     t0 = time.perf_counter()
     fitted = run.Run.load(run_dir)
     dev = resolve_device(device or "auto")
+    schedule = fitted.schedule if order is None else fitted.schedule.with_order(order)
     module = fitted.model(dev)
-    schedule = fitted.schedule
     checked = integrity.check(feats, skip_bad=skip_bad, models=[name for name, _ in fitted.sources().values()])
     fs = FeatureSet(feats, skip_shards=checked.bad_shards, skip_videos=checked.bad_videos)
     fitted.check_features(fs, str(feats))
@@ -113,7 +119,9 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
                                             [schedule.report(row) for row in chosen]))
     result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)),
               "gflops_per_video": None if gflops is None or not len(gflops) else float(np.mean(gflops)),
-              "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
+              "num_expensive_mean": float((chosen == 1).sum(1).mean()) if len(chosen) else None,
+              "clips_seen_mean": float((chosen >= 0).sum(1).mean()) if len(chosen) else None,
+              "order": schedule.order, "exit_budget": schedule.exit_budget,
               "agg": fitted.agg, "pattern": fitted.pattern, "num_clips": fitted.num_clips, "predictions": str(path),
               "skipped": {"shards": checked.bad_shards, "videos": checked.bad_videos},
               "seconds": round(time.perf_counter() - t0, 3)}

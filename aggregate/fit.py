@@ -14,7 +14,9 @@ No backbone, torchvision or decord is imported. Options beyond the paper (docs/a
 centres from the training descriptors), ``train_clips="jitter"`` (one random clip per segment, per
 video and epoch, as TSN-style training samples them) and ``teacher`` (Fewer Frames distillation: a
 frozen fitted run teaches the student through a KL term on softened predictions and a squared error
-on the final representations, also on unlabelled videos).
+on the final representations, also on unlabelled videos), ``order`` (the clips folded in temporal or
+coarse-to-fine order) and ``early_exit`` with ``exit_budget`` (a loss after every step, then the
+exit's thresholds calibrated on the training videos: aggregate/exit.py).
 
 Cost per video (docs/format.md "Patterns"): the schedule's ``costs`` from the per-clip GFLOPs the
 shards record and the aggregator's own multiply-adds, counted on meta tensors.
@@ -88,6 +90,11 @@ class FitConfig:
     rep_weight: float = 0.01  # B: weight of the MSE between final representations (Aggregator.state_vector)
     temperature: float = 2.0  # T of the distillation term
     resume: bool = False  # continue the interrupted fit in ``out`` from its last finished epoch
+    order: str | None = None  # the order the clips are folded in: temporal or coarse-to-fine (aggregate/schedule.py);
+    #                           None: coarse-to-fine with an early exit, temporal otherwise (resolved by validate)
+    early_exit: bool = False  # stop reading a video once its prediction is sure enough (aggregate/exit.py)
+    exit_budget: float | None = None  # early_exit: F in (0, 1], the mean fraction of a video's clips to read
+    exit_mode: str = "threshold"  # early_exit: threshold (calibrated confidence per step) or gate (learned)
 
     def validate(self) -> None:
         """Check every value that needs no data; ValueError naming the bad one."""
@@ -100,6 +107,12 @@ class FitConfig:
         if self.num_clips is not None and self.num_clips < 1:
             raise BadValue(f"num_clips must be >= 1, got {self.num_clips}")
         schedule.check(self.pattern, self.budget, self.num_clips)
+        if self.early_exit:
+            schedule.check_exit_budget(self.exit_budget)
+        elif self.exit_budget is not None:
+            raise BadValue(f"--exit-budget {self.exit_budget} is for --early-exit")
+        schedule.check_exit(self.exit_mode)
+        self.order = schedule.resolve_order(self.order, self.early_exit)
         if self.optimizer not in OPTIMIZERS:
             raise BadValue(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
         for name, value, low in (("epochs", self.epochs, 1), ("batch_size", self.batch_size, 1), ("workers", self.workers, 0)):
@@ -129,7 +142,7 @@ class FitConfig:
         if self.train_clips not in data.TRAIN_CLIPS:
             raise BadValue(f"unknown train_clips {self.train_clips!r}; expected one of {', '.join(data.TRAIN_CLIPS)}")
         if self.teacher is not None:
-            if not schedule.create(self.pattern, self.num_clips or 1, self.budget).distillable:
+            if not self.schedule(self.num_clips or 1).distillable:
                 raise BadValue(f"--teacher with --pattern {self.pattern} is not supported: distil into a "
                                f"fixed-pattern student")
             for name, value in (("distill_weight", self.distill_weight), ("rep_weight", self.rep_weight)):
@@ -138,6 +151,11 @@ class FitConfig:
             if not self.temperature > 0:
                 raise BadValue(f"temperature must be > 0, got {self.temperature}")
         resolve_device(self.device)
+
+    def schedule(self, num_clips: int) -> Any:
+        """The schedule of this fit over ``num_clips`` clips (aggregate/schedule.py)."""
+        return schedule.create(self.pattern, num_clips, self.budget, order=self.order,
+                               exit_budget=self.exit_budget if self.early_exit else None, exit_mode=self.exit_mode)
 
     def settings(self) -> Any:
         """The training engine's settings (faster/engine.py): the optimiser and the cosine schedule, fp32."""
@@ -178,12 +196,13 @@ class FitPlan:
 
 def make_plan(fs: Any, *, agg: str, expensive: str, cheap: str, pattern: str, num_clips: int | None,
               num_classes: int, dropout: float, extra_kwargs: dict[str, Any] | None = None,
-              budget: float | None = None) -> FitPlan:
+              budget: float | None = None, order: str | None = None, exit_budget: float | None = None,
+              exit_mode: str = "threshold") -> FitPlan:
     """Positions, schedule and sources of ``pattern`` on feature set ``fs``; ValueError before any read."""
     N = int(fs.config["num_clips"])
     n = N if num_clips is None else int(num_clips)
     positions = patterns.subset_positions(N, n)
-    plan_schedule = schedule.create(pattern, n, budget)
+    plan_schedule = schedule.create(pattern, n, budget, order=order, exit_budget=exit_budget, exit_mode=exit_mode)
     sources = plan_schedule.sources(positions, expensive, cheap)
     shapes = {src: fs.model(model).channels_first for src, (model, _) in sources.items()}
     kwargs = {"num_classes": int(num_classes), "sources": shapes, "dropout": float(dropout), **(extra_kwargs or {})}
@@ -283,7 +302,6 @@ def _fit_step_class() -> Any:
     """The module the engine trains: the schedule's module (student) and, when taught, the
     projection of its representation to the teacher's width. Its forward returns the loss, so that
     under torchrun DDP sees every parameter the loss uses."""
-    import torch.nn.functional as F
     from torch import nn
 
     class FitStep(nn.Module):
@@ -293,9 +311,8 @@ def _fit_step_class() -> Any:
             self.weights = (cfg.distill_weight, cfg.rep_weight, cfg.temperature)
 
         def forward(self, x: dict[str, Any], y: Any, tau: float | None = None, taught: Any = None) -> Any:
-            if taught is None:
-                logits, decisions = self.schedule.forward(self.student, x, tau)
-                return F.cross_entropy(logits.float(), y) + self.schedule.penalty(self.student, decisions)
+            if taught is None:  # the schedule's loss: CE + its penalty (an exit: CE after every step)
+                return self.schedule.loss(self.student, x, y, tau)
             logits, rep = self.schedule.forward_with_state(self.student, x)
             if self.proj is not None:
                 rep = self.proj(rep)
@@ -387,7 +404,8 @@ def prepare(cfg: FitConfig, device: Any) -> _Prepared:
     fs = FeatureSet(cfg.feats, **skip)
     plan = make_plan(fs, agg=cfg.agg, expensive=cfg.expensive, cheap=cfg.cheap, pattern=cfg.pattern,
                      num_clips=cfg.num_clips, num_classes=len(fs.classes), dropout=cfg.dropout, budget=cfg.budget,
-                     extra_kwargs=cfg.agg_options)
+                     extra_kwargs=cfg.agg_options, order=cfg.order,
+                     exit_budget=cfg.exit_budget if cfg.early_exit else None, exit_mode=cfg.exit_mode)
     teacher = _load_teacher(cfg, fs, device) if cfg.teacher is not None else None
     used = [m for m, _ in plan.sources.values()]
     pooled = sorted(m for m in set(used) if fs.model(m).attrs.get("spatial_pool"))
@@ -515,7 +533,8 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
                     m = evaluation.metrics(probs, labels)
                     row = {"train_loss": stats["train_loss"], "val_loss": val_loss, "top1": m["top1"],
                            "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "lr": stats["lr"],
-                           "num_expensive_mean": float(chosen.sum(1).mean()) if len(chosen) else None,
+                           "num_expensive_mean": float((chosen == 1).sum(1).mean()) if len(chosen) else None,
+                           "clips_seen_mean": float((chosen >= 0).sum(1).mean()) if len(chosen) else None,
                            "steps": stats["steps"], "data_wait": stats["data_wait"],
                            "train_seconds": stats["train_seconds"], "seconds": round(time.perf_counter() - t_epoch, 3)}
                     if drawn is not None:  # how varied the draws were: distinct rows, and the first video's
@@ -528,7 +547,9 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
                                 "mean_class_acc": m["mean_class_acc"]}
                 engine.end_epoch(epoch, row, {"best": best})
                 written = True
-            if dist.main and scored is None:  # resumed after the last epoch: score the final weights
+            # after training, on the training videos: what the schedule calibrates (an exit's thresholds)
+            calibrated = dist.main and _calibrate(student, prep, cfg, device)
+            if dist.main and (scored is None or calibrated):  # resumed after the last epoch, or calibrated
                 scored = _validate(student, plan, vs, prep.val_idx, cfg, device, "val")
         result = None
         if dist.main:
@@ -579,6 +600,19 @@ def _step_fn(teacher: _Teacher | None, device: Any, tau: float | None) -> Any:
         return model(data.inputs(batch, device), y, tau, taught), len(y)
 
     return step
+
+
+def _calibrate(student: Any, prep: _Prepared, cfg: FitConfig, device: Any) -> bool:
+    """The schedule's calibration on the training videos (uniform clips); whether it changed anything.
+    The batches are read only if the schedule asks for them."""
+    def batches() -> Iterator[Any]:
+        ds = prep.fs.dataset(prep.plan.sources, prep.train_idx)
+        try:
+            yield from data.loader(ds, cfg.batch_size, cfg.workers, seed=cfg.seed, pin=device.type == "cuda")
+        finally:
+            ds.close()
+
+    return bool(prep.plan.schedule.calibrate(student, batches(), device))
 
 
 def _validate(student: Any, plan: FitPlan, vs: Any, val_idx: np.ndarray, cfg: FitConfig, device: Any,

@@ -107,28 +107,50 @@ class Policy(nn.Module):
 
     # -- batched (training, evaluation) --
 
-    def forward(self, x: dict[str, Tensor], tau: float | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: dict[str, Tensor], tau: float | None = None,
+                order: list[int] | None = None) -> tuple[Tensor, Tensor]:
         """(logits (B, K), decisions (B, N) in {0, 1}) for whole videos.
 
         ``x["expensive"]`` and ``x["cheap"]``: (B, N, T', H', W', C) channels last, every clip of both
         backbones. ``tau``: sample straight-through Gumbel-softmax decisions at that temperature
-        (training); None: hard argmax decisions (evaluation, predict).
+        (training); None: hard argmax decisions (evaluation, predict). ``order``: the clip indices
+        in the order they are folded (default 0 .. N-1); decisions stay in clip order.
         """
+        _, _, decisions, h = self._run(x, tau, order, want_logits=False, want_state=False)
+        return self.aggregator.readout(h, x["cheap"].shape[1]), decisions
+
+    def unroll(self, x: dict[str, Tensor], tau: float | None = None, order: list[int] | None = None,
+               want_state: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(logits after every step (B, N, K) in visit order, state vectors after every step
+        (B, N, D) or None, decisions (B, N) in clip order): what an early exit reads."""
+        logits, states, decisions, _ = self._run(x, tau, order, want_logits=True, want_state=want_state)
+        return logits, states, decisions
+
+    def _run(self, x: dict[str, Tensor], tau: float | None, order: list[int] | None, *, want_logits: bool,
+             want_state: bool) -> tuple[Any, Any, Tensor, Any]:
         e, c = x["expensive"], x["cheap"]
         if e.shape[:2] != c.shape[:2]:
             raise BadValue(f"adaptive needs both maps of every clip, got {tuple(e.shape[:2])} expensive and "
                            f"{tuple(c.shape[:2])} cheap")
-        h, decisions = None, []
-        for t in range(c.shape[1]):
+        n = c.shape[1]
+        order = list(range(n)) if order is None else list(order)
+        agg = self.aggregator
+        h, decisions, logits, states = None, [None] * n, [], []
+        for step, t in enumerate(order):
             g = self.gate(self._cheap_summary(c[:, t]), self._state_summary(h, c[:, t, 0, 0, 0]))  # (B, 2)
+            # u_t of the step (clips folded so far), as ``decide`` online
             d = (F.gumbel_softmax(g.float(), tau=tau, hard=True)[:, 1] if tau is not None
-                 else (torch.softmax(g.float(), dim=-1)[:, 1] > dither(t)).to(c.dtype))  # (B,)
-            agg = self.aggregator
+                 else (torch.softmax(g.float(), dim=-1)[:, 1] > dither(step)).to(c.dtype))  # (B,)
             xe, xc = agg.encode(e[:, t], "expensive"), agg.encode(c[:, t], "cheap")
             w = d.view(-1, *([1] * (xe.dim() - 1))).to(xe.dtype)
             h = agg.fold(h, w * xe + (1 - w) * xc)
-            decisions.append(d)
-        return self.aggregator.readout(h, c.shape[1]), torch.stack(decisions, dim=1)
+            decisions[t] = d
+            if want_logits:
+                logits.append(agg.readout(h, step + 1))
+            if want_state:
+                states.append(agg.state_vector(h))
+        return (torch.stack(logits, dim=1) if want_logits else None, torch.stack(states, dim=1) if want_state else None,
+                torch.stack(decisions, dim=1), h)
 
     def penalty(self, decisions: Tensor, weight: float) -> Tensor:
         """LiteEval's budget term: weight x (mean decision - B)^2."""

@@ -118,20 +118,22 @@ class Run:
                 for src in ("expensive", "cheap") if self.model_name(src) in self.models
                 and self.models[self.model_name(src)].get("gflops_per_clip") is not None}
 
-    def video_gflops(self, num_expensive: float) -> float:
-        """A video's cost when ``num_expensive`` of its clips got the expensive backbone."""
-        return self.schedule.video_gflops(self.gflops, self.per_clip_gflops(), num_expensive)
+    def video_gflops(self, num_expensive: float, clips_seen: float | None = None) -> float:
+        """A video's cost when ``num_expensive`` of the ``clips_seen`` clips it read (default: all)
+        got the expensive backbone."""
+        return self.schedule.video_gflops(self.gflops, self.per_clip_gflops(), num_expensive, clips_seen)
 
-    def videos_gflops(self, chosen: Any) -> Any:
-        """Each video's cost from its expensive decisions ``chosen`` (V, n) bool; None when a shard
-        lacked the per-clip costs."""
+    def videos_gflops(self, decisions: Any) -> Any:
+        """Each video's cost from its per-clip decisions (V, n) (1 expensive, 0 cheap, -1 not read;
+        or booleans); None when a shard lacked the per-clip costs."""
         import numpy as np
 
         if self.gflops.get("per_video") is None:
             return None
         schedule, per_clip = self.schedule, self.per_clip_gflops()
-        n_e = np.asarray(chosen, dtype=bool).sum(axis=1)
-        return np.array([schedule.video_gflops(self.gflops, per_clip, int(k)) for k in n_e])
+        reports = [schedule.report(row) for row in np.asarray(decisions).reshape(-1, self.num_clips)]
+        return np.array([schedule.video_gflops(self.gflops, per_clip, r["num_expensive"], r["clips_seen"])
+                         for r in reports])
 
     def check_features(self, fs: Any, what: str) -> None:
         """Incompatible unless feature set ``fs`` has this run's classes, extraction and map shapes."""

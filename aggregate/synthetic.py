@@ -12,6 +12,11 @@ extraction (root attributes, per-model provenance, uniform clip starts) whose cl
     first ("expensive") model's map; every other model's map has a class-agnostic cue at that clip.
     A fixed pattern sees the class only when its expensive positions happen to hit the clip; a
     learned policy (pattern adaptive) can read the cue and spend the expensive model there.
+  * ``"mixed"`` (the early-exit test): half the videos (drawn per video) are ``"static"``, their
+    class in every clip of every model's map; the other half are ``"spot"``, their class in the
+    expensive map of one clip only, with the class-agnostic cue in the other models' maps there.
+    An easy video can be left after its first clip; a hard one only once its clip is read (and
+    read with the expensive model).
   * ``"events"`` (2 classes, the cluster-and-aggregate test): two event directions a and b; each
     video holds a, b, both or neither, each present event added to one random clip with a random
     sign (+-). Class 1 ("exactly_one") when exactly one of them occurs anywhere in the video, class
@@ -38,7 +43,7 @@ from faster.sampling import clip_starts
 from faster.store.header import Header, ModelHeader
 from faster.store.writer import FeatureSetWriter
 
-SIGNALS = ("order", "static", "spot", "events", "arrangement", "none")
+SIGNALS = ("order", "static", "spot", "mixed", "events", "arrangement", "none")
 CLASSES = {"order": ["a_before_b", "b_before_a"], "events": ["none_or_both", "exactly_one"],
            "arrangement": ["neighbours", "far_apart"]}
 DEFAULT_MODELS = {"exp": (1, 2, 2, 16), "chp": (1, 2, 2, 16)}
@@ -86,6 +91,7 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
             label = int(rng.integers(num_classes))
             i, j = sorted(rng.choice(num_clips, size=2, replace=False)) if signal == "order" else (0, 0)
             spot = int(rng.integers(num_clips))
+            easy = signal == "mixed" and bool(rng.integers(2))  # mixed: this video shows its class in every clip
             events = _events(rng, signal, label, num_clips, far)  # [(clip, direction index, sign)]
             feats = {}
             for mk, m in enumerate(names):
@@ -95,9 +101,9 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
                     first, second = (dirs[m][0], dirs[m][1]) if label == 0 else (dirs[m][1], dirs[m][0])
                     x[i] += amplitude * first
                     x[j] += amplitude * second
-                elif signal == "static":
+                elif signal == "static" or easy:
                     x += amplitude * dirs[m][label]
-                elif signal == "spot":
+                elif signal in ("spot", "mixed"):
                     x[spot] += amplitude * (dirs[m][label] if mk == 0 else dirs[m][num_classes])
                 for clip, d, sign in events:
                     x[clip] += sign * amplitude * dirs[m][d]

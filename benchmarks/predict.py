@@ -5,9 +5,11 @@
 
 Makes Kinetics-shaped videos (340x256, H.264), extracts both backbones' features once, fits the
 four runs of Table 5 / Table 4 (all-c and all-e with the avg-pool aggregator, 1:1 and 1:3 with
-FAST-GRU; one epoch each: timing does not depend on accuracy) and a learned policy (pattern
+FAST-GRU; one epoch each: timing does not depend on accuracy), a learned policy (pattern
 adaptive, FAST-GRU, budget 0.25: the cheap backbone on every clip, the expensive one where its gate
-says, clip by clip), and then times `predict` of each run on the same videos:
+says, clip by clip) and an early exit (all-e, FAST-GRU, ``--early-exit --exit-budget 0.5`` in
+coarse-to-fine order: clip by clip, the video left once its prediction is sure enough, its clips
+decoded on demand), and then times `predict` of each run on the same videos:
 
 * ``model s``: the backbones and the aggregator on already decoded clips (what the FLOPs count);
 * ``end-to-end s``: `iter_predict` decoding in the main process (`--workers 0`: decode, then model,
@@ -31,8 +33,15 @@ import torch
 
 from backbones import cpu_model  # benchmarks/backbones.py, beside this script
 
-RUNS = (("all-c", "avg", None), ("all-e", "avg", None), ("1:1", "fastgru", None), ("1:3", "fastgru", None),
-        ("adaptive", "fastgru", 0.25))  # (pattern, aggregator, budget)
+RUNS = (("all-c", "avg", None, None), ("all-e", "avg", None, None), ("1:1", "fastgru", None, None),
+        ("1:3", "fastgru", None, None), ("adaptive", "fastgru", 0.25, None),
+        ("all-e", "fastgru", None, 0.5))  # (pattern, aggregator, budget, exit budget)
+
+
+def label(pattern: str, budget: float | None, exit_budget: float | None) -> str:
+    """A run's row name: the pattern, "adaptive B=0.25", "all-e + exit F=0.5"."""
+    name = pattern if budget is None else f"{pattern} B={budget:g}"
+    return name if exit_budget is None else f"{name} + exit F={exit_budget:g}"
 
 
 def _sync(device: torch.device) -> None:
@@ -56,12 +65,13 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
                                   num_clips=args.num_clips, size=args.size, workers=1, device=args.device,
                                   progress=False))
     runs = {}
-    for pattern, agg, budget in RUNS:
-        out = work / f"run-{agg}-{pattern.replace(':', '_')}"
+    for pattern, agg, budget, exit_budget in RUNS:
+        out = work / (f"run-{agg}-{pattern.replace(':', '_')}" + ("" if exit_budget is None else f"-exit{exit_budget:g}"))
         if not (out / "result.json").exists():
             fit(FitConfig([str(feats)], str(out), agg, args.expensive, args.cheap, pattern, budget=budget,
-                          val=[str(feats)], epochs=1, batch_size=4, workers=0, device=args.device, progress=False))
-        runs[pattern] = out
+                          val=[str(feats)], epochs=1, batch_size=4, workers=0, device=args.device, progress=False,
+                          early_exit=exit_budget is not None, exit_budget=exit_budget))
+        runs[label(pattern, budget, exit_budget)] = out
     return {"videos": videos, **runs}
 
 
@@ -71,7 +81,8 @@ def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dic
     from faster.predict import PredictConfig, Predictor, decoded_videos, iter_predict, list_videos
 
     runs = {}
-    for pattern, _, _ in RUNS:
+    for spec in RUNS:
+        pattern = label(spec[0], spec[2], spec[3])
         predictor = Predictor(paths[pattern], device=args.device, batch_size=args.batch_size)
         items = list_videos([str(paths["videos"])], predictor.run.classes)
         clips = [d.frames for _, d in decoded_videos(items, predictor.run, workers=0)]
@@ -82,8 +93,9 @@ def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dic
         runs[pattern] = {"predictor": predictor, "clips": clips, "cfg": cfg,
                          "result": {"gflops": sum(r["gflops"] for r in records),
                                     "num_expensive": sum(r["num_expensive"] for r in records) / len(records),
-                                    "num_cheap": records[0]["num_cheap"], "model_s": [], "model_cpu_s": [],
-                                    "e2e_s": []}}
+                                    "num_cheap": sum(r["num_cheap"] for r in records) / len(records),
+                                    "clips_seen": sum(r["clips_seen"] for r in records) / len(records),
+                                    "model_s": [], "model_cpu_s": [], "e2e_s": []}}
     for _ in range(args.repeats):
         for r in runs.values():
             _sync(r["predictor"].device)
@@ -178,17 +190,18 @@ def main() -> None:
           f"{parts['aggregator_ms_per_step']:.1f} ms per step (~{parts['aggregator_gflops_per_step']:.2f} GFLOPs)")
     ref = results["all-e"]
     cols = ["model s", "model CPU s", "end-to-end s"]
-    print("| pattern | agg | #E:#C | GFLOPs/video | FLOPs vs all-e | "
+    print("| pattern | agg | #E:#C | clips read | GFLOPs/video | FLOPs vs all-e | "
           + " | ".join(f"{c} | vs all-e | saved/saved" for c in cols) + " |")
-    print("|" + "---|" * (5 + 3 * len(cols)))
-    for pattern, agg, budget in RUNS:
-        r = results[pattern]
+    print("|" + "---|" * (6 + 3 * len(cols)))
+    for pattern, agg, budget, exit_budget in RUNS:
+        name = label(pattern, budget, exit_budget)
+        r = results[name]
         f = r["gflops"] / ref["gflops"]
-        label = pattern if budget is None else f"{pattern} B={budget:g}"
-        row = [label, agg, f"{r['num_expensive']:g}:{r['num_cheap']}", f"{r['gflops'] / args.videos:.1f}", f"{f:.3f}"]
+        row = [name, agg, f"{r['num_expensive']:.3g}:{r['num_cheap']:.3g}", f"{r['clips_seen']:.3g}",
+               f"{r['gflops'] / args.videos:.1f}", f"{f:.3f}"]
         for key in ("model_s", "model_cpu_s", "e2e_s"):
             t = r[key] / ref[key]
-            ratio = "-" if pattern == "all-e" else f"{(1 - t) / (1 - f):.2f}"
+            ratio = "-" if name == "all-e" or f == 1 else f"{(1 - t) / (1 - f):.2f}"
             row += [f"{r[key]:.2f}", f"{t:.3f}", ratio]
         print("| " + " | ".join(row) + " |")
     if args.json:

@@ -2,7 +2,7 @@
 
     python benchmarks/train_clip.py                      # CPU: r2d26 and r2plus1d50 at 112 px, 8-frame clips
     python benchmarks/train_clip.py --threads 1          # torch threads (train-clip's --threads)
-    python benchmarks/train_clip.py --device cuda --batch-size 32 --steps 20 --workers 8 --videos 640
+    python benchmarks/train_clip.py --device cuda --batch-size 32 --steps 8 --workers 12 --videos 256
 
 Videos are Kinetics-shaped (340x256, ``--seconds`` at 30 fps, H.264; generated once with
 faster.synthetic and cached under the temp dir). Per model, with train-clip's own pieces
@@ -65,20 +65,31 @@ from faster.train.clip import TrainClipConfig, _precision, _train_step, train_cl
 from faster.train.data import Augment, Batch, EpochStream, augment
 from faster.train.model import build_classifier
 
-STEPS = {"r2d26": 12, "r2plus1d50": 3}  # default --steps per model (r2plus1d50 trains at ~1-2 clips/s on 2 cores)
+STEPS = {"r2d26": 12, "r2plus1d50": 3}  # default --steps per model (r2plus1d50: ~0.3-0.5 training clips/s on the shared 2 cores)
 CLASSES = 4
 
 
+def _write_video(path: Path, seconds: float, seed: int) -> None:
+    tmp = path.with_name(f".tmp_{path.name}")
+    synthetic.write_kinetics_like(tmp, seconds=seconds, fps=30, width=340, height=256, seed=seed)
+    os.replace(tmp, path)
+
+
 def make_videos(n: int, seconds: float) -> Path:
-    """A folder-per-class set of ``n`` Kinetics-shaped videos (links into a cached pool, each written once)."""
+    """A folder-per-class set of ``n`` Kinetics-shaped videos (links into a cached pool, each written once,
+    in one process per core)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     cache = Path(tempfile.gettempdir()) / f"faster-bench-train-clip-340x256-{seconds:g}s-v1"
     pool, root = cache / "pool", cache / f"set-{n}"
-    for i in range(n):
-        path = pool / f"video_{i:03d}.mp4"
-        if not path.exists():
-            tmp = pool / f".tmp_{i:03d}.mp4"
-            synthetic.write_kinetics_like(tmp, seconds=seconds, fps=30, width=340, height=256, seed=i)
-            os.replace(tmp, path)
+    pool.mkdir(parents=True, exist_ok=True)
+    paths = [pool / f"video_{i:03d}.mp4" for i in range(n)]
+    missing = [(p, i) for i, p in enumerate(paths) if not p.exists()]
+    if missing:
+        with ProcessPoolExecutor(runtime.cores(), mp_context=multiprocessing.get_context("spawn")) as ex:
+            list(ex.map(_write_video, [p for p, _ in missing], [seconds] * len(missing), [i for _, i in missing]))
+    for i, path in enumerate(paths):
         link = root / f"class_{i % CLASSES}" / path.name
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +171,7 @@ def openmp_team_beside(device: torch.device, enabled: bool = True):
     conditions of the whole step and of train-clip, where the decode pool's dispatcher thread holds a team
     of its own (its copy out of shared memory). libgomp spins at its barriers for a short count when a
     process's OpenMP threads outnumber the cores and for a long one otherwise; on a CPU shared with other
-    jobs the long spin made model-only steps up to 6x slower than the same steps inside the whole step."""
+    jobs the long spin made model-only 3-9x slower than the same steps inside the whole step."""
     if not enabled or device.type != "cpu" or torch.get_num_threads() < 2:
         yield
         return
@@ -318,6 +329,8 @@ def main() -> None:
     args = ap.parse_args()
     names = args.model or ["r2d26", "r2plus1d50"]
     need = max(args.batch_size * (args.steps or STEPS.get(n, 4)) for n in names)
+    if args.steps is not None and args.steps < 2:
+        ap.error("--steps must be >= 2 (the steady figures start at the second batch)")
     if args.videos < need:
         ap.error(f"--videos {args.videos}: the longest stage takes {need} clips (one per video)")
 
