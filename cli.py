@@ -253,6 +253,9 @@ def extract(**kw) -> None:
 @click.option("--no-flip", "flip", is_flag=True, flag_value=False, default=True,
               help="No horizontal flips (classes a flip changes, e.g. left/right motion).")
 @click.option("--val-clips", type=click.IntRange(1), help="Uniform clips per validation video [default: 256 // clip-len].")
+@click.option("--flops-target", type=click.FloatRange(0, 1, min_open=True),
+              help="For a backbone whose cost depends on the clip (vared_*): the mean fraction of its full GFLOPs "
+                   "per clip its gates are trained toward [default: the backbone's, 0.6 for vared_*].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
@@ -289,6 +292,9 @@ def train_clip(**kw) -> None:
         return
     top = "-" if r["video_top1"] is None else f"{r['video_top1']:.4f}"
     clip = "-" if r["clip_top1"] is None else f"{r['clip_top1']:.4f}"
+    if r.get("flops_target") is not None and r.get("gflops_per_clip") is not None:
+        clip += (f", {r['gflops_per_clip']:.4g} GFLOPs/clip ({100 * r['gflops_per_clip'] / r['full_gflops_per_clip']:.0f}% "
+                 f"of full, target {100 * r['flops_target']:.0f}%)")
     click.echo(f"{r['model']}: val video@1 {top}, clip@1 {clip} (epoch {r['best_epoch']} of {r['epochs']}); "
                f"{r['num_train']} train / {r['num_val']} val videos, {r['num_classes']} classes, "
                f"{r['failures']} failed; global batch {r['global_batch_size']}; {r['seconds']:.1f} s -> {r['weights']}")

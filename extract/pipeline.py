@@ -154,6 +154,7 @@ class ClipModels:
         self.spatial_pool = bool(cfg.spatial_pool)
         self.compute_dtype = compute_dtype
         self.runner = None
+        self.last_gflops: dict[str, Any] = {}  # per clip-dependent model, the last call's (b,) GFLOPs per clip
         self.headers = {}
         for name in cfg.models:
             d = registry.describe(name, weights=cfg.weights.get(name), seed=cfg.seed)
@@ -219,8 +220,11 @@ class ClipModels:
 
     def __call__(self, clips) -> dict[str, Any]:
         """(b, L, S, S, 3) uint8 on the device -> per model (b, T', H', W', C) float16 on the CPU, as
-        the runner returns them and the shards store them (H' = W' = 1 with --spatial-pool)."""
-        return {name: self.runner(name, clips).cpu() for name in self.names}
+        the runner returns them and the shards store them (H' = W' = 1 with --spatial-pool). The
+        per-clip GFLOPs of the models whose cost depends on the clip are left in ``last_gflops``."""
+        out = {name: self.runner(name, clips).cpu() for name in self.names}
+        self.last_gflops = {name: self.runner.last_gflops[name] for name in self.runner.clip_dependent}
+        return out
 
 
 @dataclass
@@ -231,6 +235,7 @@ class _Pending:
     frames: Any  # on the device
     done: int = 0
     outputs: dict[str, list] = field(default_factory=dict)
+    gflops: dict[str, list] = field(default_factory=dict)  # per clip-dependent model: each batch's (b,) GFLOPs
 
 
 def _fmt_bytes(n: float) -> str:
@@ -439,8 +444,10 @@ class _Extraction:
     def _add(self, p: _Pending) -> None:
         d = p.decoded
         feats = {m: np.concatenate(chunks) for m, chunks in p.outputs.items()}  # (N, T', H', W', C)
+        gflops = {m: np.concatenate(chunks) for m, chunks in p.gflops.items()}  # (N,) per clip-dependent model
         self.writer.add(id=d.item.id, label=d.item.label, num_frames=d.num_frames, fps=d.fps,
-                        clip_start=d.clip_start, features=feats, split=d.item.split, short=d.short)
+                        clip_start=d.clip_start, features=feats, split=d.item.split, short=d.short,
+                        gflops=gflops or None)
         self.clips += self.cfg.num_clips
         self.short += bool(d.short)
         self.decoders[d.decoder] = self.decoders.get(d.decoder, 0) + 1
@@ -532,6 +539,8 @@ class _Extraction:
         for p, a, b in parts:
             for m, y in outs.items():
                 p.outputs[m].append(y[offset:offset + b - a].numpy())
+            for m, g in self.models.last_gflops.items():
+                p.gflops.setdefault(m, []).append(g[offset:offset + b - a])
             p.done = b
             offset += b - a
         while pending and pending[0].done == self.cfg.num_clips:

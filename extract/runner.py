@@ -10,11 +10,17 @@ H' x W', rounded to float16 again, as it was stored). Maps come out channels-las
 C): the layout of the shards and of the aggregators' input, and a view of what a channels_last_3d
 model returns, so no copy is made. On CUDA the batch shape is kept fixed (the last batch padded)
 so cudnn.benchmark tunes once, and on out-of-memory the batch is halved and the work goes on.
+
+A backbone whose cost depends on the clip (VA-RED², extract/models/vared.py: it has ``last_cost``,
+the GFLOPs of each clip of its last forward) leaves each clip's figure in ``last_gflops[name]``
+after every call: extraction stores them (``gflops/<model>``, docs/format.md), predict can count them.
 """
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from faster.extract import video
 
@@ -33,7 +39,8 @@ class BackboneRunner:
     (--spatial-pool). ``sizes``: each model's crop, when it differs from the decoded clips' (a
     big-little pair decoded once at the larger crop: the smaller is resized on the device,
     antialiased bilinear, after normalisation, which commutes with it). ``calls[name]`` counts the
-    clips each backbone has processed.
+    clips each backbone has processed. ``last_gflops[name]``: the (B,) float32 GFLOPs of each clip
+    of the last call for a backbone whose cost depends on the clip (``clip_dependent``), else None.
     """
 
     def __init__(self, models: dict[str, nn.Module], device: torch.device, *, batch_size: int = 8,
@@ -51,6 +58,9 @@ class BackboneRunner:
             fold_batchnorm(model, clip_len)
             self.models[name] = model.to(memory_format=torch.channels_last_3d)
         self.calls = {name: 0 for name in self.models}
+        self.clip_dependent = frozenset(name for name, m in self.models.items() if hasattr(m, "last_cost"))
+        self.last_gflops: dict[str, np.ndarray | None] = {name: None for name in self.models}
+        self._costs: list[np.ndarray] = []
         self.pooled = frozenset(pooled)
         self.sizes = dict(sizes or {})  # model -> its crop; clips of another size are resized to it
 
@@ -75,6 +85,8 @@ class BackboneRunner:
         x = x.contiguous(memory_format=torch.channels_last_3d)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             y = model(x)  # (B, C, T', H', W'), channels_last_3d in memory
+        if name in self.clip_dependent:  # this batch's per-clip GFLOPs (the padding left out)
+            self._costs.append(model.last_cost[:b].float().cpu().numpy())
         return y[:b].to(torch.float16).permute(0, 2, 3, 4, 1)  # (b, T', H', W', C): a view, no copy
 
     def check_bf16(self, clips: torch.Tensor) -> dict[str, float]:
@@ -102,6 +114,7 @@ class BackboneRunner:
 
         clips = clips.to(self.device, non_blocking=True)
         pieces: list[torch.Tensor] = []
+        self._costs = []
         start = 0
         while start < clips.shape[0]:
             piece = clips[start:start + self.batch_size]
@@ -117,6 +130,7 @@ class BackboneRunner:
                 continue
             start += piece.shape[0]
         self.calls[name] += int(clips.shape[0])
+        self.last_gflops[name] = np.concatenate(self._costs).astype(np.float32) if name in self.clip_dependent else None
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         if name in self.pooled:
             y = y.float().mean(dim=(2, 3), keepdim=True).half()  # (B, T', 1, 1, C)

@@ -166,6 +166,7 @@ class ModelInfo:
     shape: tuple[int, int, int, int]  # per clip: (T', H', W', C), channels last as stored
     attrs: dict[str, Any] = field(default_factory=dict)  # ModelHeader.attrs(): provenance and cost
     compression: str | None = None
+    clip_gflops: bool = False  # the shard holds /gflops/<name>: each clip's GFLOPs (a clip-dependent backbone)
 
     @property
     def channels_first(self) -> list[int]:
@@ -270,6 +271,10 @@ def read_header(path: str | Path) -> ShardHeader:
             compression = schema.dataset_compression(ds)
             if compression in schema.PLUGIN_COMPRESSIONS:  # register hdf5plugin's filters for what reads next
                 schema.require_filters(ds, f"{path}: features/{name}", strict=False)
+            per_clip = f.get(schema.gflops_key(name))
+            if per_clip is not None and (per_clip.shape != (V, N) or per_clip.dtype.kind != "f"):
+                raise BadFile(f"{path}: {schema.gflops_key(name)} has shape {per_clip.shape} ({per_clip.dtype}), "
+                              f"expected ({V}, {N}) {schema.GFLOPS_DTYPE}")
             models[name] = ModelInfo(name, tuple(int(s) for s in ds.shape[2:]), header.models[name].attrs(),
-                                     compression)
+                                     compression, per_clip is not None)
     return ShardHeader(path, header, ids, labels, clip_start, models)

@@ -14,6 +14,10 @@ reads cheap features. HDF5 files are opened lazily in each process (DataLoader w
 a small LRU; reads are per index (h5py list indexing is very slow) straight into a preallocated
 array; ids, labels and row pointers live in numpy arrays (no per-worker copies by refcounting).
 Memory is bounded by the batch, never by the set's size. Nothing here knows models or training.
+
+``FeatureSet.clip_gflops(model)`` reads the per-clip GFLOPs of a backbone whose cost depends on the
+clip ((V, N), the shards' ``gflops/<model>``), None for every other backbone (whose cost per clip is
+the header's ``gflops_per_clip``).
 """
 from __future__ import annotations
 
@@ -143,6 +147,7 @@ class FeatureSet:
         idx0 = np.fromiter((first.index[v] for v in ids), dtype=np.int64, count=len(ids))
         self.labels = np.asarray(first.labels, dtype=np.int64)[idx0]
         self._ptr: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # model -> (paths, shard, row)
+        self._clip_gflops: dict[str, np.ndarray | None] = {}  # model -> clip_gflops(model), once read
         self.models: dict[str, ModelInfo] = {}
         for g in self._groups:
             idx = idx0 if g is first else np.fromiter((g.index[v] for v in ids), dtype=np.int64, count=len(ids))
@@ -173,6 +178,34 @@ class FeatureSet:
             return self.models[name]
         except KeyError:
             raise BadValue(f"model {name!r} is not in {self.dirs}; it holds {sorted(self.models)}") from None
+
+    def clip_gflops(self, model: str) -> np.ndarray | None:
+        """Each clip's GFLOPs through ``model``, (V, N) float32 in ``ids`` order, for a backbone whose
+        cost depends on the clip (VA-RED²: the shards hold ``gflops/<model>``); None when no shard
+        of the model holds them (every fixed-cost backbone, older shards: use the header's
+        ``models[model].attrs["gflops_per_clip"]``, the same for every clip). A video whose shard
+        lacks them reads NaN. Read from the shards on the first call, then kept."""
+        import h5py
+
+        self.model(model)  # BadValue naming an unknown model
+        if model in self._clip_gflops:
+            return self._clip_gflops[model]
+        paths, shard, row = self._ptr[model]
+        out = np.full((len(self), int(self.config["num_clips"])), np.nan, dtype=np.float32)
+        found = False
+        for k in np.unique(shard).tolist():
+            try:
+                with h5py.File(paths[k], "r") as f:
+                    ds = f.get(schema.gflops_key(model))
+                    if ds is None:
+                        continue
+                    sel = shard == k
+                    out[sel] = np.asarray(ds[()], dtype=np.float32)[row[sel]]
+                    found = True
+            except OSError as err:
+                raise BadFile(f"{paths[k]}: cannot read {schema.gflops_key(model)} ({err})") from None
+        self._clip_gflops[model] = out if found else None
+        return self._clip_gflops[model]
 
     def dataset(self, sources: dict[str, tuple[str, Sequence[int]]], indices: np.ndarray | None = None,
                 max_open_files: int = MAX_OPEN_FILES) -> FeatureDataset:

@@ -15,6 +15,8 @@ A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard hold
   attrs on /features/<model> MODEL_ATTRS: gflops_per_clip, layer, weights, mean, std, compute_dtype,
                              size (format 2: this model's crop), spatial_pool=1 (H' = W' = 1 holds
                              each map's spatial mean; absent for full maps)
+  /gflops/<model>            (V, N) float32, optional: each clip's GFLOPs, for a backbone whose cost
+                             depends on the clip (VA-RED²); absent otherwise, and in older shards
 
 Compression is per dataset (HDF5 filters): none, lzf, gzip (built into h5py), zstd, lz4 (the
 hdf5plugin filters, registered by ``import hdf5plugin`` in the reading process: ``require_filters``).
@@ -28,6 +30,7 @@ FORMAT_VERSION = 2  # 2: per-model crop size (attribute size on /features/<model
 READABLE_VERSIONS = (1, 2)
 FEATURE_AXES = ("video", "clip", "t", "h", "w", "c")  # /features/<model>: (V, N, T', H', W', C)
 FEATURE_DTYPE = "float16"
+GFLOPS_DTYPE = "float32"  # /gflops/<model>: (V, N)
 
 ROOT_ATTRS = ("format", "format_version", "clip_len", "num_clips", "frame_stride", "size", "classes",
               "software_version", "torch_version")
@@ -84,6 +87,11 @@ def failures_name(part: int) -> str:
 
 def features_key(model: str) -> str:
     return f"features/{model}"
+
+
+def gflops_key(model: str) -> str:
+    """The (V, N) per-clip GFLOPs of ``model`` (only for a backbone whose cost depends on the clip)."""
+    return f"gflops/{model}"
 
 
 def dataset_filters(ds) -> list[int]:

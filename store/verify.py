@@ -197,7 +197,9 @@ def repair_dir(feats: str | Path) -> list[str]:
                 w.add(id=sh.ids[r], label=int(v["label"][r]), num_frames=int(v["num_frames"][r]),
                       fps=float(v["fps"][r]), clip_start=v["clip_start"][r],
                       features={m: f[schema.features_key(m)][r] for m in sh.header.models},
-                      split=v["split"].asstr()[r] if "split" in v else None)
+                      split=v["split"].asstr()[r] if "split" in v else None,
+                      gflops={m: f[schema.gflops_key(m)][r] for m in sh.header.models
+                              if schema.gflops_key(m) in f} or None)
         path.unlink()
         replaced[path.name] = w.path
         owner.update((sh.ids[r], w.path.name) for r in keep)

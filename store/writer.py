@@ -12,6 +12,7 @@ benchmarks, and any packer of other tools' features use it::
                 continue
             w.add(id=video.id, label=video.label, num_frames=..., fps=..., clip_start=[...],
                   features={"r2d26": maps})   # (N, T', H', W', C) per model
+                  # gflops={"vared_r2plus1d50": costs}: (N,) per clip, for a clip-dependent backbone
         w.fail("broken.mp4", "open", "moov atom not found")
 
 It owns the directory's state for one *part* (one writing process): shards written under a
@@ -110,6 +111,7 @@ class ShardWriter:
         self.header = header
         self.capacity = capacity
         self.ids: list[str] = []
+        self._gflops_models: set[str] = set()  # the models with per-clip GFLOPs (fixed by the first video)
         self.sha256: str | None = None
         self._file = None
 
@@ -149,13 +151,25 @@ class ShardWriter:
         return len(self.ids) >= self.capacity
 
     def add(self, *, id: str, label: int, num_frames: int, fps: float, clip_start, features: dict[str, np.ndarray],
-            split: str | None = None) -> None:
-        """Append one video. ``features[model]`` is (N, T', H', W', C), cast to float16 here."""
+            split: str | None = None, gflops: dict[str, np.ndarray] | None = None) -> None:
+        """Append one video. ``features[model]`` is (N, T', H', W', C), cast to float16 here;
+        ``gflops[model]`` (N,) each clip's GFLOPs, for the models whose cost depends on the clip
+        (the same models for every video of a shard), cast to float32."""
         assert self._file is not None, "ShardWriter.add outside its with-block"
         if self.full:
             raise RuntimeError(f"shard {self.path.name} is full ({self.capacity} videos)")
         if set(features) != set(self.header.models):
             raise BadValue(f"features for {sorted(features)}, expected {sorted(self.header.models)}")
+        gflops = dict(gflops or {})
+        if self.ids and set(gflops) != self._gflops_models:
+            raise BadValue(f"per-clip GFLOPs for {sorted(gflops)}, the shard holds them for {sorted(self._gflops_models)}")
+        if set(gflops) - set(self.header.models):
+            raise BadValue(f"per-clip GFLOPs for {sorted(set(gflops) - set(self.header.models))}, not a model of the "
+                           f"header ({sorted(self.header.models)})")
+        num_clips = int(self.header.num_clips)
+        for model, values in gflops.items():
+            if np.shape(values) != (num_clips,):
+                raise BadValue(f"{model}: per-clip GFLOPs of shape {np.shape(values)}, expected ({num_clips},)")
         f, i = self._file, len(self.ids)
         v = f["videos"]
         for name, value in (("id", id), ("label", label), ("num_frames", num_frames), ("fps", fps)):
@@ -183,6 +197,14 @@ class ShardWriter:
                 raise BadValue(f"{model}: features of shape {array.shape}, the shard holds {ds.shape[1:]}")
             ds.resize((i + 1, *array.shape))
             ds[i] = array
+        for model, values in gflops.items():
+            key = schema.gflops_key(model)
+            if key not in f:
+                f.create_dataset(key, (0, num_clips), maxshape=(self.capacity, num_clips), dtype=schema.GFLOPS_DTYPE,
+                                 chunks=(self.capacity, num_clips))
+            f[key].resize((i + 1, num_clips))
+            f[key][i] = np.asarray(values, dtype=np.float32)
+        self._gflops_models = set(gflops)
         self.ids.append(id)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -295,14 +317,15 @@ class FeatureSetWriter:
         return self
 
     def add(self, *, id: str, label: int, num_frames: int, fps: float, clip_start, features: dict[str, np.ndarray],
-            split: str | None = None, short: bool = False) -> None:
-        """Append one video (``features[model]``: (N, T', H', W', C)); closes the shard when it is full."""
+            split: str | None = None, short: bool = False, gflops: dict[str, np.ndarray] | None = None) -> None:
+        """Append one video (``features[model]``: (N, T', H', W', C); ``gflops[model]``: (N,) per-clip
+        GFLOPs of a clip-dependent backbone); closes the shard when it is full."""
         if self._shard is None:
             self._seq = max(self._seq, next_seq(self.out, self.part))
             self._shard = ShardWriter(self.out, part=self.part, seq=self._seq, header=self.header,
                                       capacity=self.shard_size, compression=self.compression).__enter__()
         self._shard.add(id=id, label=label, num_frames=num_frames, fps=fps, clip_start=clip_start,
-                        features=features, split=split)
+                        features=features, split=split, gflops=gflops)
         self.added += 1
         if short:
             self.short.add(id)

@@ -8,11 +8,18 @@ Nesterov, weight decay 1e-4 without decay on norm and bias parameters, linear wa
 0.5). The loop is faster.engine's (DDP under torchrun, per-epoch and every ``save_every`` minutes
 training state, exact ``--resume``); the data is faster.train.data's.
 
+A backbone whose cost depends on the clip (VA-RED², faster.extract.models.vared) learns its gates
+with the weights: the loss adds ``flops_weight`` x (mean expected cost fraction - ``--flops-target``)^2
+(train.model.clip_cost reads the backbone's cost of the batch), the fraction being of the full
+network's GFLOPs per clip.
+
 The run directory (rank 0 writes): config.json; metrics.jsonl (a line per finished epoch: train
-loss, val video@1 and clip@1, data wait, ...); last.pt (the training state); model.pt (the weights
-with the best val video@1: a backbone file `faster extract --weights NAME=RUN/model.pt` reads as it
-is, with its head, classes and provenance: faster.train.model); failures.jsonl (videos that failed
-to decode, once per video and phase); result.json once it finished.
+loss, val video@1 and clip@1, val GFLOPs per clip (each clip's own for a clip-dependent backbone,
+which also gets ``cost_fraction``: the training batches' mean expected fraction), data wait, ...);
+last.pt (the training state); model.pt (the weights with the best val video@1: a backbone file
+`faster extract --weights NAME=RUN/model.pt` reads as it is, with its head, classes and
+provenance: faster.train.model); failures.jsonl (videos that failed to decode, once per video and
+phase); result.json once it finished (with the best epoch's val GFLOPs per clip).
 """
 from __future__ import annotations
 
@@ -66,6 +73,7 @@ class TrainClipConfig:
     flip: bool = True
     val_clips: int | None = None  # default 256 // clip_len (Table 2)
     val_batch_size: int | None = None  # default batch_size
+    flops_target: float | None = None  # a clip-dependent backbone's cost fraction to aim at; None: its default
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
@@ -93,6 +101,8 @@ class TrainClipConfig:
             raise BadValue(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.val_fraction < 1:
             raise BadValue(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.flops_target is not None and not 0 < self.flops_target <= 1:
+            raise BadValue(f"--flops-target must be in (0, 1], got {self.flops_target}")
         if self.val_clips is not None and self.val_clips < 1:
             raise BadValue(f"--val-clips must be >= 1, got {self.val_clips}")
         if not self.save_every > 0:
@@ -215,16 +225,45 @@ class _Failures:
         return len({k for k in self.seen})
 
 
-def _train_step(aug: Any, mean: Any, std: Any, device: Any, smoothing: float) -> Callable[[Any, Any], tuple[Any, int]]:
+class _CostMeter:
+    """Sums of a clip-dependent backbone's per-clip cost over an epoch: the expected fraction of the
+    full cost in training, the GFLOPs of each clip in validation."""
+
+    def __init__(self) -> None:
+        self.total, self.count = 0.0, 0
+
+    def add(self, values: Any) -> None:
+        self.total += float(values.detach().float().sum())
+        self.count += int(values.numel())
+
+    def mean(self, dist: Any) -> float | None:
+        total, count = dist.sum([self.total, float(self.count)])
+        self.total, self.count = 0.0, 0
+        return total / count if count else None
+
+
+def _train_step(aug: Any, mean: Any, std: Any, device: Any, smoothing: float, flops_target: float | None = None,
+                flops_weight: float = 0.0, meter: _CostMeter | None = None) -> Callable[[Any, Any], tuple[Any, int]]:
+    """The loss of one batch: cross-entropy, plus, for a backbone whose cost depends on the clip
+    (``train.model.clip_cost``), ``flops_weight`` x (the batch's mean expected cost fraction -
+    ``flops_target``)^2, the penalty that trains its gates toward the target (VA-RED²)."""
     from torch.nn import functional
 
     from faster.train.data import augment
+    from faster.train.model import clip_cost
 
     def step(model: Any, batch: Any) -> tuple[Any, int]:
         frames = batch.frames.to(device, non_blocking=True)
         x = augment(frames, batch.params, aug, mean, std)
         logits = model(x)
-        return functional.cross_entropy(logits.float(), batch.labels.to(device), label_smoothing=smoothing), len(frames)
+        loss = functional.cross_entropy(logits.float(), batch.labels.to(device), label_smoothing=smoothing)
+        cost = clip_cost(model) if flops_target is not None else None
+        if cost is not None:
+            fraction = cost[0].float() / cost[1]  # (B,)
+            loss = loss + flops_weight * (fraction.mean() - flops_target) ** 2
+            if meter is not None:
+                meter.add(fraction)
+        return loss, len(frames)
 
     return step
 
@@ -233,13 +272,20 @@ def _validate(cfg: TrainClipConfig, model: Any, videos: Videos, dist: Any, devic
               failures: _Failures, epoch: int) -> dict[str, Any]:
     """This rank's share of the validation videos scored; every rank gets the pooled metrics."""
     from faster.train.data import validate, validation_sampling
+    from faster.train.model import clip_cost
 
     share = videos.val[dist.rank::dist.world_size]
     t = time.perf_counter()
-    r = validate(model, share, validation_sampling(cfg.clip_len, cfg.num_val_clips, cfg.size, cfg.frame_stride),
-                 device=device, batch_size=cfg.val_batch_size or cfg.batch_size, workers=cfg.workers,
-                 autocast=engine.autocast, decoder=cfg.decoder, timeout=cfg.timeout,
-                 on_failure=lambda f: failures.add(f, "val", epoch))
+    meter = _CostMeter()
+    hook = model.backbone.register_forward_hook(lambda m, i, o: meter.add(clip_cost(m)[0]) if clip_cost(m) else None)
+    try:
+        r = validate(model, share, validation_sampling(cfg.clip_len, cfg.num_val_clips, cfg.size, cfg.frame_stride),
+                     device=device, batch_size=cfg.val_batch_size or cfg.batch_size, workers=cfg.workers,
+                     autocast=engine.autocast, decoder=cfg.decoder, timeout=cfg.timeout,
+                     on_failure=lambda f: failures.add(f, "val", epoch))
+    finally:
+        hook.remove()
+    gflops = meter.mean(dist)  # a clip-dependent backbone: the mean over the validation clips
     correct = int(sum(int(np.argmax(p) == y) for p, y in zip(r["probs"], r["labels"])))
     videos_n, clip_correct, losses = len(r["labels"]), int(sum(r["clip_correct"])), 0.0
     if videos_n:
@@ -249,7 +295,14 @@ def _validate(cfg: TrainClipConfig, model: Any, videos: Videos, dist: Any, devic
     clips = videos_n * r["clips"]
     return {"video_top1": correct / videos_n if videos_n else None, "clip_top1": clip_correct / clips if clips else None,
             "val_loss": losses / videos_n if videos_n else None, "val_videos": int(videos_n),
+            "gflops_per_clip": gflops if gflops is not None else _fixed_gflops(cfg),
             "val_seconds": round(time.perf_counter() - t, 3)}
+
+
+def _fixed_gflops(cfg: TrainClipConfig) -> float:
+    from faster.extract.models.cost import clip_gflops
+
+    return clip_gflops(cfg.model, cfg.clip_len, cfg.size)
 
 
 def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -275,6 +328,8 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = build_classifier(cfg.model, len(videos.classes), init=cfg.init, dropout=cfg.dropout, seed=cfg.seed)
+    flops_target = _flops_target(cfg, model.backbone)
+    config["flops_target"] = flops_target
     dist.start(device)
     try:
         decision: Any = check_run_dir(out, config, resume=cfg.resume, overwrite=cfg.overwrite, done=RESULT,
@@ -317,10 +372,14 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
         echo(f"train-clip {cfg.model}: {len(videos.train)} training / {len(videos.val)} validation videos, "
              f"{len(videos.classes)} classes; {dist.world_size} process(es) x batch {cfg.batch_size} = global batch "
              f"{cfg.batch_size * dist.world_size} at lr {cfg.lr:g}; {steps} steps per epoch on {device} ({precision})")
-        step = _train_step(aug, model.backbone.mean, model.backbone.std, device, cfg.label_smoothing)
+        meter = _CostMeter()
+        step = _train_step(aug, model.backbone.mean, model.backbone.std, device, cfg.label_smoothing, flops_target,
+                           float(getattr(model.backbone, "flops_weight", 0.0)), meter)
         val_row: dict[str, Any] = {}
         for epoch in range(first, cfg.epochs + 1):
             t_epoch = time.perf_counter()
+            if hasattr(model.backbone, "set_progress"):  # a backbone with a training schedule of its own (VA-RED²)
+                model.backbone.set_progress((epoch - 1) / max(1, cfg.epochs - 1))
             partial = engine.partial if engine.partial and engine.partial.get("epoch") == epoch else None
             stream = EpochStream(videos.train, seed=cfg.seed, epoch=epoch, dist=dist, batch_size=cfg.batch_size, aug=aug,
                                  workers=cfg.workers, decoder=cfg.decoder, timeout=cfg.timeout,
@@ -331,22 +390,28 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
             stats = engine.train_epoch(epoch, stream, step, save_every=cfg.save_every * 60, position=stream.position,
                                        extra={"best": best})
             n_failed = failures.flush()
+            cost_fraction = meter.mean(dist)
             val_row = _validate(cfg, model, videos, dist, device, engine, failures, epoch) if videos.val else {}
             n_failed = failures.flush()
             improved = bool(videos.val) and val_row["video_top1"] is not None and (
                 not best or val_row["video_top1"] > best["video_top1"])
             if improved or not videos.val:
-                best = {"epoch": epoch, "video_top1": val_row.get("video_top1"), "clip_top1": val_row.get("clip_top1")}
+                best = {"epoch": epoch, "video_top1": val_row.get("video_top1"), "clip_top1": val_row.get("clip_top1"),
+                        "gflops_per_clip": val_row.get("gflops_per_clip")}
                 if dist.main:
                     save_model(model, out / MODEL, videos.classes, _provenance(cfg, videos, epoch, val_row))
             rate = stats["samples"] / stats["train_seconds"] if stats["train_seconds"] else 0.0
             row = {"train_loss": stats["train_loss"], **val_row, "lr": stats["lr"], "steps": stats["steps"],
                    "samples": stats["samples"], "clips_per_s": round(rate, 2), "data_wait": stats["data_wait"],
                    "train_seconds": stats["train_seconds"], "failures": n_failed,
+                   **({"cost_fraction": cost_fraction} if cost_fraction is not None else {}),
                    "seconds": round(time.perf_counter() - t_epoch, 3)}
             engine.end_epoch(epoch, row, {"best": best})
             vals = (f", val video@1 {val_row['video_top1']:.4f}, clip@1 {val_row['clip_top1']:.4f}"
                     if val_row.get("video_top1") is not None else "")
+            if cost_fraction is not None:
+                vals += (f"; cost {100 * cost_fraction:.0f}% of full (train, expected)"
+                         + (f", {val_row['gflops_per_clip']:.4g} GFLOPs/clip (val)" if val_row else ""))
             echo(f"epoch {epoch}/{cfg.epochs}: train loss {stats['train_loss']:.4f}{vals}; {rate:.1f} clips/s, "
                  f"{100 * stats['data_wait']:.0f}% of the step time waiting for data")
         result = None
@@ -355,6 +420,8 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
             last = metrics[-1] if metrics else {}
             result = {"model": cfg.model, "weights": str(out / MODEL), "video_top1": best.get("video_top1"),
                       "clip_top1": best.get("clip_top1"), "best_epoch": best.get("epoch"),
+                      "gflops_per_clip": best.get("gflops_per_clip"), "full_gflops_per_clip": _fixed_gflops(cfg),
+                      "flops_target": flops_target,
                       "last_video_top1": last.get("video_top1"), "last_clip_top1": last.get("clip_top1"),
                       "epochs": cfg.epochs, "world_size": dist.world_size,
                       "global_batch_size": cfg.batch_size * dist.world_size, "lr": cfg.lr, "precision": precision,
@@ -376,6 +443,18 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
     finally:
         dist.stop()
     return result if result is not None else files.read_json(out / RESULT)
+
+
+def _flops_target(cfg: TrainClipConfig, backbone: Any) -> float | None:
+    """The FLOPs target of this run: --flops-target, else the backbone's default (VA-RED²: 0.6);
+    None for a backbone whose cost does not depend on the clip (BadValue if one was asked for)."""
+    default = getattr(backbone, "default_flops_target", None)
+    if default is None:
+        if cfg.flops_target is not None:
+            raise BadValue(f"--flops-target: {cfg.model} costs the same for every clip; it applies to backbones whose "
+                           f"cost depends on the clip (vared_*)")
+        return None
+    return float(cfg.flops_target if cfg.flops_target is not None else default)
 
 
 def _provenance(cfg: TrainClipConfig, videos: Videos, epoch: int, val_row: dict[str, Any]) -> dict[str, Any]:

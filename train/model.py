@@ -50,6 +50,18 @@ def build_classifier(name: str, num_classes: int, *, init: str | None = None, dr
         return ClipClassifier(backbone, num_classes, dropout)
 
 
+def clip_cost(model: nn.Module) -> tuple[Any, float] | None:
+    """(GFLOPs per clip of the last forward, (B,) tensor; GFLOPs per clip at full computation) of a
+    backbone whose cost depends on the clip (one with ``last_cost`` and ``full_cost``: VA-RED²,
+    :mod:`faster.extract.models.vared`), else None. ``model``: the backbone, a
+    :class:`ClipClassifier`, or either wrapped by DDP. In training mode the tensor is the expected
+    cost under the backbone's gates, differentiable: train-clip's FLOPs penalty reads it."""
+    model = getattr(model, "module", model)  # DDP
+    backbone = getattr(model, "backbone", model)
+    cost, full = getattr(backbone, "last_cost", None), getattr(backbone, "full_cost", None)
+    return None if cost is None or not full else (cost, float(full))
+
+
 def zero_init_final_bn(backbone: nn.Module) -> int:
     """Zero the scale of each residual branch's last batch norm (``bn3`` of our bottlenecks), so
     that every block starts as the identity: PySlowFast's ZERO_INIT_FINAL_BN (Goyal et al. 2017),

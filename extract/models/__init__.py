@@ -142,4 +142,6 @@ for _name in ("pv_r2plus1d_r50", "pv_slow_r50", "pv_x3d_xs", "pv_x3d_s", "pv_x3d
     register(_name, f"faster.extract.models.pv:{_name}")
 for _name in ("blvnet_tam50", "blvnet_tam101"):
     register(_name, f"faster.extract.models.blvnet:{_name}")
+for _name in ("vared_r2plus1d50", "vared_r2plus1d50_tiny"):
+    register(_name, f"faster.extract.models.vared:{_name}")
 del _name
