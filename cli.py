@@ -742,7 +742,11 @@ def _list_backbones(models, clip_len: int, size: int) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("-j", "--jobs", type=click.IntRange(1),
               help="Grid cells trained at once, each with cores / jobs torch threads [default: 2; 1 with --quick].")
-def demo(out, quick, weights, device, jobs) -> None:
+@click.option("--expensive", metavar="NAME", help="The expensive backbone to train and extract [r2plus1d50_tiny], "
+              "e.g. vared_r2plus1d50_tiny (VA-RED²: its cost depends on the clip).")
+@click.option("--cheap", metavar="NAME", help="The cheap backbone [r2d26_tiny]. Full-width networks train "
+              "for hours on a CPU at the demo's size: the tiny ones are made for it.")
+def demo(out, quick, weights, device, jobs, expensive, cheap) -> None:
     """Make a small labelled video set, train both backbones, extract, fit a small grid and print
     the accuracy/GFLOPs tables beside the backbones' own accuracies.
 
@@ -753,7 +757,7 @@ def demo(out, quick, weights, device, jobs) -> None:
     from faster.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=out, quick=quick, weights=_parse_weights(weights), device=device, jobs=jobs,
-                     echo=lambda line: click.echo(line, err=True))
+                     expensive=expensive, cheap=cheap, echo=lambda line: click.echo(line, err=True))
     try:
         summary = run_demo(cfg)
     except (UserError, FileNotFoundError) as err:

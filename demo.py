@@ -33,11 +33,11 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from faster.errors import BadFile, BadValue, Incompatible
+from faster.errors import BadFile, BadValue, Incompatible, UserError
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class DemoConfig:
     weights: dict[str, str] = field(default_factory=dict)     # backbone name -> weights file (not trained)
     device: str = "auto"                                      # training, extraction and fitting device
     jobs: int | None = None                                   # grid cells trained at once; None: 2 (1 with quick)
+    expensive: str | None = None                              # a registered backbone; None: the size's (r2plus1d50_tiny)
+    cheap: str | None = None                                  # a registered backbone; None: the size's (r2d26_tiny)
     seed: int = 0                                             # videos, backbone init, training and fits
     progress: bool = True
     echo: Callable[[str], None] | None = None                 # stage 1's per-epoch lines
@@ -102,7 +104,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     Running it again into the same directory reuses the videos, the finished training runs
     (result.json; an interrupted one resumes), the features and the finished cells.
     """
-    size = QUICK if cfg.quick else FULL
+    size = _size(cfg)
     for name, path in cfg.weights.items():
         if name not in (size.expensive, size.cheap):
             raise BadValue(f"--weights {name}=...: the demo extracts {size.expensive} and {size.cheap}")
@@ -175,6 +177,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                    timings={k: round(v, 1) for k, v in timings.items()},
                    random_init=sorted({size.expensive, size.cheap} - set(weights)), quick=cfg.quick)
     return summary
+
+
+def _size(cfg: DemoConfig) -> DemoSize:
+    """QUICK or FULL with the backbones ``cfg`` names (e.g. vared_r2plus1d50_tiny, blvnet_tam50), each
+    checked to take the demo's clips (BadValue naming it otherwise) before anything is written."""
+    from faster.extract import models
+
+    size = QUICK if cfg.quick else FULL
+    size = replace(size, expensive=cfg.expensive or size.expensive, cheap=cfg.cheap or size.cheap)
+    if size.expensive == size.cheap:
+        raise BadValue(f"--expensive and --cheap are both {size.expensive}: the demo pairs two backbones")
+    for flag, name in (("--expensive", size.expensive), ("--cheap", size.cheap)):
+        if name not in models.names():
+            raise BadValue(f"{flag} {name}: not a registered backbone (`faster flops --list` lists them)")
+        try:
+            models.feature_shape(name, size.clip_len, size.size)
+        except UserError as err:
+            raise BadValue(f"{flag} {name}: cannot take the demo's {size.clip_len}-frame clips at {size.size} px "
+                           f"({str(err).splitlines()[0]})") from None
+    return size
 
 
 def _train_backbone(name: str, size: DemoSize, out: Path, cfg: DemoConfig) -> dict[str, Any]:

@@ -113,12 +113,14 @@ def evaluate(run_dir: str | Path, feats: list[str], out: str | None = None, *, b
                           seed=fitted.config["seed"], pin=dev.type == "cuda")
     probs, labels, indices, loss, chosen = score(module, schedule, batches, dev, progress=progress)
     ds.close()
-    gflops = fitted.videos_gflops(chosen)
+    clip_gflops = fitted.clip_gflops(fs, indices)  # backbones whose cost depends on the clip (VA-RED²)
+    gflops = fitted.videos_gflops(chosen, clip_gflops)
     path = Path(out) if out else Path(run_dir) / run.PREDICTIONS
     files.write_jsonl(path, prediction_rows(fs.ids[indices], labels, probs, fitted.classes, gflops,
                                             [schedule.report(row) for row in chosen]))
     result = {**metrics(probs, labels), "loss": loss, "num_videos": int(len(indices)),
               "gflops_per_video": None if gflops is None or not len(gflops) else float(np.mean(gflops)),
+              **({"clip_gflops_mean": fitted.backbone_clip_gflops(chosen, clip_gflops)} if clip_gflops else {}),
               "num_expensive_mean": float((chosen == 1).sum(1).mean()) if len(chosen) else None,
               "clips_seen_mean": float((chosen >= 0).sum(1).mean()) if len(chosen) else None,
               "order": schedule.order, "exit_budget": schedule.exit_budget,

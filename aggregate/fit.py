@@ -632,7 +632,8 @@ def _write_run(cfg: FitConfig, prep: _Prepared, student: Any, config: dict[str, 
     probs, labels, indices, _, chosen = scored
     fitted = make_run(cfg, fs, plan, student, config)
     fitted.save(out)
-    per_video = fitted.videos_gflops(chosen)
+    clip_gflops = fitted.clip_gflops(vs, indices)  # backbones whose cost depends on the clip (VA-RED²)
+    per_video = fitted.videos_gflops(chosen, clip_gflops)
     files.write_jsonl(out / run.VAL_PREDICTIONS, evaluation.prediction_rows(
         vs.ids[indices], labels, probs, fs.classes, per_video, [plan.schedule.report(row) for row in chosen]))
     m = evaluation.metrics(probs, labels)
@@ -640,6 +641,7 @@ def _write_run(cfg: FitConfig, prep: _Prepared, student: Any, config: dict[str, 
     result = {"top1": m["top1"], "top5": m["top5"], "mean_class_acc": m["mean_class_acc"], "best": best,
               "gflops_per_video": None if per_video is None else float(np.mean(per_video)),
               "aggregator_gflops": plan.gflops["aggregator"], **plan.schedule.summary(chosen),
+              **({"clip_gflops_mean": fitted.backbone_clip_gflops(chosen, clip_gflops)} if clip_gflops else {}),
               "agg": cfg.agg, "pattern": cfg.pattern, "num_clips": len(plan.positions),
               "clip_len": fs.config["clip_len"], "expensive": cfg.expensive, "cheap": cfg.cheap,
               "num_train": int(len(prep.train_idx)), "num_val": int(len(prep.val_idx)), "join": fs.join,

@@ -123,17 +123,49 @@ class Run:
         got the expensive backbone."""
         return self.schedule.video_gflops(self.gflops, self.per_clip_gflops(), num_expensive, clips_seen)
 
-    def videos_gflops(self, decisions: Any) -> Any:
+    def videos_gflops(self, decisions: Any, clip_gflops: dict[str, Any] | None = None) -> Any:
         """Each video's cost from its per-clip decisions (V, n) (1 expensive, 0 cheap, -1 not read;
-        or booleans); None when a shard lacked the per-clip costs."""
+        or booleans); None when a shard lacked the per-clip costs. ``clip_gflops`` (source -> (V, n),
+        :meth:`clip_gflops`): a backbone whose cost depends on the clip (VA-RED²) counts each clip it
+        ran on at that clip's own GFLOPs instead of the header's figure (its full cost)."""
         import numpy as np
 
         if self.gflops.get("per_video") is None:
             return None
         schedule, per_clip = self.schedule, self.per_clip_gflops()
         reports = [schedule.report(row) for row in np.asarray(decisions).reshape(-1, self.num_clips)]
-        return np.array([schedule.video_gflops(self.gflops, per_clip, r["num_expensive"], r["clips_seen"])
-                         for r in reports])
+        out = np.array([schedule.video_gflops(self.gflops, per_clip, r["num_expensive"], r["clips_seen"])
+                        for r in reports])
+        if clip_gflops:  # the costs are linear in each clip's backbone cost: swap the header's for the clip's
+            ran = dict(zip(("expensive", "cheap"), schedule.backbone_runs(decisions)))
+            for src, values in clip_gflops.items():
+                out = out + ((np.asarray(values, dtype=np.float64) - per_clip[src]) * ran[src]).sum(axis=1)
+        return out
+
+    def clip_gflops(self, fs: Any, indices: Any = None) -> dict[str, Any]:
+        """Source -> (V, n) float64 GFLOPs of each clip at the run's positions, of the videos ``indices``
+        of FeatureSet ``fs`` (default all), for each backbone whose cost depends on the clip (the
+        shards' ``gflops/<model>``, FeatureSet.clip_gflops); a clip without a figure counts at the
+        header's. {} for fixed-cost backbones: what :meth:`videos_gflops` takes."""
+        import numpy as np
+
+        out, per_clip = {}, self.per_clip_gflops()
+        for src, (model, _) in self.sources().items():
+            values = fs.clip_gflops(model) if src in per_clip else None
+            if values is None:
+                continue
+            values = (values if indices is None else values[np.asarray(indices)])[:, self.positions]
+            out[src] = np.where(np.isnan(values), per_clip[src], values).astype(np.float64)
+        return out
+
+    def backbone_clip_gflops(self, decisions: Any, clip_gflops: dict[str, Any]) -> dict[str, float]:
+        """Model -> the mean GFLOPs per clip it ran on (result.json's ``clip_gflops_mean``), for the
+        clip-dependent backbones of ``clip_gflops``."""
+        import numpy as np
+
+        ran = dict(zip(("expensive", "cheap"), self.schedule.backbone_runs(decisions)))
+        return {self.model_name(src): float(np.asarray(values)[ran[src]].mean())
+                for src, values in clip_gflops.items() if ran[src].any()}
 
     def check_features(self, fs: Any, what: str) -> None:
         """Incompatible unless feature set ``fs`` has this run's classes, extraction and map shapes."""

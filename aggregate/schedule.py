@@ -29,7 +29,9 @@ fitted run. It says
   ``forward(module, x, tau)`` -> (logits, decisions), ``unroll`` (the prediction after every
   step), ``temperature``, ``calibrate`` (after training: an exit's thresholds);
 * what a video costs: ``costs(agg, kwargs, per_clip)`` (the run's record) and ``video_gflops``
-  (only the clips read count);
+  (only the clips read count); ``backbone_runs(decisions)`` which clips each backbone ran on
+  (for a backbone whose cost depends on the clip, VA-RED²: Run.videos_gflops adds each clip's own
+  figure in place of the header's);
 * how it runs online: ``steps(module, features, batch_size)`` (predict), which runs each backbone
   only on the clips the schedule gives it, in the schedule's order, and stops where it exits;
 * what to record: ``record(module)`` (the run's gates and thresholds) and ``report(decisions)``
@@ -226,6 +228,14 @@ def _code(value: Any) -> int:
     return -1 if v < -0.5 else int(v > 0.5)
 
 
+def _codes(decisions: Any, num_clips: int) -> Any:
+    """:func:`_code` of a (V, n) array of decisions, as int8."""
+    import numpy as np
+
+    v = np.asarray(decisions, dtype=np.float64).reshape(-1, num_clips)
+    return np.where(v < -0.5, -1, (v > 0.5).astype(np.int8)).astype(np.int8)
+
+
 # ------------------------------------------------------------------------------------------ the API
 
 
@@ -353,6 +363,12 @@ class Schedule:
         codes = [_code(d) for d in decisions]
         n_e, n_c = codes.count(1), codes.count(0)
         return {"num_expensive": n_e, "num_cheap": n_c, "clips_seen": n_e + n_c}
+
+    def backbone_runs(self, decisions: Any) -> tuple[Any, Any]:
+        """(expensive, cheap): (V, n) booleans, the clips each backbone ran on, from the decisions (V, n)
+        (1, 0, -1 or booleans). Here the cheap one runs where the expensive one does not."""
+        codes = _codes(decisions, self.num_clips)
+        return codes == 1, codes == 0
 
     def summary(self, decisions: Any) -> dict[str, Any]:
         """result.json's schedule fields from the validation decisions (V, n)."""
@@ -613,6 +629,11 @@ class LearnedPolicy(Schedule):
     def describe(self) -> str:
         return f"{self.pattern} at budget {self.budget:g}" + ("" if self.order == "temporal" else f" ({self.order})")
 
+    def backbone_runs(self, decisions: Any) -> tuple[Any, Any]:
+        """The cheap backbone runs on every clip read (the gate reads its map), the expensive one where chosen."""
+        codes = _codes(decisions, self.num_clips)
+        return codes == 1, codes >= 0
+
     def report(self, decisions: Sequence[Any]) -> dict[str, Any]:
         codes = [_code(d) for d in decisions]
         chosen = [k for k, d in enumerate(codes) if d == 1]
@@ -813,6 +834,9 @@ class EarlyExit(Schedule):
                       mode=self.mode, hidden=record["exit"].get("hidden"))
         module.load_record(record["exit"])
         return module.to(next(aggregator.parameters()).device).eval()
+
+    def backbone_runs(self, decisions: Any) -> tuple[Any, Any]:
+        return self.inner.backbone_runs(decisions)  # a clip never read is -1: no backbone ran on it
 
     def report(self, decisions: Sequence[Any]) -> dict[str, Any]:
         codes = [_code(d) for d in decisions]

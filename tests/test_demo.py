@@ -96,6 +96,35 @@ def test_demo_rejects_weights_for_models_it_does_not_use(tmp_path):
     assert "64 px" in CliRunner().invoke(cli, ["demo", "--help"]).output
 
 
+def test_demo_trains_the_backbones_it_is_given_and_rejects_unknown_ones(tmp_path, monkeypatch):
+    import faster.demo as demo
+
+    class Stop(Exception):
+        pass
+
+    trained = []
+
+    def train(name, *args, **kwargs):
+        trained.append(name)
+        if len(trained) == 2:
+            raise Stop
+        return {"weights": "-", "video_top1": 0.5, "clip_top1": 0.5, "seconds": 1.0, "best_epoch": 1, "epochs": 1,
+                "reused": False}
+
+    monkeypatch.setattr(demo, "_train_backbone", train)
+    with pytest.raises(Stop):
+        demo.run_demo(demo.DemoConfig(out=str(tmp_path / "d"), quick=True, progress=False,
+                                      expensive="vared_r2plus1d50_tiny", cheap="r3d50_tiny"))
+    assert trained == ["vared_r2plus1d50_tiny", "r3d50_tiny"]
+    assert json.loads((tmp_path / "d" / "demo.json").read_text())["size"]["expensive"] == "vared_r2plus1d50_tiny"
+    for args, name in ((["--expensive", "nosuch"], "nosuch"), (["--cheap", "r2plus1d50_tiny"], "both"),
+                       (["--cheap", "mvit_v2_s"], "16-frame")):
+        result = CliRunner().invoke(cli, ["demo", "--quick", "-o", str(tmp_path / "e"), *args])
+        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+        assert (name or args[1]) in result.output
+    assert not (tmp_path / "e").exists()
+
+
 def test_plain_motion_videos_differ_only_by_the_square_and_reject_unknown_styles():
     from faster import synthetic
 

@@ -242,3 +242,74 @@ def test_the_shard_writer_refuses_inconsistent_per_clip_gflops(tmp_path):
     order = {v: i for i, v in enumerate(fs.ids)}
     g = fs.clip_gflops("m")
     assert g[order["a"]].tolist() == [1.0, 2.0] and g[order["b"]].tolist() == [3.0, 4.0]
+
+
+def test_batch_norm_folding_leaves_every_option_exact():
+    """extract's runner folds batch norms into convolutions; a reduced option shares the convolution's
+    weights with its own norms, so only what always runs in full (stem, shortcuts) may be folded."""
+    from faster.extract.runner import fold_batchnorm
+
+    net = models.build(TINY, seed=2).eval()
+    _randomise_norms(net)
+    x = _clip()
+    with torch.no_grad():
+        ref = []
+        for option in range(4):
+            net.force = option
+            ref.append(net(x))
+        folded = fold_batchnorm(net, 8, 32)
+        assert folded > 0
+        for option in range(4):
+            net.force = option
+            torch.testing.assert_close(net(x), ref[option], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fit_evaluate_and_predict_count_each_clips_own_gflops(tmp_path, monkeypatch):
+    """A VA-RED² expensive model with clip-dependent gates: evaluate counts each expensive clip at its
+    stored GFLOPs (not the header's full cost), fit reports the mean, and predict, running the
+    backbones itself, counts the same figures."""
+    from faster import synthetic
+    from faster.aggregate import patterns
+    from faster.aggregate.evaluation import evaluate
+    from faster.aggregate.fit import FitConfig, fit
+    from faster.extract.pipeline import ExtractConfig, extract_videos
+    from faster.predict import PredictConfig, predict
+    from faster.store.reader import FeatureSet
+
+    def gate(self, x):  # a decision that varies with the clip, the same in extraction and predict
+        option = (x.float().mean(dim=(1, 2, 3, 4)) * 1e4).long() % 4
+        return torch.nn.functional.one_hot(option, 4).to(x.dtype)
+
+    monkeypatch.setattr(vared.Gate, "forward", gate)
+    videos, feats, run = tmp_path / "videos", tmp_path / "feats", tmp_path / "run"
+    synthetic.make_motion_dataset(videos, classes=("left", "right"), per_class=2, frames=24, size=48)
+    extract_videos(ExtractConfig(str(videos), str(feats), (TINY, "r2d26_tiny"), clip_len=8, num_clips=4, size=32,
+                                 workers=0, progress=False, dtype="fp32"))
+    result = fit(FitConfig([str(feats)], str(run), "avg", TINY, "r2d26_tiny", "1:1", epochs=1, batch_size=4,
+                           workers=0, progress=False, val_fraction=0.5))
+    ev_path = tmp_path / "eval.jsonl"
+    ev_result = evaluate(run, [str(feats)], str(ev_path), workers=0, progress=False)
+    ev = {r["id"]: r for r in map(json.loads, ev_path.read_text().splitlines())}
+
+    fs = FeatureSet([feats])
+    g = fs.clip_gflops(TINY).astype(np.float64)
+    full = fs.model(TINY).attrs["gflops_per_clip"]
+    cheap = fs.model("r2d26_tiny").attrs["gflops_per_clip"]
+    mask = patterns.expensive_mask("1:1", 4)
+    agg = json.loads((run / "result.json").read_text())["aggregator_gflops"]
+    want = {}
+    for i, vid in enumerate(fs.ids):
+        want[vid] = sum(g[i, k] if m else cheap for k, m in enumerate(mask)) + agg
+        assert ev[vid]["gflops"] == pytest.approx(want[vid], rel=1e-6)
+    assert any(w < 2 * full + 2 * cheap + agg - 1e-9 for w in want.values())  # below the header's full count
+    assert ev_result["gflops_per_video"] == pytest.approx(np.mean(list(want.values())), rel=1e-6)
+    assert ev_result["clip_gflops_mean"][TINY] == pytest.approx(g[:, [k for k, m in enumerate(mask) if m]].mean())
+    assert result["clip_gflops_mean"][TINY] < full + 1e-9
+
+    pred_path = tmp_path / "pred.jsonl"
+    predict(PredictConfig(videos=[str(videos)], run=str(run), out=str(pred_path), workers=0, dtype="fp32"))
+    pred = {r["id"]: r for r in map(json.loads, pred_path.read_text().splitlines())}
+    assert set(pred) == set(ev)
+    for vid, e in ev.items():
+        assert pred[vid]["gflops"] == pytest.approx(e["gflops"], rel=1e-5), vid
