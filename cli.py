@@ -303,17 +303,43 @@ def train_clip(**kw) -> None:
 @cli.command()
 @click.argument("feats", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--repair", is_flag=True,
-              help="First resolve videos held by two shards: keep one copy, never a video's only one.")
-def verify(feats: tuple[str, ...], repair: bool) -> None:
-    """Check every shard of feature sets against the schema; write the merged manifest and failures."""
-    from faster.store.verify import repair_dir, verify as verify_dirs
+              help="First resolve videos held by two shards: keep the copy that passes the checks, never a "
+                   "video's only one.")
+@click.option("--accept", "accepted", multiple=True, metavar="SHARD",
+              help="Record SHARD (a path, or a name in FEATS) as it is now: its changed sha256 becomes the "
+                   "listed one; a listed shard that is gone is forgotten. Repeat for several.")
+def verify(feats: tuple[str, ...], repair: bool, accepted: tuple[str, ...]) -> None:
+    """Check every shard of feature sets against the schema; write the merged manifest and failures.
 
+    A shard changed after it was written is reported and never recorded as good; only --accept
+    records it as it is now.
+    """
+    from pathlib import Path
+
+    from faster.store.verify import accept, repair_dir, verify as verify_dirs
+
+    for value in accepted:
+        target = Path(value)
+        if target.parent != Path():  # a path: its folder must be one of FEATS
+            dirs = [d for d in feats if Path(d).resolve() == target.parent.resolve()]
+        else:  # a name: the FEATS holding it, or the only one
+            dirs = [d for d in feats if (Path(d) / value).exists()] or (list(feats) if len(feats) == 1 else [])
+        if len(dirs) != 1:
+            raise click.BadParameter(f"{value!r} is not a shard of {', '.join(feats)}"
+                                     + ("; give its path" if len(dirs) > 1 or len(feats) > 1 else ""),
+                                     param_hint="--accept")
+        try:
+            click.echo(f"{dirs[0]}: {accept(dirs[0], target.name)}")
+        except UserError as err:
+            _fail(err)
     if repair:
         for d in feats:
             try:
                 actions = repair_dir(d)
             except UserError as err:
                 _fail(err)
+            except OSError as err:
+                raise click.ClickException(f"{d}: cannot repair: {err.strerror or err}") from None
             for line in actions:
                 click.echo(f"{d}: {line}")
             if not actions:

@@ -3,7 +3,13 @@ one definition of a non-finite video that the reader, this check and `faster ver
 
 * Every shard that a manifest lists must still have the listed size and sha256: a shard changed
   after it was written is an error naming it (or, with ``skip_bad``, left out with a warning).
-  sha256 is computed once per file and cached by path, size and mtime (``files.user_cache``).
+  Every listing counts (the part manifest and the merged ``manifest.json``): a shard agreeing with
+  one and not the other is changed. sha256 is computed once per file and cached by path, size and
+  mtime (``files.user_cache``).
+* A shard a manifest lists that is not in the directory is an error naming it (``skip_bad``: a
+  warning; the set is read without its videos). A manifest that cannot be read is an error naming
+  it (``skip_bad``: a warning, and the shards of that part are left out), never a silent skip of
+  the checks it carries.
 * With ``skip_bad``, videos whose features hold NaN or inf are found up front (one read of each
   shard, cached the same way) and left out with a warning naming them. Without it the reader
   finds them as it reads (store.reader) and stops with an error naming the shard and the video.
@@ -50,17 +56,45 @@ def nonfinite_message(shard: str | Path, video: str, model: str) -> str:
     return f"{shard}: video {video!r} has non-finite {model} features"
 
 
-def _listed(directory: Path) -> dict[str, dict]:
-    found: dict[str, dict] = {}
-    for path in sorted(directory.glob("manifest*.json")):
+@dataclass
+class Listings:
+    """What the manifests of one directory say about its shards."""
+
+    entries: dict[str, list[tuple[str, dict]]] = field(default_factory=dict)  # shard name -> (manifest, entry)
+    unreadable: dict[str, str] = field(default_factory=dict)  # manifest file name -> why it cannot be read
+
+    def digests(self, name: str) -> list[tuple[str, str]]:
+        """(manifest, sha256) of every listing of shard ``name``."""
+        return [(m, e["sha256"]) for m, e in self.entries.get(name, [])]
+
+
+def listings(directory: str | Path) -> Listings:
+    """Every shard listing of the part manifests and the merged ``manifest.json`` of ``directory``,
+    and the manifests that cannot be read (not JSON, not an object, shards not a list)."""
+    found = Listings()
+    for path in sorted(Path(directory).glob("manifest*.json")):
+        stem = path.stem.split("-", 1)[1] if "-" in path.stem else ""
+        if path.name != "manifest.json" and not stem.isdigit():
+            continue
         try:
             m = read_json(path)
-        except ValueError:
+        except (ValueError, OSError) as err:
+            found.unreadable[path.name] = str(err).replace(f"{str(path)!r} ", "")
             continue
-        for entry in (m or {}).get("shards", []) if isinstance(m, dict) else []:
-            if isinstance(entry, dict) and entry.get("name") and entry.get("sha256"):
-                found[entry["name"]] = entry
+        shards = m.get("shards", []) if isinstance(m, dict) else None
+        if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                   and isinstance(e.get("sha256"), str) for e in shards):
+            found.unreadable[path.name] = "not a manifest (expected an object whose shards list name and sha256)"
+            continue
+        for entry in shards:
+            found.entries.setdefault(entry["name"], []).append((path.name, entry))
     return found
+
+
+def manifest_part(name: str) -> int | None:
+    """The part of ``manifest-<part>.json``; None for the merged ``manifest.json``."""
+    stem = Path(name).stem.split("-", 1)
+    return int(stem[1]) if len(stem) == 2 and stem[1].isdigit() else None
 
 
 def _nonfinite_ids(path: Path) -> dict[str, list[str]]:
@@ -70,7 +104,7 @@ def _nonfinite_ids(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     with h5py.File(path, "r") as f:
         ids = list(f["videos/id"].asstr()[()])
-        for model, ds in f["features"].items():
+        for model, ds in schema.feature_datasets(f):
             schema.require_filters(ds, f"{path}: features/{model}")  # zstd/lz4: import hdf5plugin first
             bad = nonfinite_videos(ds, ids)
             if bad:
@@ -85,26 +119,54 @@ def check(dirs: Iterable[str | Path], *, skip_bad: bool = False, models: Iterabl
     cache = cache or user_cache()
     models = None if models is None else set(models)
     found = Integrity()
+
+    def bad(msg: str, shard: Path | None = None) -> None:
+        if not skip_bad:
+            raise BadFile(msg)
+        log.warning("%s: left out (--skip-bad)", msg)
+        if shard is not None:
+            found.bad_shards.append(str(shard))
+        found.problems.append(msg)
+
     try:
         for d in dirs:
             d = Path(d)
-            listed = _listed(d)
-            for shard in sorted(d.glob(schema.SHARD_GLOB)):
-                entry = listed.get(shard.name)
+            listed = listings(d)
+            shards = sorted(d.glob(schema.SHARD_GLOB))
+            unchecked: set[int] = set()
+            for name, why in listed.unreadable.items():
+                part = manifest_part(name)
+                what = (f"the checksums of part {part}'s shards cannot be checked" if part is not None
+                        else "the checksums it lists cannot be checked")
+                msg = f"{d / name}: cannot be read ({why}); {what}; `faster verify {d}` shows what is wrong"
+                bad(msg)
+                if part is not None:
+                    unchecked.add(part)
+            on_disk = {p.name for p in shards}
+            for name in sorted(set(listed.entries) - on_disk):
+                where = ", ".join(sorted({m for m, _ in listed.entries[name]}))
+                bad(f"{d / name}: listed in {where} but missing from the directory; its videos are not read "
+                    f"(`faster verify {d}` shows what is wrong)")
+            for shard in shards:
+                parsed = schema.parse_shard_name(shard.name)
+                if parsed and parsed[0] in unchecked:
+                    found.bad_shards.append(str(shard))  # skip_bad: its part's manifest cannot be read
+                    continue
+                entries = listed.entries.get(shard.name, [])
                 why = None
-                if entry is not None:
+                if entries:
                     size = shard.stat().st_size
-                    if entry.get("bytes") not in (None, size):
-                        why = f"{size} bytes, its manifest lists {entry['bytes']}"
-                    elif cache.sha256(shard) != entry["sha256"]:
-                        why = "sha256 differs from the one its manifest lists"
+                    sizes = {e.get("bytes") for _, e in entries} - {None}
+                    if sizes - {size}:
+                        why = f"{size} bytes, its manifest lists {sorted(sizes - {size})[0]}"
+                    else:
+                        digest = cache.sha256(shard)
+                        differs = [m for m, e in entries if e["sha256"] != digest]
+                        if differs:
+                            why = f"sha256 differs from the one {differs[0]} lists"
                 if why:
-                    msg = f"{shard}: changed after it was written ({why}); `faster verify {d}` shows what is wrong"
-                    if not skip_bad:
-                        raise BadFile(msg)
-                    log.warning("%s: left out (--skip-bad)", msg)
-                    found.bad_shards.append(str(shard))
-                    found.problems.append(msg)
+                    bad(f"{shard}: changed after it was written ({why}); `faster verify {d}` shows what is wrong",
+                        shard)
                     continue
                 if skip_bad:
                     for model, ids in cache.value(shard, "nonfinite", _nonfinite_ids).items():

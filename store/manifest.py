@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from faster.errors import BadValue
+from faster.errors import BadFile, BadValue
 from faster.store import schema
 from faster.store.files import append_jsonl, read_json, read_jsonl, sha256_file, write_json, write_jsonl
 
@@ -23,13 +23,25 @@ FAILURES = "failures.jsonl"
 STAGES = ("missing", "open", "decode", "timeout", "crash", "pack")  # "pack": a file `faster pack` could not use
 
 
-def part_manifests(out_dir: str | Path) -> dict[int, dict[str, Any]]:
-    """Every ``manifest-<part>.json`` of the directory, by part number."""
+def part_manifests(out_dir: str | Path, unreadable: dict[str, str] | None = None) -> dict[int, dict[str, Any]]:
+    """Every ``manifest-<part>.json`` of the directory, by part number. A file that is not a JSON
+    object raises BadFile naming it; with ``unreadable`` given, it is left out and recorded there
+    (file name -> why) instead."""
     out = {}
     for p in sorted(Path(out_dir).glob("manifest-*.json")):
         stem = p.stem.split("-", 1)[1]
-        if stem.isdigit():
-            out[int(stem)] = read_json(p)
+        if not stem.isdigit():
+            continue
+        try:
+            m = read_json(p)
+            if m is not None and not isinstance(m, dict):
+                raise BadFile(f"{str(p)!r} is not a manifest (a JSON object)")
+        except (BadFile, OSError) as err:
+            if unreadable is None:
+                raise
+            unreadable[p.name] = str(err)
+            continue
+        out[int(stem)] = m
     return out
 
 
@@ -98,15 +110,15 @@ def shard_entry(path: str | Path, videos: int, sha256: str | None = None) -> dic
 
 
 def merge(out_dir: str | Path, shard_videos: dict[str, list[str]], checksums: dict[str, str] | None = None,
-          config: dict[str, Any] | None = None) -> dict[str, Any]:
+          config: dict[str, Any] | None = None, parts: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the merged ``manifest.json`` and ``failures.jsonl`` of a directory and return the manifest.
 
     ``shard_videos`` maps every complete shard's file name to the video ids it holds (the caller
     read them, e.g. verify); ``checksums`` gives known sha256 (from verify or the part manifests,
-    else they are computed here).
+    else they are computed here); ``parts``: the part manifests when the caller has read them.
     """
     out_dir = Path(out_dir)
-    parts = part_manifests(out_dir)
+    parts = part_manifests(out_dir) if parts is None else parts
     known: dict[str, str] = {}
     for m in parts.values():
         for s in (m or {}).get("shards", []):

@@ -5,8 +5,12 @@ consistent lengths, clip starts inside the video (unless unknown: packed), label
 list, every /features/<model> as (V, N, T', H', W', C) float16 with one video per chunk and the
 attributes of schema.MODEL_REQUIRED, every value finite (integrity.nonfinite_videos: one video at a
 time), one configuration and one set of models across the directory, each video id in one shard
-only, and the sha256 that the manifests list. Then the merged ``manifest.json`` and ``failures.jsonl`` are
-(re)written from the shards that passed.
+only, the sha256 that every manifest lists (part manifests and the merged one), and no listed shard
+missing. Then the merged ``manifest.json`` and ``failures.jsonl`` are (re)written from the readable
+shards, each under the digest a manifest recorded for it: verify never records the sha256 of a shard
+it reports as changed. ``accept`` (``faster verify --accept SHARD``) is the one explicit way to
+record a shard as it is now, or to forget a listed shard that is gone; ``repair_dir`` resolves
+videos held twice, keeping the copy that passes the checks.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from faster.errors import BadFile
 from faster.store import manifest, schema
 from faster.store.files import sha256_file
 from faster.store.header import config_diff, read_header
-from faster.store.integrity import nonfinite_videos
+from faster.store.integrity import listings, manifest_part, nonfinite_videos
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def check_shard(path: Path) -> tuple[dict[str, Any] | None, list[str], list[str]
             problems.append(f"{name}: labels {sorted(set(bad.tolist()))[:5]} outside [-1, {len(classes)})")
         if len(set(ids)) != len(ids):
             problems.append(f"{name}: a video id appears twice")
-        for model, ds in f["features"].items():
+        for model, ds in schema.feature_datasets(f):
             where = f"{name}: /features/{model}"
             miss = [k for k in schema.MODEL_REQUIRED if k not in ds.attrs]
             if miss:
@@ -89,18 +93,26 @@ def check_shard(path: Path) -> tuple[dict[str, Any] | None, list[str], list[str]
 
 
 def verify_dir(feats: str | Path) -> dict[str, Any]:
-    """Check one feature-set directory and write its merged manifest and failures; return its report."""
+    """Check one feature-set directory and write its merged manifest and failures; return its report.
+
+    A shard whose sha256 differs from any manifest's listing is reported and left out of the merged
+    manifest: verify never records the checksum of a shard it reports as changed (only
+    ``accept`` does, when asked by name). A shard no manifest lists is recorded as it is found."""
     feats = Path(feats)
     problems: list[str] = []
     notes: list[str] = []
     shards = sorted(p for p in feats.glob(schema.SHARD_GLOB) if schema.parse_shard_name(p.name))
     if not shards:
         problems.append(f"{feats}: no complete shard (shard-<part>-<seq>.h5)")
-    listed: dict[str, str] = {}
-    for part in manifest.part_manifests(feats).values():
-        for s in (part or {}).get("shards", []):
-            listed[s["name"]] = s["sha256"]
-    good: dict[str, list[str]] = {}
+    listed = listings(feats)
+    unreadable_parts = set()
+    for name, why in listed.unreadable.items():
+        problems.append(f"{name}: cannot be read ({why}); the checksums it lists cannot be checked")
+        part = manifest_part(name)
+        if part is not None:
+            unreadable_parts.add(part)
+    good: dict[str, list[str]] = {}  # shards that pass every check
+    merged_shards: dict[str, list[str]] = {}  # every readable shard: what the merged manifest lists
     checksums: dict[str, str] = {}
     reference: tuple[str, dict[str, Any]] | None = None
     owner: dict[str, str] = {}
@@ -116,28 +128,97 @@ def verify_dir(feats: str | Path) -> dict[str, Any]:
             if diff:
                 problems.append(f"{path.name}: configuration differs from {reference[0]}: {'; '.join(diff[:3])}")
         digest = sha256_file(path)
-        if path.name in listed and listed[path.name] != digest:
-            problems.append(f"{path.name}: sha256 differs from the one its manifest lists (changed after writing)")
-        elif path.name not in listed:
-            notes.append(f"{path.name}: not listed in a part manifest (its writer stopped before updating it)")
+        differs = [m for m, listed_digest in listed.digests(path.name) if listed_digest != digest]
+        changed = bool(differs) or schema.parse_shard_name(path.name)[0] in unreadable_parts
+        if differs:
+            problems.append(f"{path.name}: sha256 differs from the one {differs[0]} lists (changed after writing); "
+                            f"`faster verify --accept {feats / path.name}` records it as it is now")
+        elif not listed.digests(path.name):
+            notes.append(f"{path.name}: not listed in a manifest (its writer stopped before updating it): "
+                         "recorded as it is now")
         for i in ids:
             if i in owner:
                 problems.append(f"video {i!r} is in both {owner[i]} and {path.name}")
             owner[i] = path.name
-        checksums[path.name] = digest
-        if not probs:
+        # every readable shard stays listed in the merged manifest, under the digest a manifest recorded
+        # for it when there is one (the part's first): a changed shard keeps its old digest, so the
+        # training commands keep refusing it until it is accepted by name
+        # (a shard of a part whose manifest cannot be read, listed nowhere else, has no known digest: left out)
+        listed_digests = listed.digests(path.name)
+        if listed_digests or not changed:
+            merged_shards[path.name] = ids
+            checksums[path.name] = listed_digests[0][1] if listed_digests else digest
+        if not probs and not changed:
             good[path.name] = ids
-    for name in sorted(set(listed) - {p.name for p in shards}):
-        problems.append(f"{name}: listed in a manifest but missing from the directory")
+    for name in sorted(set(listed.entries) - {p.name for p in shards}):
+        where = ", ".join(sorted({m for m, _ in listed.entries[name]}))
+        problems.append(f"{name}: listed in {where} but missing from the directory; re-extract its videos, or "
+                        f"`faster verify --accept {feats / name}` to forget it")
     tmp = sorted(p.name for p in feats.glob(".shard-*.h5.tmp"))
     if tmp:
         notes.append(f"{len(tmp)} temporary shards of interrupted or running extractions: {', '.join(tmp[:3])}")
-    merged = manifest.merge(feats, good, checksums, config=reference[1] if reference else None)
+    merged = None
+    try:
+        merged = manifest.merge(feats, merged_shards, checksums, config=reference[1] if reference else None,
+                                parts=manifest.part_manifests(feats, unreadable={}))
+    except OSError as err:  # a read-only directory: the checks stand, the merged views are not written
+        notes.append(f"{feats}: the merged {manifest.MANIFEST} and {manifest.FAILURES} were not written "
+                     f"({err.strerror or err})")
+    if merged is None:
+        failures = manifest.latest_failures(manifest.all_failures(feats), set(owner))
+        merged = {"num_videos": sum(len(v) for v in good.values()), "num_failed": len(failures),
+                  "failed_by_stage": {st: sum(1 for r in failures if r["stage"] == st) for st in manifest.STAGES
+                                      if any(r["stage"] == st for r in failures)}}
     return {"dir": str(feats), "ok": not problems, "shards": len(shards), "videos": len(owner),
-            "videos_in_good_shards": merged["num_videos"],
+            "videos_in_good_shards": len({i for ids in good.values() for i in ids}),
             "failed": merged["num_failed"], "failed_by_stage": merged["failed_by_stage"],
             "models": sorted(reference[1]["models"]) if reference else [],
             "config": reference[1] if reference else None, "problems": problems, "notes": notes}
+
+
+def accept(feats: str | Path, name: str) -> str:
+    """Record shard ``name`` of ``feats`` as it is now (``faster verify --accept``): every manifest
+    listing it gets its present size and sha256; a listed shard that is gone is forgotten (its
+    listings removed). Refused for a shard that fails the schema checks, and while a writer holds the
+    lock of its part. Returns one line saying what was recorded."""
+    from faster.errors import UserError
+    from faster.store.files import read_json, write_json
+    from faster.store.lock import live_locks
+
+    feats = Path(feats)
+    parsed = schema.parse_shard_name(name)
+    if parsed is None:
+        raise UserError(f"--accept {name!r}: not a shard name (shard-<part>-<seq>.h5)")
+    held = [lk for lk in live_locks(feats) if lk["part"] == parsed[0]]
+    if held:
+        raise UserError(f"{feats}: cannot accept {name} while part {parsed[0]} is being written "
+                        f"(pid {held[0].get('pid')} on {held[0].get('host')})")
+    listed = listings(feats)
+    for m, why in listed.unreadable.items():
+        raise UserError(f"{feats / m}: cannot be read ({why}); fix or remove it before accepting {name}")
+    path = feats / name
+    if not path.exists():
+        if name not in listed.entries:
+            raise UserError(f"--accept {str(path)!r}: no such shard, and no manifest lists it")
+        for m in sorted({m for m, _ in listed.entries[name]}):
+            data = read_json(feats / m)
+            data["shards"] = [e for e in data["shards"] if e.get("name") != name]
+            if "videos" in data and manifest_part(m) is not None:
+                data["videos"] = sum(int(e.get("videos", 0)) for e in data["shards"])
+            write_json(feats / m, data)
+        return f"forgot {name}: it is gone (its listing removed from {', '.join(sorted({m for m, _ in listed.entries[name]}))})"
+    info, problems, ids = check_shard(path)
+    if problems:
+        raise UserError(f"--accept {str(path)!r}: refused, it fails the checks: {problems[0]}"
+                        + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    entry = manifest.shard_entry(path, len(ids))
+    old = sorted({e["sha256"] for _, e in listed.entries.get(name, [])} - {entry["sha256"]})
+    for m in sorted({m for m, _ in listed.entries.get(name, [])}):
+        data = read_json(feats / m)
+        data["shards"] = [entry if e.get("name") == name else e for e in data["shards"]]
+        write_json(feats / m, data)
+    return (f"accepted {name} as it is now: sha256 {entry['sha256'][:16]}"
+            + (f" (its manifests listed {', '.join(o[:16] for o in old)})" if old else ""))
 
 
 def verify(dirs: Iterable[str | Path]) -> dict[str, Any]:
@@ -151,13 +232,37 @@ def verify(dirs: Iterable[str | Path]) -> dict[str, Any]:
             "videos": sum(r["videos"] for r in reports), "failed": sum(r["failed"] for r in reports)}
 
 
+def _copy_problem(f: Any, row: int, models: Iterable[str]) -> str | None:
+    """Why the copy of a video at ``row`` of the open shard ``f`` fails the checks, or None."""
+    from faster.store.integrity import finite
+
+    for m in sorted(models):
+        ds = f[schema.features_key(m)]
+        try:
+            schema.require_filters(ds, m)
+            values = ds[row]
+        except (OSError, BadFile) as err:
+            return f"its {m} features cannot be read ({err})"
+        if not finite(values):
+            return f"non-finite {m} features"
+    return None
+
+
 def repair_dir(feats: str | Path) -> list[str]:
-    """Resolve video ids held by more than one shard (two extractions of one part that ran at once):
-    the first copy in (part, seq) order is kept; a shard whose every video has a copy in the shards
-    kept is removed; a shard holding some duplicates is rewritten without them (a new shard of the
-    same part, then the old one is removed), so no video ever loses its only copy. The part manifests
-    follow. Refused while a writer holds a lock on the directory. Returns one line per action."""
+    """Resolve video ids held by more than one shard (two extractions of one part that ran at once).
+
+    Of a video's copies the first in (part, seq) order that passes the checks is kept: its shard has
+    the sha256 its manifests list (or none is listed) and its features are finite and readable. When
+    no copy passes, every copy is kept and the line says so (`faster verify` still reports them). A
+    shard whose every video is kept elsewhere is removed; a shard holding some of them is rewritten
+    without them (a new shard of the same part, then the old one is removed), unless it changed after
+    it was written (rewriting it would record its changed values as good: it is left as it is and the
+    line says so). No video ever loses its only copy. The manifests follow. Refused while a writer
+    holds a lock on the directory. Returns one line per action."""
+    import h5py
+
     from faster.errors import UserError
+    from faster.store.files import read_json, write_json
     from faster.store.lock import live_locks
     from faster.store.writer import ShardWriter, next_seq
 
@@ -168,32 +273,69 @@ def repair_dir(feats: str | Path) -> list[str]:
         raise UserError(f"{feats}: cannot repair while extractions write to it: {who}")
     shards = sorted((p for p in feats.glob(schema.SHARD_GLOB) if schema.parse_shard_name(p.name)),
                     key=lambda p: schema.parse_shard_name(p.name))
-    owner: dict[str, str] = {}
-    actions: list[str] = []
-    replaced: dict[str, Path | None] = {}  # old shard name -> its rewrite (None: removed)
+    listed = listings(feats)
+    headers = {}
+    copies: dict[str, list[tuple[Path, int]]] = {}  # id -> (shard, row) of each copy, in (part, seq) order
     for path in shards:
         try:
-            sh = read_header(path)
+            headers[path] = sh = read_header(path)
         except BadFile:
             continue  # verify reports it; repair never touches what it cannot read
-        dup = [i for i in sh.ids if i in owner]
-        if not dup:
-            owner.update((i, path.name) for i in sh.ids)
+        for r, i in enumerate(sh.ids):
+            copies.setdefault(i, []).append((path, r))
+    dups = {i: c for i, c in copies.items() if len(c) > 1}
+    if not dups:
+        return []
+    unchanged: dict[Path, str | None] = {}  # shard -> why it fails its checksum (None: it does not)
+    for path in {p for c in dups.values() for p, _ in c}:
+        digests = listed.digests(path.name)
+        actual = sha256_file(path) if digests else None
+        bad = [m for m, d in digests if d != actual]
+        unchanged[path] = f"its sha256 differs from the one {bad[0]} lists" if bad else None
+    actions: list[str] = []
+    drop: dict[Path, set[str]] = {}  # shard -> ids whose kept copy is in another shard
+    kept_in: dict[Path, set[Path]] = {}  # shard -> the shards keeping the copies it drops
+    for i, cs in sorted(dups.items()):
+        why: dict[Path, str | None] = {}
+        for path, r in cs:
+            why[path] = unchanged[path]
+            if why[path] is None:
+                with h5py.File(path, "r") as f:
+                    why[path] = _copy_problem(f, r, headers[path].header.models)
+        passing = [p for p, _ in cs if why[p] is None]
+        if not passing:
+            actions.append(f"video {i!r}: no copy passes the checks ("
+                           + "; ".join(f"{p.name}: {why[p]}" for p, _ in cs) + "): kept every copy")
             continue
-        where = sorted({owner[i] for i in dup})
-        if len(dup) == len(sh.ids):
+        keep = passing[0]
+        if keep != cs[0][0]:
+            actions.append(f"video {i!r}: kept the copy in {keep.name}; "
+                           + "; ".join(f"{p.name}: {why[p]}" for p, _ in cs if why[p] is not None))
+        for p, _ in cs:
+            if p != keep:
+                drop.setdefault(p, set()).add(i)
+                kept_in.setdefault(p, set()).add(keep)
+    replaced: dict[str, Path | None] = {}  # old shard name -> its rewrite (None: removed)
+    for path in shards:
+        if path not in drop:
+            continue
+        sh, gone = headers[path], drop[path]
+        where = ", ".join(sorted(p.name for p in kept_in[path]))
+        if len(gone) == len(set(sh.ids)):
             path.unlink()
             replaced[path.name] = None
-            actions.append(f"removed {path.name}: its {len(dup)} videos are also in {', '.join(where)}")
+            actions.append(f"removed {path.name}: its {len(gone)} videos are also in {where}")
             continue
-        keep = [r for r, i in enumerate(sh.ids) if i not in owner]
+        if unchanged[path] is not None:
+            actions.append(f"left {path.name} as it is ({unchanged[path]}: rewriting it would record its values "
+                           f"as good); its {len(gone)} videos also in {where} stay twice")
+            continue
+        keep_rows = [r for r, i in enumerate(sh.ids) if i not in gone]
         part = schema.parse_shard_name(path.name)[0]
-        import h5py
-
         with h5py.File(path, "r") as f, ShardWriter(feats, part=part, seq=next_seq(feats, part), header=sh.header,
-                                                      capacity=len(keep)) as w:
+                                                      capacity=len(keep_rows)) as w:
             v = f["videos"]
-            for r in keep:
+            for r in keep_rows:
                 w.add(id=sh.ids[r], label=int(v["label"][r]), num_frames=int(v["num_frames"][r]),
                       fps=float(v["fps"][r]), clip_start=v["clip_start"][r],
                       features={m: f[schema.features_key(m)][r] for m in sh.header.models},
@@ -202,20 +344,20 @@ def repair_dir(feats: str | Path) -> list[str]:
                               if schema.gflops_key(m) in f} or None)
         path.unlink()
         replaced[path.name] = w.path
-        owner.update((sh.ids[r], w.path.name) for r in keep)
-        actions.append(f"rewrote {path.name} as {w.path.name} without {len(dup)} videos that are also in "
-                       f"{', '.join(where)} ({len(keep)} kept)")
+        actions.append(f"rewrote {path.name} as {w.path.name} without {len(gone)} videos that are also in "
+                       f"{where} ({len(keep_rows)} kept)")
     if replaced:
-        for p, part in manifest.part_manifests(feats).items():
-            if not part:
-                continue
+        for name in sorted({m for n in replaced for m, _ in listed.entries.get(n, [])}):
+            data = read_json(feats / name)
             entries = []
-            for entry in part.get("shards", []):
-                if entry["name"] not in replaced:
+            for entry in data.get("shards", []):
+                if entry.get("name") not in replaced:
                     entries.append(entry)
                 elif replaced[entry["name"]] is not None:
                     new = replaced[entry["name"]]
                     entries.append(manifest.shard_entry(new, len(read_header(new).ids)))
-            part["shards"], part["videos"] = entries, sum(e["videos"] for e in entries)
-            manifest.write_part_manifest(feats, p, part)
+            data["shards"] = entries
+            if manifest_part(name) is not None:
+                data["videos"] = sum(e["videos"] for e in entries)
+            write_json(feats / name, data)
     return actions

@@ -1,0 +1,191 @@
+"""Hardening, round two ([24]): what a hostile trial found, one test per item.
+
+Each test reproduces the case, asserts the exit code and the one-line message naming the value or
+file, and that nothing earlier was lost or trusted wrongly.
+"""
+import json
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import helpers
+
+from faster.cli import cli
+from faster.store import integrity, manifest, schema
+from faster.store.files import sha256_file
+from faster.store.writer import ShardWriter, next_seq
+
+N, SHAPE = 3, (1, 2, 2, 4)  # clips per video; per clip (T', H', W', C)
+HEADER = helpers.header(["m"], num_clips=N, gflops=0.5)
+
+
+def write_shard(out, part, ids, value=1.0, listed=True):
+    """One shard of ``ids`` (video k's features are value + k), listed in its part manifest."""
+    with ShardWriter(out, part=part, seq=next_seq(out, part), header=HEADER, capacity=len(ids)) as w:
+        for k, i in enumerate(ids):
+            w.add(id=i, label=k % 2, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                  features={"m": np.full((N, *SHAPE), value + k, np.float32)})
+    if listed:
+        old = manifest.part_manifests(out).get(part) or {"shards": []}
+        old["shards"].append(manifest.shard_entry(w.path, len(ids), w.sha256))
+        manifest.write_part_manifest(out, part, old)
+    return w.path
+
+
+def feature_set(out, videos=8, shard_size=4):
+    """A feature set of ``videos`` videos in shards of ``shard_size``, verified (merged manifest written)."""
+    out.mkdir(parents=True, exist_ok=True)
+    ids = [f"v{i:02d}.mp4" for i in range(videos)]
+    paths = [write_shard(out, 0, ids[k:k + shard_size], value=float(k)) for k in range(0, videos, shard_size)]
+    res = CliRunner().invoke(cli, ["verify", str(out)])
+    assert res.exit_code == 0, res.output
+    return paths
+
+
+def edit(path, value=7.0):
+    with h5py.File(path, "a") as f:
+        f["features/m"][0, 0, 0, 0, 0, 0] = value
+
+
+def fit_args(feats, run):
+    return ["fit", *map(str, feats), "-o", str(run), "--agg", "avg", "--expensive", "m", "--cheap", "m",
+            "--pattern", "all-e", "--epochs", "1", "--val-fraction", "0.3", "--workers", "0"]
+
+
+# -- 1: verify never launders an edited shard ---------------------------------------------------
+
+def test_verify_never_records_the_checksum_of_a_changed_shard_and_accept_does(tmp_path):
+    feats = tmp_path / "feats"
+    first, _ = feature_set(feats)
+    listed = sha256_file(first)
+    edit(first)
+    runner = CliRunner()
+    for _ in range(2):  # a second verify must not trust what the first reported
+        res = runner.invoke(cli, ["verify", str(feats)])
+        assert res.exit_code == 1
+        assert f"{first.name}: sha256 differs" in res.output and "--accept" in res.output
+        merged = json.loads((feats / manifest.MANIFEST).read_text())
+        assert {s["name"]: s["sha256"] for s in merged["shards"]}[first.name] == listed
+    with pytest.raises(ValueError, match=f"{first.name}: changed after it was written"):
+        integrity.check([feats])
+    res = runner.invoke(cli, fit_args([feats], tmp_path / "run"))
+    assert res.exit_code == 1 and first.name in res.output and not (tmp_path / "run" / "result.json").exists()
+
+    res = runner.invoke(cli, ["verify", "--accept", str(first), str(feats)])
+    assert res.exit_code == 0, res.output
+    assert f"accepted {first.name} as it is now" in res.output
+    assert integrity.check([feats]).problems == []
+    part = manifest.part_manifests(feats)[0]
+    assert {s["name"]: s["sha256"] for s in part["shards"]}[first.name] == sha256_file(first)
+
+
+def test_verify_accept_refuses_a_shard_that_fails_the_checks(tmp_path):
+    feats = tmp_path / "feats"
+    first, _ = feature_set(feats)
+    edit(first, np.nan)
+    res = CliRunner().invoke(cli, ["verify", "--accept", first.name, str(feats)])
+    assert res.exit_code == 1 and "refused, it fails the checks" in res.output and "non-finite" in res.output
+    res = CliRunner().invoke(cli, ["verify", "--accept", "shard-00000-000099.h5", str(feats)])
+    assert res.exit_code == 1 and "shard-00000-000099.h5" in res.output and "no such shard" in res.output
+    with pytest.raises(ValueError, match="changed after it was written"):
+        integrity.check([feats])
+
+
+def test_a_laundered_merged_manifest_does_not_override_the_part_manifest(tmp_path):
+    """Directories that an older verify laundered: the merged manifest lists the edited digest, the part
+    manifest the written one: the shard is still refused."""
+    feats = tmp_path / "feats"
+    first, _ = feature_set(feats)
+    edit(first)
+    merged = json.loads((feats / manifest.MANIFEST).read_text())
+    for s in merged["shards"]:
+        if s["name"] == first.name:
+            s["sha256"], s["bytes"] = sha256_file(first), first.stat().st_size
+    (feats / manifest.MANIFEST).write_text(json.dumps(merged))
+    with pytest.raises(ValueError, match=f"{first.name}: changed after it was written.*manifest-00000.json"):
+        integrity.check([feats])
+
+
+# -- 3: repair keeps the copy that passes the checks ----------------------------------------------
+
+def test_repair_keeps_the_intact_copy_not_the_damaged_one(tmp_path):
+    damaged = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"], value=1.0)
+    intact = write_shard(tmp_path, 1, ["b.mp4"], value=5.0)
+    with h5py.File(damaged, "a") as f:  # b's first copy NaN-damaged (then accepted: its sha256 matches)
+        f["features/m"][1, 0, 0, 0, 0, 0] = np.nan
+    manifest.write_part_manifest(tmp_path, 0, {"shards": [manifest.shard_entry(damaged, 2)]})
+    res = CliRunner().invoke(cli, ["verify", "--repair", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "video 'b.mp4': kept the copy in shard-00001-000000.h5" in res.output and "non-finite" in res.output
+    held = {}
+    for path in tmp_path.glob(schema.SHARD_GLOB):
+        with h5py.File(path) as f:
+            for k, i in enumerate(f["videos/id"].asstr()[()]):
+                assert i not in held, f"{i} twice"
+                held[i] = float(f["features/m"][k].flat[-1])
+    assert held == {"a.mp4": 1.0, "b.mp4": 5.0} and intact.exists()
+
+
+def test_repair_keeps_every_copy_when_none_passes_and_says_so(tmp_path):
+    one = write_shard(tmp_path, 0, ["a.mp4", "b.mp4"])
+    two = write_shard(tmp_path, 1, ["b.mp4"])
+    for path in (one, two):
+        with h5py.File(path, "a") as f:
+            f["features/m"][-1, 0, 0, 0, 0, 0] = np.inf
+    manifest.write_part_manifest(tmp_path, 0, {"shards": [manifest.shard_entry(one, 2)]})
+    manifest.write_part_manifest(tmp_path, 1, {"shards": [manifest.shard_entry(two, 1)]})
+    res = CliRunner().invoke(cli, ["verify", "--repair", str(tmp_path)])
+    assert res.exit_code == 1  # verify still reports the damage and the duplicate
+    assert "video 'b.mp4': no copy passes the checks" in res.output and "kept every copy" in res.output
+    assert one.exists() and two.exists()
+
+
+def test_repair_never_rewrites_a_changed_shard(tmp_path):
+    """Rewriting a changed shard would record its edited values under a fresh sha256."""
+    first = write_shard(tmp_path, 0, ["a.mp4"])
+    changed = write_shard(tmp_path, 1, ["a.mp4", "c.mp4"], value=9.0)
+    edit(changed)
+    res = CliRunner().invoke(cli, ["verify", "--repair", str(tmp_path)])
+    assert res.exit_code == 1
+    assert f"left {changed.name} as it is" in res.output and "sha256 differs" in res.output
+    assert changed.exists() and first.exists()
+    with pytest.raises(ValueError, match=changed.name):
+        integrity.check([tmp_path])
+
+
+# -- 4: a listed shard that is missing; an unreadable manifest ------------------------------------
+
+def test_a_missing_listed_shard_is_an_error_naming_it_and_skip_bad_leaves_it_out(tmp_path, caplog):
+    feats = tmp_path / "feats"
+    _, second = feature_set(feats)
+    second.unlink()
+    runner = CliRunner()
+    res = runner.invoke(cli, fit_args([feats], tmp_path / "run"))
+    assert res.exit_code == 1 and f"{second.name}: listed in manifest" in res.output and "missing" in res.output
+    assert not (tmp_path / "run" / "result.json").exists()
+    res = runner.invoke(cli, ["verify", str(feats)])
+    assert res.exit_code == 1 and f"{second.name}: listed in" in res.output
+    with caplog.at_level("WARNING"):
+        found = integrity.check([feats], skip_bad=True)
+    assert any(second.name in p for p in found.problems) and second.name in caplog.text
+    res = runner.invoke(cli, ["verify", "--accept", second.name, str(feats)])  # forget it, explicitly
+    assert res.exit_code == 0, res.output
+    assert f"forgot {second.name}" in res.output
+    assert integrity.check([feats]).problems == []
+
+
+@pytest.mark.parametrize("which", ["manifest-00000.json", "manifest.json"])
+def test_an_unreadable_manifest_does_not_switch_the_checks_off(tmp_path, which):
+    feats = tmp_path / "feats"
+    first, _ = feature_set(feats)
+    edit(first)
+    (feats / which).write_text("{not json")
+    with pytest.raises(ValueError, match=f"{which}: cannot be read"):
+        integrity.check([feats])
+    found = integrity.check([feats], skip_bad=True)
+    assert any(which in p for p in found.problems)
+    assert str(first) in found.bad_shards  # still left out: changed, or its manifest unreadable
+    res = CliRunner().invoke(cli, ["verify", str(feats)])
+    assert res.exit_code == 1 and which in res.output
