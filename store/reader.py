@@ -348,6 +348,7 @@ class ThreadedLoader:
 
     Each batch is {source: float16 (b, n, T', H', W', C), "label": (b,), "index": (b,)}, views into
     a ring buffer: valid until the next batch is requested (copy or move them to the device first).
+    The buffers hold min(batch_size, videos) videos: an absurd batch size costs no memory.
     ``pin``: page-locked buffers for fast host-to-GPU copies; the ring waits for the current CUDA
     stream before reusing one.
     """
@@ -367,7 +368,7 @@ class ThreadedLoader:
         import torch
 
         if self._buffers is None:
-            B = self.batch_size
+            B = max(1, min(self.batch_size, len(self.ds)))  # a batch never holds more than the set's videos
             self._buffers = [{src: torch.empty((B, pos.shape[-1], *shape), dtype=torch.float16, pin_memory=self.pin)
                               for src, _, pos, shape in self.ds.sources} | {
                               "label": torch.empty(B, dtype=torch.int64), "index": torch.empty(B, dtype=torch.int64)}

@@ -189,3 +189,21 @@ def test_an_unreadable_manifest_does_not_switch_the_checks_off(tmp_path, which):
     assert str(first) in found.bad_shards  # still left out: changed, or its manifest unreadable
     res = CliRunner().invoke(cli, ["verify", str(feats)])
     assert res.exit_code == 1 and which in res.output
+
+
+# -- 13: reader buffers capped at the number of videos --------------------------------------------
+
+def test_an_absurd_batch_size_allocates_for_the_videos_only(tmp_path):
+    from faster.aggregate.synthetic import write_synthetic
+    from faster.store.reader import FeatureSet, ThreadedLoader
+
+    write_synthetic(tmp_path / "feats", num_videos=16, num_clips=4, shard_size=8)
+    ds = FeatureSet([tmp_path / "feats"]).dataset({"expensive": ("exp", [0, 1, 2, 3])})
+    loader = ThreadedLoader(ds, 100_000_000)
+    assert [len(b["label"]) for b in loader] == [16]
+    assert {len(t) for ring in loader._buffers for t in ring.values()} == {16}
+    res = CliRunner().invoke(cli, ["fit", str(tmp_path / "feats"), "-o", str(tmp_path / "run"), "--agg", "avg",
+                                   "--expensive", "exp", "--cheap", "chp", "--pattern", "1:1", "--epochs", "1",
+                                   "--batch-size", "100000000", "--workers", "0", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["num_train"] > 0
