@@ -339,6 +339,9 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     clip_len, out = plan.clip_len, plan.out
     for note in plan.notes:
         log.warning("L=%d: %s", clip_len, note)
+    for f, m in plan.mine:  # a cell.json left unreadable (a crash, a bad edit): rebuilt, or the cell redone
+        if (Path(f["out"]) / CELL_DONE).exists() and _read_cell(Path(f["out"]) / CELL_DONE) is None:
+            _repair_cell(Path(f["out"]), m)
     todo = [(f, m) for f, m in plan.mine if not (Path(f["out"]) / CELL_DONE).exists()]
 
     from faster.runtime import cores
@@ -370,9 +373,11 @@ def run_ablate(cfg: AblateConfig) -> dict[str, Any]:
     if plan.num_parts > 1:  # a part of the grid: the closing run without shard options writes the tables
         summary.update(rows=None, results_csv=None, results_md=None, plot=None)
     else:
-        rows = collect_rows(out, index)
+        unreadable: list[str] = []
+        rows = collect_rows(out, index, unreadable)
+        summary["unreadable"] = unreadable
         write_csv(rows, out / "results.csv")
-        files.write_text(out / "results.md", render_markdown(rows, index["notes"] + failures + busy))
+        files.write_text(out / "results.md", render_markdown(rows, index["notes"] + failures + busy + unreadable))
         plot_path = plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png")
         summary.update(rows=len(rows), results_csv=str(out / "results.csv"), results_md=str(out / "results.md"),
                        plot=str(plot_path))
@@ -501,10 +506,7 @@ def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: li
     other's entries."""
     path = out / INDEX
     with _grid_lock(out):
-        try:
-            index = json.loads(path.read_text())
-        except (OSError, ValueError):
-            index = {"cells": {}, "notes": []}
+        index = _read_index(out)
         for cell, run_dir in plan:
             ident = _identity(expensive, cheap, cell.agg, clip_len, cell.num_clips, cell.pattern, cell.seed, teacher)
             index["cells"][ident] = run_dir.name
@@ -516,17 +518,94 @@ def _update_index(out: Path, clip_len: int, expensive: str, cheap: str, plan: li
     return index
 
 
-def collect_rows(out: str | Path, index: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """One row per finished cell the index points at (all grids run into ``out``)."""
+def _read_cell(path: Path) -> dict[str, Any] | None:
+    """A cell.json's record, or None when it cannot be read or is not one (cut short, edited)."""
+    try:
+        cell = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("agg", "clip_len", "num_clips", "pattern", "seed", "expensive", "cheap", "result")
+    return cell if isinstance(cell, dict) and all(k in cell for k in keys) and isinstance(cell["result"], dict) \
+        else None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename an unreadable bookkeeping file to PATH.unreadable-<time> (kept for inspection); return it."""
+    aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    return aside
+
+
+def _repair_cell(run_dir: Path, meta: dict[str, Any]) -> None:
+    """A cell whose cell.json is unreadable: rebuilt from its run's result.json when that run is
+    complete (its fit finished: nothing is retrained), otherwise set aside so the cell is trained again."""
+    from faster.aggregate import run as rundir
+
+    done = run_dir / CELL_DONE
+    aside = _set_aside(done)
+    try:
+        result = files.read_json(run_dir / rundir.RESULT)
+    except BadFile:
+        result = None
+    if isinstance(result, dict) and (run_dir / rundir.CHECKPOINT).is_file():
+        files.write_json(done, {**meta, "result": result, "trained_by": None, "rebuilt_from": rundir.RESULT})
+        log.warning("%s was unreadable (kept as %s): rebuilt from the cell's %s", done, aside.name, rundir.RESULT)
+    else:
+        log.warning("%s was unreadable (kept as %s) and the cell's run is incomplete: the cell is trained again",
+                    done, aside.name)
+
+
+def _read_index(out: Path) -> dict[str, Any]:
+    """DIR/index.json; when it is unreadable, set aside and rebuilt from every readable cells/*/cell.json
+    (the latest cell of a table position wins, as when the index is written), with a warning naming it.
+    The caller holds the grid's lock."""
+    path = out / INDEX
+    if not path.exists():
+        return {"cells": {}, "notes": []}
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(index, dict) and isinstance(index.get("cells"), dict) and isinstance(index.get("notes"), list):
+            return index
+    except (OSError, ValueError):
+        pass
+    aside = _set_aside(path)
+    index = {"cells": {}, "notes": []}
+    cells = sorted((out / "cells").glob(f"*/{CELL_DONE}"), key=lambda p: p.stat().st_mtime)
+    for done in cells:
+        cell = _read_cell(done)
+        if cell is None:
+            continue
+        teacher = cell["result"].get("teacher")
+        ident = _identity(cell["expensive"], cell["cheap"], cell["agg"], cell["clip_len"], cell["num_clips"],
+                          cell["pattern"], cell["seed"], teacher.get("path") if isinstance(teacher, dict) else None)
+        index["cells"][ident] = done.parent.name
+    log.warning("%s was unreadable (kept as %s): rebuilt from the %d finished cells in %s", path, aside.name,
+                len(index["cells"]), out / "cells")
+    files.write_json(path, index)
+    return index
+
+
+def collect_rows(out: str | Path, index: dict[str, Any] | None = None,
+                 unreadable: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per finished cell the index points at (all grids run into ``out``). A cell.json that
+    cannot be read is left out with a warning naming it, appended to ``unreadable`` (results.md's notes)."""
     out = Path(out)
     if index is None:
-        index = json.loads((out / INDEX).read_text())
+        with _grid_lock(out):
+            index = _read_index(out)
     rows = []
     for name in index["cells"].values():
         done = out / "cells" / name / CELL_DONE
         if not done.exists():
             continue
-        cell = json.loads(done.read_text())
+        cell = _read_cell(done)
+        if cell is None:
+            line = (f"{done} is unreadable: its row is missing; run the grid that made it again to rebuild it "
+                    "from the cell's run")
+            log.warning("%s", line)
+            if unreadable is not None:
+                unreadable.append(line)
+            continue
         result = cell["result"]
         row = {c: result.get(c) for c in CSV_COLUMNS}
         row.update({k: cell[k] for k in ("agg", "clip_len", "num_clips", "pattern", "seed", "expensive", "cheap")})

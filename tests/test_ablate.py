@@ -1,5 +1,6 @@
 """faster ablate: grid expansion, the cell cache (a re-run trains nothing), tables, the plot, the CLI."""
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -445,3 +446,48 @@ def test_a_taught_grid_gives_its_column_beside_the_untaught_one(tmp_path):
     assert sorted(r["agg"] for r in rows) == ["gru", "gru+kd"]
     assert [r["teacher"] for r in rows if r["agg"] == "gru+kd"] == [str(teacher)]
     assert "GRU + KD" in (grid / "results.md").read_text()
+
+
+def test_corrupt_bookkeeping_is_rebuilt_from_the_cells_and_no_finished_cell_vanishes(tmp_path, monkeypatch, caplog):
+    """[24] item 8: a corrupt index.json is rebuilt from the intact cells (not silently reset); a
+    corrupt cell.json is rebuilt from its complete run (nothing retrained), its cell retrained when the
+    run is incomplete, and a corrupt cell of another grid is named in results.md, never a traceback."""
+    from faster.aggregate import fit as fitting
+
+    feats = write_features(tmp_path / "f8", videos=8)
+    out = tmp_path / "grid"
+    cfg = ablate.AblateConfig(feats=[str(feats)], out=str(out), aggs=["avg"], num_clips=[4],
+                              patterns=["first", "1:1"], fit=dict(FAST), progress=False)
+    assert ablate.run_ablate(cfg)["trained"] == 2
+    index = json.loads((out / "index.json").read_text())
+    cells = sorted(index["cells"].values())
+    (out / "index.json").write_text("{not json")
+    (out / "cells" / cells[0] / "cell.json").write_text('{"agg": "avg", "cut sh')
+
+    def no_training(cfg, **kw):
+        raise AssertionError(f"fit called again for {cfg.out}")
+
+    monkeypatch.setattr(fitting, "fit", no_training)
+    with caplog.at_level("WARNING"):
+        again = ablate.run_ablate(cfg)
+    assert (again["trained"], again["reused"], again["failed"], again["rows"]) == (0, 2, 0, 2)
+    assert json.loads((out / "index.json").read_text())["cells"] == index["cells"]
+    assert len(list(out.glob("index.json.unreadable-*"))) == 1
+    assert len(list((out / "cells" / cells[0]).glob("cell.json.unreadable-*"))) == 1
+    assert json.loads((out / "cells" / cells[0] / "cell.json").read_text())["rebuilt_from"] == "result.json"
+    assert any("index.json was unreadable" in r.message for r in caplog.records)
+    with open(out / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+    # an incomplete run behind an unreadable cell.json: that cell alone is trained again
+    monkeypatch.undo()
+    (out / "cells" / cells[1] / "cell.json").write_text("[]")
+    (out / "cells" / cells[1] / "result.json").unlink()
+    assert (ablate.run_ablate(cfg)["trained"], len(list((out / "cells").glob("*/cell.json")))) == (1, 2)
+
+    # another grid's cell left unreadable: named in the summary and results.md, the grid goes on
+    (out / "cells" / cells[0] / "cell.json").write_text("")
+    other = ablate.run_ablate(dataclasses.replace(cfg, patterns=["all-e"]))
+    assert other["trained"] == 1 and other["rows"] == 2
+    assert len(other["unreadable"]) == 1 and cells[0] in other["unreadable"][0]
+    assert cells[0] in (out / "results.md").read_text()
