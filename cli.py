@@ -32,20 +32,29 @@ def _fail(err: Exception) -> None:
 def _parse_sizes(values: tuple[str, ...], default: int = 224) -> tuple[int, dict[str, int]]:
     """--size values: PX (every model's crop; the last one given counts, as for any option) and NAME=PX
     for single models."""
-    size, sizes = None, {}
+    return _parse_per_model(values, "--size", default, unit="PX", minimum=8, too_small="a crop must be >= 8 pixels")
+
+
+def _parse_per_model(values: tuple[str, ...], option: str, default: int, *, unit: str = "N", minimum: int = 1,
+                     too_small: str | None = None) -> tuple[int, dict[str, int]]:
+    """Values of an option given for every model or one (--size, --clip-len, --frame-stride): N (every
+    model's; the last one given counts, as for any option) and NAME=N for single models."""
+    shared, per_model = None, {}
     for v in values:
-        name, sep, px = v.rpartition("=")
+        name, sep, n = v.rpartition("=")
         try:
-            px_int = int(px)
+            n_int = int(n)
         except ValueError:
-            raise click.BadParameter(f"{v!r}: expected PX or NAME=PX", param_hint="--size") from None
-        if px_int < 8:
-            raise click.BadParameter(f"{v!r}: a crop must be >= 8 pixels", param_hint="--size")
+            raise click.BadParameter(f"{v!r}: expected {unit} or NAME={unit}", param_hint=option) from None
+        if sep and not name:
+            raise click.BadParameter(f"{v!r}: expected {unit} or NAME={unit}", param_hint=option)
+        if n_int < minimum:
+            raise click.BadParameter(f"{v!r}: {too_small or f'{unit} must be >= {minimum}'}", param_hint=option)
         if sep:
-            sizes[name] = px_int
+            per_model[name] = n_int
         else:
-            size = px_int
-    return (default if size is None else size), sizes
+            shared = n_int
+    return (default if shared is None else shared), per_model
 
 
 def _parse_weights(values: tuple[str, ...]) -> dict[str, str]:
@@ -151,11 +160,15 @@ def cli(verbose: int) -> None:
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Feature-set directory.")
 @click.option("--model", "models", multiple=True, required=True, help=MODEL_HELP + "; repeat for several.")
 @click.option("--weights", multiple=True, metavar="NAME=PATH", help="Backbone weights file; random init without.")
-@click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--clip-len", "clip_lens", multiple=True, metavar="L|NAME=L",
+              help="Frames per clip [8]; NAME=L gives one model its own (its clip covers the same span, "
+                   "L x stride frames, as every model's).")
 @click.option("--num-clips", type=click.IntRange(1), help="Clips per video [default: 256 // clip-len].")
 @click.option("--size", "sizes", multiple=True, metavar="PX|NAME=PX",
               help="Crop size in pixels [224]; NAME=PX gives one model its own (e.g. --size 112 --size r2d26=224).")
-@click.option("--frame-stride", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--frame-stride", "frame_strides", multiple=True, metavar="S|NAME=S",
+              help="Frame step inside a clip [1]; NAME=S gives one model its own (e.g. --clip-len x=4 "
+                   "--frame-stride x=16 beside --clip-len 16 --frame-stride 4).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Clips per forward.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Decoding processes.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
@@ -193,6 +206,8 @@ def extract(**kw) -> None:
     strict = kw.pop("strict")
     kw["weights"] = _parse_weights(kw["weights"])
     kw["size"], kw["sizes"] = _parse_sizes(kw.pop("sizes"))
+    kw["clip_len"], kw["clip_lens"] = _parse_per_model(kw.pop("clip_lens"), "--clip-len", 8)
+    kw["frame_stride"], kw["frame_strides"] = _parse_per_model(kw.pop("frame_strides"), "--frame-stride", 1)
     try:
         cfg = ExtractConfig(**kw)
     except UserError as err:

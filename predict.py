@@ -125,6 +125,19 @@ def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | N
     return given, 0  # a weight name such as a torchvision enum: its provenance is compared once built
 
 
+def _hf_weights(name: str) -> str | None:
+    """The weights file of the directory ``hf:PATH`` names (what extraction read by default), or None
+    when it has none; a missing directory is left to the build to report."""
+    from faster.errors import BadFile
+    from faster.extract.models import HF_PREFIX, hf
+
+    try:
+        found = hf.weights_file(name[len(HF_PREFIX):])
+    except (BadFile, OSError):  # a sharded or unreadable directory: the build names it
+        return None
+    return None if found is None else str(found)
+
+
 # ----------------------------------------------------------------------------------------------
 # the predictor: the backbones and the aggregator of one run
 
@@ -164,16 +177,32 @@ class Predictor:
         amp = recorded if dtype == "auto" else dtype == "bf16"
         self.runner = BackboneRunner(built, self.device, batch_size=batch_size, amp=amp, clip_len=self.run.clip_len,
                                      pooled={m for m in built if self.run.models[m].get("spatial_pool")},
-                                     sizes={m: int(self.run.models[m].get("size") or self.run.size) for m in built})
+                                     sizes={m: int(self.run.models[m].get("size") or self.run.size) for m in built},
+                                     frames={m: self._frames(m) for m in built})
         self.backbones = self.runner.models
         self.calls = self.runner.calls
 
+    def _sampling(self, name: str) -> tuple[int, int]:
+        """(clip_len, frame_stride) of ``name``'s clips as extracted: its own (format 3), else the run's."""
+        recorded = self.run.models[name]
+        return (int(recorded.get("clip_len") or self.run.clip_len),
+                int(recorded.get("frame_stride") or self.run.frame_stride))
+
+    def _frames(self, name: str) -> tuple[int, ...]:
+        """The frames of each decoded clip (the run's clip grid) that ``name`` takes, as extraction did."""
+        from faster.sampling import grid_frames
+
+        return grid_frames(*self._sampling(name), self.run.frame_stride)
+
     def _build_backbone(self, name: str, given: str | None) -> torch.nn.Module:
-        """``name`` as the features were extracted: same weights (checked), normalisation and layer."""
+        """``name`` as the features were extracted: same weights (checked), normalisation and layer.
+        An ``hf:PATH`` model's weights default to its own directory's file, as at extraction."""
         from faster.extract import models
 
         recorded, run = self.run.models[name], self.run
         path, seed = check_weights(name, str(recorded["weights"]), given)
+        if given is None and name.startswith(models.HF_PREFIX) and not _RANDOM_INIT.match(str(recorded["weights"])):
+            given = _hf_weights(name)
         try:
             module = models.build(name, weights=path, seed=seed)
         except ValueError as err:  # an unreadable file, a wrong architecture, an unknown weight name
@@ -191,11 +220,12 @@ class Predictor:
             raise PredictError(f"{name}: the backbone outputs {module.layer}, the run's features are "
                                f"{recorded['layer']}")
         size = int(recorded.get("size") or run.size)  # this model's crop (format 2), else the extraction's
-        C, T, H, W = models.feature_shape(name, run.clip_len, size)
+        clip_len = self._sampling(name)[0]  # this model's clip length (format 3), else the extraction's
+        C, T, H, W = models.feature_shape(name, clip_len, size)
         if recorded.get("spatial_pool"):  # extracted with --spatial-pool: features() pools as extraction did
             H = W = 1
         if "shape" in recorded and [T, H, W, C] != [int(v) for v in recorded["shape"]]:
-            raise PredictError(f"{name}: the backbone maps {run.clip_len}-frame clips at {size} px "
+            raise PredictError(f"{name}: the backbone maps {clip_len}-frame clips at {size} px "
                                f"to {[T, H, W, C]} (T', H', W', C), the run's features are {list(recorded['shape'])}")
         return module
 

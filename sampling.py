@@ -8,6 +8,14 @@ agree bit for bit.
 ``Sampling`` is the one value that says which clips of a video are decoded and at what size:
 extraction builds it from its configuration, predict from a fitted run's extraction values, and
 the decoders (faster.extract.video, faster.extract.decoders) take it as it is.
+
+Models at their own sampling (``--clip-len NAME=L --frame-stride NAME=S``, docs/format.md "Clip
+sampling"): every model's clip covers the same time span, L x S frames, from the same clip start,
+as SlowFast's two pathways sample one clip (Feichtenhofer et al. 2019, Sec. 3: the Slow pathway's
+T frames at stride tau, the Fast pathway's alpha*T at tau/alpha). ``clip_grid`` gives the one
+sampling every model's frames are drawn from (stride g = the gcd of the strides, enough frames for
+the longest reach), decoded once; ``grid_frames`` the frames of the grid one model takes (every
+S/g-th). With one sampling for every model the grid is that sampling itself.
 """
 from __future__ import annotations
 
@@ -45,6 +53,32 @@ def frame_indices(starts: list[int], num_frames: int, clip_len: int, frame_strid
     """Frame index of every frame of every clip, clamped to the last frame that exists."""
     last = num_frames - 1
     return [[min(s + j * frame_stride, last) for j in range(clip_len)] for s in starts]
+
+
+def clip_grid(per_model: dict[str, tuple[int, int]]) -> tuple[int, int]:
+    """(clip_len, frame_stride) of the grid every model's frames are taken from, for each model's
+    (clip_len L, frame_stride S): stride g = gcd of the S, and as many frames as the model reaching
+    furthest needs ((L - 1) * S / g + 1). Every model's clip must cover the same span L x S (so clip
+    position t is the same moment for each); BadValue naming two models and their spans otherwise."""
+    if not per_model:
+        raise BadValue("no models to sample for")
+    checked = {m: (_count(f"{m} clip_len", L), _count(f"{m} frame_stride", S)) for m, (L, S) in per_model.items()}
+    first, (L0, S0) = next(iter(checked.items()))
+    for m, (L, S) in checked.items():
+        if L * S != L0 * S0:
+            raise BadValue(f"clip span mismatch: {first} covers {L0} x {S0} = {L0 * S0} frames, {m} {L} x {S} = "
+                           f"{L * S}; every model's clip must cover the same span (clip_len x frame_stride)")
+    g = math.gcd(*(S for _, S in checked.values()))
+    return max((L - 1) * S // g + 1 for L, S in checked.values()), g
+
+
+def grid_frames(clip_len: int, frame_stride: int, grid_stride: int) -> tuple[int, ...]:
+    """The frames of a clip grid at ``grid_stride`` (``clip_grid``) that a model sampling ``clip_len``
+    frames ``frame_stride`` apart takes: every (frame_stride / grid_stride)-th from the first."""
+    if frame_stride % grid_stride:
+        raise BadValue(f"frame_stride {frame_stride} is not a multiple of the grid's stride {grid_stride}")
+    step = frame_stride // grid_stride
+    return tuple(range(0, clip_len * step, step))
 
 
 def _count(name: str, value: object) -> int:

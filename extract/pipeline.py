@@ -39,7 +39,7 @@ from faster.errors import BadFile, BadValue
 from faster.extract import video
 from faster.extract.decoders import Decoded, DecodePool, Failed, InlineDecoder, warm_up_workers
 from faster.runtime import check_dtype, warn_once
-from faster.sampling import Sampling
+from faster.sampling import Sampling, clip_grid, grid_frames
 from faster.store import schema
 
 log = logging.getLogger(__name__)
@@ -57,17 +57,22 @@ class ExtractConfig:
     models and their weights) must match those of the shards already in ``out``.
 
     ``sampling`` (made once, when constructed): the clips every video is decoded to, at
-    ``decode_size``; the decoders take it as it is."""
+    ``decode_size``; the decoders take it as it is. Models at their own clip length and stride
+    (``clip_lens``, ``frame_strides``) share one decode: ``sampling`` is then the grid every model's
+    frames are taken from (faster.sampling.clip_grid; ``frames(name)`` says which), and each model's
+    clip covers the same span from the same start."""
 
     video_root: str  # directory of videos; ids are paths relative to it
     out: str  # the feature-set directory
     models: tuple[str, ...]  # backbone names (faster.extract.models.names())
     weights: dict[str, str] = field(default_factory=dict)  # model name -> weights file; random init without
     clip_len: int = 8  # L, frames per clip
+    clip_lens: dict[str, int] = field(default_factory=dict)  # model name -> its own L (--clip-len NAME=L); else clip_len
     num_clips: int | None = None  # N, clips per video; None -> 256 // clip_len
     size: int = 224  # crop size in pixels (short side resized to size * 8/7 first)
     sizes: dict[str, int] = field(default_factory=dict)  # model name -> its own crop (bLVNet's big-little); else size
     frame_stride: int = 1  # frame step inside a clip
+    frame_strides: dict[str, int] = field(default_factory=dict)  # model name -> its own stride; else frame_stride
     batch_size: int = 8  # clips per forward pass (halved on CUDA out-of-memory)
     workers: int = 2  # decoding processes; 0 decodes in the main process (no timeout)
     device: str = "auto"  # auto, cpu, cuda or cuda:N (auto: cuda:LOCAL_RANK when CUDA is available)
@@ -92,6 +97,18 @@ class ExtractConfig:
         """The crop ``name`` sees: its --size NAME=PX, else --size."""
         return int(self.sizes.get(name, self.size))
 
+    def model_clip_len(self, name: str) -> int:
+        """The frames of ``name``'s clip: its --clip-len NAME=L, else --clip-len."""
+        return int(self.clip_lens.get(name, self.clip_len))
+
+    def model_frame_stride(self, name: str) -> int:
+        """The stride of ``name``'s clip: its --frame-stride NAME=S, else --frame-stride."""
+        return int(self.frame_strides.get(name, self.frame_stride))
+
+    def frames(self, name: str) -> tuple[int, ...]:
+        """The frames of each decoded clip (``sampling``, the grid) that ``name`` takes."""
+        return grid_frames(self.model_clip_len(name), self.model_frame_stride(name), self.sampling.frame_stride)
+
     @property
     def decode_size(self) -> int:
         """The crop the videos are decoded at: the largest model's; smaller ones are resized from it
@@ -108,8 +125,19 @@ class ExtractConfig:
         unknown = sorted(set(self.weights) - set(self.models))
         if unknown:
             raise BadValue(f"--weights for {unknown[0]!r}, which is not a --model ({', '.join(self.models)})")
+        for option, values in (("--clip-len", self.clip_lens), ("--frame-stride", self.frame_strides)):
+            for name, value in values.items():
+                if name not in self.models:
+                    raise BadValue(f"{option} {name}={value}: {name!r} is not a --model ({', '.join(self.models)})")
+        self.clip_lens = {str(k): int(v) for k, v in self.clip_lens.items()}
+        self.frame_strides = {str(k): int(v) for k, v in self.frame_strides.items()}
+        if self.clip_lens or self.frame_strides:  # models at their own sampling: one span, one decoding grid
+            grid_len, grid_stride = clip_grid({m: (self.model_clip_len(m), self.model_frame_stride(m))
+                                               for m in self.models})
+        else:
+            grid_len, grid_stride = self.clip_len, self.frame_stride
         if self.num_clips is None:
-            self.num_clips = max(1, FRAMES_PER_VIDEO // max(1, self.clip_len))  # a bad clip_len: Sampling says so
+            self.num_clips = max(1, FRAMES_PER_VIDEO // max(1, grid_len))  # a bad clip_len: Sampling says so
         for name in ("size", "batch_size", "shard_size", "num_shards"):  # clip_len, num_clips, ...: Sampling
             if int(getattr(self, name)) < 1:
                 raise BadValue(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -129,7 +157,7 @@ class ExtractConfig:
         video.check_decoder(self.decoder)
         if not self.timeout > 0:
             raise BadValue(f"timeout must be > 0 seconds, got {self.timeout}")
-        self.sampling = Sampling(clip_len=self.clip_len, num_clips=self.num_clips, frame_stride=self.frame_stride,
+        self.sampling = Sampling(clip_len=grid_len, num_clips=self.num_clips, frame_stride=grid_stride,
                                  size=self.decode_size)
 
 
@@ -160,7 +188,9 @@ class ClipModels:
             d = registry.describe(name, weights=cfg.weights.get(name), seed=cfg.seed)
             self.headers[name] = ModelHeader(layer=d["layer"], weights=d["weights"], mean=d["mean"], std=d["std"],
                                              compute_dtype=compute_dtype, size=cfg.model_size(name),
-                                             spatial_pool=1 if self.spatial_pool else None)
+                                             spatial_pool=1 if self.spatial_pool else None,
+                                             clip_len=cfg.model_clip_len(name),
+                                             frame_stride=cfg.model_frame_stride(name))
 
     @property
     def shapes(self) -> dict[str, tuple[int, int, int, int]]:
@@ -169,7 +199,7 @@ class ClipModels:
 
         out = {}
         for name in self.cfg.models:
-            C, T, H, W = registry.feature_shape(name, self.cfg.clip_len, self.cfg.model_size(name))
+            C, T, H, W = registry.feature_shape(name, self.cfg.model_clip_len(name), self.cfg.model_size(name))
             out[name] = (T, 1, 1, C) if self.spatial_pool else (T, H, W, C)  # per clip, channels last
         return out
 
@@ -188,18 +218,20 @@ class ClipModels:
             if str(model.weights) != described.weights:
                 raise BadFile(f"{name}: the weights changed while starting ({described.weights} -> {model.weights})")
             built[name] = model
-            described.gflops_per_clip = float(registry.clip_gflops(name, cfg.clip_len, cfg.model_size(name)))
-        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, clip_len=cfg.clip_len,
+            described.gflops_per_clip = float(registry.clip_gflops(name, cfg.model_clip_len(name), cfg.model_size(name)))
+        grid = cfg.sampling.clip_len
+        self.runner = BackboneRunner(built, self.device, batch_size=cfg.batch_size, clip_len=grid,
                                      amp=self.compute_dtype == "bfloat16", sizes={m: cfg.model_size(m) for m in built},
-                                     pooled=set(built) if self.spatial_pool else set())
+                                     pooled=set(built) if self.spatial_pool else set(),
+                                     frames={m: cfg.frames(m) for m in built})
         if self.runner.amp:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                clip = torch.randint(0, 256, (1, cfg.clip_len, cfg.decode_size, cfg.decode_size, 3),
+                clip = torch.randint(0, 256, (1, grid, cfg.decode_size, cfg.decode_size, 3),
                                      dtype=torch.uint8)
             for name, err in self.runner.check_bf16(clip).items():
                 if err > BF16_TOLERANCE:
-                    raise BadValue(f"{name} in bf16 differs from fp32 by {100 * err:.1f}% on a {cfg.clip_len}-frame "
+                    raise BadValue(f"{name} in bf16 differs from fp32 by {100 * err:.1f}% on a {cfg.model_clip_len(name)}-frame "
                                    f"clip at {cfg.model_size(name)} px (torch {torch.__version__}, cuDNN "
                                    f"{torch.backends.cudnn.version()}): some versions compute bf16 conv3d wrongly; "
                                    f"run with --dtype fp32")
@@ -355,7 +387,7 @@ def extract_videos(cfg: ExtractConfig, echo: Callable[[str], None] | None = None
                     "(avg, lstm, gru, netvlad, ...) lose nothing, map aggregators would run on a 1x1 grid")
             if work.todo:
                 for name in cfg.models:
-                    if cfg.weights.get(name) is None:
+                    if str(models.headers[name].weights).startswith("random-init"):  # the provenance, not the option
                         warn_once(log, f"{name} is randomly initialised (seed {cfg.seed}): its features carry no "
                                        f"learned information; pass --weights {name}=PATH for real features")
             summary = _Extraction(cfg, place, models, writer).execute(work.todo, work.missing, work.skipped)

@@ -52,6 +52,8 @@ class ModelHeader:
     compute_dtype: str | None = None  # "float32" or "bfloat16": what the backbone ran in
     spatial_pool: int | None = None  # 1: each map averaged over H' x W' (stored 1 x 1, --spatial-pool); unset: full maps
     size: int | None = None  # this model's crop in pixels (format 2); unset (format 1): the root's size
+    clip_len: int | None = None  # frames of this model's clip (format 3); older formats: the root's
+    frame_stride: int | None = None  # their stride (format 3), a multiple of the root's; older: the root's
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> ModelHeader:
@@ -83,6 +85,9 @@ class Header:
     def __post_init__(self) -> None:
         self.classes = list(self.classes)
         self.models = {m: h if isinstance(h, ModelHeader) else ModelHeader.from_attrs(h) for m, h in self.models.items()}
+        for h in self.models.values():  # a model without its own sampling (formats 1 and 2) samples the root's
+            h.clip_len = int(self.clip_len) if h.clip_len is None else int(h.clip_len)
+            h.frame_stride = int(self.frame_stride) if h.frame_stride is None else int(h.frame_stride)
 
     @property
     def extraction(self) -> dict[str, int]:
@@ -124,10 +129,10 @@ class Header:
                 raise TypeError
         except (TypeError, ValueError):
             raise BadFile(f"{where}: attribute classes is not a JSON list") from None
-        models = {name: ModelHeader.from_attrs(ds.attrs) for name, ds in f["features"].items()} if "features" in f else {}
-        return cls(clip_len=int(plain_attr(a["clip_len"])), num_clips=int(plain_attr(a["num_clips"])),
-                   frame_stride=int(plain_attr(a["frame_stride"])), size=int(plain_attr(a["size"])),
-                   classes=classes, models=models, software_version=str(plain_attr(a.get("software_version", ""))),
+        models = {name: ModelHeader.from_attrs(ds.attrs) for name, ds in schema.feature_datasets(f)}
+        root = {k: int(plain_attr(a[k])) for k in schema.EXTRACTION_ATTRS}
+        return cls(**root, classes=classes, models=models,
+                   software_version=str(plain_attr(a.get("software_version", ""))),
                    torch_version=str(plain_attr(a.get("torch_version", ""))))
 
 
@@ -147,8 +152,8 @@ def config_diff(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str = "there
     for m in sorted(set(ma) & set(mb)):
         for k in schema.MODEL_CONFIG:
             x, y = ma[m].get(k), mb[m].get(k)
-            if k == "size":  # format 1 recorded one size for every model: the root's
-                x, y = x if x is not None else a.get("size"), y if y is not None else b.get("size")
+            if k in schema.MODEL_ROOT_DEFAULTS:  # older formats recorded one for every model: the root's
+                x, y = x if x is not None else a.get(k), y if y is not None else b.get(k)
             if k in ("mean", "std"):
                 same = x is not None and y is not None and np.allclose(np.asarray(x, float), np.asarray(y, float))
             else:
@@ -260,10 +265,11 @@ def read_header(path: str | Path) -> ShardHeader:
         if labels.shape != (V,) or clip_start.shape != (V, N):
             raise BadFile(f"{path}: videos/label {labels.shape} or videos/clip_start {clip_start.shape} "
                           f"do not match {V} videos x {N} clips")
-        if "features" not in f or not len(f["features"]):
+        datasets = schema.feature_datasets(f)
+        if not datasets:
             raise BadFile(f"{path}: no features")
         models = {}
-        for name, ds in f["features"].items():
+        for name, ds in datasets:
             if ds.ndim != len(schema.FEATURE_AXES) or ds.shape[0] != V or ds.shape[1] != N:
                 raise BadFile(f"{path}: features/{name} has shape {ds.shape}, expected ({V}, {N}, T', H', W', C)")
             if ds.dtype != np.dtype(schema.FEATURE_DTYPE):

@@ -1,4 +1,4 @@
-"""Shard schema, format_version 2 (docs/format.md "Shard schema"): names and constants. The on-disk axis
+"""Shard schema, format_version 3 (docs/format.md "Shard schema"): names and constants. The on-disk axis
 order is stated here once; the typed header that reads and writes the attributes is store/header.py.
 
 A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard holds V videos:
@@ -13,8 +13,10 @@ A feature set is a directory of ``shard-<part>-<seq>.h5`` files. Each shard hold
   /videos/clip_start         (V, N) int64        first frame of every clip
   /features/<model>          (V, N, T', H', W', C) float16, channels last, one video per chunk
   attrs on /features/<model> MODEL_ATTRS: gflops_per_clip, layer, weights, mean, std, compute_dtype,
-                             size (format 2: this model's crop), spatial_pool=1 (H' = W' = 1 holds
-                             each map's spatial mean; absent for full maps)
+                             size (format 2: this model's crop), clip_len and frame_stride (format 3:
+                             this model's sampling of the root's clip grid), spatial_pool=1 (H' = W' = 1
+                             holds each map's spatial mean; absent for full maps)
+                             <model> is the model's name escaped by ``model_key`` (no "/" in it)
   /gflops/<model>            (V, N) float32, optional: each clip's GFLOPs, for a backbone whose cost
                              depends on the clip (VA-RED²); absent otherwise, and in older shards
 
@@ -26,8 +28,11 @@ from __future__ import annotations
 import re
 
 FORMAT = "faster-features"
-FORMAT_VERSION = 2  # 2: per-model crop size (attribute size on /features/<model>); 1 still reads
-READABLE_VERSIONS = (1, 2)
+# 2: per-model crop size (attribute size on /features/<model>); 3: per-model clip_len and frame_stride
+# (attributes on /features/<model>; the root's are the clip grid they are taken from). 1 and 2 still read:
+# their models take the root's size (1) and the root's clip_len and frame_stride (1, 2).
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FEATURE_AXES = ("video", "clip", "t", "h", "w", "c")  # /features/<model>: (V, N, T', H', W', C)
 FEATURE_DTYPE = "float16"
 GFLOPS_DTYPE = "float32"  # /gflops/<model>: (V, N)
@@ -39,9 +44,13 @@ EXTRACTION_ATTRS = ("clip_len", "num_clips", "frame_stride", "size")
 # Root attributes that define an extraction configuration: a directory never mixes two.
 CONFIG_ATTRS = (*EXTRACTION_ATTRS, "classes")
 # The attributes of /features/<model>, the one list (store.header.ModelHeader has these fields):
-MODEL_ATTRS = ("gflops_per_clip", "layer", "weights", "mean", "std", "compute_dtype", "spatial_pool", "size")
-# ... of which these may be absent: spatial_pool is set only on pooled maps, size only by format 2
-MODEL_OPTIONAL = ("spatial_pool", "size")
+MODEL_ATTRS = ("gflops_per_clip", "layer", "weights", "mean", "std", "compute_dtype", "spatial_pool", "size",
+               "clip_len", "frame_stride")
+# ... of which these may be absent: spatial_pool is set only on pooled maps, size only since format 2,
+# clip_len and frame_stride only since format 3 (absent: the root's)
+MODEL_OPTIONAL = ("spatial_pool", "size", "clip_len", "frame_stride")
+# ... and these fall back to the root attribute of the same name when absent (older formats)
+MODEL_ROOT_DEFAULTS = ("size", "clip_len", "frame_stride")
 # ... and this one is a cost, not part of what the features are
 MODEL_COST = ("gflops_per_clip",)
 MODEL_REQUIRED = tuple(a for a in MODEL_ATTRS if a not in MODEL_OPTIONAL)  # every shard has them (verify)
@@ -85,13 +94,35 @@ def failures_name(part: int) -> str:
     return f"failures-{part_name(part)}.jsonl"
 
 
+def model_key(model: str) -> str:
+    """``model``'s name as one HDF5 link name: "%" -> "%25", then "/" -> "%2F" (percent-encoding of
+    those two characters only, RFC 3986 Sec. 2.1), so ``hf:/models/videomae`` is one dataset, not
+    nested groups. Every registered name has neither character and is its own key. ``model_name``
+    reverses it."""
+    return model.replace("%", "%25").replace("/", "%2F")
+
+
+def model_name(key: str) -> str:
+    """The model name of an HDF5 link name written by ``model_key``."""
+    return key.replace("%2F", "/").replace("%2f", "/").replace("%25", "%")
+
+
 def features_key(model: str) -> str:
-    return f"features/{model}"
+    """The path of ``model``'s /features dataset (its name escaped by ``model_key``)."""
+    return f"features/{model_key(model)}"
 
 
 def gflops_key(model: str) -> str:
     """The (V, N) per-clip GFLOPs of ``model`` (only for a backbone whose cost depends on the clip)."""
-    return f"gflops/{model}"
+    return f"gflops/{model_key(model)}"
+
+
+def feature_datasets(f) -> list[tuple[str, object]]:
+    """(model name, dataset) of every /features dataset of an open shard, names unescaped
+    (``model_name``); empty when the shard has no /features group. The one reader of f["features"]."""
+    if "features" not in f:
+        return []
+    return [(model_name(key), ds) for key, ds in f["features"].items()]
 
 
 def dataset_filters(ds) -> list[int]:

@@ -269,7 +269,7 @@ def test_a_big_little_extraction_fits_evaluates_and_predicts(tmp_path):
     extract_videos(ExtractConfig(str(videos), str(feats), (E, C), clip_len=8, num_clips=N, size=64, sizes={C: 128},
                               workers=0, progress=False))
     with h5py.File(next(feats.glob("shard-*.h5"))) as f:
-        assert f.attrs["size"] == 128 and f.attrs["format_version"] == 2  # decoded once, at the larger crop
+        assert f.attrs["size"] == 128 and f.attrs["format_version"] == 3  # decoded once, at the larger crop
         e, c = f[f"features/{E}"], f[f"features/{C}"]
         assert (e.attrs["size"], c.attrs["size"]) == (64, 128)
         assert e.shape[2:5] == (1, 2, 2) and c.shape[2:5] == (1, 4, 4)

@@ -31,7 +31,7 @@ def test_writer_renames_when_complete_and_stores_the_schema(tmp_path):
     assert w.path.name == "shard-00003-000000.h5" and w.path.exists() and not w.tmp_path.exists()
     assert w.sha256 == sha256_file(w.path)
     with h5py.File(w.path) as f:
-        assert f.attrs["format"] == schema.FORMAT and f.attrs["format_version"] == 2
+        assert f.attrs["format"] == schema.FORMAT and f.attrs["format_version"] == schema.FORMAT_VERSION
         assert json.loads(f.attrs["classes"]) == ["a", "b"]
         feats = f["features/m"]
         assert feats.shape == (2, N, *SHAPE) and feats.dtype == np.float16 and feats.chunks[0] == 1
