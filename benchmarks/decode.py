@@ -11,6 +11,12 @@ decord with PyAV for what decord cannot open) the process is pinned to one core
 (N x 8 frames, N = frames // 8) at 224 px: frames/s = frames / seconds of decode + RGB
 conversion + resize and crop, what a decode worker does per video. Best of ``--repeat`` runs.
 
+torchcodec (PyTorch's decoder, ``pip install torchcodec``) is measured beside them when it imports
+and finds an FFmpeg (it links the system's libavcodec at run time; on a machine without one,
+point LD_LIBRARY_PATH at FFmpeg's shared libraries, e.g. PyAV's bundled ones under sonames they
+answer to): ``VideoDecoder(dimension_order="NHWC", num_ffmpeg_threads=1).get_frames_at`` of the
+same frames, 64 at a time, then the same resize and crop (faster.extract.video.resize_crop).
+
 Cores per GPU: extraction runs R(2+1)D-50 and R2D-26 on every clip. No GPU has been measured
 here, so the GPU rate is the paper's Table 5 (TITAN X, FASTER32's setting, 100 videos of 8 x 32
 = 256 frames): all-e 75.7 s (R(2+1)D-50 on every clip) + all-c 15.1 s (R2D-26 on every clip) =
@@ -33,6 +39,25 @@ TABLE5_S_PER_VIDEO = (75.7 + 15.1) / 100  # all-e + all-c seconds per video, pap
 FRAMES_PER_VIDEO = 256
 
 
+def _torchcodec() -> object | None:
+    """torchcodec's VideoDecoder class, or None (not installed, or no FFmpeg it can load)."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception:  # ImportError, or its core library failing to find libavcodec
+        return None
+    return VideoDecoder
+
+
+def _decode_torchcodec(decoder_cls, path: Path, num_frames: int, size: int) -> None:
+    """What decode_clips does per video, with torchcodec: the frames, then resize + centre crop."""
+    from faster.extract.video import resize_crop
+
+    dec = decoder_cls(str(path), dimension_order="NHWC", num_ffmpeg_threads=1)
+    for a in range(0, num_frames, 64):
+        frames = dec.get_frames_at(list(range(a, min(a + 64, num_frames)))).data  # (k, H, W, 3) uint8
+        resize_crop(frames, size)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=4.0, help="length of the 340x256 videos (720p: half)")
@@ -50,6 +75,7 @@ def main() -> None:
     from faster.extract.video import DecodeError, decode_clips
     from faster.sampling import Sampling
 
+    tc = _torchcodec()
     tmp = Path(tempfile.mkdtemp(prefix="faster-decode-"))
     rows = []
     try:
@@ -67,13 +93,16 @@ def main() -> None:
             with av.open(str(path)) as c:
                 frames = sum(1 for _ in c.decode(video=0))
             n = max(1, frames // 8)
-            for dec in ("decord", "pyav"):
+            for dec in ("decord", "pyav") + (("torchcodec",) if tc is not None else ()):
                 best, error = None, None
                 for _ in range(args.repeat):
                     t = time.perf_counter()
                     try:
-                        decode_clips(path, Sampling(num_clips=n, clip_len=8, size=args.size), decoder=dec)
-                    except DecodeError as err:
+                        if dec == "torchcodec":
+                            _decode_torchcodec(tc, path, n * 8, args.size)
+                        else:
+                            decode_clips(path, Sampling(num_clips=n, clip_len=8, size=args.size), decoder=dec)
+                    except (DecodeError, RuntimeError, ValueError) as err:
                         error = str(err)[:80]
                         break
                     s = time.perf_counter() - t
@@ -87,7 +116,8 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, one core of {os.cpu_count()}, load "
           f"{os.getloadavg()[0]:.2f}; decord {decord.__version__}, PyAV {av.__version__} (FFmpeg "
           f"{'.'.join(map(str, av.library_versions['libavcodec']))} libavcodec); crops {args.size} px; "
-          f"encoding took {encode_s:.0f} s")
+          f"encoding took {encode_s:.0f} s; torchcodec "
+          f"{'not available' if tc is None else __import__('torchcodec').__version__}")
     print(f"GPU rate (paper Table 5, not measured here): {need:.0f} frames/s for R(2+1)D-50 + R2D-26")
     print(f"{'size':8} {'codec':7} {'decoder':7} {'frames/s':>9} {'cores/GPU':>10}  note")
     for r in rows:
