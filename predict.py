@@ -181,6 +181,7 @@ class Predictor:
                                      frames={m: self._frames(m) for m in built})
         self.backbones = self.runner.models
         self.calls = self.runner.calls
+        self.clip_gflops_extra = 0.0  # this video's GFLOPs beyond the recorded per-clip figures (features())
 
     def _sampling(self, name: str) -> tuple[int, int]:
         """(clip_len, frame_stride) of ``name``'s clips as extracted: its own (format 3), else the run's."""
@@ -233,8 +234,13 @@ class Predictor:
         """res5 maps (B, T', H', W', C) float32, channels-last as the shards store them, of uint8 clips
         (B, L, S, S, 3), rounded to the shards' float16 first: the aggregator was fitted on those
         values. A model extracted with --spatial-pool gives (B, T', 1, 1, C), the float16 mean over
-        H' x W' as extraction stored it."""
-        return self.runner(name, clips).float()
+        H' x W' as extraction stored it. A backbone whose cost depends on the clip (VA-RED²) adds what
+        its clips cost beyond the run's recorded figure to ``clip_gflops_extra`` (classify's count)."""
+        maps = self.runner(name, clips).float()
+        if name in self.runner.clip_dependent:
+            recorded = float(self.run.models[name]["gflops_per_clip"])
+            self.clip_gflops_extra += float(self.runner.last_gflops[name].sum()) - recorded * int(clips.shape[0])
+        return maps
 
     def steps(self, clips: Any) -> Iterator[dict[str, Any]]:
         """Fold one video's clips clip by clip, in the schedule's order, up to where it leaves the video.
@@ -296,6 +302,7 @@ class Predictor:
                 raise PredictError(f"clips must be uint8 (n, L, S, S, 3), got {tuple(clips.shape)} {clips.dtype}")
 
         classes = self.run.classes
+        self.clip_gflops_extra = 0.0
         running, probs, decisions = [], None, [-1] * self.run.num_clips  # -1: a clip never read
         for step in self.steps(clips):
             probs = step["probs"].numpy()
@@ -309,7 +316,8 @@ class Predictor:
         assert probs is not None, "a run has at least one clip"
         report = self.schedule.report(decisions)
         record = next(prediction_rows([video_id], [label], probs[None], classes,
-                                      self.gflops(report["num_expensive"], report["clips_seen"]), [report]))
+                                      self.gflops(report["num_expensive"], report["clips_seen"])
+                                      + self.clip_gflops_extra, [report]))
         if online:
             record["online"] = running
         return record
