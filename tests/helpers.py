@@ -89,3 +89,32 @@ def kill_after_shards(monkeypatch: Any, k: int) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     monkeypatch.setattr(FeatureSetWriter, "add", add_then_kill)
+
+
+def fit_evaluate_predict(videos: Any, feats: Any, out: Any, expensive: str, cheap: str, agg: str = "fastgru",
+                         epochs: int = 2) -> None:
+    """Fit ``agg`` 1:1 on ``feats`` into ``out``/run, evaluate it there and predict ``videos``; assert
+    predict == evaluate video by video (probs within float16 rounding)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from faster.aggregate.evaluation import evaluate
+    from faster.aggregate.fit import FitConfig, fit
+    from faster.predict import PredictConfig, predict
+
+    out = Path(out)
+    run = out / "run"
+    fit(FitConfig([str(feats)], str(run), agg, expensive, cheap, "1:1", epochs=epochs, batch_size=4, workers=0,
+                  progress=False, val_fraction=0.5))
+    evaluate(run, [str(feats)], str(out / "eval.jsonl"), workers=0, progress=False)
+    predict(PredictConfig(videos=[str(videos)], run=str(run), out=str(out / "pred.jsonl"), workers=0))
+
+    def lines(path: Path) -> dict[str, Any]:
+        return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+    ev, pred = lines(out / "eval.jsonl"), lines(out / "pred.jsonl")
+    assert set(pred) == set(ev) and ev
+    for vid, e in ev.items():
+        np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)

@@ -239,3 +239,48 @@ def test_full_size_costs_match_the_papers(tmp_path):
         name = f"hf:{tmp_path / family}"
         assert models.feature_shape(name, frames, 224) == shape
         assert models.clip_gflops(name, frames, 224) == pytest.approx(gflops, abs=0.01)
+
+
+def test_a_model_name_with_a_path_is_one_hdf5_key():
+    """hf:/a/b must not nest HDF5 groups: "/" and "%" are percent-escaped (schema.model_key), reversibly."""
+    from faster.store import schema
+
+    for name in ("hf:/models/video mae", "hf:rel/dir%2F/x", "r2d26_tiny", "100%"):
+        key = schema.model_key(name)
+        assert "/" not in key and schema.model_name(key) == name
+        assert schema.features_key(name) == f"features/{key}" and schema.gflops_key(name) == f"gflops/{key}"
+    assert schema.model_key("r2d26_tiny") == "r2d26_tiny"  # registered names are their own keys
+
+
+def test_an_hf_model_extracts_fits_and_predicts_with_its_own_weights(motion_videos, tmp_path, caplog,
+                                                                    torch_one_thread):
+    """hf:PATH beside r2d26_tiny, each at its own sampling (VideoMAE's 4 frames x 2, R2D-26's 8 x 1):
+    one dataset per model however many "/" the path holds, no random-init warning for a directory with
+    weights (the provenance says so, not the option), and predict finds the directory's weights itself."""
+    import logging
+    from pathlib import Path
+
+    import h5py
+
+    import helpers
+
+    from faster.extract.pipeline import ExtractConfig, extract_videos
+    from faster.store import schema
+    from faster.store.reader import FeatureSet
+
+    name, cheap = f"hf:{_save(tmp_path / 'zoo' / 'video', 'mae', 'videomae')}", "r2d26_tiny"
+    feats = tmp_path / "feats"
+    with caplog.at_level(logging.WARNING, logger="faster.extract.pipeline"):
+        extract_videos(ExtractConfig(str(motion_videos), str(feats), (name, cheap), clip_len=8, num_clips=2, size=32,
+                                     clip_lens={name: 4}, frame_strides={name: 2}, workers=0, progress=False,
+                                     seed=7))
+    warned = [r.getMessage() for r in caplog.records if "randomly initialised" in r.getMessage()]
+    assert any(cheap in w for w in warned) and not any(name in w for w in warned)
+    with h5py.File(next(feats.glob("shard-*.h5"))) as f:
+        assert sorted(f["features"]) == sorted([schema.model_key(name), cheap])  # no nested groups
+        ds = f[schema.features_key(name)]
+        assert isinstance(ds, h5py.Dataset) and ds.shape[2:] == (2, 2, 2, 16)
+        assert (ds.attrs["clip_len"], ds.attrs["frame_stride"]) == (4, 2)
+        assert ds.attrs["weights"] == _sha(Path(name[3:]) / "model.safetensors")
+    assert set(FeatureSet([str(feats)]).models) == {name, cheap}
+    helpers.fit_evaluate_predict(motion_videos, feats, tmp_path, name, cheap, agg="gru", epochs=1)

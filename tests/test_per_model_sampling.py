@@ -2,12 +2,10 @@
 decode on the finest grid, every model's clip covering the same span from the same start; the
 shard records each model's sampling (format 3), fit aligns maps of different T', predict rebuilds
 the same inputs, and older shards read with the root's sampling for every model."""
-import json
-from pathlib import Path
-
-import numpy as np
 import pytest
 from click.testing import CliRunner
+
+import helpers
 
 from faster.errors import BadValue
 from faster.sampling import Sampling, clip_grid, grid_frames
@@ -82,23 +80,7 @@ def test_the_shard_records_each_models_sampling(world):
 def test_models_at_their_own_sampling_fit_evaluate_and_predict(world, tmp_path):
     """Maps of different T' are aligned by fit; predict decodes each model at its recorded sampling
     and agrees with evaluate."""
-    from faster.aggregate.evaluation import evaluate
-    from faster.aggregate.fit import FitConfig, fit
-    from faster.predict import PredictConfig, predict
-
-    run = tmp_path / "run"
-    fit(FitConfig([str(world["feats"])], str(run), "fastgru", E, C, "1:1", epochs=2, batch_size=4, workers=0,
-                  progress=False, val_fraction=0.5))
-    evaluate(run, [str(world["feats"])], str(tmp_path / "eval.jsonl"), workers=0, progress=False)
-    predict(PredictConfig(videos=[str(world["videos"])], run=str(run), out=str(tmp_path / "pred.jsonl"), workers=0))
-
-    def lines(path):
-        return {r["id"]: r for r in map(json.loads, Path(path).read_text().splitlines())}
-
-    ev, pred = lines(tmp_path / "eval.jsonl"), lines(tmp_path / "pred.jsonl")
-    assert set(pred) == set(ev) and ev
-    for vid, e in ev.items():
-        np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+    helpers.fit_evaluate_predict(world["videos"], world["feats"], tmp_path, E, C)
 
 
 def test_a_span_mismatch_on_the_command_line_is_one_line(world, tmp_path):
