@@ -45,8 +45,7 @@ class BackboneRunner:
 
     def __init__(self, models: dict[str, nn.Module], device: torch.device, *, batch_size: int = 8,
                  amp: bool = False, pooled: set[str] | frozenset[str] = frozenset(),
-                 sizes: dict[str, int] | None = None, clip_len: int = 8,
-                 frames: dict[str, tuple[int, ...]] | None = None):
+                 sizes: dict[str, int] | None = None, clip_len: int = 8):
         import torch
 
         self.device = torch.device(device)
@@ -54,10 +53,9 @@ class BackboneRunner:
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
         self.models = {}
-        self.frames = {name: tuple(int(i) for i in idx) for name, idx in (frames or {}).items()}
         for name, model in models.items():  # channels_last_3d on CPU too: faster there as well (see BENCHMARKS.md)
             model = model.to(self.device).eval()
-            fold_batchnorm(model, len(self.frames[name]) if name in self.frames else clip_len)
+            fold_batchnorm(model, clip_len)
             self.models[name] = model.to(memory_format=torch.channels_last_3d)
         self.calls = {name: 0 for name in self.models}
         self.clip_dependent = frozenset(name for name, m in self.models.items() if hasattr(m, "last_cost"))
@@ -76,9 +74,6 @@ class BackboneRunner:
 
         model = self.models[name]
         b = clips.shape[0]
-        idx = self.frames.get(name)
-        if idx is not None and idx != tuple(range(clips.shape[1])):  # this model's frames of the grid
-            clips = clips[:, list(idx)]  # (b, L_model, S, S, 3)
         if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
             clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
         x = video.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
@@ -147,47 +142,17 @@ def fold_batchnorm(model: nn.Module, clip_len: int = 8, size: int = 64) -> int:
     weights and bias, and replace it by an identity; return how many were folded.
 
     Inference only (the running statistics are constants then): w' = w * g / sqrt(v + eps), b' =
-    (b - m) * g / sqrt(v + eps) + beta. The pairs are found by one forward of a small clip with
-    hooks: a norm whose input is the very tensor a convolution just returned, and that no other
-    module read. Batch norm is a large share of a CPU's bf16 time (see BENCHMARKS.md).
+    (b - m) * g / sqrt(v + eps) + beta. The pairs are those of :func:`batchnorm_pairs`. Batch norm
+    is a large share of a CPU's bf16 time (see BENCHMARKS.md).
     """
     import torch
     from torch import nn
 
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    produced: dict[int, nn.Module] = {}  # id(output tensor) -> the convolution that returned it
-    readers: dict[int, int] = {}  # id(tensor) -> how many modules read it
-    pairs: list[tuple[nn.Module, nn.Module, int]] = []
-    alive: list = []  # every traced tensor stays referenced, so that no two share an id during the trace
-
-    def hook(module, inputs, output):
-        alive.append((inputs, output))
-        for x in inputs:
-            if isinstance(x, torch.Tensor):
-                readers[id(x)] = readers.get(id(x), 0) + 1
-        if isinstance(module, convs) and isinstance(output, torch.Tensor):
-            produced[id(output)] = module
-        if isinstance(module, norms) and inputs and id(inputs[0]) in produced:
-            pairs.append((produced[id(inputs[0])], module, id(inputs[0])))
-
-    leaves = [m for m in model.modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    p = next(model.parameters(), None)
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, 3, clip_len, size, size, device=p.device if p is not None else None))
-    except Exception as err:  # a model that cannot take the probe clip: leave it as it is
-        log.debug("batch norm not folded in %s: %s", type(model).__name__, err)
-        return 0
-    finally:
-        for h in handles:
-            h.remove()
-    alive.clear()
+    pairs = batchnorm_pairs(model, clip_len, size)
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
     folded = 0
-    for conv, bn, tensor in pairs:
-        if readers.get(tensor, 0) != 1 or not bn.track_running_stats or bn.running_var is None:
+    for conv, bn in pairs:
+        if not bn.track_running_stats or bn.running_var is None:
             continue
         with torch.no_grad():
             scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
@@ -199,3 +164,94 @@ def fold_batchnorm(model: nn.Module, clip_len: int = 8, size: int = 64) -> int:
         setattr(parent, attr, nn.Identity())
         folded += 1
     return folded
+
+
+def batchnorm_pairs(model: nn.Module, clip_len: int = 8, size: int = 64) -> list[tuple[nn.Module, nn.Module]]:
+    """The (convolution, batch norm) pairs of ``model`` that fold: a norm whose input is the very
+    tensor a convolution module just returned, and that no other module read.
+
+    Found by one forward of a (1, 3, clip_len, S, S) clip with hooks on every leaf module, in which
+    every plain convolution returns zeros of its output's shape instead of convolving: the pairs come
+    from which module returned which tensor, never from values, and the convolutions were most of
+    the probe's cost (their first calls set up oneDNN kernels: 2-4 s for R(2+1)D-50 + R2D-26 at
+    64 px, most of predict's start-up; BENCHMARKS.md). S is the smallest input that leaves a 1 x 1
+    map (the model's ``spatial_stride``), else ``size``: the rest of the probe (norms, activations,
+    sums) costs in proportion to it. A model whose forward fails so (e.g. one that reads a
+    convolution's values) is probed with real convolutions at ``size``, as before. (A meta-tensor
+    probe would cost nothing either, but its first convolution imports sympy: ~1.5 s.)
+    """
+    import torch
+
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []  # nothing to fold (e.g. the transformers): no probe
+    p = next(model.parameters(), None)
+    device = p.device if p is not None else None
+    smallest = min(size, int(getattr(model, "spatial_stride", size) or size))  # a 1 x 1 map at the end
+    tries = [(smallest, True), (size, True), (size, False)] if smallest < size else [(size, True), (size, False)]
+    for s, shapes_only in tries:
+        try:
+            with torch.no_grad():
+                return _trace_pairs(model, clip_len, s, device, shapes_only=shapes_only)
+        except Exception as err:  # noqa: BLE001 - a model that cannot take the probe clip: leave it as it is
+            log.debug("batch norm pairs of %s at %d px (convolutions %s): %s", type(model).__name__, s,
+                      "as shapes" if shapes_only else "run", err)
+    return []
+
+
+def _conv_shape(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Zeros of the shape ``conv`` (Conv1d/2d/3d, its own forward) returns for ``x``, computed
+    without convolving (torch.nn.ConvNd's output-size formula, "same"/"valid" padding included)."""
+    dims = conv.weight.dim() - 2
+    if isinstance(conv.padding, str):
+        pad = [(d * (k - 1)) // 2 if conv.padding == "same" else 0 for d, k in zip(conv.dilation, conv.kernel_size)]
+        if conv.padding == "same":  # "same" keeps the size exactly (stride 1 only)
+            return x.new_zeros((*x.shape[:-dims - 1], conv.out_channels, *x.shape[-dims:]))
+    else:
+        pad = list(conv.padding)
+    out = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+           for n, p, d, k, s in zip(x.shape[-dims:], pad, conv.dilation, conv.kernel_size, conv.stride)]
+    if x.shape[-dims - 1] != conv.in_channels or min(out) < 1:
+        raise RuntimeError(f"{type(conv).__name__} cannot take an input of shape {tuple(x.shape)}")
+    return x.new_zeros((*x.shape[:-dims - 1], conv.out_channels, *out))
+
+
+def _trace_pairs(model: nn.Module, clip_len: int, size: int, device: torch.device | None, *,
+                 shapes_only: bool) -> list[tuple[nn.Module, nn.Module]]:
+    import functools
+
+    import torch
+    from torch import nn
+
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    produced: dict[int, nn.Module] = {}  # id(output tensor) -> the convolution that returned it
+    readers: dict[int, int] = {}  # id(tensor) -> how many modules read it
+    found: list[tuple[nn.Module, nn.Module, int]] = []
+    alive: list = []  # every traced tensor stays referenced, so that no two share an id during the trace
+
+    def hook(module, inputs, output):
+        alive.append((inputs, output))
+        for x in inputs:
+            if isinstance(x, torch.Tensor):
+                readers[id(x)] = readers.get(id(x), 0) + 1
+        if isinstance(module, convs) and isinstance(output, torch.Tensor):
+            produced[id(output)] = module
+        if isinstance(module, norms) and inputs and id(inputs[0]) in produced:
+            found.append((produced[id(inputs[0])], module, id(inputs[0])))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    patched = []
+    if shapes_only:  # only the stock forwards: a subclass's own forward may differ in shape
+        patched = [m for m in leaves if type(m).forward in (nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)]
+        for m in patched:
+            m.forward = functools.partial(_conv_shape, m)
+    try:
+        model(torch.zeros(1, 3, clip_len, size, size, device=device))  # (1, 3, L, S, S)
+    finally:
+        for h in handles:
+            h.remove()
+        for m in patched:
+            del m.forward
+        alive.clear()
+    return [(conv, bn) for conv, bn, tensor in found if readers.get(tensor, 0) == 1]
