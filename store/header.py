@@ -2,8 +2,9 @@
 shard's HDF5 attributes, reads it back, and compares two of them.
 
 A ``Header`` is what an extraction configuration fixes: clip_len, num_clips, frame_stride, size,
-the class list, and per model its provenance and cost (``ModelHeader``: the attributes of
-``schema.MODEL_ATTRS``). Every shard of a directory carries the same header; resume, verify, the
+the class list, and per model its provenance, cost, crop and sampling (``ModelHeader``: the
+attributes of ``schema.MODEL_ATTRS``; a model without its own ``clip_len`` / ``frame_stride``, as
+in formats 1 and 2, samples the root's). Every shard of a directory carries the same header; resume, verify, the
 reader and ablate all read it through :func:`read_header`. Two comparisons live here:
 :func:`config_diff` (the whole configuration, provenance included: the resume refusal and verify's
 consistency check) and :func:`check_compatible` (whether features can be used together: classes,

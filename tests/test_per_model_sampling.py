@@ -121,3 +121,15 @@ def test_an_older_format_shard_reads_with_the_roots_sampling(world, tmp_path):
     for m in config["models"].values():  # a format 2 manifest's config: no per-model sampling
         del m["clip_len"], m["frame_stride"]
     assert config_diff(config, sh.config) == []
+
+
+def test_a_resume_with_another_sampling_for_one_model_is_refused_naming_it(world):
+    """C at 4 x 4 covers the same 16 frames, on the same grid, but is other features: refused before any work."""
+    from faster.errors import UserError
+    from faster.extract.pipeline import ExtractConfig, extract_videos
+
+    cfg = ExtractConfig(str(world["videos"]), str(world["feats"]), (E, C), clip_len=16, clip_lens={C: 4},
+                        frame_strides={C: 4}, num_clips=2, size=32, workers=0, progress=False)
+    assert (cfg.sampling.clip_len, cfg.sampling.frame_stride) == (16, 1) and cfg.frames(C) == (0, 4, 8, 12)
+    with pytest.raises(UserError, match=f"{C} clip_len 8 in .*, 4 in"):
+        extract_videos(cfg)
