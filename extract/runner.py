@@ -45,7 +45,8 @@ class BackboneRunner:
 
     def __init__(self, models: dict[str, nn.Module], device: torch.device, *, batch_size: int = 8,
                  amp: bool = False, pooled: set[str] | frozenset[str] = frozenset(),
-                 sizes: dict[str, int] | None = None, clip_len: int = 8):
+                 sizes: dict[str, int] | None = None, clip_len: int = 8,
+                 frames: dict[str, tuple[int, ...]] | None = None):
         import torch
 
         self.device = torch.device(device)
@@ -53,9 +54,10 @@ class BackboneRunner:
         self.amp = bool(amp)
         self.batch_size = int(batch_size)
         self.models = {}
+        self.frames = {name: tuple(int(i) for i in idx) for name, idx in (frames or {}).items()}
         for name, model in models.items():  # channels_last_3d on CPU too: faster there as well (see BENCHMARKS.md)
             model = model.to(self.device).eval()
-            fold_batchnorm(model, clip_len)
+            fold_batchnorm(model, len(self.frames[name]) if name in self.frames else clip_len)
             self.models[name] = model.to(memory_format=torch.channels_last_3d)
         self.calls = {name: 0 for name in self.models}
         self.clip_dependent = frozenset(name for name, m in self.models.items() if hasattr(m, "last_cost"))
@@ -74,6 +76,9 @@ class BackboneRunner:
 
         model = self.models[name]
         b = clips.shape[0]
+        idx = self.frames.get(name)
+        if idx is not None and idx != tuple(range(clips.shape[1])):  # this model's frames of the grid
+            clips = clips[:, list(idx)]  # (b, L_model, S, S, 3)
         if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
             clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
         x = video.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
