@@ -683,6 +683,9 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
 
     size, per_model = _parse_sizes(sizes)
     if list_models:
+        if per_model:
+            raise click.BadParameter(f"{next(iter(per_model))}={next(iter(per_model.values()))}: --list takes one "
+                                     "crop for every backbone (--size PX)", param_hint="--size")
         _list_backbones(models, clip_len, size)
         return
     px = {m: per_model.get(m, size) for m in (expensive, cheap)}
@@ -691,9 +694,13 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
 
     n = num_clips or max(1, 256 // clip_len)
     for hint, name in (("--expensive", expensive), ("--cheap", cheap)):
-        if name not in models.names():
-            raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())}",
-                                     param_hint=hint)
+        if name not in models.names() and not name.startswith(models.HF_PREFIX):  # hf:PATH as extract takes it
+            raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())} "
+                                     f"or {models.HF_PREFIX}PATH", param_hint=hint)
+    unknown = sorted(set(per_model) - set(px))
+    if unknown:  # as extract refuses a --size NAME=PX whose NAME is not a --model
+        raise click.BadParameter(f"{unknown[0]}={per_model[unknown[0]]}: {unknown[0]!r} is neither --expensive "
+                                 f"({expensive}) nor --cheap ({cheap})", param_hint="--size")
     from faster.aggregate import schedule
 
     if exit_budget is not None and not early_exit:
@@ -707,9 +714,13 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
         raise click.BadParameter(str(err), param_hint="--pattern" if budget is None else "--budget") from None
     model_of = {"expensive": expensive, "cheap": cheap}
     roles = plan.roles()
+    gflops, shapes = {}, {}
+    for hint, m in (("--expensive", expensive), ("--cheap", cheap)):
+        try:
+            gflops[m], shapes[m] = models.clip_gflops(m, clip_len, px[m]), models.feature_shape(m, clip_len, px[m])
+        except UserError as err:
+            raise click.BadParameter(str(err), param_hint=hint) from None
     try:
-        gflops = {m: models.clip_gflops(m, clip_len, px[m]) for m in (expensive, cheap)}
-        shapes = {m: models.feature_shape(m, clip_len, px[m]) for m in (expensive, cheap)}
         kwargs = {"num_classes": 400, "sources": {src: list(shapes[model_of[src]]) for src in roles}, "dropout": 0.0}
         costs = plan.costs(agg, kwargs, {src: gflops[model_of[src]] for src in roles})
     except UserError as err:

@@ -118,11 +118,13 @@ def visit_order(order: str, num_clips: int) -> list[int]:
     if order == "temporal":
         return list(range(n))
     seen: list[int] = [0]
+    found = {0}  # membership in the list itself would make this quadratic in n
     level = 1
     while len(seen) < n:
         for j in range(1, 2 ** level, 2):  # the new points of this level: odd multiples of 1 / 2^level
             k = (j * n) >> level  # floor(j n / 2^level)
-            if k not in seen:
+            if k not in found:
+                found.add(k)
                 seen.append(k)
         level += 1
     return seen
@@ -483,10 +485,10 @@ class FixedPattern(Schedule):
         return record
 
     def step_costs(self, agg: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        from faster.aggregate.flops import count_gflops
+        from faster.aggregate.flops import step_gflops
 
         seen = [self._mask[k] for k in self._visits]
-        return {"aggregator_steps": [count_gflops(agg, kwargs, seen[:s]) for s in range(1, self.num_clips + 1)]}
+        return {"aggregator_steps": step_gflops(agg, kwargs, seen)}
 
     def video_gflops(self, costs: dict[str, Any], per_clip: dict[str, float], num_expensive: float,
                      clips_seen: float | None = None) -> float:
@@ -600,11 +602,10 @@ class LearnedPolicy(Schedule):
         return record
 
     def step_costs(self, agg: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        from faster.aggregate.flops import count_gflops
+        from faster.aggregate.flops import step_gflops
 
-        steps = range(1, self.num_clips + 1)
-        return {"aggregator_all_e_steps": [count_gflops(agg, kwargs, [True] * s) for s in steps],
-                "aggregator_all_c_steps": [count_gflops(agg, kwargs, [False] * s) for s in steps]}
+        return {"aggregator_all_e_steps": step_gflops(agg, kwargs, [True] * self.num_clips),
+                "aggregator_all_c_steps": step_gflops(agg, kwargs, [False] * self.num_clips)}
 
     def video_gflops(self, costs: dict[str, Any], per_clip: dict[str, float], num_expensive: float,
                      clips_seen: float | None = None) -> float:

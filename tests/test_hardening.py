@@ -207,3 +207,57 @@ def test_an_absurd_batch_size_allocates_for_the_videos_only(tmp_path):
                                    "--batch-size", "100000000", "--workers", "0", "--threads", "1"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run" / "result.json").read_text())["num_train"] > 0
+
+
+# -- 14: the cost of a long video is arithmetic on per-clip figures -------------------------------
+
+TINY = ["--expensive", "r2plus1d50_tiny", "--cheap", "r2d26_tiny", "--size", "32", "--json"]
+
+
+def test_flops_of_100000_clips_is_arithmetic_on_per_clip_figures():
+    import time
+
+    runner = CliRunner()
+
+    def figures(*args):
+        res = runner.invoke(cli, ["flops", *TINY, *args])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    short, longer = figures("--num-clips", "64"), figures("--num-clips", "128")  # counted (64) / from steps
+    t0 = time.perf_counter()
+    huge = figures("--num-clips", "100000")
+    assert time.perf_counter() - t0 < 10
+    step = (longer["aggregator_gflops"] - short["aggregator_gflops"]) / 64  # all-e: one kind of step
+    assert huge["aggregator_gflops"] == pytest.approx(short["aggregator_gflops"] + (100000 - 64) * step, rel=1e-9)
+    assert huge["video_gflops"] == pytest.approx(100000 * huge["clip_gflops"]["r2plus1d50_tiny"]
+                                                 + huge["aggregator_gflops"], rel=1e-9)
+    t0 = time.perf_counter()  # its first 32 steps are counted here (a cold cache): bounded whatever N
+    exit_ = figures("--num-clips", "100000", "--pattern", "1:3", "--early-exit", "--exit-budget", "0.5")
+    assert time.perf_counter() - t0 < 60 and exit_["clips_read"] == 50000
+
+
+@pytest.mark.parametrize("agg", ["fastgru", "concat", "tam", "netvlad"])
+def test_the_per_clip_steps_reproduce_the_exact_count(agg):
+    from faster.aggregate import flops
+
+    kwargs = {"num_classes": 5, "sources": {"expensive": [16, 1, 2, 2], "cheap": [8, 1, 2, 2]}, "dropout": 0.0}
+    mask = [k % 3 == 0 for k in range(2 * flops.EXACT_CLIPS + 9)]
+    assert flops.count_gflops(agg, kwargs, mask) == pytest.approx(flops._exact(agg, kwargs, mask), rel=1e-9)
+    steps = flops.step_gflops(agg, kwargs, mask)
+    assert steps[-1] == pytest.approx(flops._exact(agg, kwargs, mask), rel=1e-9)
+    assert steps[-3] == pytest.approx(flops._exact(agg, kwargs, mask[:-2]), rel=1e-9)
+
+
+# -- 15: flops names: --size NAME=PX of an unknown NAME, hf:PATH ----------------------------------
+
+def test_flops_rejects_a_size_for_an_unknown_name_and_takes_hf_paths(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["flops", "--size", "nosuch=64"])
+    assert res.exit_code == 2 and "nosuch=64" in res.output and "'nosuch' is neither --expensive" in res.output
+    res = runner.invoke(cli, ["flops", "--list", "--size", "nosuch=64"])
+    assert res.exit_code == 2 and "nosuch=64" in res.output
+    missing = tmp_path / "no-model"
+    res = runner.invoke(cli, ["flops", "--expensive", f"hf:{missing}", *TINY[2:]])
+    assert res.exit_code == 2 and "unknown backbone" not in res.output and str(missing) in res.output
+    assert "--expensive" in res.output
