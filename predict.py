@@ -201,9 +201,9 @@ class Predictor:
         from faster.extract import models
 
         recorded, run = self.run.models[name], self.run
-        path, seed = check_weights(name, str(recorded["weights"]), given)
         if given is None and name.startswith(models.HF_PREFIX) and not _RANDOM_INIT.match(str(recorded["weights"])):
             given = _hf_weights(name)
+        path, seed = check_weights(name, str(recorded["weights"]), given)
         try:
             module = models.build(name, weights=path, seed=seed)
         except ValueError as err:  # an unreadable file, a wrong architecture, an unknown weight name
