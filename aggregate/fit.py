@@ -142,7 +142,9 @@ class FitConfig:
         if self.train_clips not in data.TRAIN_CLIPS:
             raise BadValue(f"unknown train_clips {self.train_clips!r}; expected one of {', '.join(data.TRAIN_CLIPS)}")
         if self.teacher is not None:
-            if not self.schedule(self.num_clips or 1).distillable:
+            # without --num-clips: any count the pattern accepts (1:1 needs an even one); distillable is per kind
+            n = self.num_clips or next((k for k in range(1, 65) if patterns.is_valid(self.pattern, k)), 1)
+            if not self.schedule(n).distillable:
                 raise BadValue(f"--teacher with --pattern {self.pattern} is not supported: distil into a "
                                f"fixed-pattern student")
             for name, value in (("distill_weight", self.distill_weight), ("rep_weight", self.rep_weight)):
@@ -419,6 +421,7 @@ def prepare(cfg: FitConfig, device: Any) -> _Prepared:
     if cfg.val:
         vs = FeatureSet(cfg.val, **skip)
         check_compatible(vs, classes=fs.classes, config=fs.config, shapes={m: fs.model(m).shape for m in used},
+                         weights={m: fs.model(m).attrs.get("weights") for m in used},
                          what=f"validation set {vs.dirs}", reference=f"the training set {fs.dirs}")
         train_idx = np.flatnonzero(taught)
         val_idx = np.flatnonzero(vs.labels >= 0)

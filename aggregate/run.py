@@ -171,8 +171,10 @@ class Run:
         """Incompatible unless feature set ``fs`` has this run's classes, extraction and map shapes."""
         from faster.store.header import check_compatible
 
+        used = [name for name, _ in self.sources().values()]
         check_compatible(fs, classes=self.classes, config=self.extraction,
-                         shapes={name: self.models[name]["shape"] for name, _ in self.sources().values()},
+                         shapes={name: self.models[name]["shape"] for name in used},
+                         weights={name: self.models[name].get("weights") for name in used},
                          what=what, reference="the run")
 
     # -- the aggregator --

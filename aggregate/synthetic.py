@@ -54,11 +54,12 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
                     num_classes: int = 2, amplitude: float = 1.0, noise: Sequence[float] = (0.5, 1.0),
                     gflops: Sequence[float] = (30.0, 3.2), seed: int = 0, shard_size: int = 64, part: int = 0,
                     id_prefix: str = "vid", first_id: int = 0, compression: str = "none",
-                    num_frames: int = 300, unlabelled: int = 0) -> Path:
+                    num_frames: int = 300, unlabelled: int = 0, weights: str = "synthetic") -> Path:
     """Write ``num_videos`` videos of ``models`` (name -> per-clip (T', H', W', C); the first is
     "expensive", noise[0]/gflops[0], the others noise[1]/gflops[1]) to directory ``out``; the last
     ``unlabelled`` of them carry their class's signal but label -1 (distillation through unlabelled
-    videos)."""
+    videos). ``weights``: the provenance the shards record; the synthetic "backbone" (its class
+    directions) is the same for every ``seed``, which only draws other videos."""
     if signal not in SIGNALS:
         raise BadValue(f"unknown signal {signal!r}; expected one of {SIGNALS}")
     if signal == "order" and (num_classes != 2 or num_clips < 2):
@@ -82,7 +83,7 @@ def write_synthetic(out: str | Path, *, num_videos: int, num_clips: int = 8, cli
     header = Header(clip_len=clip_len, num_clips=num_clips, frame_stride=1, size=32, classes=classes,
                     software_version="synthetic", torch_version="none",
                     models={m: ModelHeader(gflops_per_clip=float(gflops[0] if k == 0 else gflops[1]), layer="res5",
-                                           weights=f"synthetic:seed={seed}", mean=[0.45] * 3, std=[0.225] * 3,
+                                           weights=weights, mean=[0.45] * 3, std=[0.225] * 3,
                                            compute_dtype="float32") for k, m in enumerate(names)})
     starts = clip_starts(num_frames, num_clips, clip_len)
     with FeatureSetWriter(out, header, part=part, num_parts=part + 1, shard_size=shard_size,

@@ -208,10 +208,14 @@ class ShardHeader:
 
 
 def check_compatible(fs: Any, *, classes: Sequence[str], config: Mapping[str, Any],
-                     shapes: Mapping[str, Sequence[int]], what: str, reference: str) -> None:
+                     shapes: Mapping[str, Sequence[int]], what: str, reference: str,
+                     weights: Mapping[str, Any] | None = None) -> None:
     """Incompatible unless features ``fs`` can be used together with ``reference``'s: the same class
-    list, the same extraction ``config`` (the keys it gives, e.g. ``schema.EXTRACTION_ATTRS``) and, per
-    model in ``shapes``, the same clip shape (T', H', W', C). The one home of this check.
+    list, the same extraction ``config`` (the keys it gives, e.g. ``schema.EXTRACTION_ATTRS``), per
+    model in ``shapes`` the same clip shape (T', H', W', C) and, per model in ``weights``, the same
+    weights provenance (the ``weights`` attribute: a file's sha256 or "random-init:seed=S"; features
+    of other weights are other features even at the same shape; unknown on either side: not
+    compared). The one home of this check.
 
     ``fs``: a ``FeatureSet``, or one shard's ``ShardHeader``: anything with ``classes``, ``config``
     (a mapping holding those keys) and ``model(name).shape``. The error is one line, starting with
@@ -222,6 +226,7 @@ def check_compatible(fs: Any, *, classes: Sequence[str], config: Mapping[str, An
       "<what>: class list differs from the one in <reference> (position <i>: <a> vs <b>)"
       "<what>: extraction <key> <value>[, ...] differs from <key> <value>[, ...] in <reference>"
       "<what>: <model> clips are <shape>, not <shape> as in <reference>"
+      "<what>: <model> features were extracted with weights <a>, not <b> as in <reference>"
     """
     mine, theirs = list(fs.classes), list(classes)
     if mine != theirs:
@@ -240,6 +245,11 @@ def check_compatible(fs: Any, *, classes: Sequence[str], config: Mapping[str, An
         have, want = tuple(int(s) for s in fs.model(model).shape), tuple(int(s) for s in shape)
         if have != want:
             raise Incompatible(f"{what}: {model} clips are {have}, not {want} as in {reference}")
+    for model, want_weights in (weights or {}).items():
+        have_weights = fs.model(model).attrs.get("weights")
+        if have_weights and want_weights and str(have_weights) != str(want_weights):
+            raise Incompatible(f"{what}: {model} features were extracted with weights {have_weights}, not "
+                               f"{want_weights} as in {reference}")
 
 
 def read_header(path: str | Path) -> ShardHeader:

@@ -111,6 +111,7 @@ class FeatureSet:
                 ref = group.first if group else (first or sh)
                 check_compatible(sh, classes=ref.classes, config=ref.header.extraction,
                                  shapes={m: ref.model(m).shape for m in key} if group else {},
+                                 weights={m: ref.model(m).attrs.get("weights") for m in key} if group else {},
                                  what=str(path), reference=str(ref.path))
                 first = first or sh
                 if group is None:
