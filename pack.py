@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -93,50 +92,43 @@ class Found:
     notes: list[str]
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
 def find_files(src: str | Path, strip_suffix: str = "") -> Found:
-    """Every ``*.npy`` under ``src`` by id (hidden entries skipped). Links are followed only while
-    they resolve inside ``src``: a file that leaves it is refused, a folder that leaves it skipped."""
+    """Every ``*.npy`` under ``src`` by id (hidden entries skipped; each real folder and file once,
+    faster.extract.video.walk). Links are followed only while they resolve inside ``src``: a file
+    that leaves it is refused, a folder that leaves it skipped. A name that is not valid UTF-8 and a
+    file that is not a regular file are refused, with their reason."""
+    from faster.extract.video import walk
+
     root = Path(src).resolve()
+    tree = walk(root, lambda name: name.endswith(".npy"), inside=True, label="SRC")
     files: dict[str, Path] = {}
     refused: dict[str, str] = {}
-    notes: list[str] = []
+    notes = list(tree.notes)
     ignored = 0
-    seen: set[Path] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        here = Path(dirpath)
-        real = here.resolve()
-        rel_dir = here.relative_to(root).as_posix()
-        if not _inside(real, root) or real in seen:
-            dirnames[:] = []
-            notes.append(f"folder {rel_dir!r} skipped: " + ("a link to outside SRC" if real not in seen
-                                                            else f"a link to {real.relative_to(root).as_posix()!r}, "
-                                                                 "read already"))
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or not name.endswith(".npy"):
-                continue
-            rel = (here / name).relative_to(root).as_posix()
-            video_id = rel[: -len(".npy")]
-            if strip_suffix:
-                if not video_id.endswith(strip_suffix):
-                    ignored += 1
-                    continue
-                video_id = video_id[: -len(strip_suffix)]
-            target = (here / name).resolve()
-            if not video_id or video_id.endswith("/"):
-                refused[rel] = f"{rel}: nothing is left of the name without {strip_suffix!r}"
-            elif not _inside(target, root):
-                refused[video_id] = f"{rel}: a link to outside SRC ({target}); refused"
-            elif not target.is_file():
-                refused[video_id] = f"{rel}: not a regular file"
-            else:
-                files[video_id] = here / name  # under SRC as found (its target was checked above)
+
+    def video_id(rel: str) -> str | None:
+        """The id of the file at ``rel``; None when it lacks the suffix (ignored)."""
+        vid = rel[: -len(".npy")] if rel.endswith(".npy") else rel
+        if strip_suffix:
+            if not vid.endswith(strip_suffix):
+                return None
+            vid = vid[: -len(strip_suffix)]
+        return vid
+
+    for rel, why in tree.refused.items():
+        vid = video_id(rel)
+        if vid is None:
+            ignored += 1
+        else:
+            refused[vid or rel] = why
+    for rel, path in tree.files.items():
+        vid = video_id(rel)
+        if vid is None:
+            ignored += 1
+        elif not vid or vid.endswith("/"):
+            refused[rel] = f"{rel}: nothing is left of the name without {strip_suffix!r}"
+        else:
+            files[vid] = path  # under SRC as found (its target was checked by walk)
     if ignored:
         notes.append(f"{ignored} .npy files do not end with {strip_suffix!r} and are ignored")
     return Found(files, refused, ignored, notes)

@@ -509,7 +509,7 @@ class _Extraction:
         interrupted = None
         with _StopFlag() as stop, self._decoder(todo) as decoder:
             for item in missing:
-                self._fail(item, "missing", item.error or "not found")
+                self._fail(item, item.stage, item.error or "not found")
             try:
                 while True:
                     # Fill: decoded videos until a batch of clips is waiting (the workers decode meanwhile).

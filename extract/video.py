@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -51,6 +52,7 @@ class VideoItem:
     label: int = -1
     split: str | None = None
     error: str | None = None  # why ``path`` is None
+    stage: str = "missing"  # the failure stage it is recorded under when ``path`` is None: missing, or open
 
 
 @dataclass
@@ -64,25 +66,130 @@ class Discovery:
     notes: list[str] = field(default_factory=list)
 
 
-def scan(root: str | Path) -> list[str]:
-    """Every video under ``root`` as a sorted list of POSIX paths relative to it (hidden entries skipped)."""
+@dataclass
+class Walk:
+    """The files of a tree that ``walk`` took, refused and ignored."""
+
+    files: dict[str, Path]  # POSIX path relative to the root -> the file as found under the root
+    refused: dict[str, str]  # path relative to the root (escaped when not UTF-8) -> why, one line
+    ignored: int = 0  # files (not hidden) that were not wanted
+    notes: list[str] = field(default_factory=list)  # folders skipped, files found twice
+
+
+def printable_name(name: str) -> str:
+    """``name`` as valid UTF-8 text: the bytes of a file name that is not valid UTF-8 (which Python
+    keeps as surrogates) written as ``\\xNN``, e.g. ``caf\\xe9.mp4``; a valid name unchanged."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def walk(root: str | Path, want: Callable[[str], bool], *, inside: bool = False, label: str = "the root") -> Walk:
+    """The files under ``root`` whose name ``want`` takes (hidden entries skipped), each real file once.
+
+    The real tree is read first, then the folders that links lead to, each real folder once (a
+    link back up the tree, ``ln -s .. loop``, is skipped with a note); a file reached under two
+    names (a link, a hard link) is one file, kept under its real path (else the first name) with a
+    note. Refused before anything opens them, each with its reason: a name that is not valid UTF-8
+    (listed escaped, ``printable_name``), a file that is not a regular file (a FIFO, a device, a
+    folder named like a video) or cannot be stat'ed (a broken link). With ``inside`` links are
+    followed only while they resolve inside ``root``: a file that leaves it is refused, a folder
+    skipped with a note (`faster pack`; ``label`` names the root in those lines)."""
+    import stat
+
     root = Path(root)
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        rel_dir = Path(dirpath).relative_to(root)
-        for name in filenames:
-            if is_video(name):
-                found.append((rel_dir / name).as_posix())
-    return sorted(found)
+    real_root = root.resolve()
+    out = Walk({}, {})
+    seen: set[tuple[int, int]] = set()
+    found: dict[tuple[int, int], list[tuple[bool, str, Path]]] = {}  # file identity -> (via a link, rel, path)
+    queue: list[tuple[Path, str]] = [(root, "")]  # the real tree first, then the links found in it
+
+    def rel_of(rel_dir: str, name: str) -> str:
+        return f"{rel_dir}/{name}" if rel_dir else name
+
+    def unreadable(err: OSError) -> None:
+        name = Path(err.filename or "?")
+        shown = name.relative_to(root).as_posix() if name.is_relative_to(root) else str(name)
+        out.notes.append(f"folder {printable_name(shown)!r} skipped: it cannot be read ({err.strerror})")
+
+    while queue:
+        top, top_rel = queue.pop(0)
+        via_link = top is not root
+        if via_link:
+            target = top.resolve()
+            if inside and not (target == real_root or real_root in target.parents):
+                out.notes.append(f"folder {printable_name(top_rel)!r} skipped: a link to outside {label}")
+                continue
+        for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable):  # links are queued, not followed
+            here = Path(dirpath)
+            rel_dir = here.relative_to(top).as_posix()
+            rel_dir = rel_of(top_rel, rel_dir) if rel_dir != "." else top_rel
+            try:
+                st = here.stat()
+            except OSError as err:
+                dirnames[:] = []
+                out.notes.append(f"folder {printable_name(rel_dir)!r} skipped: it cannot be read ({err.strerror})")
+                continue
+            if (st.st_dev, st.st_ino) in seen:
+                dirnames[:] = []
+                out.notes.append(f"folder {printable_name(rel_dir)!r} skipped: a link to a folder read already")
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            real_dirs = []
+            for d in sorted(dirnames):
+                if d.startswith("."):
+                    continue
+                if (here / d).is_symlink():
+                    queue.append((here / d, rel_of(rel_dir, d)))
+                else:
+                    real_dirs.append(d)
+            dirnames[:] = real_dirs
+            for name in sorted(filenames):
+                if name.startswith("."):
+                    continue
+                if not want(name):
+                    out.ignored += 1
+                    continue
+                rel = rel_of(rel_dir, name)
+                shown = printable_name(rel)
+                if shown != rel:
+                    out.refused[shown] = (f"{shown}: the file name is not valid UTF-8 (its bytes shown as \\xNN); "
+                                          "rename it to use it")
+                    continue
+                path = here / name
+                try:
+                    fst = path.stat()
+                except OSError as err:
+                    out.refused[rel] = f"{rel}: cannot be read ({err.strerror})"
+                    continue
+                link = via_link or path.is_symlink()
+                if inside and link:
+                    target = path.resolve()
+                    if real_root not in target.parents:
+                        out.refused[rel] = f"{rel}: a link to outside {label} ({target}); refused"
+                        continue
+                if not stat.S_ISREG(fst.st_mode):
+                    kind = ("a FIFO" if stat.S_ISFIFO(fst.st_mode) else "a folder" if stat.S_ISDIR(fst.st_mode)
+                            else "a socket" if stat.S_ISSOCK(fst.st_mode) else "a device")
+                    out.refused[rel] = f"{rel}: not a regular file ({kind}); skipped before decoding"
+                    continue
+                found.setdefault((fst.st_dev, fst.st_ino), []).append((link, rel, path))
+    twice = []
+    for names in found.values():
+        names.sort(key=lambda c: (c[0], c[1]))  # the real path first, else the first name
+        _, rel, path = names[0]
+        out.files[rel] = path
+        twice += [(other, rel) for _, other, _ in names[1:]]
+    if twice:
+        shown = ", ".join(f"{a!r} is {b!r}" for a, b in sorted(twice)[:3])
+        out.notes.append(f"{len(twice)} files are another name (a link) of a file found already, each read once: "
+                         f"{shown}" + (", ..." if len(twice) > 3 else ""))
+    out.files = dict(sorted(out.files.items()))
+    return out
 
 
-def _count_ignored(root: Path) -> int:
-    n = 0
-    for _, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        n += sum(1 for f in filenames if not f.startswith(".") and not is_video(f))
-    return n
+def scan(root: str | Path) -> list[str]:
+    """Every video under ``root`` as a sorted list of POSIX paths relative to it (hidden entries skipped;
+    each real file once, see ``walk``)."""
+    return list(walk(root, is_video).files)
 
 
 def read_classes(path: str | Path) -> list[str]:
@@ -188,15 +295,24 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
     root = Path(root)
     if not root.is_dir():
         raise BadFile(f"video root {str(root)!r} is not a directory")
-    path_of = dict(files) if files is not None else {f: root / f for f in scan(root)}
-    ignored = _count_ignored(root) if files is None else 0
+    refused: dict[str, str] = {}
+    ignored = 0
+    if files is None:
+        found = walk(root, is_video)
+        path_of, refused, ignored = found.files, found.refused, found.ignored
+        for note in found.notes:
+            log.warning("%s: %s", root, note)
+    else:
+        path_of = dict(files)
+    # refused before decoding (a name that is not UTF-8, a FIFO, a broken link): failures of stage open
+    unusable = [VideoItem(rel, None, error=why, stage="open") for rel, why in sorted(refused.items())]
     files = sorted(path_of)
     fixed = read_classes(classes_file) if classes_file else None
     if annotations is None:
         if unlabelled or not files or any("/" not in f for f in files):
             classes = fixed or []
             items = [VideoItem(f, path_of[f]) for f in files]
-            return Discovery(items, classes, "unlabelled", ignored)
+            return Discovery(sorted(items + unusable, key=lambda it: it.id), classes, "unlabelled", ignored)
         folder_of = {f: f.split("/", 1)[0] for f in files}
         classes = fixed or sorted(set(folder_of.values()))
         index = {c: i for i, c in enumerate(classes)}
@@ -204,7 +320,7 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
         if unknown:
             raise Incompatible(f"class folders {unknown[:5]} are not in the classes file {str(classes_file)!r}")
         items = [VideoItem(f, path_of[f], index[folder_of[f]]) for f in files]
-        return Discovery(items, classes, "folders", ignored)
+        return Discovery(sorted(items + unusable, key=lambda it: it.id), classes, "folders", ignored)
 
     annotations = Path(annotations)
     kind, rows = _read_csv(annotations)
@@ -252,6 +368,7 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
     unlisted = len(by_path - set(items))
     if unlisted:
         notes.append(f"{unlisted} videos under the root are not in the annotations and are skipped")
+    items.update((it.id, it) for it in unusable)  # a listed file refused says why, not just "missing"
     return Discovery(sorted(items.values(), key=lambda it: it.id), classes, kind, ignored, notes)
 
 

@@ -261,3 +261,73 @@ def test_flops_rejects_a_size_for_an_unknown_name_and_takes_hf_paths(tmp_path):
     res = runner.invoke(cli, ["flops", "--expensive", f"hf:{missing}", *TINY[2:]])
     assert res.exit_code == 2 and "unknown backbone" not in res.output and str(missing) in res.output
     assert "--expensive" in res.output
+
+
+# -- 5, 9, 12: link loops, names that are not UTF-8, FIFOs: extract and pack ----------------------
+
+def hostile_tree(root, video_bytes, suffix=".mp4"):
+    """ROOT/c/good<suffix> (real), c/loopdir -> .. (a loop), c/alias<suffix> -> good (a second name),
+    c/caf\\xe9<suffix> (a name that is not UTF-8), c/fifo<suffix> (a FIFO); returns the non-UTF-8 path."""
+    import os
+
+    (root / "c").mkdir(parents=True)
+    (root / "c" / f"good{suffix}").write_bytes(video_bytes)
+    os.symlink("..", root / "c" / "loopdir")
+    os.symlink(f"good{suffix}", root / "c" / f"alias{suffix}")
+    bad = root / "c" / os.fsdecode(b"caf\xe9" + suffix.encode())
+    bad.write_bytes(video_bytes)
+    os.mkfifo(root / "c" / f"fifo{suffix}")
+    return bad
+
+
+def test_discovery_reads_each_real_folder_and_file_once_and_refuses_what_cannot_be_decoded(tmp_path, caplog):
+    from faster.extract import video
+
+    hostile_tree(tmp_path / "sl", b"not decoded here")
+    with caplog.at_level("WARNING"):
+        found = video.discover(tmp_path / "sl")
+    usable = [it.id for it in found.items if it.path is not None]
+    refused = {it.id: (it.stage, it.error) for it in found.items if it.path is None}
+    assert usable == ["c/good.mp4"]
+    assert refused["c/caf\\xe9.mp4"][0] == "open" and "not valid UTF-8" in refused["c/caf\\xe9.mp4"][1]
+    assert refused["c/fifo.mp4"][0] == "open" and "not a regular file (a FIFO)" in refused["c/fifo.mp4"][1]
+    assert "'c/loopdir' skipped: a link to a folder read already" in caplog.text
+    assert "'c/alias.mp4' is 'c/good.mp4'" in caplog.text
+
+
+def test_extract_goes_on_past_a_loop_a_bad_name_and_a_fifo(tmp_path, motion_videos):
+    import subprocess
+    import sys
+
+    video_file = sorted(motion_videos.rglob("*.mp4"))[0]
+    hostile_tree(tmp_path / "sl", video_file.read_bytes())
+    out = tmp_path / "feats"
+    cmd = [sys.executable, "-m", "faster", "extract", str(tmp_path / "sl"), "-o", str(out), "--model", "r2d26_tiny",
+           "--clip-len", "8", "--num-clips", "2", "--size", "32", "--workers", "0", "--no-progress", "--dtype", "fp32"]
+    for run in range(2):  # the rerun goes on past the same files too
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        assert ("extracted 1," if run == 0 else "skipped 1 (done before)") in proc.stdout, proc.stdout
+    failures = {r["id"]: r for r in map(json.loads, (out / manifest.FAILURES).read_text().splitlines())}
+    assert sorted(failures) == ["c/caf\\xe9.mp4", "c/fifo.mp4"]
+    assert {r["stage"] for r in failures.values()} == {"open"}
+    ids = [i for p in out.glob(schema.SHARD_GLOB) for i in h5py.File(p)["videos/id"].asstr()[()]]
+    assert ids == ["c/good.mp4"]
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
+
+
+def test_pack_goes_on_past_a_loop_a_bad_name_and_a_fifo(tmp_path):
+    import io
+
+    from faster.pack import PackConfig, run_pack
+
+    buf = io.BytesIO()
+    np.save(buf, np.ones((2, 4), np.float32))
+    hostile_tree(tmp_path / "src", buf.getvalue(), suffix=".npy")
+    summary = run_pack(PackConfig(src=str(tmp_path / "src"), out=str(tmp_path / "feats"), model="x", clip_len=8,
+                                  progress=False))
+    assert (summary["packed"], summary["refused"]) == (1, 2)
+    failures = {r["id"]: r for r in map(json.loads, (tmp_path / "feats" / manifest.FAILURES).read_text().splitlines())}
+    assert sorted(failures) == ["c/caf\\xe9", "c/fifo"]
+    assert "not valid UTF-8" in failures["c/caf\\xe9"]["error"] and "FIFO" in failures["c/fifo"]["error"]
