@@ -282,6 +282,8 @@ class Engine:
             wait += time.perf_counter() - t_ready
             with self.autocast():
                 loss, n = step(self.model, batch)
+            if not torch.isfinite(loss.detach()).all():  # before the step: the weights are still the last finite ones
+                self._diverged(epoch, steps + 1, float(loss.detach()))
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if s.clip_grad is not None:
@@ -309,6 +311,16 @@ class Engine:
         return {"train_loss": loss_sum / max(count, 1), "steps": steps, "samples": int(count),
                 "train_seconds": round(seconds, 3), "data_wait": round(wait / seconds, 4) if seconds > 0 else 0.0,
                 "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _diverged(self, epoch: int, step: int, loss: float) -> None:
+        """Stop on a non-finite loss: Diverged naming the epoch, the step and the last good state. Under
+        torchrun this rank's exit ends the others (torchrun stops the group when one worker fails)."""
+        from faster.errors import Diverged
+
+        kept = (f"the training state of epoch {epoch - 1} is kept in {self.state_path}" if epoch > 1 and
+                self.state_path is not None else "no epoch had finished")
+        raise Diverged(f"training diverged: loss {loss} at epoch {epoch}, step {step} (lr "
+                       f"{self.optimizer.param_groups[0]['lr']:.3g}); {kept}; run again with a lower --lr")
 
     # -- state -----------------------------------------------------------------------------------
     def end_epoch(self, epoch: int, row: dict[str, Any], extra: dict[str, Any] | None = None) -> None:

@@ -22,3 +22,8 @@ class BadFile(UserError):
 class Incompatible(UserError):
     """Inputs that are each fine but cannot be used together (feature sets of other configurations,
     a run and features of other models, an output directory written with other options)."""
+
+
+class Diverged(UserError):
+    """Training produced a non-finite loss (a learning rate too high, bad inputs): stopped, naming the
+    epoch and step, the last good training state kept."""

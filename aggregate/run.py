@@ -237,6 +237,11 @@ class Run:
             raise BadFile(f"{path}: the run's checkpoint lacks {missing}: it was not written by `faster fit`")
         extra = {k: v for k, v in ck.items() if k not in names and k not in ("format", "version", "num_clips")}
         run = cls(**{k: ck[k] for k in names if k in ck}, extra=extra)
+        bad = [k for k, v in {**run.state_dict, **((run.policy or {}).get("state_dict") or {})}.items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a diverged fit: its predictions would be NaN, scored as if they were classes
+            raise BadFile(f"{path}: the aggregator's weights are not finite ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}): its fit diverged; fit it again with a lower --lr")
         for name in run.needed:
             if name not in run.models:
                 raise BadFile(f"{path}: the run's checkpoint records no provenance for {name}")
