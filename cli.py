@@ -347,6 +347,8 @@ def verify(feats: tuple[str, ...], repair: bool, accepted: tuple[str, ...]) -> N
             click.echo(f"{dirs[0]}: {accept(dirs[0], target.name)}")
         except UserError as err:
             _fail(err)
+        except OSError as err:
+            raise click.ClickException(f"{dirs[0]}: cannot accept {target.name}: {err.strerror or err}") from None
     if repair:
         for d in feats:
             try:

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from faster.errors import UserError
+from faster.errors import BadFile, UserError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,9 @@ class FileLock:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except OSError as err:  # a read-only or full filesystem, a folder without write permission
+            raise BadFile(f"{self.path.parent}: cannot write here ({err.strerror}); use a writable output "
+                          "directory") from None
         with os.fdopen(fd, "w") as f:
             json.dump(self.me, f)
         return True

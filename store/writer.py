@@ -298,7 +298,10 @@ class FeatureSetWriter:
     # -- the with-block --
 
     def __enter__(self) -> FeatureSetWriter:
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a read-only filesystem, a parent without write permission
+            raise BadFile(f"{self.out}: cannot create the output directory ({err.strerror})") from None
         self.lock.acquire()
         try:
             self._reset()

@@ -331,3 +331,60 @@ def test_pack_goes_on_past_a_loop_a_bad_name_and_a_fifo(tmp_path):
     failures = {r["id"]: r for r in map(json.loads, (tmp_path / "feats" / manifest.FAILURES).read_text().splitlines())}
     assert sorted(failures) == ["c/caf\\xe9", "c/fifo"]
     assert "not valid UTF-8" in failures["c/caf\\xe9"]["error"] and "FIFO" in failures["c/fifo"]["error"]
+
+
+# -- 11: a read-only directory: one line, not an OSError traceback --------------------------------
+
+@pytest.fixture
+def read_only(tmp_path):
+    """make(path): the folder at ``path`` (its content written first) made read-only: by its mode, or,
+    for root (whom modes do not stop), as a read-only tmpfs mount; skipped where neither works."""
+    import os
+    import shutil
+    import subprocess
+
+    mounts = []
+
+    def make(path):
+        if os.geteuid() != 0:
+            for p in [path, *path.rglob("*")]:
+                p.chmod(0o555 if p.is_dir() else 0o444)
+            return path
+        staged = path.with_name(path.name + ".staged")
+        path.rename(staged)
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root without mount: no read-only folder to test with")
+        mounts.append(path)
+        shutil.copytree(staged, path, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", str(path)], check=False)
+    for p in tmp_path.rglob("*"):
+        if not p.is_symlink():
+            p.chmod(0o755)
+
+
+def test_verify_and_extract_on_a_read_only_directory_say_so_in_one_line(tmp_path, read_only, motion_videos):
+    feats = tmp_path / "feats"
+    feature_set(feats)
+    (feats / manifest.MANIFEST).unlink()
+    read_only(feats)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["verify", str(feats)])
+    assert res.exit_code == 0, res.output  # the checks stand; the merged views could not be written
+    assert f"{feats}: the merged manifest.json and failures.jsonl were not written" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    res = runner.invoke(cli, ["verify", "--accept", "shard-00000-000000.h5", str(feats)])
+    assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1 and str(feats) in res.output
+    assert not isinstance(res.exception, OSError)
+    args = ["--model", "r2d26_tiny", "--num-clips", "2", "--size", "32", "--workers", "0", "--no-progress"]
+    (tmp_path / "empty").mkdir()
+    empty = read_only(tmp_path / "empty")
+    for out in (empty, empty / "new"):  # a read-only directory, and a new one inside it
+        res = runner.invoke(cli, ["extract", str(motion_videos), "-o", str(out), *args])
+        assert res.exit_code == 1 and not isinstance(res.exception, OSError), res.output
+        assert res.output.strip().splitlines()[-1].startswith(f"Error: {out}: cannot")
