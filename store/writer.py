@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from faster.errors import BadValue, Incompatible
+from faster.errors import BadFile, BadValue, Incompatible
 from faster.store import manifest, schema
 from faster.store.files import read_json, sha256_file
 from faster.store.header import Header, config_diff, read_header
