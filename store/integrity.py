@@ -62,10 +62,24 @@ class Listings:
 
     entries: dict[str, list[tuple[str, dict]]] = field(default_factory=dict)  # shard name -> (manifest, entry)
     unreadable: dict[str, str] = field(default_factory=dict)  # manifest file name -> why it cannot be read
+    readable: set[str] = field(default_factory=set)  # manifest file names read
 
     def digests(self, name: str) -> list[tuple[str, str]]:
         """(manifest, sha256) of every listing of shard ``name``."""
         return [(m, e["sha256"]) for m, e in self.entries.get(name, [])]
+
+    def missing(self, on_disk: Iterable[str]) -> dict[str, list[str]]:
+        """Listed shards that are not ``on_disk``, each with the manifests listing it. A shard only the
+        merged manifest lists while its part's manifest no longer does is not missing: its writer
+        dropped it (the part was extracted again since), and the next merge drops it too."""
+        out = {}
+        for name in sorted(set(self.entries) - set(on_disk)):
+            where = sorted({m for m, _ in self.entries[name]})
+            parsed = schema.parse_shard_name(name)
+            if where == ["manifest.json"] and parsed and schema.manifest_name(parsed[0]) in self.readable:
+                continue
+            out[name] = where
+        return out
 
 
 def listings(directory: str | Path) -> Listings:
@@ -86,6 +100,7 @@ def listings(directory: str | Path) -> Listings:
                                                    and isinstance(e.get("sha256"), str) for e in shards):
             found.unreadable[path.name] = "not a manifest (expected an object whose shards list name and sha256)"
             continue
+        found.readable.add(path.name)
         for entry in shards:
             found.entries.setdefault(entry["name"], []).append((path.name, entry))
     return found
@@ -142,9 +157,8 @@ def check(dirs: Iterable[str | Path], *, skip_bad: bool = False, models: Iterabl
                 bad(msg)
                 if part is not None:
                     unchecked.add(part)
-            on_disk = {p.name for p in shards}
-            for name in sorted(set(listed.entries) - on_disk):
-                where = ", ".join(sorted({m for m, _ in listed.entries[name]}))
+            for name, where in listed.missing(p.name for p in shards).items():
+                where = ", ".join(where)
                 bad(f"{d / name}: listed in {where} but missing from the directory; its videos are not read "
                     f"(`faster verify {d}` shows what is wrong)")
             for shard in shards:

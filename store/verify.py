@@ -150,8 +150,8 @@ def verify_dir(feats: str | Path) -> dict[str, Any]:
             checksums[path.name] = listed_digests[0][1] if listed_digests else digest
         if not probs and not changed:
             good[path.name] = ids
-    for name in sorted(set(listed.entries) - {p.name for p in shards}):
-        where = ", ".join(sorted({m for m, _ in listed.entries[name]}))
+    for name, where in listed.missing(p.name for p in shards).items():
+        where = ", ".join(where)
         problems.append(f"{name}: listed in {where} but missing from the directory; re-extract its videos, or "
                         f"`faster verify --accept {feats / name}` to forget it")
     tmp = sorted(p.name for p in feats.glob(".shard-*.h5.tmp"))

@@ -176,6 +176,33 @@ def test_a_missing_listed_shard_is_an_error_naming_it_and_skip_bad_leaves_it_out
     assert integrity.check([feats]).problems == []
 
 
+def test_a_deleted_shard_extracted_again_is_not_missing(tmp_path):
+    """The writer drops a deleted shard from its part manifest when the part is extracted again: only
+    the merged manifest still lists it, until the next merge; that is not a missing shard."""
+    from faster.store.writer import FeatureSetWriter
+
+    feats, ids = tmp_path / "feats", [f"v{i}.mp4" for i in range(8)]
+
+    def extract(todo):
+        with FeatureSetWriter(feats, HEADER, part=0, num_parts=2, shard_size=4) as w:  # no merge at the end
+            for k, i in enumerate(todo):
+                if i not in w.done:
+                    w.add(id=i, label=k % 2, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                          features={"m": np.full((N, *SHAPE), k, np.float32)})
+
+    extract(ids)
+    assert CliRunner().invoke(cli, ["verify", str(feats)]).exit_code == 0
+    gone = sorted(feats.glob(schema.SHARD_GLOB))[1]
+    gone.unlink()
+    with pytest.raises(ValueError, match=f"{gone.name}: listed in manifest-00000.json, manifest.json but missing"):
+        integrity.check([feats])
+    extract(ids)
+    assert integrity.check([feats]).problems == []
+    res = CliRunner().invoke(cli, ["verify", str(feats)])
+    assert res.exit_code == 0, res.output
+    assert "8 videos" in res.output
+
+
 @pytest.mark.parametrize("which", ["manifest-00000.json", "manifest.json"])
 def test_an_unreadable_manifest_does_not_switch_the_checks_off(tmp_path, which):
     feats = tmp_path / "feats"
