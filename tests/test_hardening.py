@@ -160,11 +160,19 @@ def test_repair_never_rewrites_a_changed_shard(tmp_path):
 def test_a_missing_listed_shard_is_an_error_naming_it_and_skip_bad_leaves_it_out(tmp_path, caplog):
     feats = tmp_path / "feats"
     _, second = feature_set(feats)
-    second.unlink()
     runner = CliRunner()
     res = runner.invoke(cli, fit_args([feats], tmp_path / "run"))
+    assert res.exit_code == 0, res.output
+    second.unlink()
+    res = runner.invoke(cli, fit_args([feats], tmp_path / "run2"))
     assert res.exit_code == 1 and f"{second.name}: listed in manifest" in res.output and "missing" in res.output
-    assert not (tmp_path / "run" / "result.json").exists()
+    assert not (tmp_path / "run2" / "result.json").exists()
+    res = runner.invoke(cli, ["evaluate", str(tmp_path / "run"), str(feats), "-o", str(tmp_path / "pred.jsonl")])
+    assert res.exit_code == 1 and f"{second.name}: listed in manifest" in res.output
+    assert not (tmp_path / "pred.jsonl").exists()
+    res = runner.invoke(cli, ["ablate", str(feats), "-o", str(tmp_path / "grid"), "--agg", "avg", "--expensive", "m",
+                              "--cheap", "m", "--pattern", "all-e", "--epochs", "1", "--workers", "0"])
+    assert res.exit_code == 1 and f"{second.name}: listed in manifest" in res.output, res.output
     res = runner.invoke(cli, ["verify", str(feats)])
     assert res.exit_code == 1 and f"{second.name}: listed in" in res.output
     with caplog.at_level("WARNING"):
