@@ -109,6 +109,8 @@ FIT_OPTIONS = [
     click.option("--exit", "exit_mode", default="threshold", show_default=True, type=click.Choice(EXITS),
                  help="Early exit: threshold (confidence per step, calibrated on the training set to the exit "
                       "budget) or gate (a learned gate, FrameExit)."),
+    click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True,
+                 help="No progress bar (off a terminal: no progress lines either)."),
 ]
 
 
@@ -448,8 +450,9 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
 def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None,
-             skip_bad: bool, order: str | None) -> None:
+             skip_bad: bool, order: str | None, progress: bool) -> None:
     """Score a fitted run on feature sets; write per-video predictions.
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 
     Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops", "clips_seen", ...};
     a video's gflops count only the clips it read (an early exit leaves it before its last clip).
@@ -457,7 +460,8 @@ def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, wor
     from faster.aggregate.evaluation import evaluate as evaluate_run
 
     try:
-        r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad, order=order)
+        r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad, order=order,
+                         progress=progress)
     except UserError as err:
         _fail(err)
     scores = ("no labelled videos" if r["top1"] is None else
@@ -529,7 +533,8 @@ def ablate(feats, out, aggs, num_clips, patterns, seeds, budgets, exit_budgets, 
     fit_kw["val"] = list(fit_kw["val"])
     cfg = AblateConfig(feats=list(feats), out=out, aggs=aggs, num_clips=num_clips, patterns=patterns,
                        seeds=seeds, jobs=jobs, expensive=expensive, cheap=cheap, fit=fit_kw,
-                       num_shards=num_shards, shard_index=shard_index, budgets=budgets, exit_budgets=exit_budgets)
+                       num_shards=num_shards, shard_index=shard_index, budgets=budgets, exit_budgets=exit_budgets,
+                       progress=fit_kw.get("progress", True))
     try:
         summary = run_ablate(cfg)
     except (UserError, FileNotFoundError) as err:
@@ -585,8 +590,9 @@ def _check_cells(summary: dict) -> None:
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
 def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, dtype, decoder, strict,
-            order) -> None:
+            order, progress) -> None:
     """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 
     VIDEOS are files or directories (searched for video files; ids are paths relative to them).
     Writes one JSON line per video: id, probs, top5, gflops, seconds (and, with --online, the
@@ -598,7 +604,7 @@ def predict(videos, run, weights, out, online, device, batch_size, workers, time
 
     cfg = PredictConfig(videos=list(videos), run=run, weights=_parse_weights(weights), out=out, online=online,
                         device=device, batch_size=batch_size, workers=workers, timeout=timeout, decoder=decoder,
-                        dtype=dtype, strict=strict, order=order, echo=online)
+                        dtype=dtype, strict=strict, order=order, echo=online, progress=progress)
     try:
         summary = run_predict(cfg)
     except (UserError, FileNotFoundError) as err:

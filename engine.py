@@ -16,7 +16,7 @@ What it owns, so that a command only prepares data and writes its results:
   with ``--resume`` ends with the weights of an uninterrupted run (tests/test_engine.py,
   tests/test_train_clip.py);
 * **reporting**: metrics.jsonl (a line per finished epoch, with the optimiser ``steps`` taken),
-  a progress bar on a terminal, and in a log file a line every ``log_every`` seconds with the rate
+  a progress bar on a terminal, and in a log file a line every ``log_every`` seconds with the rate (faster.progress)
   and the ETA.
 
 The data order is not the engine's: a caller draws each epoch's order from (seed, epoch) and takes
@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from faster.errors import BadFile, BadValue, Incompatible
+from faster.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +269,9 @@ class Engine:
         params = [p for p in self.module.parameters() if p.requires_grad]
         start = self.partial if self.partial is not None and self.partial.get("epoch") == epoch else None
         self.partial = None
-        bar = _Progress(total or self.steps_per_epoch, f"epoch {epoch}/{s.epochs}",
-                        enabled=self.progress and self.dist.main, log_every=self.log_every,
-                        done=int(start["steps"]) if start else 0)
+        bar = Progress(total or self.steps_per_epoch, f"epoch {epoch}/{s.epochs}", unit="step",
+                       enabled=self.progress and self.dist.main, every=self.log_every,
+                       done=int(start["steps"]) if start else 0)
         loss_sum, count, steps, wait, before = 0.0, 0, 0, 0.0, 0.0
         if start:
             loss_sum, count, steps = float(start["loss_sum"]), int(start["count"]), int(start["steps"])
@@ -296,7 +296,7 @@ class Engine:
             steps += 1
             loss_sum += float(loss.detach()) * n
             count += n
-            bar.update(loss_sum / max(count, 1))
+            bar.update(1, loss=loss_sum / max(count, 1))
             if save_every is not None and self.state_path is not None and steps < self.steps_per_epoch and \
                     self.dist.any(self.dist.main and time.perf_counter() - t_saved >= save_every):
                 partial = {"epoch": epoch, "steps": steps, "loss_sum": loss_sum, "count": count, "wait": wait,
@@ -450,35 +450,3 @@ def _keep_epochs(path: Path, last: int) -> None:
     if path.exists():
         rows = [r for r in files.read_jsonl(path) if int(r.get("epoch", 0)) <= last]
         files.write_jsonl(path, rows)
-
-
-class _Progress:
-    """A tqdm bar on a terminal; in a log file a line every ``log_every`` seconds with the rate and ETA."""
-
-    def __init__(self, total: int, desc: str, *, enabled: bool, log_every: float, done: int = 0):
-        self.total, self.desc, self.enabled, self.log_every = total, desc, enabled, log_every
-        self.done, self.first, self.t0 = done, done, time.perf_counter()
-        self.last_log = self.t0
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=desc, leave=False)
-
-    def update(self, loss: float) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
-            return
-        now = time.perf_counter()
-        if self.enabled and now - self.last_log >= self.log_every:
-            rate = (self.done - self.first) / (now - self.t0)
-            eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-            log.info("%s: %d/%d steps, %.2f steps/s, loss %.4f, ETA %.0f s", self.desc, self.done, self.total, rate,
-                     loss, eta)
-            self.last_log = now
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from faster.errors import BadFile, BadValue
+from faster.progress import Progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -225,8 +226,6 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     Raises BadFile when SRC is not a directory or holds no usable file, Incompatible (from the
     writer) when ``out`` holds a feature set of another configuration.
     """
-    from tqdm import tqdm
-
     import faster
     from faster.extract.video import discover
     from faster.store.header import Header, ModelHeader
@@ -288,8 +287,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         for it in missing:
             writer.fail(it.id, "missing", it.error or "not found")
         t1 = time.monotonic()
-        bar = tqdm(total=len(todo), unit="video", desc="pack", disable=not cfg.progress or not todo,
-                   dynamic_ncols=True)
+        bar = Progress(len(todo), "pack", unit="video", enabled=cfg.progress)
         try:
             for it in todo:
                 try:

@@ -64,6 +64,7 @@ class PredictConfig:
     strict: bool = False                                    # raise at the end if any video failed
     order: str | None = None                                # fold the clips in this order (None: the run's)
     echo: bool = False                                      # with online: print each step and the exit to stderr
+    progress: bool = True                                   # a bar on a terminal, a line a minute in a log (faster.progress)
 
     def __post_init__(self) -> None:
         if not self.videos:
@@ -445,14 +446,14 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
     """One record per video, as decoded: its prediction line, or {"id", "error", "stage"} when it
     could not be decoded or classified (logged; the run goes on). ``seconds`` is the wall time the
     video took here: waiting for its frames plus the backbones and the aggregator."""
-    from tqdm import tqdm
+    from faster.progress import Progress
 
     predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size,
                                        dtype=cfg.dtype, order=cfg.order)
     items = list_videos(cfg.videos, predictor.run.classes)
     if not items:
         raise PredictError(f"no video files in {', '.join(cfg.videos)}")
-    bar = tqdm(total=len(items), unit="video", desc="predict", dynamic_ncols=True)
+    bar = Progress(len(items), "predict", unit="video", enabled=cfg.progress)
     try:
         if predictor.schedule.stops_early:
             yield from _predict_on_demand(items, cfg, predictor, bar)

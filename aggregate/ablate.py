@@ -425,12 +425,12 @@ def _train_cells(todo: list[tuple[dict, dict]], out: Path, *, jobs: int, threads
     done (finished by another process meanwhile)."""
     if not todo:
         return []
-    from tqdm.auto import tqdm
+    from faster.progress import Progress
 
     per_fit_progress = progress and jobs == 1
     args = [(fit_dict, meta, threads, device, per_fit_progress, str(claim_path(out, Path(fit_dict["out"]).name)))
             for fit_dict, meta in todo]
-    bar = tqdm(total=len(todo), desc="cells", unit="cell", disable=not progress)
+    bar = Progress(len(todo), "cells", unit="cell", enabled=progress, leave=True)
     outcomes = []
     if jobs == 1:
         results = (_run_cell(*a) for a in args)

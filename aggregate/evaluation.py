@@ -24,15 +24,15 @@ def score(module: Any, schedule: Any, batches: Any, device: Any, *, progress: bo
     ``schedule`` (aggregate/schedule.py), in eval mode."""
     import torch
     import torch.nn.functional as F
-    from tqdm import tqdm
 
     from faster.aggregate.data import inputs
+    from faster.progress import track
 
     module.eval()
     probs, labels, indices, chosen = [], [], [], []
     loss_sum, count = 0.0, 0
     with torch.no_grad():
-        for batch in tqdm(batches, desc=desc, leave=False, disable=not progress):
+        for batch in track(batches, desc, unit="batch", enabled=progress):
             logits, decisions = schedule.forward(module, inputs(batch, device))
             logits = logits.float()
             d = decisions.float().cpu().numpy()

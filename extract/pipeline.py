@@ -497,13 +497,13 @@ class _Extraction:
         return InlineDecoder(todo, cfg.sampling, decoder=cfg.decoder)
 
     def execute(self, todo: list[video.VideoItem], missing: list[video.VideoItem], skipped: int) -> dict[str, Any]:
-        from tqdm import tqdm
+        from faster.progress import Progress
 
         cfg, w = self.cfg, self.writer
         started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         t0 = time.monotonic()
-        bar = tqdm(total=len(todo), unit="video", disable=not cfg.progress or not todo, dynamic_ncols=True,
-                   desc="extract" if self.place.num_parts == 1 else f"extract part {self.place.part}")
+        bar = Progress(len(todo), "extract" if self.place.num_parts == 1 else f"extract part {self.place.part}",
+                       unit="video", enabled=cfg.progress)
         pending: deque[_Pending] = deque()
         exhausted = not todo
         interrupted = None
@@ -577,6 +577,5 @@ class _Extraction:
             offset += b - a
         while pending and pending[0].done == self.cfg.num_clips:
             self._add(pending.popleft())
-            bar.update(1)
             elapsed = max(time.monotonic() - t0, 1e-9)
-            bar.set_postfix_str(f"{self.clips / elapsed:.1f} clips/s", refresh=False)
+            bar.update(1, clips_per_s=f"{self.clips / elapsed:.1f}")
