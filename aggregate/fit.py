@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 MAX_CENTRE_DESCRIPTORS = 100_000  # init_centres: k-means on at most this many training descriptors
+PREVIOUS = ".previous"  # OUT/.previous: the finished run a --overwrite fit replaces, kept until it completes
 RUN_FILES = (run.CONFIG, run.TRAINING_STATE, run.CHECKPOINT, run.METRICS, run.RESULT, run.VAL_PREDICTIONS)
 # config keys that may differ when a fit is resumed (how it runs, not what it computes)
 RESUME_FREE = ("resume", "overwrite", "progress", "threads", "workers", "device")
@@ -439,6 +441,34 @@ def prepare(cfg: FitConfig, device: Any) -> _Prepared:
                      {"shards": checked.bad_shards, "videos": checked.bad_videos})
 
 
+def _put_aside(out: Path) -> None:
+    """Before a new fit writes OUT: a finished run there (--overwrite) moves to OUT/.previous, where it
+    stays until the new fit completes (an interrupted one leaves it there, and a failure before the
+    first epoch is saved puts it back); a half run's files are removed. result.json moves first and
+    comes back last, so OUT never holds a complete-looking mixture."""
+    previous = out / PREVIOUS
+    if (out / run.RESULT).exists():
+        shutil.rmtree(previous, ignore_errors=True)  # an older replaced run: this finished one is newer
+        previous.mkdir(parents=True)
+        for name in (run.RESULT, *RUN_FILES):
+            if (out / name).exists():
+                (out / name).replace(previous / name)
+        log.info("%s: the finished run there is kept in %s until this fit completes", out, previous)
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def _restore(out: Path) -> None:
+    """Put a run :func:`_put_aside` moved to OUT/.previous back into OUT (result.json last)."""
+    previous = out / PREVIOUS
+    if not (previous / run.RESULT).exists():
+        return
+    for name in (*(n for n in RUN_FILES if n != run.RESULT), run.RESULT):
+        if (previous / name).exists():
+            (previous / name).replace(out / name)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
 def _check_out(cfg: FitConfig, config: dict[str, Any]) -> bool:
     """Whether the fit resumes an interrupted one in ``cfg.out`` (faster.engine.check_run_dir)."""
     from faster.engine import check_run_dir
@@ -480,9 +510,8 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
     written = False  # a training state exists: an interruption from here on leaves a resumable run
     try:
         if dist.main:
-            if not resuming:  # a new fit (or --overwrite): the old run's files go; nothing else is touched
-                for name in RUN_FILES:
-                    (out / name).unlink(missing_ok=True)
+            if not resuming:  # a new fit (or --overwrite): a finished run waits in OUT/.previous until it completes
+                _put_aside(out)
             out.mkdir(parents=True, exist_ok=True)
             files.write_json(out / run.CONFIG, config)
         dist.barrier()
@@ -558,11 +587,13 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
         if dist.main:
             result = _write_run(cfg, prep, module.student, config, scored, best, dist, t0)
             (out / run.TRAINING_STATE).unlink(missing_ok=True)
+            shutil.rmtree(out / PREVIOUS, ignore_errors=True)  # the run it replaced, now that this one is complete
         dist.barrier()
     except BaseException:
         if not written and dist.main:  # nothing resumable yet: leave no half run that looks like one
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+            _restore(out)  # the run --overwrite was replacing, as it was
             if created and out.is_dir() and not any(out.iterdir()):
                 out.rmdir()
         raise

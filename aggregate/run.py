@@ -220,6 +220,11 @@ class Run:
         if not path.is_file() and not partial:
             raise BadFile(f"{path}: no checkpoint (a run directory holds {CHECKPOINT})")
         if not (path.parent / RESULT).is_file():
+            kept = path.parent / ".previous"  # aggregate/fit.py PREVIOUS: the run an --overwrite fit replaces
+            if (kept / RESULT).is_file():
+                raise BadFile(f"{path.parent}: an incomplete run (no {RESULT}): an --overwrite fit was interrupted; "
+                              f"the run it replaces is intact in {kept}; continue the new fit with `faster fit ... "
+                              f"--resume`")
             raise BadFile(f"{path.parent}: an incomplete run (no {RESULT}): its fit was interrupted or failed; "
                           f"continue it with `faster fit ... --resume` or start again with --overwrite")
         try:
