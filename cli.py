@@ -400,6 +400,9 @@ def _n(count: int, noun: str) -> str:
 @click.option("--exit-budget", type=click.FloatRange(0, 1, min_open=True), help="--early-exit: " + EXIT_BUDGET_HELP + ".")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--threads", type=click.IntRange(1), help="torch CPU threads [default: torch's choice].")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="Training forward precision: bf16 autocast (weights and optimiser fp32) or fp32. auto: bf16 on "
+                   "a GPU or a CPU with native bf16.")
 @click.option("--overwrite", is_flag=True, help="Replace the run (or interrupted fit) already in -o.")
 @click.option("--resume", is_flag=True, help="Continue the interrupted fit in -o after its last finished epoch "
               "(the same arguments; exact: it ends as an uninterrupted fit would).")
@@ -449,10 +452,10 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 @click.option("--skip-bad", is_flag=True, help="Leave out changed shards and videos with NaN/inf (with a warning).")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
-@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None,
              skip_bad: bool, order: str | None, progress: bool) -> None:
     """Score a fitted run on feature sets; write per-video predictions.
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 
     Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops", "clips_seen", ...};
     a video's gflops count only the clips it read (an early exit leaves it before its last clip).
@@ -589,10 +592,10 @@ def _check_cells(summary: dict) -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
-@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, dtype, decoder, strict,
             order, progress) -> None:
     """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 
     VIDEOS are files or directories (searched for video files; ids are paths relative to them).
     Writes one JSON line per video: id, probs, top5, gflops, seconds (and, with --online, the

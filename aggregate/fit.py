@@ -38,7 +38,7 @@ import numpy as np
 from faster.aggregate import check_dropout, data, evaluation, get as aggregator_class, patterns, run, schedule
 from faster.aggregate.run import Run
 from faster.errors import BadValue, Incompatible
-from faster.runtime import resolve_device
+from faster.runtime import check_dtype, resolve_device, resolve_dtype
 from faster.store import files
 from faster.store.header import check_compatible
 
@@ -73,6 +73,8 @@ class FitConfig:
     optimizer: str = "adamw"  # adamw or sgd (momentum 0.9)
     seed: int = 0  # model init, shuffling and dropout
     device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:N
+    dtype: str = "auto"  # the training forward: fp32, or bf16 autocast (weights, optimiser, losses stay fp32);
+    #                      auto: bf16 where the device computes it natively (faster/runtime.py), as extract
     workers: int = 0  # 0: one background reader thread (keeps up with raw h5py reads, BENCHMARKS.md);
     #                   W > 0: a torch DataLoader with W processes (for compressed shards on many cores)
     threads: int | None = None  # torch intra-op threads for this fit (None: leave as is); ablate runs fits in parallel
@@ -154,6 +156,7 @@ class FitConfig:
                     raise BadValue(f"{name} must be >= 0, got {value}")
             if not self.temperature > 0:
                 raise BadValue(f"temperature must be > 0, got {self.temperature}")
+        check_dtype(self.dtype)
         resolve_device(self.device)
 
     def schedule(self, num_clips: int) -> Any:
@@ -161,12 +164,16 @@ class FitConfig:
         return schedule.create(self.pattern, num_clips, self.budget, order=self.order,
                                exit_budget=self.exit_budget if self.early_exit else None, exit_mode=self.exit_mode)
 
-    def settings(self) -> Any:
-        """The training engine's settings (faster/engine.py): the optimiser and the cosine schedule, fp32."""
+    def settings(self, device: Any = None) -> Any:
+        """The training engine's settings (faster/engine.py): the optimiser, the cosine schedule and the
+        precision, ``dtype`` resolved on ``device`` (None: the CPU)."""
+        import torch
+
         from faster.engine import Settings
 
+        bf16 = resolve_dtype(self.dtype, torch.device(device or "cpu")) == "bfloat16"
         return Settings(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer=self.optimizer,
-                        momentum=0.9)
+                        momentum=0.9, precision="bf16" if bf16 else "fp32")
 
 
 def agg_option_keys(agg: str) -> list[str]:
@@ -540,7 +547,9 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
             torch.manual_seed(cfg.seed + dist.rank)  # dropout and sampling differ between the ranks
             module = FitStep(plan.schedule, student, proj, cfg)
             per_rank = len(dist.shard(np.arange(len(prep.train_idx))))
-            engine = Engine(module, cfg.settings(), device=device, steps_per_epoch=math.ceil(per_rank / cfg.batch_size),
+            settings = cfg.settings(device)
+            log.info("training forward in %s (--dtype %s) on %s", settings.precision, cfg.dtype, device)
+            engine = Engine(module, settings, device=device, steps_per_epoch=math.ceil(per_rank / cfg.batch_size),
                             dist=dist, state_path=out / run.TRAINING_STATE, metrics_path=out / run.METRICS,
                             progress=cfg.progress, find_unused=True)
             first, best = 1, {}

@@ -11,6 +11,13 @@ once, outside the timing. Every aggregator is timed in the same run, round-robin
 in turn, so a machine that other work slows down slows them alike), after a warm-up step, as the
 median of ``--steps`` steps. Prints one row per aggregator: seconds per step and per video, the
 ratio to fastgru, and the aggregator's counted GFLOPs per video (faster.aggregate.flops).
+
+``--dtype bf16`` (or ``auto``: bf16 where the device computes it natively, faster/runtime.py) runs
+the forward under bf16 autocast, as ``faster fit --dtype`` does. The CPU's (or GPU's) ceiling is
+measured in the same run, round-robin with the aggregators: a 2048 x 2048 x 2048 matrix product in
+bf16 (and fp32), in G multiply-adds/s. Each aggregator's rate is 3 x its forward multiply-adds per
+training video x B / seconds per step (forward + backward, the issue's convention), printed as a
+share of the bf16 matmul's rate (issue [22]: FAST-GRU >= 0.4).
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ class Stepper:
     """One aggregator at its defaults, its AdamW optimiser and a fixed random batch; ``step()`` times one
     training step."""
 
-    def __init__(self, agg: str, shape: list[int], num_clips: int, batch_size: int, device: str):
+    def __init__(self, agg: str, shape: list[int], num_clips: int, batch_size: int, device: str, bf16: bool):
         import torch
 
         from faster.aggregate.models import build
@@ -42,6 +49,7 @@ class Stepper:
         self.x = {src: torch.randn((batch_size, n, *grid, c), device=device)  # (B, n, T', H', W', C)
                   for src, n in (("expensive", n_e), ("cheap", num_clips - n_e))}
         self.y = torch.randint(400, (batch_size,), device=device)
+        self.bf16 = bf16
 
     def step(self) -> float:
         import torch
@@ -50,13 +58,35 @@ class Stepper:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = F.cross_entropy(self.model(self.x, self.mask), self.y)
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = F.cross_entropy(self.model(self.x, self.mask), self.y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - t0
+
+
+class Matmul:
+    """The device's ceiling: one n x n x n matrix product in ``dtype``; ``step()`` times one."""
+
+    def __init__(self, n: int, dtype: str, device: str):
+        import torch
+
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = (torch.randn(n, n, generator=g).to(device=device, dtype=getattr(torch, dtype)) for _ in "ab")
+        self.device, self.macs = device, n ** 3
+
+    def step(self) -> float:
+        import torch
+
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.a @ self.b
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 3
 
 
 def main() -> None:
@@ -70,6 +100,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
+                   help="the aggregators' forward: fp32, or bf16 autocast (auto: where native, as fit's --dtype)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = p.parse_args()
 
@@ -77,40 +109,51 @@ def main() -> None:
 
     from faster import aggregate
     from faster.aggregate.flops import aggregator_gflops
+    from faster.runtime import resolve_dtype
 
+    bf16 = resolve_dtype(args.dtype, torch.device(args.device)) == "bfloat16"
     if args.threads:
         torch.set_num_threads(args.threads)
     aggs = args.aggs or aggregate.names()
     if "fastgru" not in aggs:
         aggs = [*aggs, "fastgru"]
     C, T, H, W = args.shape
-    steppers = {agg: Stepper(agg, args.shape, args.num_clips, args.batch_size, args.device) for agg in aggs}
-    times: dict[str, list[float]] = {agg: [] for agg in aggs}
+    steppers: dict[str, Stepper | Matmul] = {
+        agg: Stepper(agg, args.shape, args.num_clips, args.batch_size, args.device, bf16) for agg in aggs}
+    ceilings = {"matmul_bf16": Matmul(2048, "bfloat16", args.device), "matmul_fp32": Matmul(2048, "float32", args.device)}
+    steppers.update(ceilings)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
     for i in range(args.steps + 1):  # round-robin, so a busy machine slows every aggregator alike
-        for agg, stepper in steppers.items():
+        for name, stepper in steppers.items():
             t = stepper.step()
             if i:  # step 0 warms up (allocator, kernels)
-                times[agg].append(t)
+                times[name].append(t)
+    ceiling = {name: m.macs / statistics.median(times[name]) / 1e9 for name, m in ceilings.items()}  # G MAC/s
     rows = {}
     for agg in aggs:
         s = statistics.median(times[agg])
-        rows[agg] = {"seconds_per_step": s, "seconds_per_video": s / args.batch_size,
-                     "gflops_per_video": aggregator_gflops(agg, C, (T, H, W), args.num_clips)}
+        gflops = aggregator_gflops(agg, C, (T, H, W), args.num_clips)
+        rate = 3 * gflops * args.batch_size / s  # G multiply-adds/s of the training step
+        rows[agg] = {"seconds_per_step": s, "seconds_per_video": s / args.batch_size, "gflops_per_video": gflops,
+                     "gmacs_per_second": rate, "share_of_bf16_matmul": rate / ceiling["matmul_bf16"]}
     ref = rows["fastgru"]["seconds_per_step"]
     for r in rows.values():
         r["ratio_to_fastgru"] = r["seconds_per_step"] / ref
     setting = {"batch_size": args.batch_size, "num_clips": args.num_clips, "shape_cthw": args.shape,
                "steps": args.steps, "device": args.device, "threads": torch.get_num_threads(),
+               "dtype": "bf16" if bf16 else "fp32",
                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     if args.json:
-        print(json.dumps({"setting": setting, "rows": rows}, indent=1))
+        print(json.dumps({"setting": setting, "ceilings_gmacs_per_second": ceiling, "rows": rows}, indent=1))
         return
     print(f"# {json.dumps(setting)}")
-    print("| aggregator | s / step | s / video | x fastgru | GFLOPs / video |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"# 2048^3 matmul: bf16 {ceiling['matmul_bf16']:.1f}, fp32 {ceiling['matmul_fp32']:.1f} G multiply-adds/s")
+    print("| aggregator | s / step | s / video | x fastgru | GFLOPs / video | G MAC/s (training) | / bf16 matmul |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for agg, r in rows.items():
         print(f"| {agg} | {r['seconds_per_step']:.4f} | {r['seconds_per_video']:.4f} | "
-              f"{r['ratio_to_fastgru']:.3f} | {r['gflops_per_video']:.3f} |")
+              f"{r['ratio_to_fastgru']:.3f} | {r['gflops_per_video']:.3f} | {r['gmacs_per_second']:.1f} | "
+              f"{r['share_of_bf16_matmul']:.3f} |")
 
 
 if __name__ == "__main__":
