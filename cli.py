@@ -452,10 +452,10 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 @click.option("--skip-bad", is_flag=True, help="Leave out changed shards and videos with NaN/inf (with a warning).")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None,
              skip_bad: bool, order: str | None, progress: bool) -> None:
     """Score a fitted run on feature sets; write per-video predictions.
-@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 
     Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops", "clips_seen", ...};
     a video's gflops count only the clips it read (an early exit leaves it before its last clip).
@@ -592,10 +592,10 @@ def _check_cells(summary: dict) -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
+@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 def predict(videos, run, weights, out, online, device, batch_size, workers, timeout, dtype, decoder, strict,
             order, progress) -> None:
     """Classify videos with a fitted run, calling the expensive backbone only where the pattern says.
-@click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 
     VIDEOS are files or directories (searched for video files; ids are paths relative to them).
     Writes one JSON line per video: id, probs, top5, gflops, seconds (and, with --online, the
