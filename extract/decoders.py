@@ -123,15 +123,12 @@ def _decode_one(path: str, sampling: Sampling, decoder: str, sink: Any, video_id
 def _decode_worker(conn, sampling: Sampling, decoder: str, log_path: str | None, buffer_names: list[str]) -> None:
     """A decode process: receives (task_id, path, buffer, id), decodes into the shared buffer, replies."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the main process, which stops us
-    import torch
-
-    torch.set_num_threads(1)
     from multiprocessing import shared_memory
 
     shms = [shared_memory.SharedMemory(name=n) for n in buffer_names]
     arrays = [np.ndarray(sampling.shape, dtype=np.uint8, buffer=s.buf) for s in shms]
     sink = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", {"pid": os.getpid(), "torch": "torch" in sys.modules}))  # no torch: tests check it
     try:
         while True:
             try:
@@ -158,15 +155,23 @@ def _decode_worker(conn, sampling: Sampling, decoder: str, log_path: str | None,
             s.close()
 
 
+WORKER_MODULES = ["numpy", "PIL.Image", "decord", "av", "faster.extract.decoders"]  # what a decode worker imports
+
+
 def mp_context():
-    """The start method of decode workers: a forkserver that has imported torch and decord once (a clean
-    process, never a fork of one holding CUDA or OpenMP state), spawn where there is no forkserver."""
+    """The start method of decode workers: a forkserver that has imported WORKER_MODULES once (a clean
+    process, never a fork of one holding CUDA or OpenMP state), spawn where there is no forkserver.
+
+    The workers import no torch (decoding, resize and crop are numpy, Pillow, decord and PyAV): the
+    forkserver starts in a fraction of a second instead of importing torch a second time while the
+    main process imports it and builds the backbones.
+    """
     import multiprocessing
 
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["numpy", "torch", "decord", "av", "faster.extract.decoders"])
+    ctx.set_forkserver_preload(WORKER_MODULES)
     return ctx
 
 
@@ -263,6 +268,7 @@ class _Slot:
         self.since = 0.0  # when the head task started
         self.sent = 0  # tasks sent to the current process
         self.log_path: str | None = None  # where the worker captures the decoders' stderr
+        self.info: dict[str, Any] = {}  # what the current process reported when ready: pid, torch imported
 
 
 class _Decoder:
@@ -397,7 +403,7 @@ class DecodePool(_Decoder):
 
         msg = slot.conn.recv()
         if msg[0] == "ready":
-            slot.ready, slot.since = True, time.monotonic()
+            slot.ready, slot.since, slot.info = True, time.monotonic(), msg[1]
             return
         task_id, (index, item, _), buf = slot.tasks.popleft()
         assert msg[1] == task_id, f"decode worker answered task {msg[1]}, expected {task_id}"

@@ -24,7 +24,6 @@ def test_resize_size_short_side_is_size_times_8_over_7():
 
 def test_decoded_clips_start_where_sampling_says_and_hold_those_frames(root):
     import decord
-    import torch
 
     path = root / "left" / "left_000.mp4"
     d = video.decode_clips(path, Sampling(num_clips=3, clip_len=4, size=16, frame_stride=2))
@@ -33,8 +32,35 @@ def test_decoded_clips_start_where_sampling_says_and_hold_those_frames(root):
     assert d.frames.shape == (3, 4, 16, 16, 3) and d.frames.dtype == np.uint8
     vr = decord.VideoReader(str(path), num_threads=1)
     for i, start in enumerate(d.clip_start):
-        want = video.resize_crop(torch.from_numpy(vr.get_batch([start + 2 * j for j in range(4)]).asnumpy()), 16)
-        np.testing.assert_array_equal(d.frames[i], want.numpy())
+        want = video.resize_crop(vr.get_batch([start + 2 * j for j in range(4)]).asnumpy(), 16)
+        np.testing.assert_array_equal(d.frames[i], want)
+
+
+def _resize_crop_torch(frames, size: int):
+    """The resize and crop decoding did before the workers dropped torch: antialiased bilinear interpolate."""
+    import torch
+    from torch.nn import functional
+
+    rh, rw = video.resize_size(frames.shape[1], frames.shape[2], size)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)  # (k, 3, H, W), channels-last: the uint8 path
+    x = functional.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (rh - size) // 2, (rw - size) // 2
+    return x[:, :, top:top + size, left:left + size].permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("hw,size", [((256, 340), 112), ((256, 340), 224), ((240, 320), 112), ((480, 640), 224),
+                                     ((360, 202), 112), ((32, 32), 16), ((64, 48), 64), ((100, 100), 112)])
+def test_resize_crop_agrees_with_torch_antialiased_interpolate(hw, size):
+    """Pillow in the workers gives torch's frames: within 1 level when downscaling (2 at a few pixels of
+    the sharp edges of the ramps when upscaling), the decoders' own tolerance (2 levels, above)."""
+    rng = np.random.default_rng(hw[0] * size)
+    noise = rng.integers(0, 256, (3, *hw, 3), dtype=np.uint8)
+    smooth = np.cumsum(noise // 16, axis=2, dtype=np.uint16).astype(np.uint8)  # edges and ramps
+    frames = np.concatenate([noise, smooth])
+    got, want = video.resize_crop(frames, size), _resize_crop_torch(frames, size)
+    assert got.shape == want.shape == (6, size, size, 3) and got.dtype == np.uint8
+    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert diff.max() <= (1 if min(hw) > size else 2) and diff.mean() < 0.05, (diff.max(), diff.mean())
 
 
 def test_video_shorter_than_a_clip_repeats_its_last_frame(tmp_path):
@@ -106,6 +132,19 @@ def test_decode_pool_recycles_workers_and_returns_every_video(root):
             pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
     assert sorted(got) == sorted(it.id for it in items)
     assert len(pids) >= 3  # 4 videos, 1 per worker process: workers were replaced
+
+
+def test_decode_workers_import_no_torch(root):
+    """The workers decode, resize and crop with numpy, Pillow, decord and PyAV: their forkserver
+    starts without importing torch again (the start-up every extract and predict paid)."""
+    from faster.extract.decoders import Decoded, DecodePool
+
+    items = video.discover(root).items[:2]
+    with DecodePool(items, Sampling(num_clips=2, clip_len=4, size=32), workers=2) as pool:
+        results = list(pool)
+        infos = [s.info for s in pool.slots]
+    assert all(isinstance(r, Decoded) for r in results) and len(results) == 2
+    assert all(info and info["torch"] is False for info in infos), infos
 
 
 # ----------------------------------------------------------------------------------------------
