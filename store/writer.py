@@ -23,8 +23,12 @@ the merged manifest. A directory holding shards of another configuration is refu
 anything is written. If an exception escapes the ``with`` block the open shard is deleted; the
 complete ones and the manifest that lists them stay.
 
-``ShardWriter`` writes one shard: features go through to the open HDF5 file video by video (one
-video per chunk), so memory stays at one video whatever the shard size.
+``ShardWriter`` writes one shard in blocks: each video's maps are copied (cast to float16) into a
+block buffer of up to ``BLOCK_BYTES`` (at least one video), and a full block goes to the open HDF5
+file with one resize and one write per dataset, instead of a resize and a write per dataset and
+video (issue [22]: `faster pack` at 0.22x a raw np.load loop, most of it in the per-video appends).
+The file's layout is unchanged (one video per chunk), so readers see the same shards; memory stays
+at one block whatever the shard size. Nothing reaches the final name before the shard is complete.
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ def check_compression(compression: str) -> str | None:
     return None if compression == "none" else compression
 
 
+BLOCK_BYTES = 32 * 2**20  # the features a ShardWriter buffers before it writes them (at least one video)
 ZSTD_LEVEL = 1  # zstd's fastest standard level: ~the ratio of level 3 on these maps at a multiple of its speed
 
 
@@ -114,6 +119,12 @@ class ShardWriter:
         self._gflops_models: set[str] = set()  # the models with per-clip GFLOPs (fixed by the first video)
         self.sha256: str | None = None
         self._file = None
+        # the block not yet written: per-video metadata, and per model a (block, N, T', H', W', C) float16
+        # buffer (allocated at the first video, which fixes the shapes) holding ``len(self._meta)`` videos
+        self._meta: list[dict[str, Any]] = []
+        self._maps: dict[str, np.ndarray] = {}
+        self._block = 1
+        self._written = 0  # videos already in the file
 
     def __enter__(self) -> ShardWriter:
         import h5py
@@ -170,48 +181,80 @@ class ShardWriter:
         for model, values in gflops.items():
             if np.shape(values) != (num_clips,):
                 raise BadValue(f"{model}: per-clip GFLOPs of shape {np.shape(values)}, expected ({num_clips},)")
-        f, i = self._file, len(self.ids)
+        arrays = {model: np.asarray(array) for model, array in features.items()}  # (N, T', H', W', C) each
+        if not self._maps:  # the first video fixes the block: BLOCK_BYTES of float16 maps, >= 1 video
+            per_video = sum(2 * a.size for a in arrays.values())
+            self._block = max(1, min(self.capacity, BLOCK_BYTES // max(per_video, 1)))
+            self._maps = {model: np.empty((self._block, *a.shape), dtype=np.float16) for model, a in arrays.items()}
+        for model, array in arrays.items():
+            held = self._maps[model].shape[1:]
+            if array.shape != held:
+                raise BadValue(f"{model}: features of shape {array.shape}, the shard holds {held}")
+        k = len(self._meta)
+        for model, array in arrays.items():
+            self._maps[model][k] = array  # the float16 cast, and a copy: the caller may reuse its array
+        self._meta.append({"id": id, "label": label, "num_frames": num_frames, "fps": fps, "split": split,
+                           "clip_start": np.asarray(clip_start, dtype=np.int64),
+                           "gflops": {m: np.asarray(v, dtype=np.float32) for m, v in gflops.items()}})
+        self._gflops_models = set(gflops)
+        self.ids.append(id)
+        if len(self._meta) == self._block:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered block: one resize and one write per dataset."""
+        n = len(self._meta)
+        if not n:
+            return
+        f, i, j = self._file, self._written, self._written + n
         v = f["videos"]
-        for name, value in (("id", id), ("label", label), ("num_frames", num_frames), ("fps", fps)):
-            v[name].resize((i + 1,))
-            v[name][i] = value
-        v["clip_start"].resize((i + 1, v["clip_start"].shape[1]))
-        v["clip_start"][i] = np.asarray(clip_start, dtype=np.int64)
-        if split is not None or "split" in v:
-            if "split" not in v:
+        meta = self._meta
+        for name in ("id", "label", "num_frames", "fps"):
+            v[name].resize((j,))
+            v[name][i:j] = [m[name] for m in meta]
+        v["clip_start"].resize((j, v["clip_start"].shape[1]))
+        v["clip_start"][i:j] = np.stack([m["clip_start"] for m in meta])
+        if "split" in v or any(m["split"] is not None for m in meta):
+            if "split" not in v:  # earlier videos without a split: ""
                 import h5py
 
                 v.create_dataset("split", (i,), maxshape=(self.capacity,), dtype=h5py.string_dtype("utf-8"),
                                  chunks=(self.capacity,))
-            v["split"].resize((i + 1,))
-            v["split"][i] = split or ""
-        for model, array in features.items():
-            array = np.asarray(array, dtype=np.float16)  # (N, T', H', W', C)
+            v["split"].resize((j,))
+            v["split"][i:j] = [m["split"] or "" for m in meta]
+        for model, block in self._maps.items():
             key = schema.features_key(model)
             if key not in f:
-                ds = f.create_dataset(key, (0, *array.shape), maxshape=(self.capacity, *array.shape),
-                                      dtype="float16", chunks=(1, *array.shape), **self._filters)
+                ds = f.create_dataset(key, (0, *block.shape[1:]), maxshape=(self.capacity, *block.shape[1:]),
+                                      dtype="float16", chunks=(1, *block.shape[1:]), **self._filters)
                 self.header.models[model].write(ds)
             ds = f[key]
-            if ds.shape[1:] != array.shape:
-                raise BadValue(f"{model}: features of shape {array.shape}, the shard holds {ds.shape[1:]}")
-            ds.resize((i + 1, *array.shape))
-            ds[i] = array
-        for model, values in gflops.items():
+            ds.resize((j, *block.shape[1:]))
+            ds[i:j] = block[:n]
+        num_clips = int(self.header.num_clips)
+        for model in self._gflops_models:
             key = schema.gflops_key(model)
             if key not in f:
                 f.create_dataset(key, (0, num_clips), maxshape=(self.capacity, num_clips), dtype=schema.GFLOPS_DTYPE,
                                  chunks=(self.capacity, num_clips))
-            f[key].resize((i + 1, num_clips))
-            f[key][i] = np.asarray(values, dtype=np.float32)
-        self._gflops_models = set(gflops)
-        self.ids.append(id)
+            f[key].resize((j, num_clips))
+            f[key][i:j] = np.stack([m["gflops"][model] for m in meta])
+        self._written = j
+        self._meta = []
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        f, self._file = self._file, None
-        if exc_type is not None or not self.ids:
-            f.close()
-            self.tmp_path.unlink(missing_ok=True)
+        complete = False
+        try:
+            if exc_type is None and self.ids:
+                self._flush()  # the last block
+                complete = True
+        finally:
+            f, self._file = self._file, None
+            self._meta, self._maps = [], {}
+            if not complete:  # an error (in the with-block or in this last write), or no video: nothing kept
+                f.close()
+                self.tmp_path.unlink(missing_ok=True)
+        if not complete:
             return
         f.flush()
         f.close()

@@ -1,0 +1,82 @@
+"""The shard writer's buffered writes (store/writer.py, issue [22]): videos go to the HDF5 file in
+blocks of up to BLOCK_BYTES, with the same file content as one video at a time, the atomic rename
+kept, and the caller free to reuse its arrays."""
+import h5py
+import numpy as np
+import pytest
+
+import helpers
+
+from faster.errors import BadValue
+from faster.store import schema, writer
+from faster.store.writer import ShardWriter
+
+N, SHAPE = 3, (1, 2, 2, 4)  # clips per video; per clip (T', H', W', C)
+HEADER = helpers.header(["m"], num_clips=N, gflops=0.5, mean=0.4, std=0.2, software_version="0.1.0")
+VIDEO_BYTES = 2 * N * int(np.prod(SHAPE))  # float16 maps of one video
+
+
+def _write(out, block_videos, monkeypatch, count=7):
+    """A shard of ``count`` videos written in blocks of ``block_videos``: a split from the 3rd video on,
+    per-clip GFLOPs, float32 input cast to float16, one input buffer reused for every video."""
+    monkeypatch.setattr(writer, "BLOCK_BYTES", block_videos * VIDEO_BYTES)
+    out.mkdir()
+    buf = np.empty((N, *SHAPE), np.float32)
+    with ShardWriter(out, part=0, seq=0, header=HEADER, capacity=count) as w:
+        for k in range(count):
+            buf[:] = np.random.default_rng(k).standard_normal(buf.shape) * 100  # reused by the caller
+            w.add(id=f"v{k}.mp4", label=k % 2, num_frames=20 + k, fps=30.0 - k, clip_start=[0, k, 2 * k],
+                  features={"m": buf}, split=None if k < 2 else ("train", "val")[k % 2],
+                  gflops={"m": np.full(N, 0.5 + k)})
+            assert len(w) == k + 1
+        assert w._block == min(block_videos, count)
+    return w.path
+
+
+def _contents(path):
+    out = {}
+    with h5py.File(path) as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                out[name] = (obj[()], obj.dtype, obj.shape, obj.chunks, obj.maxshape,
+                             {k: np.asarray(v).tolist() for k, v in obj.attrs.items()})
+        f.visititems(visit)
+        out["/"] = dict(f.attrs)
+    return out
+
+
+@pytest.mark.parametrize("block", [3, 64])
+def test_blocks_write_what_one_video_at_a_time_writes(tmp_path, monkeypatch, block):
+    one = _contents(_write(tmp_path / "one", 1, monkeypatch))
+    got = _contents(_write(tmp_path / "block", block, monkeypatch))
+    assert got.keys() == one.keys() and got.pop("/").keys() == one.pop("/").keys()
+    for name, (values, *meta) in one.items():
+        np.testing.assert_array_equal(got[name][0], values, err_msg=name)
+        assert got[name][1:] == tuple(meta), name
+    feats = one["features/m"][0]
+    want = np.random.default_rng(4).standard_normal((N, *SHAPE)).astype(np.float32) * 100
+    np.testing.assert_array_equal(feats[4], want.astype(np.float16))  # not the buffer's last contents
+    assert [s.decode() for s in one["videos/split"][0]] == ["", "", "train", "val", "train", "val", "train"]
+
+
+def test_a_failure_after_written_blocks_leaves_no_shard(tmp_path, monkeypatch):
+    monkeypatch.setattr(writer, "BLOCK_BYTES", 2 * VIDEO_BYTES)
+    with pytest.raises(RuntimeError, match="crash"):
+        with ShardWriter(tmp_path, part=0, seq=0, header=HEADER, capacity=8) as w:
+            for k in range(5):  # two blocks written, one video buffered
+                w.add(id=f"v{k}", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                      features={"m": np.zeros((N, *SHAPE))})
+            assert w._written == 4 and w.tmp_path.exists() and not w.path.exists()
+            raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_video_leaves_nothing_behind(tmp_path):
+    with ShardWriter(tmp_path, part=0, seq=0, header=HEADER, capacity=4) as w:
+        w.add(id="a", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12], features={"m": np.ones((N, *SHAPE))})
+        with pytest.raises(BadValue, match="features of shape"):
+            w.add(id="b", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12],
+                  features={"m": np.ones((N, 1, 2, 2, 5))})
+        assert w.ids == ["a"]
+    with h5py.File(tmp_path / schema.shard_name(0, 0)) as f:
+        assert f["features/m"].shape == (1, N, *SHAPE) and [i.decode() for i in f["videos/id"][()]] == ["a"]
