@@ -347,6 +347,7 @@ def extract_videos(cfg: ExtractConfig, echo: Callable[[str], None] | None = None
     else:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+    pool = None  # the decode workers, started before the backbones are built so the two overlap
     try:
         models = ClipModels(cfg, device, _compute_dtype(cfg, device, out))
         sampling = cfg.sampling
@@ -358,6 +359,7 @@ def extract_videos(cfg: ExtractConfig, echo: Callable[[str], None] | None = None
         mine = found.items[place.part::place.num_parts]
         work = _worklist(mine, writer.done)
         if work.todo:  # nothing to do: no decode process, no backbone built or counted
+            pool = _open_pool(cfg, work.todo, models.cuda)  # decodes the first videos while the models load
             _start(cfg, models, place.local_world_size)
         per_video = models.bytes_per_video(cfg.num_clips, cfg.compression) if work.todo else 0
         need = per_video * len(work.todo)
@@ -372,7 +374,11 @@ def extract_videos(cfg: ExtractConfig, echo: Callable[[str], None] | None = None
                              f"--size" + "".join(f" or {h}" for h in hint))
         _note_compression(out, cfg.compression)
         with writer:  # holds this part's lock from here on
-            work = _worklist(mine, writer.done)  # under the lock: what a process that just finished wrote counts
+            again = _worklist(mine, writer.done)  # under the lock: what a process that just finished wrote counts
+            if pool is not None and again.todo != work.todo:  # another process extracted some meanwhile
+                pool.close()
+                pool = _open_pool(cfg, again.todo, models.cuda)
+            work = again
             if work.todo:
                 _start(cfg, models, place.local_world_size)  # a no-op unless shards went away meanwhile
             say(f"{len(work.todo)} videos to extract ({work.skipped} done already, {len(work.missing)} "
@@ -390,9 +396,11 @@ def extract_videos(cfg: ExtractConfig, echo: Callable[[str], None] | None = None
                     if str(models.headers[name].weights).startswith("random-init"):  # the provenance, not the option
                         warn_once(log, f"{name} is randomly initialised (seed {cfg.seed}): its features carry no "
                                        f"learned information; pass --weights {name}=PATH for real features")
-            summary = _Extraction(cfg, place, models, writer).execute(work.todo, work.missing, work.skipped)
+            summary = _Extraction(cfg, place, models, writer).execute(work.todo, work.missing, work.skipped, pool)
         summary["merged"] = writer.merged is not None  # written when the with-block closed
     finally:
+        if pool is not None:  # closed already after a run; here after an error before it
+            pool.close()
         torch.set_num_threads(old_threads)
         torch.backends.cudnn.benchmark = old_benchmark
     summary.update(device=str(device), layout=found.layout, seconds=round(time.monotonic() - t0, 3))
@@ -426,15 +434,22 @@ def _note_compression(out: Path, compression: str) -> None:
                     "/".join(sorted(used)), compression)
 
 
+def _open_pool(cfg: ExtractConfig, todo: list[video.VideoItem], pin_memory: bool) -> DecodePool | None:
+    """The decode workers of ``todo`` (None with --workers 0 or nothing to do), started now: their
+    forkserver imports no torch, so they decode the first videos while the models are built."""
+    if cfg.workers <= 0 or not todo:
+        return None
+    warm_up_workers()
+    return DecodePool(todo, cfg.sampling, workers=cfg.workers, timeout=cfg.timeout, pin_memory=pin_memory,
+                      recycle_every=cfg.recycle_every, decoder=cfg.decoder)
+
+
 def _start(cfg: ExtractConfig, models: ClipModels, local_world_size: int) -> None:
-    """Start the decode workers' forkserver (its imports overlap the model build), load the models, and
-    on a CPU give them the threads their cost calls for (faster.runtime.cpu_threads)."""
+    """Load the models and on a CPU give them the threads their cost calls for (faster.runtime.cpu_threads)."""
     import torch
 
     from faster.runtime import cpu_threads
 
-    if cfg.workers > 0:
-        warm_up_workers()
     models.load()
     if models.device.type == "cpu":
         gflops = sum(h.gflops_per_clip for h in models.headers.values())
@@ -488,15 +503,10 @@ class _Extraction:
         log.warning("%s: %s failed: %s", item.id, stage, error)
         self.writer.fail(item.id, stage, error, **extra)
 
-    def _decoder(self, todo: list[video.VideoItem]) -> DecodePool | InlineDecoder:
-        """The decoder of ``todo``: worker processes, or this process with --workers 0 (or nothing to do)."""
-        cfg = self.cfg
-        if cfg.workers > 0 and todo:
-            return DecodePool(todo, cfg.sampling, workers=cfg.workers, timeout=cfg.timeout,
-                              pin_memory=self.models.cuda, recycle_every=cfg.recycle_every, decoder=cfg.decoder)
-        return InlineDecoder(todo, cfg.sampling, decoder=cfg.decoder)
-
-    def execute(self, todo: list[video.VideoItem], missing: list[video.VideoItem], skipped: int) -> dict[str, Any]:
+    def execute(self, todo: list[video.VideoItem], missing: list[video.VideoItem], skipped: int,
+                pool: DecodePool | None = None) -> dict[str, Any]:
+        """Extract ``todo`` with ``pool`` (the decode workers of ``todo``, closed here), else in this
+        process (--workers 0, or nothing to do)."""
         from faster.progress import Progress
 
         cfg, w = self.cfg, self.writer
@@ -507,7 +517,8 @@ class _Extraction:
         pending: deque[_Pending] = deque()
         exhausted = not todo
         interrupted = None
-        with _StopFlag() as stop, self._decoder(todo) as decoder:
+        decoder = pool if pool is not None else InlineDecoder(todo, cfg.sampling, decoder=cfg.decoder)
+        with _StopFlag() as stop, decoder:
             for item in missing:
                 self._fail(item, item.stage, item.error or "not found")
             try:
