@@ -5,7 +5,9 @@ Heavy imports (torch, h5py, decord, torchvision) happen inside the command bodie
 """
 from __future__ import annotations
 
+import re
 import sys
+from pathlib import Path
 
 import click
 
@@ -27,6 +29,43 @@ def _fail(err: Exception) -> None:
     """A faster.errors.UserError (bad value, bad file, incompatible inputs) becomes a one-line click
     error, exit 1; anything else is a bug and keeps its traceback (it is never caught)."""
     raise click.ClickException(str(err)) from err
+
+
+_NO_SPACE = re.compile(r"errno = 28|No space left on device|\[Errno 28\]")
+_FILENAME = re.compile(r"filename = '([^']+)'")
+
+
+def _disk_full(err: BaseException) -> str | None:
+    """The one-line message of a write that failed because the disk is full (an OSError with errno
+    ENOSPC, or h5py's RuntimeError/OSError quoting errno 28), naming the file and the space left; None
+    for any other error."""
+    import errno
+    import shutil
+
+    text = str(err)
+    if not (getattr(err, "errno", None) == errno.ENOSPC or _NO_SPACE.search(text)):
+        return None
+    name = getattr(err, "filename", None) or (m.group(1) if (m := _FILENAME.search(text)) else None)
+    where = Path(name).parent if name else Path.cwd()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    return (f"no space left on the device writing {name or where} ({free / 2**20:.1f} MiB free there): nothing "
+            f"written so far is lost and the file being written was discarded; free space (or write elsewhere) and "
+            f"run the same command again to continue")
+
+
+class _Group(click.Group):
+    """The `faster` group: a full disk in any command is one line (exit 1), not an h5py or torch traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (OSError, RuntimeError) as err:
+            message = _disk_full(err)
+            if message is None:
+                raise
+            raise click.ClickException(message) from err
 
 
 def _parse_sizes(values: tuple[str, ...], default: int = 224) -> tuple[int, dict[str, int]]:
@@ -139,7 +178,7 @@ def _fit_options(command):
     return command
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="faster")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def cli(verbose: int) -> None:

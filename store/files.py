@@ -7,9 +7,11 @@ the writer's pid (two processes never share one) and is removed when the write f
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -87,9 +89,24 @@ def replace_atomically(path: str | Path, write: Callable[[Path], None], *, fsync
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save says "file write failed", not ENOSPC: name it
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        if getattr(err, "errno", None) != errno.ENOSPC and _nearly_full(path.parent, written):
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(err).__name__}: {err})", str(path)) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _nearly_full(folder: Path, written: int) -> bool:
+    """Whether a failed write into ``folder`` is explained by a full disk (less free than what was
+    written, or under 1 MiB)."""
+    try:
+        return shutil.disk_usage(folder).free <= max(written, 1 << 20)
+    except OSError:
+        return False
 
 
 def write_text(path: str | Path, text: str, *, fsync: bool = False) -> Path:

@@ -252,16 +252,28 @@ class ShardWriter:
             f, self._file = self._file, None
             self._meta, self._maps = [], {}
             if not complete:  # an error (in the with-block or in this last write), or no video: nothing kept
-                f.close()
-                self.tmp_path.unlink(missing_ok=True)
+                self._discard(f)
         if not complete:
             return
-        f.flush()
-        f.close()
-        with open(self.tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            f.flush()
+            f.close()
+            with open(self.tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+        except BaseException:  # e.g. the disk filled up: the shard is not kept, the shards before it are
+            self._discard(f)
+            raise
         os.replace(self.tmp_path, self.path)
         self.sha256 = sha256_file(self.path)
+
+    def _discard(self, f: Any) -> None:
+        """Close ``f`` however it can be closed (after a failed write h5py may refuse) and delete the
+        temporary file: an interrupted shard leaves nothing behind."""
+        try:
+            f.close()
+        except Exception:  # h5py after a failed flush (a full disk): the file is unusable anyway
+            log.debug("closing %s after a failed write", self.tmp_path, exc_info=True)
+        self.tmp_path.unlink(missing_ok=True)
 
 
 class FeatureSetWriter:
