@@ -122,7 +122,10 @@ def check_weights(model: str, recorded: str, given: str | None) -> tuple[str | N
                                f"were extracted with {recorded}")
         return str(path), 0
     if path.exists() or "/" in given or "\\" in given or path.suffix.lower() in (".pt", ".pth", ".ckpt", ".bin"):
-        raise PredictError(f"{model}: weights file {given!r} not found (the run expects {recorded})")
+        from faster.store.files import describe_path
+
+        raise PredictError(f"{model}: --weights {given!r} is {describe_path(path)}, not a weights file (the run "
+                           f"expects {recorded})")
     return given, 0  # a weight name such as a torchvision enum: its provenance is compared once built
 
 
@@ -384,7 +387,9 @@ def list_videos(paths: list[str], classes: list[str]) -> list[VideoItem]:
                 log.warning("%s: not a video file name; trying it anyway", p)
             out.append(VideoItem(p, path))
         else:
-            raise PredictError(f"video {p!r} not found")
+            from faster.store.files import describe_path
+
+            raise PredictError(f"video {p!r}: {describe_path(path)}, not a video file or a directory of them")
     return out
 
 

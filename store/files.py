@@ -100,6 +100,27 @@ def replace_atomically(path: str | Path, write: Callable[[Path], None], *, fsync
     return path
 
 
+def describe_path(path: str | Path) -> str:
+    """What is at ``path``, for messages: "no such file or directory", "a directory", "a FIFO (named
+    pipe)", "a socket", "a device", "a broken symbolic link", ...: say what a path is, not just that it
+    is not the file wanted."""
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "no such file or directory"
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    for test, what in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a file")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
 def _nearly_full(folder: Path, written: int) -> bool:
     """Whether a failed write into ``folder`` is explained by a full disk (less free than what was
     written, or under 1 MiB)."""

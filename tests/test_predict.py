@@ -2,6 +2,7 @@
 clip positions, checks backbone weights against the run's provenance, skips broken videos."""
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -157,8 +158,14 @@ def test_check_weights_decisions(tmp_path):
     sha = hashlib.sha256(b"weights").hexdigest()
     assert check_weights("m", "random-init:seed=7", None) == (None, 7)
     assert check_weights("m", sha, str(good)) == (str(good), 0)
-    with pytest.raises(PredictError, match=r"m: weights file .*missing.pt.* not found .*" + sha):
+    with pytest.raises(PredictError, match=r"m: --weights .*missing.pt.* is no such file or directory, .*" + sha):
         check_weights("m", sha, str(tmp_path / "missing.pt"))
+    # [24] item 15: say what the path is
+    with pytest.raises(PredictError, match=r"m: --weights .* is a directory, not a weights file"):
+        check_weights("m", sha, str(tmp_path))
+    os.mkfifo(tmp_path / "pipe.mp4")
+    with pytest.raises(PredictError, match=r"video .*pipe.mp4.*: a FIFO \(named pipe\), not a video file"):
+        list_videos([str(tmp_path / "pipe.mp4")], ["a"])
     with pytest.raises(PredictError, match=r"pass --weights m=PATH"):
         check_weights("m", sha, None)
     with pytest.raises(PredictError, match=r"random initialisation \(random-init:seed=7\).*--weights m="):
@@ -197,7 +204,7 @@ def test_weights_provenance_end_to_end(world, tmp_path):
     res = runner.invoke(cli, ["predict", str(video), "--run", str(dst)])
     assert res.exit_code == 1 and f"{E}:" in res.output and sha in res.output and "--weights" in res.output
     res = runner.invoke(cli, ["predict", str(video), "--run", str(dst), "--weights", f"{E}={tmp_path / 'no.pt'}"])
-    assert res.exit_code == 1 and "no.pt" in res.output and "not found" in res.output and sha in res.output
+    assert res.exit_code == 1 and "no.pt" in res.output and "no such file" in res.output and sha in res.output
     other = tmp_path / "other.pt"
     other_sha = models.save_weights(models.build(E, seed=4), other)
     res = runner.invoke(cli, ["predict", str(video), "--run", str(dst), "--weights", f"{E}={other}"])
