@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,7 @@ UNKNOWN = -1  # clip starts, num_frames, fps, frame_stride and size that a packe
 STAGE = "pack"  # the failure stage of a file that could not be packed
 NPY_MAGIC = b"\x93NUMPY"
 FLOAT16_MAX = 65504.0
+READ_AHEAD = 4  # files read by a background thread ahead of the one being written
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -135,42 +138,100 @@ def find_files(src: str | Path, strip_suffix: str = "") -> Found:
     return Found(files, refused, ignored, notes)
 
 
-def load_features(path: str | Path, channels_first: bool = False) -> np.ndarray:
-    """One file as (N, T', H', W', C) float16; BadFile with the reason when it cannot be packed.
+@dataclass
+class _Npy:
+    """A checked .npy header: the stored shape, order and dtype, where the data starts, and the shape
+    as packed ((N, T', H', W', C))."""
 
-    The header is checked before any data is read (memory-mapped), so a file claiming a huge shape
-    costs nothing; ``allow_pickle=False``: an object array is refused, never unpickled.
+    shape: tuple[int, ...]
+    fortran_order: bool
+    dtype: np.dtype
+    offset: int
+    packed: tuple[int, ...]
+
+
+def _read_header(fh: Any, channels_first: bool) -> _Npy:
+    """The header of the open .npy file ``fh``, checked as ``load_features`` documents (no data read)."""
+    import numpy as np
+
+    magic = fh.read(len(NPY_MAGIC))
+    if magic != NPY_MAGIC:
+        raise BadFile("not a .npy array (no NUMPY magic at its start)")
+    fh.seek(0)
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:  # 3.0: only for structured dtypes with non-latin-1 field names, refused anyway
+            raise ValueError(f"format version {version[0]}.{version[1]}")
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        offset = fh.tell()
+        count = math.prod(shape)
+        size = os.fstat(fh.fileno()).st_size
+        if size < offset + count * dtype.itemsize:
+            raise ValueError(f"the file holds {size - offset} bytes of data, its header says {count * dtype.itemsize}")
+    except Exception as err:  # numpy raises ValueError, OSError, EOFError, SyntaxError...: all mean "cannot be read"
+        raise BadFile(f"not a readable .npy array ({type(err).__name__}: {err})") from None
+    if dtype.kind not in "iuf":
+        raise BadFile(f"dtype {dtype}; expected real numbers (float or int)")
+    if len(shape) == 2:
+        packed = (shape[0], 1, 1, 1, shape[1])  # (N, C) -> (N, 1, 1, 1, C)
+    elif len(shape) == 5:
+        packed = (shape[0], *shape[2:], shape[1]) if channels_first else tuple(shape)  # (N, T', H', W', C)
+    else:
+        layout = "(N, C, T', H', W')" if channels_first else "(N, T', H', W', C)"
+        raise BadFile(f"shape {tuple(shape)} has rank {len(shape)}; expected (N, C) or {layout}")
+    if 0 in packed:
+        raise BadFile(f"shape {tuple(packed)} is empty")
+    return _Npy(tuple(shape), bool(fortran_order), dtype, offset, packed)
+
+
+def _as_packed(x: np.ndarray, channels_first: bool) -> np.ndarray:
+    """A stored array as (N, T', H', W', C): a view, no copy."""
+    if x.ndim == 2:
+        return x.reshape(x.shape[0], 1, 1, 1, x.shape[1])  # (N, C) -> (N, 1, 1, 1, C)
+    if channels_first:
+        return x.transpose(0, 2, 3, 4, 1)  # (N, C, T', H', W') -> (N, T', H', W', C)
+    return x
+
+
+def _open(path: Path) -> Any:
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise BadFile(f"unreadable: {err.strerror or err}") from None
+
+
+def load_features(path: str | Path, channels_first: bool = False) -> np.ndarray:
+    """One file as (N, T', H', W', C), memory-mapped; BadFile with the reason when it cannot be packed.
+
+    The header is checked before any data is read, so a file claiming a huge shape costs nothing;
+    only the header is parsed and no object is unpickled (``allow_pickle=False``'s guarantee).
     """
     import numpy as np
 
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            magic = fh.read(len(NPY_MAGIC))
-    except OSError as err:
-        raise BadFile(f"unreadable: {err.strerror or err}") from None
-    if magic != NPY_MAGIC:
-        raise BadFile("not a .npy array (no NUMPY magic at its start)")
-    try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as err:  # numpy raises ValueError, OSError, EOFError, SyntaxError...: all mean "cannot be read"
-        raise BadFile(f"not a readable .npy array ({type(err).__name__}: {err})") from None
-    if not isinstance(x, np.ndarray):  # np.load gives an NpzFile for a zip archive
-        x.close()
-        raise BadFile("an .npz archive, not one .npy array")
-    if x.dtype.kind not in "iuf":
-        raise BadFile(f"dtype {x.dtype}; expected real numbers (float or int)")
-    if x.ndim == 2:
-        x = x.reshape(x.shape[0], 1, 1, 1, x.shape[1])  # (N, C) -> (N, 1, 1, 1, C)
-    elif x.ndim == 5:
-        if channels_first:
-            x = x.transpose(0, 2, 3, 4, 1)  # (N, C, T', H', W') -> (N, T', H', W', C)
-    else:
-        layout = "(N, C, T', H', W')" if channels_first else "(N, T', H', W', C)"
-        raise BadFile(f"shape {tuple(x.shape)} has rank {x.ndim}; expected (N, C) or {layout}")
-    if 0 in x.shape:
-        raise BadFile(f"shape {tuple(x.shape)} is empty")
-    return x
+    with _open(path) as fh:
+        h = _read_header(fh, channels_first)
+    x = np.memmap(path, dtype=h.dtype, mode="r", offset=h.offset, shape=h.shape,
+                  order="F" if h.fortran_order else "C")
+    return _as_packed(x, channels_first)
+
+
+def _check_values(a: np.ndarray) -> None:
+    """BadFile for NaN/inf or values beyond float16, from the array's extremes (two vectorised passes;
+    float16 rounding is monotonic, so the extremes overflow exactly when any value does)."""
+    import numpy as np
+
+    lo, hi = a.min(), a.max()  # NaN propagates
+    if a.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise BadFile(f"{int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} inf values")
+    with np.errstate(over="ignore"):
+        if not (np.isfinite(np.float16(lo)) and np.isfinite(np.float16(hi))):
+            raise BadFile(f"values up to {float(np.abs(a).max()):.6g} overflow float16 (largest {FLOAT16_MAX:g})")
 
 
 def read_values(x: np.ndarray) -> np.ndarray:
@@ -181,23 +242,66 @@ def read_values(x: np.ndarray) -> np.ndarray:
         a = np.array(x)  # (N, T', H', W', C), read from the file now
     except (OSError, ValueError) as err:
         raise BadFile(f"unreadable data ({type(err).__name__}: {err})") from None
-    if a.dtype.kind == "f":
-        bad = ~np.isfinite(a)
-        if bad.any():
-            raise BadFile(f"{int(np.isnan(a).sum())} NaN and {int(np.isinf(a).sum())} inf values")
-    with np.errstate(over="ignore"):
-        h = a.astype(np.float16)  # beyond float16: inf, refused below
-    if not np.isfinite(h).all():
-        raise BadFile(f"values up to {float(np.abs(a).max()):.6g} overflow float16 (largest {FLOAT16_MAX:g})")
-    return h
+    _check_values(a)
+    return a.astype(np.float16)
 
 
-def _check_shape(x: np.ndarray, num_clips: int, shape: tuple[int, ...], fixed_by: str) -> None:
-    if x.shape[0] != num_clips:
-        raise BadFile(f"{x.shape[0]} clips; the others have {num_clips} (fixed by {fixed_by})")
-    if tuple(x.shape[1:]) != tuple(shape):
-        raise BadFile(f"clips of shape {tuple(x.shape[1:])} (T', H', W', C); the others have {tuple(shape)} "
+def read_file(path: str | Path, channels_first: bool = False,
+              expect: tuple[int, tuple[int, ...], str] | None = None) -> np.ndarray:
+    """One file's checked values, (N, T', H', W', C) in the file's dtype (the shard writer casts them
+    to float16 as it copies them into its block): ``load_features`` and ``read_values`` in one read
+    (a read call into one array, no memory map, no float16 copy). ``expect``: (N, per-clip shape,
+    where they come from), checked before any data is read."""
+    import numpy as np
+
+    path = Path(path)
+    with _open(path) as fh:
+        h = _read_header(fh, channels_first)
+        if expect is not None:
+            _check_shape(h.packed, *expect)
+        a = np.empty(h.shape, dtype=h.dtype, order="F" if h.fortran_order else "C")
+        try:
+            got = fh.readinto(memoryview(a.reshape(-1, order="A")).cast("B"))
+        except (OSError, ValueError) as err:
+            raise BadFile(f"unreadable data ({type(err).__name__}: {err})") from None
+        if got != a.nbytes:
+            raise BadFile(f"unreadable data: {got} of {a.nbytes} bytes")
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    a = _as_packed(a, channels_first)
+    _check_values(a)
+    return a
+
+
+def _check_shape(packed: tuple[int, ...], num_clips: int, shape: tuple[int, ...], fixed_by: str) -> None:
+    if packed[0] != num_clips:
+        raise BadFile(f"{packed[0]} clips; the others have {num_clips} (fixed by {fixed_by})")
+    if tuple(packed[1:]) != tuple(shape):
+        raise BadFile(f"clips of shape {tuple(packed[1:])} (T', H', W', C); the others have {tuple(shape)} "
                       f"(fixed by {fixed_by})")
+
+
+def _read_ahead(fetch: Any, items: list[Any], ahead: int) -> Iterator[tuple[Any, Any]]:
+    """(item, future of ``fetch(item)``) in order, with up to ``ahead`` items read by a background
+    thread beyond the one being written: reading a file (disk, then numpy's checks, both without the
+    GIL) overlaps the float16 cast and the shard writes of the one before, where a plain loop waits
+    for each in turn. Memory: ``ahead`` files."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-read") as pool:
+        queue: deque = deque()
+        rest = iter(items)
+        try:
+            for it in rest:
+                queue.append((it, pool.submit(fetch, it)))
+                if len(queue) > ahead:
+                    yield queue.popleft()
+            while queue:
+                yield queue.popleft()
+        finally:
+            for _, future in queue:  # an error while writing: read nothing more
+                future.cancel()
 
 
 def _existing(out: Path, model: str) -> tuple[int, tuple[int, ...], str] | None:
@@ -254,7 +358,7 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     if ref is None:
         for it in items:
             try:
-                x = read_values(load_features(it.path, cfg.channels_first))
+                x = read_file(it.path, cfg.channels_first)
             except BadFile as err:
                 probed[it.id] = str(err)
                 continue
@@ -288,18 +392,21 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
             writer.fail(it.id, "missing", it.error or "not found")
         t1 = time.monotonic()
         bar = Progress(len(todo), "pack", unit="video", enabled=cfg.progress)
+
+        def fetch(it: Any) -> np.ndarray:
+            """One video's checked values (BadFile otherwise): the probe's, or read now."""
+            x = probed.pop(it.id, None)
+            if isinstance(x, str):
+                raise BadFile(x)
+            if x is None:
+                return read_file(it.path, cfg.channels_first, (num_clips, shape, fixed_by))
+            _check_shape(x.shape, num_clips, shape, fixed_by)
+            return x
+
         try:
-            for it in todo:
+            for it, future in _read_ahead(fetch, todo, READ_AHEAD):
                 try:
-                    x = probed.pop(it.id, None)
-                    if isinstance(x, str):
-                        raise BadFile(x)
-                    if x is None:
-                        m = load_features(it.path, cfg.channels_first)
-                        _check_shape(m, num_clips, shape, fixed_by)  # before reading any data
-                        x = read_values(m)
-                    else:
-                        _check_shape(x, num_clips, shape, fixed_by)
+                    x = future.result()
                 except BadFile as err:
                     rel = it.path.relative_to(src.resolve()).as_posix()
                     log.warning("%s: not packed: %s", rel, err)

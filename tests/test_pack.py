@@ -304,3 +304,27 @@ def test_errors_are_one_line(tmp_path):
     res = CliRunner().invoke(cli, pack_args(src, out)[:-1] + ["--clip-len", "8", "--no-progress"])
     assert res.exit_code == 1 and "holds features of another configuration" in res.output, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_every_stored_layout_packs_as_np_load_and_a_float16_cast(tmp_path, channels_first):
+    """pack reads each file with one read call, no memory map (issue [22]): the values stored are
+    np.load's cast to float16, whatever the file's dtype, byte order or memory order."""
+    rng = np.random.default_rng(2)
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    base = rng.standard_normal((3, 2, 1, 2, 4)) * 300  # (N, T', H', W', C)
+    stored = {"f32": base.astype(np.float32), "f64": base, "big": base.astype(">f4"),
+              "fortran": np.asfortranarray(base.astype(np.float32)), "int": np.round(base).astype(np.int16),
+              "f16": base.astype(np.float16)}
+    for name, x in stored.items():
+        np.save(src / "a" / f"{name}.npy", x.transpose(0, 4, 1, 2, 3) if channels_first else x)
+    out = tmp_path / "feats"
+    s = run_pack(PackConfig(src=str(src), out=str(out), model="m", clip_len=8, shard_size=4,
+                            channels_first=channels_first, progress=False))
+    assert (s["packed"], s["failed"]) == (len(stored), 0)
+    rows = read_shards(out, "m")
+    for name in stored:
+        want = read_values(load_features(src / "a" / f"{name}.npy", channels_first))
+        np.testing.assert_array_equal(rows[f"a/{name}"][3], want, err_msg=name)
+        np.testing.assert_array_equal(want, stored[name].astype(np.float16), err_msg=name)
