@@ -394,7 +394,10 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
             val_row = _validate(cfg, model, videos, dist, device, engine, failures, epoch) if videos.val else {}
             n_failed = failures.flush()
             improved = bool(videos.val) and val_row["video_top1"] is not None and (
-                not best or val_row["video_top1"] > best["video_top1"])
+                not best or val_row["video_top1"] > best["video_top1"]
+                # a clip-dependent backbone at the same accuracy: the cheaper epoch (the gates learn to save)
+                or (flops_target is not None and val_row["video_top1"] == best["video_top1"]
+                    and val_row["gflops_per_clip"] < best["gflops_per_clip"]))
             if improved or not videos.val:
                 best = {"epoch": epoch, "video_top1": val_row.get("video_top1"), "clip_top1": val_row.get("clip_top1"),
                         "gflops_per_clip": val_row.get("gflops_per_clip")}
