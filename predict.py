@@ -153,7 +153,7 @@ class Predictor:
     obeyed, and each video's ``gflops`` is computed from what actually ran.
     """
 
-    def __init__(self, run_dir: str | Path, weights: dict[str, str] | None = None, *, device: str = "auto",
+    def __init__(self, run_dir: str | Path | Run, weights: dict[str, str] | None = None, *, device: str = "auto",
                  batch_size: int = 8, dtype: str = "auto", order: str | None = None) -> None:
         from faster.extract.runner import BackboneRunner
         from faster.runtime import resolve_device
@@ -162,7 +162,7 @@ class Predictor:
             raise PredictError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         self.batch_size = batch_size
-        self.run = Run.load(run_dir)
+        self.run = run_dir if isinstance(run_dir, Run) else Run.load(run_dir)  # a Run: loaded by the caller
         self.schedule = self.run.schedule if order is None else self.run.schedule.with_order(order)
         self.aggregator = self.run.model(self.device)  # the schedule's module (a policy: with its gate)
         weights = dict(weights or {})
@@ -399,16 +399,23 @@ def decoded_videos(items: list[VideoItem], run: Run, *, workers: int = 1, timeou
     worker processes, timeout, sampling and ``decoder``) but only at the run's clip positions.
     Order: as decoded."""
 
+    with _open_decoder(items, run, workers=workers, timeout=timeout, pin_memory=pin_memory, decoder=decoder) as pool:
+        for out in pool:
+            yield out.item, out
+
+
+def _open_decoder(items: list[VideoItem], run: Run, *, workers: int, timeout: float, pin_memory: bool,
+                  decoder: str) -> Any:
+    """The decoder of ``items`` at the run's clip positions: ``workers`` processes (started now), or
+    this process with ``workers=0``."""
     from faster.extract.decoders import DecodePool, InlineDecoder
     from faster.sampling import Sampling
 
     sampling = Sampling(clip_len=run.clip_len, num_clips=run.num_extracted, frame_stride=run.frame_stride,
                         size=run.size, positions=run.positions)
-    pool = (DecodePool(items, sampling, workers=workers, timeout=timeout, pin_memory=pin_memory, decoder=decoder)
-            if workers else InlineDecoder(items, sampling, decoder=decoder))
-    with pool:
-        for out in pool:
-            yield out.item, out
+    if workers:
+        return DecodePool(items, sampling, workers=workers, timeout=timeout, pin_memory=pin_memory, decoder=decoder)
+    return InlineDecoder(items, sampling, decoder=decoder)
 
 
 @dataclass
@@ -451,21 +458,60 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
     """One record per video, as decoded: its prediction line, or {"id", "error", "stage"} when it
     could not be decoded or classified (logged; the run goes on). ``seconds`` is the wall time the
     video took here: waiting for its frames plus the backbones and the aggregator."""
-    from faster.progress import Progress
+    if predictor is None:
+        predictor, items, pool = _start(cfg)
+    else:
+        items, pool = _videos(cfg, predictor.run), None
+    yield from _records(cfg, predictor, items, pool)
 
-    predictor = predictor or Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size,
-                                       dtype=cfg.dtype, order=cfg.order)
-    items = list_videos(cfg.videos, predictor.run.classes)
+
+def _videos(cfg: PredictConfig, run: Run) -> list[VideoItem]:
+    items = list_videos(cfg.videos, run.classes)
     if not items:
         raise PredictError(f"no video files in {', '.join(cfg.videos)}")
+    return items
+
+
+def _start(cfg: PredictConfig) -> tuple[Predictor, list[VideoItem], Any]:
+    """The predictor, the videos and their decode workers (None: decoded later, in this process),
+    started so that they overlap: the workers' forkserver first (it imports no torch), then the run
+    is read and the videos listed, the workers start decoding, and the backbones are built meanwhile."""
+    from faster.extract.decoders import warm_up_workers
+    from faster.runtime import resolve_device
+
+    if cfg.workers > 0:
+        warm_up_workers()  # its imports overlap this process's import of torch and the run's checkpoint
+    run = Run.load(cfg.run)
+    items = _videos(cfg, run)
+    pool = None
+    if cfg.workers > 0 and not run.schedule.stops_early:  # a run that may leave a video early decodes on demand
+        pool = _open_decoder(items, run, workers=cfg.workers, timeout=cfg.timeout, decoder=cfg.decoder,
+                             pin_memory=resolve_device(cfg.device).type == "cuda")
+    try:
+        predictor = Predictor(run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype,
+                              order=cfg.order)
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
+    return predictor, items, pool
+
+
+def _records(cfg: PredictConfig, predictor: Predictor, items: list[VideoItem], pool: Any) -> Iterator[dict[str, Any]]:
+    """iter_predict's records of ``items``, decoded by ``pool`` (closed here) or by a decoder opened now."""
+    from faster.progress import Progress
+
     bar = Progress(len(items), "predict", unit="video", enabled=cfg.progress)
     try:
         if predictor.schedule.stops_early:
             yield from _predict_on_demand(items, cfg, predictor, bar)
             return
+        if pool is None:
+            pool = _open_decoder(items, predictor.run, workers=cfg.workers, timeout=cfg.timeout,
+                                 pin_memory=predictor.device.type == "cuda", decoder=cfg.decoder)
         t0 = time.perf_counter()
-        for item, decoded in decoded_videos(items, predictor.run, workers=cfg.workers, timeout=cfg.timeout,
-                                            pin_memory=predictor.device.type == "cuda", decoder=cfg.decoder):
+        for decoded in pool:
+            item = decoded.item
             if not hasattr(decoded, "frames"):  # decoders.Failed
                 log.warning("%s: %s failed: %s", item.id, decoded.stage, decoded.error)
                 yield {"id": item.id, "error": decoded.error, "stage": decoded.stage}
@@ -483,6 +529,8 @@ def iter_predict(cfg: PredictConfig, predictor: Predictor | None = None) -> Iter
             bar.update(1)
     finally:
         bar.close()
+        if pool is not None:
+            pool.close()
 
 
 def _printer(cfg: PredictConfig, video_id: str) -> Any:
@@ -541,16 +589,17 @@ def predict(cfg: PredictConfig, stream: IO[str] | None = None) -> PredictSummary
     import sys
 
     t0 = time.perf_counter()
-    predictor = Predictor(cfg.run, cfg.weights, device=cfg.device, batch_size=cfg.batch_size, dtype=cfg.dtype,
-                          order=cfg.order)
+    predictor, items, pool = _start(cfg)
     summary = PredictSummary()
     with contextlib.ExitStack() as stack:
+        if pool is not None:
+            stack.callback(pool.close)  # closed by _records too; here when the output cannot be opened
         if cfg.out is not None:
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
             stream = stack.enter_context(open(cfg.out, "w"))
         elif stream is None:
             stream = sys.stdout
-        for record in iter_predict(cfg, predictor):
+        for record in _records(cfg, predictor, items, pool):
             stream.write(json.dumps(record) + "\n")
             stream.flush()
             summary.add(record)
