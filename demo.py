@@ -142,6 +142,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         else:
             r = _train_backbone(name, size, out, cfg)
             weights[name] = r["weights"]
+            if r.get("flops_target") is not None and r.get("gflops_per_clip") is not None:
+                row["gflops_per_clip"] = r["gflops_per_clip"]  # VA-RED²: what its validation clips cost, on average
             row.update(trained=True, video_top1=r["video_top1"], clip_top1=r["clip_top1"], seconds=r["seconds"],
                        weights=r["weights"], best_epoch=r["best_epoch"], epochs=r["epochs"],
                        val_clips=size.train_val_clips, reused=r["reused"])
