@@ -198,8 +198,8 @@ class Aggregator(nn.Module):
     def fold_sequence(self, seq: Tensor) -> Any:
         """The state after folding every clip of ``seq`` (B, N, *feature) in order."""
         state = None
-        for t in range(seq.shape[1]):
-            state = self.fold(state, seq[:, t])
+        for x in seq.unbind(1):  # (B, *feature) each; unbind's backward stacks once (seq[:, t] would
+            state = self.fold(state, x)  # zero-fill and add a whole-sequence gradient per step)
         return state
 
     # -- online ------------------------------------------------------------------------------------
@@ -321,8 +321,8 @@ class Concat(Aggregator):
     def fold_sequence(self, seq: Tensor) -> Tensor:
         ux = self.U(seq[:, 1:])  # (B, N-1, T', H', W', C): the input side of every step at once
         o = seq[:, 0]
-        for t in range(ux.shape[1]):
-            o = self._cell(o, ux[:, t])
+        for u in ux.unbind(1):  # (B, T', H', W', C) each (see Aggregator.fold_sequence)
+            o = self._cell(o, u)
         return o
 
     def start(self, x0: Tensor) -> Tensor:
@@ -427,8 +427,8 @@ class FastGRU(Aggregator):
         rest = seq[:, 1:]  # (B, N-1, T', H', W', C): the input side of steps 1..N-1 at once
         gx, vx = self.gates_x(rest), self.cand_x(rest)
         o = seq[:, 0]
-        for t in range(rest.shape[1]):
-            o = self._cell(o, gx[:, t], vx[:, t])
+        for g, v in zip(gx.unbind(1), vx.unbind(1)):  # (B, T', H', W', 2C/r), (B, T', H', W', C) per step
+            o = self._cell(o, g, v)
         return o
 
     def start(self, x0: Tensor) -> Tensor:
