@@ -18,6 +18,8 @@ after every call: extraction stores them (``gflops/<model>``, docs/format.md), p
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -156,18 +158,18 @@ def fold_batchnorm(model: nn.Module, clip_len: int = 8, size: int = 64) -> int:
     pairs = batchnorm_pairs(model, clip_len, size)
     parents = {id(child): (parent, name) for parent in model.modules() for name, child in parent.named_children()}
     folded = 0
-    for conv, bn in pairs:
-        if not bn.track_running_stats or bn.running_var is None:
-            continue
-        with torch.no_grad():
+    with _one_thread(), torch.no_grad():
+        for conv, bn in pairs:
+            if not bn.track_running_stats or bn.running_var is None:
+                continue
             scale = (bn.weight if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(bn.running_var + bn.eps)
             shift = (bn.bias if bn.affine else torch.zeros_like(bn.running_mean)) - bn.running_mean * scale
             conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
             bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
             conv.bias = nn.Parameter(bias * scale + shift)
-        parent, attr = parents[id(bn)]
-        setattr(parent, attr, nn.Identity())
-        folded += 1
+            parent, attr = parents[id(bn)]
+            setattr(parent, attr, nn.Identity())
+            folded += 1
     return folded
 
 
@@ -193,14 +195,30 @@ def batchnorm_pairs(model: nn.Module, clip_len: int = 8, size: int = 64) -> list
     device = p.device if p is not None else None
     smallest = min(size, int(getattr(model, "spatial_stride", size) or size))  # a 1 x 1 map at the end
     tries = [(smallest, True), (size, True), (size, False)] if smallest < size else [(size, True), (size, False)]
-    for s, shapes_only in tries:
-        try:
-            with torch.no_grad():
-                return _trace_pairs(model, clip_len, s, device, shapes_only=shapes_only)
-        except Exception as err:  # noqa: BLE001 - a model that cannot take the probe clip: leave it as it is
-            log.debug("batch norm pairs of %s at %d px (convolutions %s): %s", type(model).__name__, s,
-                      "as shapes" if shapes_only else "run", err)
+    with _one_thread():
+        for s, shapes_only in tries:
+            try:
+                with torch.no_grad():
+                    return _trace_pairs(model, clip_len, s, device, shapes_only=shapes_only)
+            except Exception as err:  # noqa: BLE001 - a model that cannot take the probe clip: leave it as it is
+                log.debug("batch norm pairs of %s at %d px (convolutions %s): %s", type(model).__name__, s,
+                          "as shapes" if shapes_only else "run", err)
     return []
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's CPU ops on one thread for a while: the probe's and the fold's are small (per-channel
+    vectors, tiny maps), and on a busy CPU each parallel op waits a scheduler time slice for its
+    OpenMP team (measured: 6-9 ms per op, 2 s for folding R(2+1)D-50 + R2D-26, at load average 4)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _conv_shape(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
