@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from typing import Any
 
 import torch
 
@@ -45,6 +46,25 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def best_of_processes(commands: dict[str, Any], repeats: int = 3) -> dict[str, float]:
+    """Each command's best wall time over ``repeats`` whole processes (seconds), run in interleaved
+    rounds (every command once per round) so that load from other jobs hits them alike. A command is
+    an argv list, a function of the round's index giving one (a fresh output each round), or either
+    as (command, extra environment variables)."""
+    import os
+    import subprocess
+
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for k in range(repeats):
+        for name, spec in commands.items():
+            cmd, env = spec if isinstance(spec, tuple) else (spec, None)
+            t0 = time.perf_counter()
+            subprocess.run(cmd(k) if callable(cmd) else cmd, check=True, capture_output=True,
+                           env={**os.environ, **env} if env else None)
+            times[name].append(time.perf_counter() - t0)
+    return {name: min(t) for name, t in times.items()}
 
 
 def bf16_error(model: torch.nn.Module, clip: torch.Tensor, device_type: str = "cuda") -> float:

@@ -23,7 +23,8 @@ in the same run, and model-only and pipeline GFLOP/s as fractions of it.
 ``--startup`` measures what a short job pays: `python -c "import torch, decord, h5py"`, `faster
 extract` on a directory where nothing is left to do, `faster flops`, and the whole `faster extract`
 process on 12 short videos against the loop a user writes by hand (decord + one clip at a time
-through the same backbone, np.save per video), each the best of 3.
+through the same backbone, np.save per video), each the best of 3, the commands interleaved round
+by round (``--baseline DIR``: also an older faster's extract, from DIR/faster, in the same rounds).
 """
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ def main() -> None:
                                                 "(sets OMP_NUM_THREADS; default: faster's choice)")
     ap.add_argument("--dtype", default="auto", choices=runtime.DTYPES)
     ap.add_argument("--startup", action="store_true", help="measure start-up and short jobs instead (see above)")
+    ap.add_argument("--baseline", help="with --startup: also time `faster extract` imported from this directory "
+                                       "(holding an older checkout as faster/), interleaved")
     args = ap.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -180,18 +183,12 @@ for path in sorted(root.glob("*.mp4")):
 
 
 def startup(args: argparse.Namespace) -> None:
-    """Start-up figures, each the best of 3 whole processes."""
-    import subprocess
+    """Start-up figures, each the best of 3 whole processes, the commands interleaved round by round;
+    with ``--baseline DIR`` also `faster extract` imported from DIR (a checkout of an older faster
+    as DIR/faster), in the same rounds."""
     import sys
 
-    def best(cmd, repeats: int = 3) -> float:
-        """``cmd``: a command, or a function of the repeat's index giving one (a fresh output each time)."""
-        times = []
-        for k in range(repeats):
-            t0 = time.perf_counter()
-            subprocess.run(cmd(k) if callable(cmd) else cmd, check=True, capture_output=True)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    from backbones import best_of_processes
 
     work = Path(tempfile.mkdtemp(prefix="faster-bench-startup-"))
     try:
@@ -201,25 +198,40 @@ def startup(args: argparse.Namespace) -> None:
         faster = [sys.executable, "-m", "faster"]
         extract = [*faster, "extract", str(videos), "--model", "r2d26", "--size", "64", "--num-clips", "4",
                    "--no-progress", "--allow-empty", "--unlabelled"]
-        subprocess.run([*extract, "-o", str(work / "done")], check=True, capture_output=True)  # fills the caches
-        t_import = best([sys.executable, "-c", "import torch, decord, h5py"])
-        t_nothing = best([*extract, "-o", str(work / "done")])
-        t_flops = best([*faster, "flops"])
-        t_torch = best([sys.executable, "-c", "import torch"])
-        t_whole = best(lambda k: [*extract, "-o", str(work / f"new{k}")])
-        t_hand = best(lambda k: [sys.executable, "-c", HAND_LOOP, str(videos), str(work / f"hand{k}")])
+        best_of_processes({"fill caches": [*extract, "-o", str(work / "done")]}, repeats=1)
+        commands = {
+            "import": [sys.executable, "-c", "import torch, decord, h5py"],
+            "nothing": [*extract, "-o", str(work / "done")],
+            "flops": [*faster, "flops"],
+            "torch": [sys.executable, "-c", "import torch"],
+            "whole": lambda k: [*extract, "-o", str(work / f"new{k}")],
+            "hand": lambda k: [sys.executable, "-c", HAND_LOOP, str(videos), str(work / f"hand{k}")],
+            # one torch thread: on a CPU shared with other jobs torch's default (a thread per core) can
+            # make the hand loop several times slower (OpenMP threads waiting on each other)
+            "hand1": (lambda k: [sys.executable, "-c", HAND_LOOP, str(videos), str(work / f"hand1-{k}")],
+                      {"OMP_NUM_THREADS": "1"}),
+        }
+        if args.baseline:
+            commands["baseline"] = (lambda k: [*extract, "-o", str(work / f"old{k}")], {"PYTHONPATH": args.baseline})
+        t = best_of_processes(commands, repeats=3)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"date {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {cpu_model()} "
-          f"({len(os.sched_getaffinity(0))} cores), load average {os.getloadavg()[0]:.1f}; best of 3 processes")
+          f"({len(os.sched_getaffinity(0))} cores), load average {os.getloadavg()[0]:.1f}; best of 3 processes, "
+          f"interleaved")
     print("| figure | seconds | ratio | goal |\n|---|---|---|---|")
-    print(f"| python -c 'import torch, decord, h5py' | {t_import:.2f} | 1.00 | |")
-    print(f"| faster extract, nothing left to do | {t_nothing:.2f} | {t_nothing / t_import:.2f} x import | <= 1.3 |")
-    print(f"| python -c 'import torch' | {t_torch:.2f} | | |")
-    print(f"| faster flops | {t_flops:.2f} | +{t_flops - t_torch:.2f} s beyond import torch | < 1 s |")
-    print(f"| faster extract, 12 short videos (whole process) | {t_whole:.2f} | {t_hand / t_whole:.2f} x the hand loop's "
-          f"speed | >= 1 |")
-    print(f"| hand-written decord + per-clip loop | {t_hand:.2f} | | |")
+    print(f"| python -c 'import torch, decord, h5py' | {t['import']:.2f} | 1.00 | |")
+    print(f"| faster extract, nothing left to do | {t['nothing']:.2f} | {t['nothing'] / t['import']:.2f} x import | "
+          f"<= 1.3 |")
+    print(f"| python -c 'import torch' | {t['torch']:.2f} | | |")
+    print(f"| faster flops | {t['flops']:.2f} | +{t['flops'] - t['torch']:.2f} s beyond import torch | < 1 s |")
+    for name, what in (("whole", "faster extract, 12 short videos (whole process)"),
+                       ("baseline", f"the same, faster from {args.baseline}")):
+        if name in t:
+            print(f"| {what} | {t[name]:.2f} | {t['hand'] / t[name]:.2f} x the hand loop's speed, "
+                  f"{t['hand1'] / t[name]:.2f} x its speed on 1 thread | >= 1 |")
+    print(f"| hand-written decord + per-clip loop | {t['hand']:.2f} | | |")
+    print(f"| the same, OMP_NUM_THREADS=1 | {t['hand1']:.2f} | | |")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,11 @@ interleaved rounds; ``model CPU s`` is the process's CPU time for the same work 
 jobs sharing a small CPU, whose load inflates wall times). The paper's claim (Table 5:
 "the reduction of FLOPs is roughly proportional to the decrease of runtime") is checked as
 time saved / FLOPs saved against all-e, both 1 - x / x(all-e); the goal on a GPU is >= 0.8.
+
+    python benchmarks/predict.py --startup --num-clips 4 --videos 4 --seconds 2 [--baseline DIR]
+
+``--startup`` times instead what one short video costs a user: the whole `faster predict` process
+(1:3 FAST-GRU, default workers) against `python -c "import torch, decord, h5py"` (goal: <= 2x).
 """
 from __future__ import annotations
 
@@ -49,8 +54,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
-    """Videos, features and the four runs under ``work`` (reused when already there)."""
+def prepare(work: Path, args: argparse.Namespace, runs: tuple = RUNS) -> dict[str, Path]:
+    """Videos, features and the ``runs`` (default: every one of RUNS) under ``work`` (reused when already there)."""
     from faster import synthetic
     from faster.aggregate.fit import FitConfig, fit
     from faster.extract.pipeline import ExtractConfig, extract_videos
@@ -64,15 +69,15 @@ def prepare(work: Path, args: argparse.Namespace) -> dict[str, Path]:
         extract_videos(ExtractConfig(str(videos), str(feats), (args.expensive, args.cheap), clip_len=args.clip_len,
                                   num_clips=args.num_clips, size=args.size, workers=1, device=args.device,
                                   progress=False))
-    runs = {}
-    for pattern, agg, budget, exit_budget in RUNS:
+    made = {}
+    for pattern, agg, budget, exit_budget in runs:
         out = work / (f"run-{agg}-{pattern.replace(':', '_')}" + ("" if exit_budget is None else f"-exit{exit_budget:g}"))
         if not (out / "result.json").exists():
             fit(FitConfig([str(feats)], str(out), agg, args.expensive, args.cheap, pattern, budget=budget,
                           val=[str(feats)], epochs=1, batch_size=4, workers=0, device=args.device, progress=False,
                           early_exit=exit_budget is not None, exit_budget=exit_budget))
-        runs[label(pattern, budget, exit_budget)] = out
-    return {"videos": videos, **runs}
+        made[label(pattern, budget, exit_budget)] = out
+    return {"videos": videos, **made}
 
 
 def time_runs(paths: dict[str, Path], args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -150,6 +155,43 @@ def time_parts(predictor, clips: torch.Tensor, repeats: int) -> dict[str, float]
     return parts
 
 
+def startup(args: argparse.Namespace) -> None:
+    """Whole-process `faster predict` of one short video against `python -c "import torch, decord,
+    h5py"`, each the best of ``--repeats`` processes, interleaved round by round (``--baseline DIR``:
+    also an older faster's predict, from DIR/faster, in the same rounds)."""
+    import os
+    import sys
+
+    from backbones import best_of_processes
+
+    run_spec = ("1:3", "fastgru", None, None)
+    with tempfile.TemporaryDirectory(prefix="faster-bench-predict-startup-") as tmp:
+        work = Path(args.work or tmp)
+        paths = prepare(work, args, runs=(run_spec,))
+        one = sorted(paths["videos"].rglob("*.mp4"))[0]
+        run = paths[label(run_spec[0], run_spec[2], run_spec[3])]
+        predict = [sys.executable, "-m", "faster", "predict", "--run", str(run), str(one), "--device", args.device,
+                   "--no-progress"]
+        commands = {"import": [sys.executable, "-c", "import torch, decord, h5py"],
+                    "predict": lambda k: [*predict, "-o", str(work / f"new{k}.jsonl")]}
+        if args.baseline:
+            commands["baseline"] = (lambda k: [*predict, "-o", str(work / f"old{k}.jsonl")],
+                                    {"PYTHONPATH": args.baseline})
+        t = best_of_processes(commands, repeats=args.repeats)
+    print(f"date {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {cpu_model()} "
+          f"({len(os.sched_getaffinity(0))} cores), load average {os.getloadavg()[0]:.1f}; best of {args.repeats} "
+          f"processes, interleaved")
+    print(f"faster predict of one {args.seconds:g} s 340x256 video: 1:3 FAST-GRU over {args.expensive} + {args.cheap} "
+          f"(random init) at {args.size} px, {args.num_clips} clips of {args.clip_len} frames, default workers")
+    print("| figure | seconds | ratio | goal |\n|---|---|---|---|")
+    print(f"| python -c 'import torch, decord, h5py' | {t['import']:.2f} | 1.00 | |")
+    print(f"| faster predict, one short video (whole process) | {t['predict']:.2f} | {t['predict'] / t['import']:.2f} "
+          f"x import | <= 2 |")
+    if args.baseline:
+        print(f"| the same, faster from {args.baseline} | {t['baseline']:.2f} | {t['baseline'] / t['import']:.2f} "
+              f"x import | |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--expensive", default="r2plus1d50")
@@ -165,11 +207,18 @@ def main() -> None:
     p.add_argument("--work", help="directory for videos, features and runs [default: a temporary one]")
     p.add_argument("--threads", type=int, help="torch CPU threads [default: torch's]; 1 is steadier on a shared CPU")
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    p.add_argument("--startup", action="store_true", help="time one short video's whole `faster predict` process "
+                   "instead (1:3 FAST-GRU; use with --num-clips 4 --videos 4 --seconds 2)")
+    p.add_argument("--baseline", help="with --startup: also time `faster predict` imported from this directory "
+                                      "(holding an older checkout as faster/), interleaved")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.startup:
+        startup(args)
+        return
     dev = torch.device(args.device)
     hw = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{cpu_model()}, {torch.get_num_threads()} threads"
     with tempfile.TemporaryDirectory(prefix="faster-bench-predict-") as tmp:
