@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 KEY_EXCLUDE = ("out", "progress", "workers", "threads", "overwrite")  # fit fields that never change a result
 # fit fields added later, left out of a cell's key at these values so that grids run before them keep their cells
-KEY_DEFAULTS = {"order": None, "early_exit": False, "exit_budget": None, "exit_mode": "threshold"}
+KEY_DEFAULTS = {"order": None, "early_exit": False, "exit_budget": None, "exit_mode": "threshold", "dtype": "auto"}
 CSV_COLUMNS = ("agg", "clip_len", "num_clips", "pattern", "seed", "top1", "top5", "mean_class_acc",
                "gflops_per_video", "num_expensive", "num_cheap", "budget", "num_expensive_mean", "clips_seen_mean",
                "exit_budget", "order", "pareto", "expensive", "cheap", "teacher", "run")
