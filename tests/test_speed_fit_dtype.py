@@ -31,3 +31,19 @@ def test_dtype_resolves_to_the_engine_precision():
     assert _cfg("x", "y", "fastgru", dtype="fp32").settings().precision == "fp32"
     with pytest.raises(BadValue, match="'fp16'"):
         _cfg("x", "y", "fastgru", dtype="fp16").validate()
+
+
+def test_cli_fit_takes_dtype_and_records_it(order_set, tmp_path):
+    from click.testing import CliRunner
+
+    from faster.cli import cli
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["fit", order_set, "-o", str(out), "--agg", "gru", "--expensive", "exp", "--cheap",
+                                   "chp", "--pattern", "1:1", "--epochs", "1", "--threads", "1", "--dtype", "fp32",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "config.json").read_text())["dtype"] == "fp32"
+    res = CliRunner().invoke(cli, ["fit", order_set, "-o", str(tmp_path / "x"), "--agg", "gru", "--expensive", "exp",
+                                   "--cheap", "chp", "--pattern", "1:1", "--dtype", "fp16"])
+    assert res.exit_code == 2 and "fp16" in res.output
