@@ -398,11 +398,13 @@ class Engine:
 
 
 def check_run_dir(out: str | Path, config: dict[str, Any], *, resume: bool, overwrite: bool, done: str,
-                  partial: tuple[str, ...], state: str, free: tuple[str, ...], what: str) -> bool:
+                  partial: tuple[str, ...], state: str, free: tuple[str, ...], what: str,
+                  defaults: dict[str, Any] | None = None) -> bool:
     """Whether a training command resumes the interrupted run in ``out``: a finished run there (its
     ``done`` file) is refused without ``overwrite``; an interrupted one (any of ``partial``) without
     ``resume`` or ``overwrite``; a resume whose config.json differs outside the ``free`` keys
-    (those that may change between attempts: device, workers, ...) is Incompatible, naming them.
+    (those that may change between attempts: device, workers, ...) is Incompatible, naming them;
+    ``defaults``: the values of settings added since, for a config.json written before them.
     ``what`` names the run in messages ("fit", "train-clip")."""
     from faster.store import files
 
@@ -421,7 +423,7 @@ def check_run_dir(out: str | Path, config: dict[str, Any], *, resume: bool, over
     if not resume:
         raise BadValue(f"{out} holds an interrupted {what} ({', '.join(found)}, no {done}); pass --resume to "
                        f"continue it or --overwrite to start again")
-    before = files.read_json(out / "config.json") or {}
+    before = {**(defaults or {}), **(files.read_json(out / "config.json") or {})}
     differ = sorted(k for k in set(before) | set(config) if k not in free and before.get(k) != config.get(k))
     if differ:
         raise Incompatible(f"--resume {out}: the interrupted {what} ran with other settings ({', '.join(differ)}); "

@@ -482,7 +482,8 @@ def _check_out(cfg: FitConfig, config: dict[str, Any]) -> bool:
 
     return check_run_dir(cfg.out, config, resume=cfg.resume, overwrite=cfg.overwrite, done=run.RESULT,
                          partial=(run.CONFIG, run.TRAINING_STATE, run.METRICS, run.CHECKPOINT),
-                         state=run.TRAINING_STATE, free=RESUME_FREE, what="fit")
+                         state=run.TRAINING_STATE, free=RESUME_FREE, what="fit",
+                         defaults={"dtype": "auto"})  # fits interrupted before --dtype existed resume
 
 
 def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:

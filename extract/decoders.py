@@ -305,7 +305,8 @@ class DecodePool(_Decoder):
 
     A video whose decode takes longer than ``timeout`` seconds has its worker killed and is
     returned as Failed(stage="timeout"); a worker that dies gives Failed(stage="crash"). Both
-    workers are replaced and the other videos they had queued are decoded by others.
+    workers are replaced and the other videos they had queued are decoded by others. The workers
+    are started by the pool's dispatcher thread: the constructor returns at once.
     """
 
     def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, workers: int, timeout: float = 300.0,
@@ -349,7 +350,6 @@ class DecodePool(_Decoder):
                     slot.buffers = [shared_memory.SharedMemory(create=True, size=self.nbytes)
                                     for _ in range(self.prefetch)]
                     slot.arrays = [np.ndarray(self.shape, np.uint8, buffer=b.buf) for b in slot.buffers]
-                self._start(slot)
         except BaseException:
             self.close()
             raise
@@ -457,6 +457,9 @@ class DecodePool(_Decoder):
                 import torch
 
                 torch.cuda.set_device(self._cuda_device)
+            for slot in self.slots:  # here, not in __init__: starting a worker waits for the forkserver's
+                if not self._stop.is_set():  # imports, which the caller (building its models meanwhile) need not
+                    self._start(slot)
             while not self._stop.is_set():
                 self._dispatch_tasks()
                 if not self._todo and not self._in_flight():

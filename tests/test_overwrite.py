@@ -62,3 +62,17 @@ def test_an_overwrite_interrupted_later_keeps_the_old_run_until_the_new_one_comp
     monkeypatch.undo()
     assert fit(_cfg(feats, run, agg="gru", epochs=3, resume=True))["agg"] == "gru"
     assert not kept.exists() and (run / "result.json").is_file()
+
+
+def test_a_fit_interrupted_before_dtype_existed_still_resumes(feats, tmp_path, monkeypatch):
+    import json
+
+    run = tmp_path / "run"
+    _interrupt_at(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(feats, run, epochs=2))
+    config = json.loads((run / "config.json").read_text())
+    del config["dtype"]  # written before fit --dtype existed
+    (run / "config.json").write_text(json.dumps(config))
+    monkeypatch.undo()
+    assert fit(_cfg(feats, run, epochs=2, resume=True))["best"]["epoch"] >= 1
