@@ -155,8 +155,8 @@ def test_zero_init_final_bn_and_clip_cost_see_every_path():
 
     clf = build_classifier(TINY, 4, dropout=0.0)
     bb = clf.backbone
-    assert all(float(b.bn3.weight.abs().sum()) == 0 for stage in vared.STAGES for b in getattr(bb, stage))
-    assert all(float(n.bn3.weight.abs().sum()) == 0 for stage in vared.STAGES for b in getattr(bb, stage)
+    assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for stage in vared.STAGES for b in getattr(bb, stage))
+    assert all(float(n.bn3.weight.detach().abs().sum()) == 0 for stage in vared.STAGES for b in getattr(bb, stage)
                for n in b.norms)
     assert clip_cost(clf) is None  # no forward yet
     clf.eval()
