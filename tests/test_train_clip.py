@@ -289,6 +289,21 @@ def test_a_corrupt_training_video_is_recorded_and_replaced(small_videos, tmp_pat
 
 
 @pytest.mark.slow
+def test_a_fifo_among_the_training_videos_is_recorded_as_unopenable_before_decoding(small_videos, tmp_path):
+    import os
+    import shutil
+
+    root = tmp_path / "vids"
+    shutil.copytree(small_videos, root)
+    os.mkfifo(root / "left" / "pipe.mp4")
+    r = _faster(*_small_args(root, tmp_path / "run"), "--epochs", 1)
+    assert r.returncode == 0, r.stdout[-3000:]
+    failures = [json.loads(line) for line in (tmp_path / "run" / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["stage"]) for f in failures] == [("left/pipe.mp4", "open")]
+    assert "not a regular file" in failures[0]["error"]
+
+
+@pytest.mark.slow
 def test_init_from_a_zoo_layout_file_fine_tunes_with_a_new_number_of_classes(small_videos, tmp_path):
     """torchvision's R(2+1)D-18 file as published (a plain state dict with its 400-class fc) starts
     a 4-class run: the backbone begins at the file's weights, the head is new."""

@@ -143,7 +143,7 @@ class Videos:
     val: list[Any]
     classes: list[str]
     layout: str
-    missing: list[Any]  # listed in the annotations but not found
+    missing: list[Any]  # listed in the annotations but not found (stage missing), or refused before decoding (open)
 
 
 def find_videos(cfg: TrainClipConfig, classes_file: str | None = None) -> Videos:
@@ -354,7 +354,7 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
         failures = _Failures(out / FAILURES, dist)
         for it in videos.missing if not resuming else []:
             if dist.main:
-                files.append_jsonl(out / FAILURES, {"id": it.id, "stage": "missing", "error": it.error or "not found",
+                files.append_jsonl(out / FAILURES, {"id": it.id, "stage": it.stage, "error": it.error or "not found",
                                                     "phase": "train"})
         if cfg.sync_bn and dist.enabled:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
