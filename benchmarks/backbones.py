@@ -33,7 +33,11 @@ ZOO_MODELS = ("r2plus1d_34,r2plus1d_152,ir_csn_152,ip_csn_152,pv_r2plus1d_r50,pv
 # (frames, px) for --native where the backbone has no .native_input: the paper's 8-frame clips at 224 px,
 # torchvision's Kinetics training clips (16 x 112)
 NATIVE = {"r2plus1d50": (8, 224), "r2d26": (8, 224), "r3d50": (8, 224), "r2plus1d_18": (16, 112),
-          "r3d_18": (16, 112), "mc3_18": (16, 112)}
+          "r3d_18": (16, 112), "mc3_18": (16, 112), "vared_r2plus1d50": (8, 224), "blvnet_tam50": (16, 224),
+          "blvnet_tam101": (16, 224), "s3d": (128, 224), "mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224),
+          "swin3d_t": (32, 224), "swin3d_s": (32, 224), "swin3d_b": (32, 224)}
+# the backbones added with [19] and [21] (docs/backbones.md "Every registered backbone")
+NEW_MODELS = "vared_r2plus1d50,blvnet_tam50,blvnet_tam101,r2plus1d_18,r3d_18,mc3_18,s3d,mvit_v1_b,mvit_v2_s,swin3d_t,swin3d_s,swin3d_b"
 BF16_TOLERANCE = 0.05  # relative max error; bf16 has an 8-bit mantissa, a broken kernel is off by O(1)
 
 
@@ -134,7 +138,8 @@ def bench(name: str, args: argparse.Namespace, device: torch.device, mode: str =
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help="comma-separated backbone names; 'zoo' stands for "
-                   "the backbones with published weights")
+                   "the backbones with published weights, 'new' for those added with VA-RED², bLVNet-TAM and torchvision's "
+                   "S3D / MViT / Swin3D")
     p.add_argument("--native", action="store_true", help="each backbone at its native clip length and size "
                    "(.native_input), instead of --clip-len / --size")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu or cuda[:N]")
@@ -169,7 +174,7 @@ def main() -> None:
             "vs bf16 matmul | bf16 rel. err |")
     print(cols)
     print("|" + "---|" * (cols.count("|") - 1))
-    for name in args.models.replace("zoo", ZOO_MODELS).split(","):
+    for name in args.models.replace("zoo", ZOO_MODELS).replace("new", NEW_MODELS).split(","):
         for mode in modes:
             r = bench(name.strip(), args, device, mode.strip())
             err = "-" if r["bf16_err"] is None else f"{r['bf16_err']:.1e}"
