@@ -911,6 +911,13 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+def _on_sigint(signum, frame) -> None:
+    from faster import runtime
+
+    runtime.received_signals.append("SIGINT")
+    raise KeyboardInterrupt
+
+
 TORCH_COMMANDS = {"extract", "fit", "evaluate", "ablate", "predict", "flops", "demo"}
 
 
@@ -961,6 +968,7 @@ def main(argv: list[str] | None = None) -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         args = sys.argv[1:] if argv is None else list(argv)
         command = next((a for a in args if not a.startswith("-")), None)
@@ -979,6 +987,20 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
+    except Exception:
+        from faster import runtime
+
+        if not runtime.received_signals:
+            raise  # a bug: its traceback
+        # an error while unwinding after SIGINT/SIGTERM: e.g. the signal landed inside a lazy import of
+        # torch._dynamo and the clean-up imported the half-initialised module again ("... already
+        # registered"). The signal is what stopped the command: exit as it asked, the details at -vv.
+        import logging
+
+        logging.getLogger("faster").debug("after %s", runtime.received_signals[0], exc_info=True)
+        terminated = runtime.received_signals[0] == "SIGTERM"
+        click.echo("\nterminated" if terminated else "\ninterrupted", err=True)
+        _exit_now(143 if terminated else 130)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -77,3 +77,25 @@ def test_ctrl_c_at_any_moment_exits_130_without_a_traceback(command, signame, co
             continue
         assert proc.returncode == code, (delay, err[-3000:])
         assert "Traceback" not in err, (delay, err[-3000:])
+
+
+def test_an_error_while_unwinding_after_a_signal_still_exits_as_the_signal_asked():
+    """SIGTERM that lands inside a lazy import (torch._dynamo's, at a fit's first step) can make the
+    clean-up fail with another error ("... already registered"): the signal decides the exit, no traceback."""
+    code = (
+        "import os, signal, time\n"
+        "from faster import cli\n"
+        "@cli.cli.command('boom')\n"
+        "def boom():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(5)\n"
+        "    finally:\n"
+        "        raise RuntimeError('operator already registered')\n"
+        "cli.main(['boom'])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 143 and "Traceback" not in p.stderr and p.stderr.strip().endswith("terminated")
+    quiet = code.replace("os.kill(os.getpid(), signal.SIGTERM)", "pass").replace("time.sleep(5)", "pass")
+    bug = subprocess.run([sys.executable, "-c", quiet],
+                         capture_output=True, text=True, timeout=60)
+    assert bug.returncode == 1 and "RuntimeError: operator already registered" in bug.stderr  # a bug keeps its traceback
