@@ -43,3 +43,11 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def static_feats(tmp_path_factory):
+    """16 synthetic videos of 4 clips whose class every clip shows (models "exp" and "chp"): read-only."""
+    from faster.aggregate.synthetic import write_synthetic
+
+    return str(write_synthetic(tmp_path_factory.mktemp("static16"), num_videos=16, num_clips=4, signal="static"))

@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from faster.store.header import Header, ModelHeader
@@ -118,3 +119,29 @@ def fit_evaluate_predict(videos: Any, feats: Any, out: Any, expensive: str, chea
     assert set(pred) == set(ev) and ev
     for vid, e in ev.items():
         np.testing.assert_allclose(pred[vid]["probs"], e["probs"], atol=1e-2, err_msg=vid)
+
+
+def small_fit(feats: Any, out: Any, **kw: Any) -> Any:
+    """A FitConfig for a small write_synthetic set (its models "exp" and "chp"): avg at 1:1, one epoch,
+    batch 8, in-process loading, no progress; ``kw`` overrides. ``feats``: one directory or several."""
+    from faster.aggregate.fit import FitConfig
+
+    dirs = [str(f) for f in feats] if isinstance(feats, (list, tuple)) else [str(feats)]
+    return FitConfig(**{"feats": dirs, "out": str(out), "agg": "avg", "expensive": "exp", "cheap": "chp",
+                        "pattern": "1:1", "epochs": 1, "batch_size": 8, "workers": 0, "progress": False, **kw})
+
+
+def held_values(folder: Any, model: str = "m", index: int = 0) -> dict[str, float]:
+    """Video id -> one value of its features (flat ``index``) over every shard in ``folder``; asserts
+    that no video is held twice (what verify --repair must leave)."""
+    import h5py
+
+    from faster.store import schema
+
+    held: dict[str, float] = {}
+    for path in sorted(Path(folder).glob(schema.SHARD_GLOB)):
+        with h5py.File(path) as f:
+            for k, i in enumerate(f["videos/id"].asstr()[()]):
+                assert i not in held, f"{i} twice"
+                held[i] = float(f[schema.features_key(model)][k].flat[index])
+    return held

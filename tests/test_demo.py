@@ -65,22 +65,35 @@ def test_demo_quick_trains_both_backbones_extracts_them_and_prints_the_tables(tm
     assert json.loads((out / "demo.json").read_text())["size"]["expensive"] == "r2plus1d50_tiny"
 
 
-def test_demo_with_given_weights_does_not_train_that_backbone(tmp_path, monkeypatch):
-    import faster.demo as demo
+class _Stop(Exception):
+    """Raised by the stub of the demo's stage-1 training: the test ends there."""
 
-    class Stop(Exception):
-        pass
+
+def _stub_training(monkeypatch, stop_at):
+    """Replace the demo's backbone training: record each name, return a finished run's result, raise
+    _Stop at the ``stop_at``-th backbone. Returns the list of names trained."""
+    import faster.demo as demo
 
     trained = []
 
     def train(name, *args, **kwargs):
         trained.append(name)
-        raise Stop
+        if len(trained) == stop_at:
+            raise _Stop
+        return {"weights": "-", "video_top1": 0.5, "clip_top1": 0.5, "seconds": 1.0, "best_epoch": 1, "epochs": 1,
+                "reused": False}
 
     monkeypatch.setattr(demo, "_train_backbone", train)
+    return trained
+
+
+def test_demo_with_given_weights_does_not_train_that_backbone(tmp_path, monkeypatch):
+    import faster.demo as demo
+
+    trained = _stub_training(monkeypatch, stop_at=1)
     weights = tmp_path / "e.pt"
     weights.write_bytes(b"read by the extraction, which the stub never reaches")
-    with pytest.raises(Stop):  # the cheap backbone is trained: the stub stops the demo there
+    with pytest.raises(_Stop):  # the cheap backbone is trained: the stub stops the demo there
         demo.run_demo(demo.DemoConfig(out=str(tmp_path / "d"), quick=True, progress=False,
                                       weights={"r2plus1d50_tiny": str(weights)}))
     assert trained == ["r2d26_tiny"]
@@ -99,20 +112,8 @@ def test_demo_rejects_weights_for_models_it_does_not_use(tmp_path):
 def test_demo_trains_the_backbones_it_is_given_and_rejects_unknown_ones(tmp_path, monkeypatch):
     import faster.demo as demo
 
-    class Stop(Exception):
-        pass
-
-    trained = []
-
-    def train(name, *args, **kwargs):
-        trained.append(name)
-        if len(trained) == 2:
-            raise Stop
-        return {"weights": "-", "video_top1": 0.5, "clip_top1": 0.5, "seconds": 1.0, "best_epoch": 1, "epochs": 1,
-                "reused": False}
-
-    monkeypatch.setattr(demo, "_train_backbone", train)
-    with pytest.raises(Stop):
+    trained = _stub_training(monkeypatch, stop_at=2)
+    with pytest.raises(_Stop):
         demo.run_demo(demo.DemoConfig(out=str(tmp_path / "d"), quick=True, progress=False,
                                       expensive="vared_r2plus1d50_tiny", cheap="r3d50_tiny"))
     assert trained == ["vared_r2plus1d50_tiny", "r3d50_tiny"]

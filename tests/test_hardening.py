@@ -119,12 +119,7 @@ def test_repair_keeps_the_intact_copy_not_the_damaged_one(tmp_path):
     res = CliRunner().invoke(cli, ["verify", "--repair", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "video 'b.mp4': kept the copy in shard-00001-000000.h5" in res.output and "non-finite" in res.output
-    held = {}
-    for path in tmp_path.glob(schema.SHARD_GLOB):
-        with h5py.File(path) as f:
-            for k, i in enumerate(f["videos/id"].asstr()[()]):
-                assert i not in held, f"{i} twice"
-                held[i] = float(f["features/m"][k].flat[-1])
+    held = helpers.held_values(tmp_path, index=-1)
     assert held == {"a.mp4": 1.0, "b.mp4": 5.0} and intact.exists()
 
 

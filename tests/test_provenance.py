@@ -5,8 +5,10 @@ both provenances, exit status 1, nothing written."""
 import pytest
 from click.testing import CliRunner
 
+from helpers import small_fit as _cfg
+
 from faster.aggregate.evaluation import evaluate
-from faster.aggregate.fit import FitConfig, fit
+from faster.aggregate.fit import fit
 from faster.aggregate.synthetic import write_synthetic
 from faster.cli import cli
 from faster.errors import Incompatible
@@ -23,12 +25,6 @@ def sets(tmp_path_factory):
     run = base / "run"
     fit(_cfg([a], run))
     return {"a": str(a), "b": str(b), "run": run, "base": base}
-
-
-def _cfg(feats, out, **kw):
-    return FitConfig(**{"feats": [str(f) for f in feats], "out": str(out), "agg": "avg", "expensive": "exp",
-                        "cheap": "chp", "pattern": "1:1", "epochs": 1, "batch_size": 8, "workers": 0,
-                        "progress": False, **kw})
 
 
 def test_joined_training_sets_of_other_weights_are_refused(sets, tmp_path):

@@ -223,12 +223,7 @@ def test_verify_repair_keeps_one_copy_of_each_video_and_never_an_only_copy(tmp_p
     res = runner.invoke(cli, ["verify", "--repair", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert "removed shard-00000-000001.h5" in res.output and "rewrote shard-00001-000000.h5" in res.output
-    held = {}
-    for path in tmp_path.glob(schema.SHARD_GLOB):
-        with h5py.File(path) as f:
-            for k, i in enumerate(f["videos/id"].asstr()[()]):
-                assert i not in held, f"{i} twice"
-                held[i] = float(f["features/m"][k].flat[0])
+    held = helpers.held_values(tmp_path, index=0)
     assert held == {"a.mp4": 1.0, "b.mp4": 2.0, "c.mp4": 10.0}  # the first copy of b, c's own values
     assert first.path.exists()
     listed = {s["name"] for m in manifest.part_manifests(tmp_path).values() for s in m["shards"]}
