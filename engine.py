@@ -282,8 +282,9 @@ class Engine:
             wait += time.perf_counter() - t_ready
             with self.autocast():
                 loss, n = step(self.model, batch)
-            if not torch.isfinite(loss.detach()).all():  # before the step: the weights are still the last finite ones
-                self._diverged(epoch, steps + 1, float(loss.detach()))
+            value = float(loss.detach())  # the one device sync of a step (the running loss needs it anyway)
+            if not math.isfinite(value):  # before the step: the weights are still the last finite ones
+                self._diverged(epoch, steps + 1, value)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if s.clip_grad is not None:
@@ -294,7 +295,7 @@ class Engine:
             self.scheduler.step()
             self.step += 1
             steps += 1
-            loss_sum += float(loss.detach()) * n
+            loss_sum += value * n
             count += n
             bar.update(1, loss=loss_sum / max(count, 1))
             if save_every is not None and self.state_path is not None and steps < self.steps_per_epoch and \

@@ -457,7 +457,7 @@ def _put_aside(out: Path) -> None:
     if (out / run.RESULT).exists():
         shutil.rmtree(previous, ignore_errors=True)  # an older replaced run: this finished one is newer
         previous.mkdir(parents=True)
-        for name in (run.RESULT, *RUN_FILES):
+        for name in sorted(RUN_FILES, key=lambda n: n != run.RESULT):  # result.json first
             if (out / name).exists():
                 (out / name).replace(previous / name)
         log.info("%s: the finished run there is kept in %s until this fit completes", out, previous)
@@ -470,7 +470,7 @@ def _restore(out: Path) -> None:
     previous = out / PREVIOUS
     if not (previous / run.RESULT).exists():
         return
-    for name in (*(n for n in RUN_FILES if n != run.RESULT), run.RESULT):
+    for name in sorted(RUN_FILES, key=lambda n: n == run.RESULT):  # result.json last
         if (previous / name).exists():
             (previous / name).replace(out / name)
     shutil.rmtree(previous, ignore_errors=True)
