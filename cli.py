@@ -699,7 +699,8 @@ def pack(strict: bool, **kw) -> None:
 @cli.command()
 @click.option("--expensive", default="r2plus1d50", show_default=True, help=MODEL_HELP)
 @click.option("--cheap", default="r2d26", show_default=True, help=MODEL_HELP)
-@click.option("--clip-len", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--clip-len", "clip_lens", multiple=True, metavar="L|NAME=L",
+              help="Frames per clip [8]; NAME=L for one model (as extract takes it, e.g. --clip-len pv_x3d_xs=4).")
 @click.option("--num-clips", type=click.IntRange(1), help="[default: 256 // clip-len]")
 @click.option("--size", "sizes", multiple=True, metavar="PX|NAME=PX",
               help="Crop size [224]; NAME=PX for one model (a big-little pair).")
@@ -716,7 +717,7 @@ def pack(strict: bool, **kw) -> None:
               help="The order clips are read in [default: coarse-to-fine with an early exit, temporal otherwise].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--list", "list_models", is_flag=True, help="List every backbone with its GFLOPs per clip and map shape.")
-def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, sizes: tuple[str, ...], pattern: str,
+def flops(expensive: str, cheap: str, clip_lens: tuple[str, ...], num_clips: int | None, sizes: tuple[str, ...], pattern: str,
           agg: str, budget: float | None, early_exit: bool, exit_budget: float | None, exit_mode: str,
           order: str | None, as_json: bool, list_models: bool) -> None:
     """GFLOPs (multiply-adds, the paper's convention) per clip and per video for a pattern.
@@ -732,25 +733,31 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     from faster.extract import models
 
     size, per_model = _parse_sizes(sizes)
+    clip_len, per_model_len = _parse_per_model(clip_lens, "--clip-len", 8)
     if list_models:
-        if per_model:
-            raise click.BadParameter(f"{next(iter(per_model))}={next(iter(per_model.values()))}: --list takes one "
-                                     "crop for every backbone (--size PX)", param_hint="--size")
+        for hint, given, unit in (("--size", per_model, "PX"), ("--clip-len", per_model_len, "L")):
+            if given:
+                raise click.BadParameter(f"{next(iter(given))}={next(iter(given.values()))}: --list takes one "
+                                         f"value for every backbone ({hint} {unit})", param_hint=hint)
         _list_backbones(models, clip_len, size)
         return
     px = {m: per_model.get(m, size) for m in (expensive, cheap)}
+    frames = {m: per_model_len.get(m, clip_len) for m in (expensive, cheap)}
     where = (f"at {size} px" if len(set(px.values())) == 1 else
              "(" + ", ".join(f"{m} at {p} px" for m, p in px.items()) + ")")
+    clips = (f"of {clip_len} frames" if len(set(frames.values())) == 1 else
+             "(" + ", ".join(f"{m}: {f} frames" for m, f in frames.items()) + ")")
 
     n = num_clips or max(1, 256 // clip_len)
     for hint, name in (("--expensive", expensive), ("--cheap", cheap)):
         if name not in models.names() and not name.startswith(models.HF_PREFIX):  # hf:PATH as extract takes it
             raise click.BadParameter(f"unknown backbone {name!r}; expected one of {', '.join(models.names())} "
                                      f"or {models.HF_PREFIX}PATH", param_hint=hint)
-    unknown = sorted(set(per_model) - set(px))
-    if unknown:  # as extract refuses a --size NAME=PX whose NAME is not a --model
-        raise click.BadParameter(f"{unknown[0]}={per_model[unknown[0]]}: {unknown[0]!r} is neither --expensive "
-                                 f"({expensive}) nor --cheap ({cheap})", param_hint="--size")
+    for hint, given in (("--size", per_model), ("--clip-len", per_model_len)):
+        unknown = sorted(set(given) - set(px))
+        if unknown:  # as extract refuses a --size NAME=PX whose NAME is not a --model
+            raise click.BadParameter(f"{unknown[0]}={given[unknown[0]]}: {unknown[0]!r} is neither --expensive "
+                                     f"({expensive}) nor --cheap ({cheap})", param_hint=hint)
     from faster.aggregate import schedule
 
     if exit_budget is not None and not early_exit:
@@ -767,7 +774,8 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     gflops, shapes = {}, {}
     for hint, m in (("--expensive", expensive), ("--cheap", cheap)):
         try:
-            gflops[m], shapes[m] = models.clip_gflops(m, clip_len, px[m]), models.feature_shape(m, clip_len, px[m])
+            gflops[m], shapes[m] = (models.clip_gflops(m, frames[m], px[m]),
+                                    models.feature_shape(m, frames[m], px[m]))
         except UserError as err:
             raise click.BadParameter(str(err), param_hint=hint) from None
     try:
@@ -793,7 +801,7 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
     if as_json:
         out = {"clip_gflops": gflops, "aggregator_gflops": agg_gflops, "video_gflops": video,
                "num_expensive": num_e, "num_cheap": num_c, "pattern": pattern, "num_clips": n,
-               "clip_len": clip_len, "size": size, "sizes": px, "expensive": expensive, "cheap": cheap, "agg": agg,
+               "clip_len": clip_len, "clip_lens": frames, "size": size, "sizes": px, "expensive": expensive, "cheap": cheap, "agg": agg,
                "feature_shape": [C, T, H, W]}
         if gate is not None:
             out.update(gate_gflops=gate, budget=plan.budget)
@@ -804,7 +812,7 @@ def flops(expensive: str, cheap: str, clip_len: int, num_clips: int | None, size
             out["note"] = note
         click.echo(json.dumps(out))
         return
-    click.echo(f"{n} clips of {clip_len} frames {where}, pattern {plan.describe()}: {num_e:g} expensive, "
+    click.echo(f"{n} clips {clips} {where}, pattern {plan.describe()}: {num_e:g} expensive, "
                f"{num_c:g} cheap; features {C} x {T} x {H} x {W} (C x T' x H' x W')")
     whole = isinstance(num_e, int) and isinstance(num_c, int)
     count_e = f"{num_e:3d}" if whole else f"{num_e:5.2f}"

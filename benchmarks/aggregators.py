@@ -18,14 +18,27 @@ measured in the same run, round-robin with the aggregators: a 2048 x 2048 x 2048
 bf16 (and fp32), in G multiply-adds/s. Each aggregator's rate is 3 x its forward multiply-adds per
 training video x B / seconds per step (forward + backward, the issue's convention), printed as a
 share of the bf16 matmul's rate (issue [22]: FAST-GRU >= 0.4).
+
+``--fit-videos 64`` also measures FAST-GRU from outside, as a user runs it (issue [22]): whole
+``faster fit`` processes (fastgru, pattern all-e, ``--val-fraction 0.25``, batch ``--batch-size``,
+``--dtype``) over that many generated videos of ``--num-clips`` x ``--shape`` maps, of 1 and of 3
+epochs, interleaved over ``--fit-repeats`` rounds (best of each). The two extra epochs' multiply-adds
+(3 x the aggregator's GFLOPs per training video, 1 x per validation video, per epoch) divided by the
+difference of the best times is a rate that includes loading, validation and checkpoints; it is
+printed as a share of the bf16 (and fp32) matmul measured between the runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 
 class Stepper:
@@ -89,6 +102,48 @@ class Matmul:
         return (time.perf_counter() - t0) / 3
 
 
+def fit_outside(args: argparse.Namespace, ceilings: dict[str, Matmul]) -> dict:
+    """Best wall seconds of whole ``faster fit`` processes of 1 and 3 epochs (fastgru, all-e) and the
+    rate of the two extra epochs, as a share of the matmuls in ``ceilings`` timed between the runs."""
+    from faster.aggregate.flops import aggregator_gflops
+    from faster.aggregate.synthetic import write_synthetic
+
+    C, T, H, W = args.shape
+    root = Path(tempfile.mkdtemp(prefix="faster-bench-agg-"))
+    try:
+        feats = write_synthetic(root / "feats", num_videos=args.fit_videos, num_clips=args.num_clips, clip_len=8,
+                                models={"exp": (T, H, W, C), "chp": (T, H, W, C)}, signal="static",
+                                num_classes=400, shard_size=16, seed=0)
+        seconds: dict[int, list[float]] = {1: [], 3: []}
+        matmul: dict[str, list[float]] = {name: [] for name in ceilings}
+        for _ in range(args.fit_repeats):
+            for epochs in (1, 3):
+                cmd = [sys.executable, "-m", "faster", "fit", str(feats), "-o", str(root / "run"), "--agg", "fastgru",
+                       "--expensive", "exp", "--cheap", "chp", "--pattern", "all-e", "--epochs", str(epochs),
+                       "--val-fraction", "0.25", "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+                       "--device", args.device, "--overwrite", "--no-progress"]
+                t = time.perf_counter()
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                seconds[epochs].append(time.perf_counter() - t)
+                for name, m in ceilings.items():
+                    m.step()  # warm
+                    matmul[name].append(m.macs / min(m.step() for _ in range(3)) / 1e9)
+        result = json.loads((root / "run" / "result.json").read_text())
+        n_val = int(result.get("num_val", round(args.fit_videos * 0.25)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    n_train = args.fit_videos - n_val
+    gflops = aggregator_gflops("fastgru", C, (T, H, W), args.num_clips)
+    extra = 2 * gflops * (3 * n_train + n_val)  # G multiply-adds of epochs 2 and 3
+    rate = extra / (min(seconds[3]) - min(seconds[1]))
+    out = {"videos": args.fit_videos, "train": n_train, "val": n_val, "gflops_per_video": gflops,
+           "seconds_1_epoch": seconds[1], "seconds_3_epochs": seconds[3], "gmacs_per_second": rate,
+           "matmul_gmacs_per_second": {k: statistics.median(v) for k, v in matmul.items()}}
+    for name, v in out["matmul_gmacs_per_second"].items():
+        out[f"share_of_{name}"] = rate / v
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--aggs", nargs="*", default=None, help="default: every registered aggregator")
@@ -103,6 +158,9 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
                    help="the aggregators' forward: fp32, or bf16 autocast (auto: where native, as fit's --dtype)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--fit-videos", type=int, default=0,
+                   help="also time whole `faster fit` runs (fastgru, all-e) of 1 and 3 epochs over this many videos")
+    p.add_argument("--fit-repeats", type=int, default=2, help="rounds of the --fit-videos runs (best kept)")
     args = p.parse_args()
 
     import torch
@@ -147,8 +205,10 @@ def main() -> None:
                "steps": args.steps, "device": args.device, "threads": torch.get_num_threads(),
                "dtype": "bf16" if bf16 else "fp32",
                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    outside = fit_outside(args, ceilings) if args.fit_videos else None
     if args.json:
-        print(json.dumps({"setting": setting, "ceilings_gmacs_per_second": ceiling, "rows": rows}, indent=1))
+        print(json.dumps({"setting": setting, "ceilings_gmacs_per_second": ceiling, "rows": rows,
+                          "fit_outside": outside}, indent=1))
         return
     print(f"# {json.dumps(setting)}")
     bf16_ceiling = f"{ceiling['matmul_bf16']:.1f}" if "matmul_bf16" in ceiling else "not measured (no native bf16)"
@@ -161,6 +221,14 @@ def main() -> None:
         print(f"| {agg} | {r['seconds_per_step']:.4f} | {r['seconds_per_video']:.4f} | "
               f"{r['ratio_to_fastgru']:.3f} | {r['gflops_per_video']:.3f} | {r['gmacs_per_second']:.1f} | "
               f"{r['share_of_fp32_matmul']:.3f} | {share} |")
+
+    if outside:
+        o = outside
+        shares = ", ".join(f"{o[f'share_of_{k}']:.3f} of the {k[len('matmul_'):]} matmul ({v:.1f})"
+                           for k, v in o["matmul_gmacs_per_second"].items())
+        print(f"# faster fit fastgru all-e, {o['train']} + {o['val']} val videos, --dtype {args.dtype}: "
+              f"1 epoch {min(o['seconds_1_epoch']):.2f} s, 3 epochs {min(o['seconds_3_epochs']):.2f} s "
+              f"(best of {args.fit_repeats}); the 2 extra epochs: {o['gmacs_per_second']:.1f} G MAC/s = {shares}")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,21 @@ def test_flops_text_output():
     assert "117.84 GFLOPs/clip" in result.output and "12.67 GFLOPs/clip" in result.output
 
 
+def test_flops_takes_a_clip_length_per_model():
+    # R(2+1)D-50 at 16 frames beside R2D-26 at 8 (as extract's --clip-len NAME=L): each model's own figures
+    result = CliRunner().invoke(cli, ["flops", "--clip-len", "8", "--clip-len", "r2plus1d50=16", "--size", "112",
+                                      "--pattern", "1:1", "--num-clips", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["clip_lens"] == {"r2plus1d50": 16, "r2d26": 8}
+    assert out["clip_gflops"]["r2plus1d50"] == pytest.approx(clip_gflops("r2plus1d50", 16, 112))
+    assert out["clip_gflops"]["r2d26"] == pytest.approx(clip_gflops("r2d26", 8, 112))
+    text = CliRunner().invoke(cli, ["flops", "--clip-len", "r2plus1d50=16", "--size", "112", "--num-clips", "4"])
+    assert "4 clips (r2plus1d50: 16 frames, r2d26: 8 frames) at 112 px" in text.output
+    bad = CliRunner().invoke(cli, ["flops", "--clip-len", "nosuch=16"])
+    assert bad.exit_code == 2 and "'nosuch' is neither --expensive" in bad.output
+
+
 @pytest.mark.parametrize("args, named", [
     (["--pattern", "1:5"], "'1:5'"),          # 6 does not divide 32 clips
     (["--pattern", "every-other"], "'every-other'"),
