@@ -311,7 +311,7 @@ def extract(**kw) -> None:
 @click.option("--val-clips", type=click.IntRange(1), help="Uniform clips per validation video [default: 256 // clip-len].")
 @click.option("--flops-target", type=click.FloatRange(0, 1, min_open=True),
               help="For a backbone whose cost depends on the clip (vared_*): the mean fraction of its full GFLOPs "
-                   "per clip its gates are trained toward [default: the backbone's, 0.6 for vared_*].")
+                   "per clip its gates are trained toward [default: the backbone's, 0.6 for vared_r2plus1d50, 0.75 for its _tiny].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),

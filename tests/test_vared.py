@@ -185,6 +185,23 @@ def test_train_clip_adds_the_flops_penalty_and_reports_the_cost(motion_videos, t
         train_clip(TrainClipConfig(out=str(tmp_path / "bad"), model=TINY, flops_target=1.5, **kw))
 
 
+def test_default_targets_and_a_target_below_the_floor_is_warned_about(caplog):
+    from faster.train.clip import TrainClipConfig, _flops_target
+
+    tiny, full = models.build(TINY), models.build("vared_r2plus1d50")
+    table = tiny.cost_table(8, 32)
+    floor = table["cheapest"] / table["full"]
+    assert 0.6 < floor < 0.75  # why the tiny variant's default is not the full network's 0.6
+    assert _flops_target(TrainClipConfig(video_root=".", out="x", model=TINY, clip_len=8, size=32), tiny) == 0.75
+    assert caplog.records == []
+    assert _flops_target(TrainClipConfig(video_root=".", out="x", model="vared_r2plus1d50"), full) == 0.6
+    assert caplog.records == []  # 0.6 is reachable by the full-width network
+    cfg = TrainClipConfig(video_root=".", out="x", model=TINY, clip_len=8, size=32, flops_target=0.5)
+    assert _flops_target(cfg, tiny) == 0.5
+    assert any("below what vared_r2plus1d50_tiny can reach" in r.getMessage() and f"{floor:.2f}" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_extraction_stores_each_clips_gflops_and_the_reader_returns_them(motion_videos, tmp_path, monkeypatch):
     import itertools
 

@@ -457,7 +457,14 @@ def _flops_target(cfg: TrainClipConfig, backbone: Any) -> float | None:
             raise BadValue(f"--flops-target: {cfg.model} costs the same for every clip; it applies to backbones whose "
                            f"cost depends on the clip (vared_*)")
         return None
-    return float(cfg.flops_target if cfg.flops_target is not None else default)
+    target = float(cfg.flops_target if cfg.flops_target is not None else default)
+    table = backbone.cost_table(cfg.clip_len, cfg.size)
+    floor = table["cheapest"] / table["full"]
+    if target < floor:  # reachable only by the cheapest path everywhere: the penalty then outweighs accuracy
+        log.warning("--flops-target %.2f is below what %s can reach at %d x %d px (%.2f of its GFLOPs: the stem and "
+                    "the shortcuts always run in full): its gates will be pushed to the cheapest path for every clip",
+                    target, cfg.model, cfg.clip_len, cfg.size, floor)
+    return target
 
 
 def _provenance(cfg: TrainClipConfig, videos: Videos, epoch: int, val_row: dict[str, Any]) -> dict[str, Any]:
