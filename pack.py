@@ -44,7 +44,9 @@ UNKNOWN = -1  # clip starts, num_frames, fps, frame_stride and size that a packe
 STAGE = "pack"  # the failure stage of a file that could not be packed
 NPY_MAGIC = b"\x93NUMPY"
 FLOAT16_MAX = 65504.0
-READ_AHEAD = 4  # files read by a background thread ahead of the one being written
+READ_AHEAD_BYTES = 64 * 2**20  # float16 values read ahead of the video being written (at least 4 files): enough to
+# keep reading while a shard is flushed, hashed and synced (a few files' worth of read-ahead idles meanwhile)
+READ_THREADS = 2  # reading threads: the disk's queue holds two reads, and the float16 casts run beside the writes
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -282,14 +284,14 @@ def _check_shape(packed: tuple[int, ...], num_clips: int, shape: tuple[int, ...]
 
 
 def _read_ahead(fetch: Any, items: list[Any], ahead: int) -> Iterator[tuple[Any, Any]]:
-    """(item, future of ``fetch(item)``) in order, with up to ``ahead`` items read by a background
-    thread beyond the one being written: reading a file (disk, then numpy's checks, both without the
-    GIL) overlaps the float16 cast and the shard writes of the one before, where a plain loop waits
-    for each in turn. Memory: ``ahead`` files."""
+    """(item, future of ``fetch(item)``) in order, with up to ``ahead`` items read by READ_THREADS
+    background threads beyond the one being written: reading a file, numpy's checks and the float16
+    cast (all without the GIL) overlap the shard writes, hashes and syncs of the ones before, where a
+    plain loop waits for each in turn. Memory: ``ahead`` files."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pack-read") as pool:
+    with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="pack-read") as pool:
         queue: deque = deque()
         rest = iter(items)
         try:
@@ -330,6 +332,8 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
     Raises BadFile when SRC is not a directory or holds no usable file, Incompatible (from the
     writer) when ``out`` holds a feature set of another configuration.
     """
+    import numpy as np
+
     import faster
     from faster.extract.video import discover
     from faster.store.header import Header, ModelHeader
@@ -394,17 +398,19 @@ def run_pack(cfg: PackConfig) -> dict[str, Any]:
         bar = Progress(len(todo), "pack", unit="video", enabled=cfg.progress)
 
         def fetch(it: Any) -> np.ndarray:
-            """One video's checked values (BadFile otherwise): the probe's, or read now."""
+            """One video's checked values as float16 (BadFile otherwise): the probe's, or read now."""
             x = probed.pop(it.id, None)
             if isinstance(x, str):
                 raise BadFile(x)
             if x is None:
-                return read_file(it.path, cfg.channels_first, (num_clips, shape, fixed_by))
-            _check_shape(x.shape, num_clips, shape, fixed_by)
-            return x
+                x = read_file(it.path, cfg.channels_first, (num_clips, shape, fixed_by))
+            else:
+                _check_shape(x.shape, num_clips, shape, fixed_by)
+            return x.astype(np.float16)  # here, on the reading threads (numpy casts without the GIL)
 
         try:
-            for it, future in _read_ahead(fetch, todo, READ_AHEAD):
+            ahead = max(4, READ_AHEAD_BYTES // max(1, 2 * num_clips * math.prod(shape)))
+            for it, future in _read_ahead(fetch, todo, ahead):
                 try:
                     x = future.result()
                 except BadFile as err:
