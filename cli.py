@@ -1009,6 +1009,13 @@ def main(argv: list[str] | None = None) -> None:
         terminated = runtime.received_signals[0] == "SIGTERM"
         click.echo("\nterminated" if terminated else "\ninterrupted", err=True)
         _exit_now(143 if terminated else 130)
+    # The command is done (outputs written and closed, atomically) and the process ends here: the
+    # interpreter's last garbage collections at exit would walk every object torch created (0.4-0.5 s
+    # of a short command's 2-3 s, BENCHMARKS.md "Start-up"); frozen, they are skipped. atexit handlers
+    # and weakref finalizers (the decode pool's, logging's) still run.
+    import gc
+
+    gc.freeze()
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
