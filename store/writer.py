@@ -21,7 +21,10 @@ numbers never reused (not even a killed writer's temporary one), the part manife
 sha256 (rewritten atomically after every shard), the failures log, and, for a single-part directory,
 the merged manifest. A directory holding shards of another configuration is refused before
 anything is written. If an exception escapes the ``with`` block the open shard is deleted; the
-complete ones and the manifest that lists them stay.
+complete ones and the manifest that lists them stay. A shard that fills up is made durable
+(fsync), renamed and hashed on a background thread while the next one is written, and listed when
+that is done (at the next shard's close, or the block's end); a shard is listed only once its
+final name and digest exist, so a kill at any moment leaves a consistent directory.
 
 ``ShardWriter`` writes one shard in blocks: each video's maps are copied (cast to float16) into a
 block buffer of up to ``BLOCK_BYTES`` (at least one video), and a full block goes to the open HDF5
@@ -35,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -243,9 +247,15 @@ class ShardWriter:
         self._meta = []
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.close(exc_type is None):
+            self.commit()
+
+    def close(self, keep: bool = True) -> bool:
+        """Write the last block and close the temporary file; False (and the file deleted) when there
+        is nothing to keep: ``keep`` False (an error in the with-block), no video, or a failed write."""
         complete = False
         try:
-            if exc_type is None and self.ids:
+            if keep and self.ids:
                 self._flush()  # the last block
                 complete = True
         finally:
@@ -254,14 +264,23 @@ class ShardWriter:
             if not complete:  # an error (in the with-block or in this last write), or no video: nothing kept
                 self._discard(f)
         if not complete:
-            return
+            return False
         try:
             f.flush()
             f.close()
+        except BaseException:  # e.g. the disk filled up: the shard is not kept, the shards before it are
+            self._discard(f)
+            raise
+        return True
+
+    def commit(self) -> None:
+        """Make the closed shard durable (fsync), give it its final name and its sha256. Touches no HDF5
+        object, so it may run on another thread while the next shard is written."""
+        try:
             with open(self.tmp_path, "rb") as fh:
                 os.fsync(fh.fileno())
         except BaseException:  # e.g. the disk filled up: the shard is not kept, the shards before it are
-            self._discard(f)
+            self.tmp_path.unlink(missing_ok=True)
             raise
         os.replace(self.tmp_path, self.path)
         self.sha256 = sha256_file(self.path)
@@ -312,6 +331,8 @@ class FeatureSetWriter:
         self.merged: dict[str, Any] | None = None
         self._summary: dict[str, Any] | None = None
         self._shard: ShardWriter | None = None
+        self._committing: tuple[ShardWriter, Future] | None = None  # a closed shard being synced on _commits
+        self._commits: ThreadPoolExecutor | None = None
         self._seq = 0
         if self.out.is_dir():
             self._scan()
@@ -388,20 +409,49 @@ class FeatureSetWriter:
         if short:
             self.short.add(id)
         if self._shard.full:
-            self.close_shard()
+            self.close_shard(background=True)
 
     def fail(self, video_id: str, stage: str, error: str, **extra: Any) -> None:
         """Record a video that could not be written (failures-<part>.jsonl; the latest record per id wins)."""
         self.failures.append(manifest.failure_record(video_id, stage, error, **extra))
         self.failed += 1
 
-    def close_shard(self) -> None:
-        """Complete the open shard (rename, sha256) and list it in the part manifest."""
+    def close_shard(self, background: bool = False) -> None:
+        """Complete the open shard (close, fsync, rename, sha256) and list it in the part manifest.
+        ``background``: the fsync, rename and sha256 run on a thread while the caller goes on writing
+        the next shard (a full shard's, from ``add``: its sync no longer stalls reading and writing);
+        the shard is listed once they are done, at the next shard's close or at the end of the
+        with-block, and an error of theirs (a full disk) is raised there."""
         w, self._shard = self._shard, None
         if w is None:
+            self._settle()
             return
-        w.__exit__(None, None, None)
+        kept = w.close()
         self._seq += 1
+        try:
+            self._settle()  # the shard before: listed in order, its error raised before this one is committed
+        except BaseException:
+            w.tmp_path.unlink(missing_ok=True)  # closed, never committed: nothing left behind
+            raise
+        if not kept:
+            return
+        if background:
+            if self._commits is None:
+                self._commits = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-commit")
+            self._committing = (w, self._commits.submit(w.commit))
+            return
+        w.commit()
+        self._list(w)
+
+    def _settle(self) -> None:
+        """Wait for the shard committing in the background and list it (its error is raised)."""
+        pending, self._committing = self._committing, None
+        if pending is not None:
+            w, future = pending
+            future.result()
+            self._list(w)
+
+    def _list(self, w: ShardWriter) -> None:
         self.shard_videos[w.path.name] = list(w.ids)
         self.my_shards[w.path.name] = manifest.shard_entry(w.path, len(w.ids), w.sha256)
         self.shards_written += 1
@@ -418,6 +468,10 @@ class FeatureSetWriter:
                 w, self._shard = self._shard, None
                 if w is not None:
                     w.__exit__(exc_type, exc, tb)  # deletes the temporary file
+                try:
+                    self._settle()  # a complete shard still committing is kept and listed
+                except Exception as err:  # its temporary file is gone: resuming writes its videos again
+                    log.warning("a complete shard was not kept: %s", err)
                 return
             self.close_shard()
             self.failures.compact(self.done)
@@ -425,6 +479,9 @@ class FeatureSetWriter:
             if self.num_parts == 1:
                 self.merged = manifest.merge(self.out, self.shard_videos, config=self.config)
         finally:
+            if self._commits is not None:
+                self._commits.shutdown(wait=True)
+                self._commits = None
             self.lock.release()
 
     def _write_manifest(self, finished: dict[str, Any] | None = None) -> None:

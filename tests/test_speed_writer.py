@@ -80,3 +80,72 @@ def test_a_refused_video_leaves_nothing_behind(tmp_path):
         assert w.ids == ["a"]
     with h5py.File(tmp_path / schema.shard_name(0, 0)) as f:
         assert f["features/m"].shape == (1, N, *SHAPE) and [i.decode() for i in f["videos/id"][()]] == ["a"]
+
+
+def _add(w, k):
+    w.add(id=f"v{k}", label=0, num_frames=20, fps=30.0, clip_start=[0, 6, 12], features={"m": np.full((N, *SHAPE), k)})
+
+
+def test_a_full_shard_commits_in_the_background_and_is_listed_in_order(tmp_path, monkeypatch):
+    # the commit of shard 0 (fsync, rename, sha256) is held until shard 1 is being written: the
+    # writer went on meanwhile, and shard 0 is listed (with its digest) once it is done
+    from threading import Event
+
+    from faster.store import manifest
+
+    started, release = Event(), Event()
+    commit = ShardWriter.commit
+
+    def slow_commit(self):
+        started.set()
+        assert release.wait(10)
+        commit(self)
+
+    monkeypatch.setattr(ShardWriter, "commit", slow_commit)
+    with writer.FeatureSetWriter(tmp_path, HEADER, shard_size=2) as w:
+        _add(w, 0), _add(w, 1)  # full: shard 0 goes to the commit thread
+        assert started.wait(10)
+        _add(w, 2)  # shard 1 is written while shard 0 is committing
+        assert w.shards_written == 0 and not (tmp_path / schema.shard_name(0, 0)).exists()
+        release.set()
+        _add(w, 3)  # full: shard 0 is listed before shard 1 is committed
+        assert w.shards_written == 1
+    part = manifest.part_manifests(tmp_path)[0]
+    assert [s["name"] for s in part["shards"]] == [schema.shard_name(0, 0), schema.shard_name(0, 1)]
+    assert all(len(s["sha256"]) == 64 for s in part["shards"])
+    assert w.done == {"v0", "v1", "v2", "v3"} and not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_error_while_committing_in_the_background_is_raised_and_loses_nothing_listed(tmp_path, monkeypatch):
+    from faster.store import manifest
+
+    commit = ShardWriter.commit
+
+    def full_disk(self):
+        if self.path.name == schema.shard_name(0, 1):
+            self.tmp_path.unlink()
+            raise OSError(28, "No space left on device")
+        commit(self)
+
+    monkeypatch.setattr(ShardWriter, "commit", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        with writer.FeatureSetWriter(tmp_path, HEADER, shard_size=2) as w:
+            for k in range(6):
+                _add(w, k)  # shard 1's failed commit is raised when shard 2 closes
+    part = manifest.part_manifests(tmp_path)[0]
+    assert [s["name"] for s in part["shards"]] == [schema.shard_name(0, 0)]  # shard 2 was never committed
+    assert sorted(p.name for p in tmp_path.glob("*.h5*")) == [schema.shard_name(0, 0)]
+
+
+def test_an_interruption_keeps_the_shard_that_was_committing(tmp_path):
+    from faster.store import manifest
+
+    with pytest.raises(KeyboardInterrupt):
+        with writer.FeatureSetWriter(tmp_path, HEADER, shard_size=2) as w:
+            _add(w, 0), _add(w, 1), _add(w, 2)  # shard 0 full (committing), shard 1 open
+            raise KeyboardInterrupt
+    part = manifest.part_manifests(tmp_path)[0]
+    assert [s["name"] for s in part["shards"]] == [schema.shard_name(0, 0)]
+    assert sorted(p.name for p in tmp_path.glob("*.h5*")) == [schema.shard_name(0, 0)]
+    with writer.FeatureSetWriter(tmp_path, HEADER, shard_size=2) as again:
+        assert again.done == {"v0", "v1"}
