@@ -121,6 +121,20 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def decide(self, decide: Callable[[], Any], errors: tuple[type[Exception], ...]) -> Any:
+        """Rank 0's ``decide()`` on every process (what to do with a run directory: rank 0 looks, every
+        rank follows). An ``errors`` exception it raises (a refusal) is raised on every process, each
+        leaving the process group first."""
+        try:
+            decision = decide() if self.main else None
+        except errors as err:
+            decision = err
+        decision = self.broadcast(decision)
+        if isinstance(decision, Exception):
+            self.stop()
+            raise decision
+        return decision
+
     def gather(self, obj: Any) -> list[Any]:
         """Every process's ``obj`` (picklable), in rank order, on every process."""
         if not self.enabled:

@@ -505,15 +505,7 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
     plan, fs, vs, teacher = prep.plan, prep.fs, prep.vs, prep.teacher
     config = _config_record(cfg, teacher)
     dist.start(device)
-    try:  # rank 0 looks at the run directory; every rank follows its decision (or its refusal)
-        decision: Any = _check_out(cfg, config) if dist.main else None
-    except (BadValue, Incompatible) as err:
-        decision = err
-    decision = dist.broadcast(decision)
-    if isinstance(decision, Exception):
-        dist.stop()
-        raise decision
-    resuming = bool(decision)
+    resuming = bool(dist.decide(lambda: _check_out(cfg, config), (BadValue, Incompatible)))
     created = not out.exists()
     written = False  # a training state exists: an interruption from here on leaves a resumable run
     try:

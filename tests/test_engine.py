@@ -52,6 +52,35 @@ def test_rank_shares_are_disjoint_equal_and_cover_the_epoch():
         Distributed.from_env({"RANK": "2", "WORLD_SIZE": "2"})
 
 
+def test_rank_zeros_decision_and_refusal_reach_every_rank(monkeypatch):
+    # two ranks without a process group: the broadcast hands out what rank 0 put in
+    sent = []
+
+    def broadcast(self, obj):
+        if self.rank == 0:
+            sent.append(obj)
+        return sent[-1]
+
+    monkeypatch.setattr(Distributed, "broadcast", broadcast)
+    monkeypatch.setattr(Distributed, "stop", lambda self: stopped.append(self.rank))
+    looked, stopped = [], []
+
+    def look(answer):
+        looked.append(answer)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert [Distributed(r, 2).decide(lambda: look("resume"), (ValueError,)) for r in (0, 1)] == ["resume", "resume"]
+    assert looked == ["resume"]  # only rank 0 looked
+    for r in (0, 1):
+        with pytest.raises(ValueError, match="refused"):
+            Distributed(r, 2).decide(lambda: look(ValueError("refused")), (ValueError,))
+    assert stopped == [0, 1]  # each left the process group before raising
+    with pytest.raises(KeyError):  # not a refusal: raised on rank 0 as it is
+        Distributed(0, 2).decide(lambda: look(KeyError("bug")), (ValueError,))
+
+
 def test_engine_resume_continues_exactly(tmp_path):
     """Two epochs and a resume from epoch 1's state end with the weights of three straight epochs."""
     def train(epochs_run, resume):

@@ -331,17 +331,10 @@ def train_clip(cfg: TrainClipConfig, *, dist: Any = None, echo: Callable[[str], 
     flops_target = _flops_target(cfg, model.backbone)
     config["flops_target"] = flops_target
     dist.start(device)
-    try:
-        decision: Any = check_run_dir(out, config, resume=cfg.resume, overwrite=cfg.overwrite, done=RESULT,
-                                      partial=(CONFIG, STATE, METRICS, MODEL), state=STATE, free=RESUME_FREE,
-                                      what="train-clip") if dist.main else None
-    except ValueError as err:
-        decision = err
-    decision = dist.broadcast(decision)
-    if isinstance(decision, Exception):
-        dist.stop()
-        raise decision
-    resuming = bool(decision)
+    resuming = bool(dist.decide(lambda: check_run_dir(out, config, resume=cfg.resume, overwrite=cfg.overwrite,
+                                                      done=RESULT, partial=(CONFIG, STATE, METRICS, MODEL),
+                                                      state=STATE, free=RESUME_FREE, what="train-clip"),
+                                (ValueError,)))
     created = not out.exists()
     try:
         if dist.main:
