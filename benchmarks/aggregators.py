@@ -5,7 +5,7 @@
 
 One training step = forward of a batch of B videos (pattern 1:1 over N clips of T' x H' x W' x C maps
 from two sources of equal shape, channels last as the shards store them and fit passes them),
-cross-entropy over 400 classes, backward, AdamW step, at each
+cross-entropy over 400 classes, backward, AdamW step (fused, as fit's engine; --unfused: per tensor), at each
 aggregator's defaults. Inputs are random (the cost does not depend on their values) and are built
 once, outside the timing. Every aggregator is timed in the same run, round-robin (one step of each
 in turn, so a machine that other work slows down slows them alike), after a warm-up step, as the
@@ -45,7 +45,8 @@ class Stepper:
     """One aggregator at its defaults, its AdamW optimiser and a fixed random batch; ``step()`` times one
     training step."""
 
-    def __init__(self, agg: str, shape: list[int], num_clips: int, batch_size: int, device: str, bf16: bool):
+    def __init__(self, agg: str, shape: list[int], num_clips: int, batch_size: int, device: str, bf16: bool,
+                 fused: bool = True):
         import torch
 
         from faster.aggregate.models import build
@@ -57,7 +58,7 @@ class Stepper:
         n_e = sum(self.mask)
         self.model = build(agg, num_classes=400, sources={"expensive": shape, "cheap": shape},
                            dropout=0.5).to(device).train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, fused=fused)  # fused: as fit's engine
         c, *grid = shape  # the aggregators' ``sources`` order; the maps themselves are channels last
         self.x = {src: torch.randn((batch_size, n, *grid, c), device=device)  # (B, n, T', H', W', C)
                   for src, n in (("expensive", n_e), ("cheap", num_clips - n_e))}
@@ -158,6 +159,8 @@ def main() -> None:
     p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "bf16"],
                    help="the aggregators' forward: fp32, or bf16 autocast (auto: where native, as fit's --dtype)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--unfused", action="store_true",
+                   help="AdamW's per-tensor implementation instead of the fused one fit's engine uses")
     p.add_argument("--fit-videos", type=int, default=0,
                    help="also time whole `faster fit` runs (fastgru, all-e) of 1 and 3 epochs over this many videos")
     p.add_argument("--fit-repeats", type=int, default=2, help="rounds of the --fit-videos runs (best kept)")
@@ -177,7 +180,8 @@ def main() -> None:
         aggs = [*aggs, "fastgru"]
     C, T, H, W = args.shape
     steppers: dict[str, Stepper | Matmul] = {
-        agg: Stepper(agg, args.shape, args.num_clips, args.batch_size, args.device, bf16) for agg in aggs}
+        agg: Stepper(agg, args.shape, args.num_clips, args.batch_size, args.device, bf16, not args.unfused)
+        for agg in aggs}
     native = resolve_dtype("auto", torch.device(args.device)) == "bfloat16"
     ceilings = {"matmul_fp32": Matmul(2048, "float32", args.device)}
     if native or bf16:  # an emulated bf16 matmul (no AVX512-BF16/AMX) takes minutes and bounds nothing
@@ -203,7 +207,7 @@ def main() -> None:
         r["ratio_to_fastgru"] = r["seconds_per_step"] / ref
     setting = {"batch_size": args.batch_size, "num_clips": args.num_clips, "shape_cthw": args.shape,
                "steps": args.steps, "device": args.device, "threads": torch.get_num_threads(),
-               "dtype": "bf16" if bf16 else "fp32",
+               "dtype": "bf16" if bf16 else "fp32", "adamw": "foreach" if args.unfused else "fused",
                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
     outside = fit_outside(args, ceilings) if args.fit_videos else None
     if args.json:
