@@ -491,9 +491,12 @@ def fit(feats: tuple[str, ...], val: tuple[str, ...], **kw) -> None:
 @click.option("--skip-bad", is_flag=True, help="Leave out changed shards and videos with NaN/inf (with a warning).")
 @click.option("--order", type=click.Choice(ORDERS),
               help="Fold the clips in this order [default: the run's; an early-exit run keeps its own].")
+@click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["auto", "fp32", "bf16"]),
+              help="The aggregator's forward: fp32 (as predict: the same probabilities) or bf16 autocast (2.3x "
+                   "faster on an AVX512-BF16 CPU, BENCHMARKS.md; auto: where native).")
 @click.option("--no-progress", "progress", is_flag=True, flag_value=False, default=True, help="No progress bar.")
 def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, workers: int | None,
-             skip_bad: bool, order: str | None, progress: bool) -> None:
+             skip_bad: bool, order: str | None, dtype: str, progress: bool) -> None:
     """Score a fitted run on feature sets; write per-video predictions.
 
     Each JSON line: {"id", "label", "probs", "top5": [[class, prob], ...], "gflops", "clips_seen", ...};
@@ -503,7 +506,7 @@ def evaluate(run: str, feats: tuple[str, ...], out: str | None, device: str, wor
 
     try:
         r = evaluate_run(run, list(feats), out, device=device, workers=workers, skip_bad=skip_bad, order=order,
-                         progress=progress)
+                         progress=progress, dtype=dtype)
     except UserError as err:
         _fail(err)
     scores = ("no labelled videos" if r["top1"] is None else

@@ -25,7 +25,8 @@ share of the bf16 matmul's rate (issue [22]: FAST-GRU >= 0.4).
 epochs, interleaved over ``--fit-repeats`` rounds (best of each). The two extra epochs' multiply-adds
 (3 x the aggregator's GFLOPs per training video, 1 x per validation video, per epoch) divided by the
 difference of the best times is a rate that includes loading, validation and checkpoints; it is
-printed as a share of the bf16 (and fp32) matmul measured between the runs.
+printed as a share of the bf16 (and fp32) matmul measured between the runs; then ``faster evaluate``
+of the last run over all the videos with ``--dtype fp32`` and ``bf16``, best of ``--fit-repeats``.
 """
 from __future__ import annotations
 
@@ -131,6 +132,7 @@ def fit_outside(args: argparse.Namespace, ceilings: dict[str, Matmul]) -> dict:
                     matmul[name].append(m.macs / min(m.step() for _ in range(3)) / 1e9)
         result = json.loads((root / "run" / "result.json").read_text())
         n_val = int(result.get("num_val", round(args.fit_videos * 0.25)))
+        evaluate_seconds = evaluate_dtypes(root / "run", feats, args.fit_repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     n_train = args.fit_videos - n_val
@@ -139,10 +141,25 @@ def fit_outside(args: argparse.Namespace, ceilings: dict[str, Matmul]) -> dict:
     rate = extra / (min(seconds[3]) - min(seconds[1]))
     out = {"videos": args.fit_videos, "train": n_train, "val": n_val, "gflops_per_video": gflops,
            "seconds_1_epoch": seconds[1], "seconds_3_epochs": seconds[3], "gmacs_per_second": rate,
-           "matmul_gmacs_per_second": {k: statistics.median(v) for k, v in matmul.items()}}
+           "matmul_gmacs_per_second": {k: statistics.median(v) for k, v in matmul.items()},
+           "evaluate_seconds": evaluate_seconds}
     for name, v in out["matmul_gmacs_per_second"].items():
         out[f"share_of_{name}"] = rate / v
     return out
+
+
+def evaluate_dtypes(run: Path, feats: Path, repeats: int) -> dict[str, float]:
+    """Best seconds of `faster evaluate` (in process: faster.aggregate.evaluation.evaluate) of ``run``
+    over every video of ``feats``, the aggregator's forward in fp32 and under bf16 autocast, interleaved."""
+    from faster.aggregate.evaluation import evaluate
+
+    seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(repeats + 1):  # the first round warms up (imports, allocator)
+        for dtype in seconds:
+            t = time.perf_counter()
+            evaluate(run, [str(feats)], str(run.parent / "predictions.jsonl"), progress=False, dtype=dtype)
+            seconds[dtype].append(time.perf_counter() - t)
+    return {dtype: min(ts[1:]) for dtype, ts in seconds.items()}
 
 
 def main() -> None:
@@ -233,6 +250,9 @@ def main() -> None:
         print(f"# faster fit fastgru all-e, {o['train']} + {o['val']} val videos, --dtype {args.dtype}: "
               f"1 epoch {min(o['seconds_1_epoch']):.2f} s, 3 epochs {min(o['seconds_3_epochs']):.2f} s "
               f"(best of {args.fit_repeats}); the 2 extra epochs: {o['gmacs_per_second']:.1f} G MAC/s = {shares}")
+        e = o["evaluate_seconds"]
+        print(f"# faster evaluate of that run over all {o['videos']} videos: fp32 {e['fp32']:.2f} s, bf16 "
+              f"{e['bf16']:.2f} s ({e['fp32'] / e['bf16']:.2f}x)")
 
 
 if __name__ == "__main__":

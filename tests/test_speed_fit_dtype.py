@@ -47,3 +47,28 @@ def test_cli_fit_takes_dtype_and_records_it(order_set, tmp_path):
     res = CliRunner().invoke(cli, ["fit", order_set, "-o", str(tmp_path / "x"), "--agg", "gru", "--expensive", "exp",
                                    "--cheap", "chp", "--pattern", "1:1", "--dtype", "fp16"])
     assert res.exit_code == 2 and "fp16" in res.output
+
+
+def test_evaluate_in_bf16_agrees_with_fp32_and_fp32_is_the_default(order_set, tmp_path):
+    """faster evaluate --dtype bf16: the aggregator's forward under bf16 autocast; the predictions
+    match fp32's (the default, as predict runs it) to bf16's rounding."""
+    from click.testing import CliRunner
+
+    from faster.aggregate.evaluation import evaluate
+    from faster.cli import cli
+
+    fit(_cfg(order_set, tmp_path / "run", "fastgru", epochs=4, batch_size=32))
+    ref = evaluate(tmp_path / "run", [order_set], str(tmp_path / "fp32.jsonl"), progress=False)
+    low = evaluate(tmp_path / "run", [order_set], str(tmp_path / "bf16.jsonl"), progress=False, dtype="bf16")
+    assert (ref["precision"], low["precision"]) == ("fp32", "bf16")
+    p32, p16 = ([json.loads(s)["probs"] for s in (tmp_path / f"{d}.jsonl").read_text().splitlines()]
+                for d in ("fp32", "bf16"))
+    diff = max(abs(a - b) for r32, r16 in zip(p32, p16) for a, b in zip(r32, r16))
+    assert 0 < diff < 0.05, diff  # bf16 computed (not fp32 again), and close
+    assert abs(low["top1"] - ref["top1"]) <= 0.02
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "run"), order_set, "-o", str(tmp_path / "cli.jsonl"),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "fp32.jsonl").read_text()  # fp32 by default
+    res = CliRunner().invoke(cli, ["evaluate", str(tmp_path / "run"), order_set, "--dtype", "fp16"])
+    assert res.exit_code == 2 and "fp16" in res.output
