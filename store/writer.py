@@ -468,10 +468,6 @@ class FeatureSetWriter:
                 w, self._shard = self._shard, None
                 if w is not None:
                     w.__exit__(exc_type, exc, tb)  # deletes the temporary file
-                try:
-                    self._settle()  # a complete shard still committing is kept and listed
-                except Exception as err:  # its temporary file is gone: resuming writes its videos again
-                    log.warning("a complete shard was not kept: %s", err)
                 return
             self.close_shard()
             self.failures.compact(self.done)
@@ -479,6 +475,11 @@ class FeatureSetWriter:
             if self.num_parts == 1:
                 self.merged = manifest.merge(self.out, self.shard_videos, config=self.config)
         finally:
+            if self._committing is not None:  # an error above: a complete shard still committing is kept and listed
+                try:
+                    self._settle()
+                except Exception as err:  # its temporary file is gone: resuming writes its videos again
+                    log.warning("a complete shard was not kept: %s", err)
             if self._commits is not None:
                 self._commits.shutdown(wait=True)
                 self._commits = None

@@ -149,3 +149,24 @@ def test_an_interruption_keeps_the_shard_that_was_committing(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.h5*")) == [schema.shard_name(0, 0)]
     with writer.FeatureSetWriter(tmp_path, HEADER, shard_size=2) as again:
         assert again.done == {"v0", "v1"}
+
+
+def test_a_failed_last_close_still_lists_the_shard_committing_before_it(tmp_path, monkeypatch):
+    from faster.store import manifest
+
+    close = ShardWriter.close
+
+    def failing_close(self, keep=True):
+        if self.path.name == schema.shard_name(0, 1):
+            self._file.close()
+            self.tmp_path.unlink()
+            raise OSError(28, "No space left on device")
+        return close(self, keep)
+
+    monkeypatch.setattr(ShardWriter, "close", failing_close)
+    with pytest.raises(OSError, match="No space left"):
+        with writer.FeatureSetWriter(tmp_path, HEADER, shard_size=2) as w:
+            _add(w, 0), _add(w, 1), _add(w, 2)  # shard 0 committing; shard 1's close at the end fails
+    part = manifest.part_manifests(tmp_path)[0]
+    assert [s["name"] for s in part["shards"]] == [schema.shard_name(0, 0)]
+    assert sorted(p.name for p in tmp_path.glob("*.h5*")) == [schema.shard_name(0, 0)]
