@@ -370,8 +370,6 @@ def verify(feats: tuple[str, ...], repair: bool, accepted: tuple[str, ...]) -> N
     A shard changed after it was written is reported and never recorded as good; only --accept
     records it as it is now.
     """
-    from pathlib import Path
-
     from faster.store.verify import accept, repair_dir, verify as verify_dirs
 
     for value in accepted:

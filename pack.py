@@ -153,7 +153,9 @@ class _Npy:
 
 
 def _read_header(fh: Any, channels_first: bool) -> _Npy:
-    """The header of the open .npy file ``fh``, checked as ``load_features`` documents (no data read)."""
+    """The header of the open .npy file ``fh``, checked before any data is read (a file claiming a huge
+    shape costs nothing): the NUMPY magic, a 1.0/2.0 header parsed without unpickling anything
+    (``allow_pickle=False``'s guarantee), real numbers, enough bytes, rank 2 or 5, not empty."""
     import numpy as np
 
     magic = fh.read(len(NPY_MAGIC))
@@ -207,22 +209,6 @@ def _open(path: Path) -> Any:
         raise BadFile(f"unreadable: {err.strerror or err}") from None
 
 
-def load_features(path: str | Path, channels_first: bool = False) -> np.ndarray:
-    """One file as (N, T', H', W', C), memory-mapped; BadFile with the reason when it cannot be packed.
-
-    The header is checked before any data is read, so a file claiming a huge shape costs nothing;
-    only the header is parsed and no object is unpickled (``allow_pickle=False``'s guarantee).
-    """
-    import numpy as np
-
-    path = Path(path)
-    with _open(path) as fh:
-        h = _read_header(fh, channels_first)
-    x = np.memmap(path, dtype=h.dtype, mode="r", offset=h.offset, shape=h.shape,
-                  order="F" if h.fortran_order else "C")
-    return _as_packed(x, channels_first)
-
-
 def _check_values(a: np.ndarray) -> None:
     """BadFile for NaN/inf or values beyond float16, from the array's extremes (two vectorised passes;
     float16 rounding is monotonic, so the extremes overflow exactly when any value does)."""
@@ -236,24 +222,12 @@ def _check_values(a: np.ndarray) -> None:
             raise BadFile(f"values up to {float(np.abs(a).max()):.6g} overflow float16 (largest {FLOAT16_MAX:g})")
 
 
-def read_values(x: np.ndarray) -> np.ndarray:
-    """The data of a checked (memory-mapped) array as float16; BadFile for NaN/inf or values beyond float16."""
-    import numpy as np
-
-    try:
-        a = np.array(x)  # (N, T', H', W', C), read from the file now
-    except (OSError, ValueError) as err:
-        raise BadFile(f"unreadable data ({type(err).__name__}: {err})") from None
-    _check_values(a)
-    return a.astype(np.float16)
-
-
 def read_file(path: str | Path, channels_first: bool = False,
               expect: tuple[int, tuple[int, ...], str] | None = None) -> np.ndarray:
-    """One file's checked values, (N, T', H', W', C) in the file's dtype (the shard writer casts them
-    to float16 as it copies them into its block): ``load_features`` and ``read_values`` in one read
-    (a read call into one array, no memory map, no float16 copy). ``expect``: (N, per-clip shape,
-    where they come from), checked before any data is read."""
+    """One file's checked values, (N, T', H', W', C) in the file's dtype, BadFile with the reason when
+    it cannot be packed: the header checked (``_read_header``), then one read call into one array (no
+    memory map), then NaN/inf and float16 range checked. ``expect``: (N, per-clip shape, where they
+    come from), checked before any data is read."""
     import numpy as np
 
     path = Path(path)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from faster.cli import cli
 from faster.errors import BadFile, BadValue
-from faster.pack import PackConfig, find_files, load_features, read_values, run_pack
+from faster.pack import PackConfig, find_files, read_file, run_pack
 from faster.store import manifest
 
 N, C = 8, 16
@@ -255,7 +255,7 @@ def test_unusable_files_name_their_reason(tmp_path, content, reason):
     else:
         np.save(path, content, allow_pickle=True)
     with pytest.raises(BadFile) as err:
-        read_values(load_features(path))
+        read_file(path)
     assert reason in str(err.value)
 
 
@@ -263,14 +263,14 @@ def test_npz_and_truncated_files_are_refused(tmp_path):
     np.savez(tmp_path / "z.npz", a=np.ones((2, 2)))
     os.replace(tmp_path / "z.npz", tmp_path / "z.npy")
     with pytest.raises(BadFile, match="not a .npy array"):  # a zip starts with PK, not the NUMPY magic
-        load_features(tmp_path / "z.npy")
+        read_file(tmp_path / "z.npy")
     np.save(tmp_path / "t.npy", np.ones((100, 4)))
     data = (tmp_path / "t.npy").read_bytes()
     (tmp_path / "t.npy").write_bytes(data[:-40])
     with pytest.raises(BadFile, match="not a readable .npy array"):
-        load_features(tmp_path / "t.npy")
+        read_file(tmp_path / "t.npy")
     np.save(tmp_path / "i.npy", np.arange(8, dtype=np.int32).reshape(2, 4))  # integers are fine
-    assert read_values(load_features(tmp_path / "i.npy")).shape == (2, 1, 1, 1, 4)
+    assert read_file(tmp_path / "i.npy").shape == (2, 1, 1, 1, 4)
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -325,6 +325,6 @@ def test_every_stored_layout_packs_as_np_load_and_a_float16_cast(tmp_path, chann
     assert (s["packed"], s["failed"]) == (len(stored), 0)
     rows = read_shards(out, "m")
     for name in stored:
-        want = read_values(load_features(src / "a" / f"{name}.npy", channels_first))
+        want = read_file(src / "a" / f"{name}.npy", channels_first).astype(np.float16)
         np.testing.assert_array_equal(rows[f"a/{name}"][3], want, err_msg=name)
         np.testing.assert_array_equal(want, stored[name].astype(np.float16), err_msg=name)
