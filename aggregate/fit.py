@@ -46,7 +46,6 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "sgd")
 MAX_CENTRE_DESCRIPTORS = 100_000  # init_centres: k-means on at most this many training descriptors
-PREVIOUS = ".previous"  # OUT/.previous: the finished run a --overwrite fit replaces, kept until it completes
 RUN_FILES = (run.CONFIG, run.TRAINING_STATE, run.CHECKPOINT, run.METRICS, run.RESULT, run.VAL_PREDICTIONS)
 # config keys that may differ when a fit is resumed (how it runs, not what it computes)
 RESUME_FREE = ("resume", "overwrite", "progress", "threads", "workers", "device")
@@ -453,7 +452,7 @@ def _put_aside(out: Path) -> None:
     stays until the new fit completes (an interrupted one leaves it there, and a failure before the
     first epoch is saved puts it back); a half run's files are removed. result.json moves first and
     comes back last, so OUT never holds a complete-looking mixture."""
-    previous = out / PREVIOUS
+    previous = out / run.PREVIOUS
     if (out / run.RESULT).exists():
         shutil.rmtree(previous, ignore_errors=True)  # an older replaced run: this finished one is newer
         previous.mkdir(parents=True)
@@ -467,7 +466,7 @@ def _put_aside(out: Path) -> None:
 
 def _restore(out: Path) -> None:
     """Put a run :func:`_put_aside` moved to OUT/.previous back into OUT (result.json last)."""
-    previous = out / PREVIOUS
+    previous = out / run.PREVIOUS
     if not (previous / run.RESULT).exists():
         return
     for name in sorted(RUN_FILES, key=lambda n: n == run.RESULT):  # result.json last
@@ -589,7 +588,7 @@ def fit(cfg: FitConfig, *, dist: Any = None) -> dict[str, Any]:
         if dist.main:
             result = _write_run(cfg, prep, module.student, config, scored, best, dist, t0)
             (out / run.TRAINING_STATE).unlink(missing_ok=True)
-            shutil.rmtree(out / PREVIOUS, ignore_errors=True)  # the run it replaced, now that this one is complete
+            shutil.rmtree(out / run.PREVIOUS, ignore_errors=True)  # the run it replaced, now that this one is complete
         dist.barrier()
     except BaseException:
         if not written and dist.main:  # nothing resumable yet: leave no half run that looks like one

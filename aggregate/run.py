@@ -31,6 +31,7 @@ CHECKPOINT = "checkpoint.pt"
 TRAINING_STATE = "last.pt"
 METRICS = "metrics.jsonl"
 RESULT = "result.json"
+PREVIOUS = ".previous"  # RUN/.previous: the finished run an --overwrite fit replaces, kept until the new one completes
 VAL_PREDICTIONS = "val_predictions.jsonl"
 PREDICTIONS = "predictions.jsonl"
 CHECKPOINT_FORMAT = "faster-run"
@@ -220,7 +221,7 @@ class Run:
         if not path.is_file() and not partial:
             raise BadFile(f"{path}: no checkpoint (a run directory holds {CHECKPOINT})")
         if not (path.parent / RESULT).is_file():
-            kept = path.parent / ".previous"  # aggregate/fit.py PREVIOUS: the run an --overwrite fit replaces
+            kept = path.parent / PREVIOUS
             if (kept / RESULT).is_file():
                 raise BadFile(f"{path.parent}: an incomplete run (no {RESULT}): an --overwrite fit was interrupted; "
                               f"the run it replaces is intact in {kept}; continue the new fit with `faster fit ... "

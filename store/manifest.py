@@ -122,7 +122,8 @@ def merge(out_dir: str | Path, shard_videos: dict[str, list[str]], checksums: di
     known: dict[str, str] = {}
     for m in parts.values():
         for s in (m or {}).get("shards", []):
-            known[s["name"]] = s["sha256"]
+            if isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str):
+                known[s["name"]] = s["sha256"]  # a malformed entry (verify reports its manifest): no digest
     known.update(checksums or {})
     if config is None:
         config = next((m.get("config") for m in parts.values() if m and m.get("config")), None)

@@ -315,7 +315,7 @@ def repair_dir(feats: str | Path) -> list[str]:
             if p != keep:
                 drop.setdefault(p, set()).add(i)
                 kept_in.setdefault(p, set()).add(keep)
-    replaced: dict[str, Path | None] = {}  # old shard name -> its rewrite (None: removed)
+    replaced: dict[str, dict[str, Any] | None] = {}  # old shard name -> its rewrite's manifest entry (None: removed)
     for path in shards:
         if path not in drop:
             continue
@@ -343,7 +343,7 @@ def repair_dir(feats: str | Path) -> list[str]:
                       gflops={m: f[schema.gflops_key(m)][r] for m in sh.header.models
                               if schema.gflops_key(m) in f} or None)
         path.unlink()
-        replaced[path.name] = w.path
+        replaced[path.name] = manifest.shard_entry(w.path, len(keep_rows), w.sha256)  # the digest the writer took
         actions.append(f"rewrote {path.name} as {w.path.name} without {len(gone)} videos that are also in "
                        f"{where} ({len(keep_rows)} kept)")
     if replaced:
@@ -354,8 +354,7 @@ def repair_dir(feats: str | Path) -> list[str]:
                 if entry.get("name") not in replaced:
                     entries.append(entry)
                 elif replaced[entry["name"]] is not None:
-                    new = replaced[entry["name"]]
-                    entries.append(manifest.shard_entry(new, len(read_header(new).ids)))
+                    entries.append(replaced[entry["name"]])
             data["shards"] = entries
             if manifest_part(name) is not None:
                 data["videos"] = sum(e["videos"] for e in entries)

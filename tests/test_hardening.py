@@ -221,6 +221,17 @@ def test_an_unreadable_manifest_does_not_switch_the_checks_off(tmp_path, which):
     assert res.exit_code == 1 and which in res.output
 
 
+def test_a_manifest_whose_shards_lack_their_digest_is_reported_not_a_crash(tmp_path):
+    feats = tmp_path / "feats"
+    feature_set(feats)
+    m = json.loads((feats / "manifest-00000.json").read_text())
+    del m["shards"][0]["sha256"]
+    (feats / "manifest-00000.json").write_text(json.dumps(m))
+    res = CliRunner().invoke(cli, ["verify", str(feats)])
+    assert res.exit_code == 1 and "manifest-00000.json" in res.output and "Traceback" not in res.output
+    assert not isinstance(res.exception, KeyError), res.exception
+
+
 # -- 13: reader buffers capped at the number of videos --------------------------------------------
 
 def test_an_absurd_batch_size_allocates_for_the_videos_only(tmp_path):
