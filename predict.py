@@ -133,13 +133,12 @@ def _hf_weights(name: str) -> str | None:
     """The weights file of the directory ``hf:PATH`` names (what extraction read by default), or None
     when it has none; a missing directory is left to the build to report."""
     from faster.errors import BadFile
-    from faster.extract.models import HF_PREFIX, hf
+    from faster.extract.models import default_weights
 
     try:
-        found = hf.weights_file(name[len(HF_PREFIX):])
+        return default_weights(name, None)
     except (BadFile, OSError):  # a sharded or unreadable directory: the build names it
         return None
-    return None if found is None else str(found)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ import numpy as np
 
 from faster.errors import BadFile, BadValue
 from faster.extract import video
-from faster.extract.decoders import Decoded, DecodePool, Failed, InlineDecoder, warm_up_workers
+from faster.extract.decoders import Decoded, DecodePool, Failed, InlineDecoder
 from faster.runtime import check_dtype, warn_once
 from faster.sampling import Sampling, clip_grid, grid_frames
 from faster.store import schema
@@ -439,7 +439,6 @@ def _open_pool(cfg: ExtractConfig, todo: list[video.VideoItem], pin_memory: bool
     forkserver imports no torch, so they decode the first videos while the models are built."""
     if cfg.workers <= 0 or not todo:
         return None
-    warm_up_workers()
     return DecodePool(todo, cfg.sampling, workers=cfg.workers, timeout=cfg.timeout, pin_memory=pin_memory,
                       recycle_every=cfg.recycle_every, decoder=cfg.decoder)
 

@@ -81,7 +81,9 @@ class BackboneRunner:
         idx = self.frames.get(name)
         if idx is not None and idx != tuple(range(clips.shape[1])):  # this model's frames of the grid
             clips = clips[:, list(idx)]  # (b, L_model, S, S, 3)
-        if self.cuda and b < self.batch_size:  # fixed shapes: cudnn.benchmark tunes once
+        if self.cuda and b < self.batch_size and name not in self.clip_dependent:
+            # fixed shapes: cudnn.benchmark tunes once (a clip-dependent model splits each batch by its
+            # gates' choices anyway, and padding clips would go through the gates too)
             clips = torch.cat([clips, clips.new_zeros((self.batch_size - b, *clips.shape[1:]))])
         x = video.normalise_clips(clips, model.mean, model.std)  # (B, 3, L, S, S) float32
         size = self.sizes.get(name, x.shape[-1])

@@ -323,7 +323,7 @@ def test_random_init_is_warned_once_and_only_when_there_is_work(motion_videos, t
 
 
 def test_nothing_left_to_do_starts_no_worker_and_builds_no_backbone(motion_videos, tmp_path, monkeypatch):
-    from faster.extract import pipeline
+    from faster.extract import decoders, pipeline
 
     out = tmp_path / "done"
     assert invoke(motion_videos, "-o", out, *OPTS, "--workers", "0").exit_code == 0
@@ -332,7 +332,7 @@ def test_nothing_left_to_do_starts_no_worker_and_builds_no_backbone(motion_video
     def refuse(*args, **kw):
         raise AssertionError("started although nothing was left to extract")
 
-    monkeypatch.setattr(pipeline, "warm_up_workers", refuse)
+    monkeypatch.setattr(decoders, "warm_up_workers", refuse)  # the forkserver, which the pool starts
     monkeypatch.setattr(pipeline, "DecodePool", refuse)
     monkeypatch.setattr(pipeline.ClipModels, "load", refuse)
     result = invoke(motion_videos, "-o", out, *OPTS, "--workers", "2", "--strict")

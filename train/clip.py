@@ -233,14 +233,15 @@ class _CostMeter:
     full cost in training, the GFLOPs of each clip in validation."""
 
     def __init__(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.total: Any = 0.0  # a device tensor once added to: read once, in mean(), not at every step
+        self.count = 0
 
     def add(self, values: Any) -> None:
-        self.total += float(values.detach().float().sum())
+        self.total = self.total + values.detach().float().sum()
         self.count += int(values.numel())
 
     def mean(self, dist: Any) -> float | None:
-        total, count = dist.sum([self.total, float(self.count)])
+        total, count = dist.sum([float(self.total), float(self.count)])
         self.total, self.count = 0.0, 0
         return total / count if count else None
 

@@ -90,7 +90,7 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> nn.Module:
     from faster.extract.models.weights import load_weights
 
     builder = get(name)
-    weights = _default_weights(name, weights)
+    weights = default_weights(name, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = builder()
@@ -102,7 +102,7 @@ def build(name: str, weights: str | None = None, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _default_weights(name: str, weights: str | None) -> str | None:
+def default_weights(name: str, weights: str | None) -> str | None:
     """``weights``, or for ``hf:PATH`` the weights file it stands for (the directory's own by default)."""
     if not name.startswith(HF_PREFIX):
         return weights
@@ -122,7 +122,7 @@ def describe(name: str, weights: str | None = None, seed: int = 0) -> dict:
     from faster.extract.models.cost import build_on_meta
     from faster.store.files import cached_sha256
 
-    weights = _default_weights(name, weights)
+    weights = default_weights(name, weights)
     if weights is not None and not Path(weights).is_file():  # an enum, or a missing file: build tells which
         model = build(name, weights=weights, seed=seed)
     else:
