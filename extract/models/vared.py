@@ -343,25 +343,18 @@ class VaRedR2Plus1D(nn.Module):
 
     # --- weights ------------------------------------------------------------------------------
 
-    def load_file(self, path: str) -> str:
-        """Load ``path``: a VA-RED² checkpoint of this network, or an R(2+1)D-50 one of the same widths in
-        any layout the registry reads (the VA-RED² keys it lacks: see the module docstring). Returns
-        the file's sha256 (the provenance :func:`faster.extract.models.build` records)."""
-        from faster.extract.models import layouts
-        from faster.extract.models.weights import _load_state, read_state_dict
-        from faster.store.files import cached_sha256
-
-        state, layout = read_state_dict(path, None, with_layout=True)
-        state = layouts.convert(state, layout, self, str(path))
+    def complete_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state`` as read from a file (weights.load_weights calls this): a VA-RED² checkpoint as it is,
+        an R(2+1)D-50 one of the same widths completed with the VA-RED² keys it lacks (see the module
+        docstring)."""
         own = self.state_dict()
         extra = [k for k in own if _is_vared_key(k)]
-        if extra and not any(k in state for k in extra):  # an R(2+1)D-50 file: complete it
-            state = dict(state)
-            for key in extra:
-                state[key] = _base_value(key, state, own)
-        _load_state(self, state, str(path), layout)
-        self.weights_layout = layout
-        return cached_sha256(path)
+        if not extra or any(k in state for k in extra):
+            return state
+        state = dict(state)
+        for key in extra:
+            state[key] = _base_value(key, state, own)
+        return state
 
 
 def _is_vared_key(key: str) -> bool:

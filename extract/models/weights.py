@@ -67,8 +67,11 @@ def load_weights(model: nn.Module, weights: str | Path) -> str:
     from faster.extract.models import layouts
     from faster.store.files import cached_sha256
 
-    state, layout = read_state_dict(path, getattr(model, "name", None), with_layout=True)
-    _load_state(model, layouts.convert(state, layout, model, str(path)), str(path), layout)
+    complete = getattr(model, "complete_state", None)  # a network that also loads another's files (VA-RED²:
+    # R(2+1)D-50's, whatever the name they were saved under: the keys decide, in _load_state)
+    state, layout = read_state_dict(path, None if complete else getattr(model, "name", None), with_layout=True)
+    state = layouts.convert(state, layout, model, str(path))
+    _load_state(model, complete(state) if complete else state, str(path), layout)
     digest = cached_sha256(path)
     model.weights_layout = layout
     log.info("%s: loaded %s (%s layout, sha256 %s)", getattr(model, "name", type(model).__name__), path,
