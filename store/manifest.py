@@ -111,7 +111,19 @@ def shard_entry(path: str | Path, videos: int, sha256: str | None = None) -> dic
 
 def merge(out_dir: str | Path, shard_videos: dict[str, list[str]], checksums: dict[str, str] | None = None,
           config: dict[str, Any] | None = None, parts: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write the merged ``manifest.json`` and ``failures.jsonl`` of a directory and return the manifest.
+    """Write the merged ``manifest.json`` and ``failures.jsonl`` of a directory (:func:`merged`) and
+    return the manifest."""
+    manifest, failures = merged(out_dir, shard_videos, checksums, config, parts)
+    write_json(Path(out_dir) / MANIFEST, manifest)
+    write_jsonl(Path(out_dir) / FAILURES, failures)
+    return manifest
+
+
+def merged(out_dir: str | Path, shard_videos: dict[str, list[str]], checksums: dict[str, str] | None = None,
+           config: dict[str, Any] | None = None,
+           parts: dict[int, dict[str, Any]] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The merged manifest of a directory and its failures (the latest record per video not in a
+    shard), not written.
 
     ``shard_videos`` maps every complete shard's file name to the video ids it holds (the caller
     read them, e.g. verify); ``checksums`` gives known sha256 (from verify or the part manifests,
@@ -137,6 +149,4 @@ def merge(out_dir: str | Path, shard_videos: dict[str, list[str]], checksums: di
                             if any(r["stage"] == st for r in failures)},
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(out_dir / MANIFEST, manifest)
-    write_jsonl(out_dir / FAILURES, failures)
-    return manifest
+    return manifest, failures

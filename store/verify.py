@@ -23,7 +23,7 @@ import numpy as np
 
 from faster.errors import BadFile
 from faster.store import manifest, schema
-from faster.store.files import sha256_file
+from faster.store.files import sha256_file, write_json, write_jsonl
 from faster.store.header import config_diff, read_header
 from faster.store.integrity import listings, manifest_part, nonfinite_videos
 
@@ -157,18 +157,14 @@ def verify_dir(feats: str | Path) -> dict[str, Any]:
     tmp = sorted(p.name for p in feats.glob(".shard-*.h5.tmp"))
     if tmp:
         notes.append(f"{len(tmp)} temporary shards of interrupted or running extractions: {', '.join(tmp[:3])}")
-    merged = None
+    merged, failures = manifest.merged(feats, merged_shards, checksums, config=reference[1] if reference else None,
+                                       parts=manifest.part_manifests(feats, unreadable={}))
     try:
-        merged = manifest.merge(feats, merged_shards, checksums, config=reference[1] if reference else None,
-                                parts=manifest.part_manifests(feats, unreadable={}))
+        write_json(feats / manifest.MANIFEST, merged)
+        write_jsonl(feats / manifest.FAILURES, failures)
     except OSError as err:  # a read-only directory: the checks stand, the merged views are not written
         notes.append(f"{feats}: the merged {manifest.MANIFEST} and {manifest.FAILURES} were not written "
                      f"({err.strerror or err})")
-    if merged is None:
-        failures = manifest.latest_failures(manifest.all_failures(feats), set(owner))
-        merged = {"num_videos": sum(len(v) for v in good.values()), "num_failed": len(failures),
-                  "failed_by_stage": {st: sum(1 for r in failures if r["stage"] == st) for st in manifest.STAGES
-                                      if any(r["stage"] == st for r in failures)}}
     return {"dir": str(feats), "ok": not problems, "shards": len(shards), "videos": len(owner),
             "videos_in_good_shards": len({i for ids in good.values() for i in ids}),
             "failed": merged["num_failed"], "failed_by_stage": merged["failed_by_stage"],
@@ -182,7 +178,7 @@ def accept(feats: str | Path, name: str) -> str:
     listings removed). Refused for a shard that fails the schema checks, and while a writer holds the
     lock of its part. Returns one line saying what was recorded."""
     from faster.errors import UserError
-    from faster.store.files import read_json, write_json
+    from faster.store.files import read_json
     from faster.store.lock import live_locks
 
     feats = Path(feats)
@@ -262,7 +258,7 @@ def repair_dir(feats: str | Path) -> list[str]:
     import h5py
 
     from faster.errors import UserError
-    from faster.store.files import read_json, write_json
+    from faster.store.files import read_json
     from faster.store.lock import live_locks
     from faster.store.writer import ShardWriter, next_seq
 
