@@ -36,9 +36,13 @@ def count_gflops(agg: str, kwargs: dict[str, Any], mask: Sequence[bool]) -> floa
     machine and configuration, then read from the per-user cache (faster.macs.cached_count). A mask
     longer than ``2 * EXACT_CLIPS`` is arithmetic on counted per-clip steps (module docstring)."""
     mask = [bool(m) for m in mask]
-    if len(mask) <= 2 * EXACT_CLIPS:
+    P = EXACT_CLIPS
+    if len(mask) <= 2 * P:
         return _exact(agg, kwargs, mask)
-    return step_gflops(agg, kwargs, mask)[-1]
+    step = _steps(agg, kwargs, mask)  # step_gflops(...)[-1] without its other prefixes
+    if step is None:  # not a sum of per-clip steps: count the whole mask
+        return _exact(agg, kwargs, mask)
+    return _exact(agg, kwargs, mask[:2 * P]) + sum(step[mask[k - 1], mask[k]] for k in range(2 * P, len(mask)))
 
 
 def step_gflops(agg: str, kwargs: dict[str, Any], mask: Sequence[bool]) -> list[float]:
