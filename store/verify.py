@@ -23,9 +23,9 @@ import numpy as np
 
 from faster.errors import BadFile
 from faster.store import manifest, schema
-from faster.store.files import sha256_file, write_json, write_jsonl
+from faster.store.files import read_json, sha256_file, write_json, write_jsonl
 from faster.store.header import config_diff, read_header
-from faster.store.integrity import listings, manifest_part, nonfinite_videos
+from faster.store.integrity import Listings, listings, manifest_part, nonfinite_videos
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,6 @@ def accept(feats: str | Path, name: str) -> str:
     listings removed). Refused for a shard that fails the schema checks, and while a writer holds the
     lock of its part. Returns one line saying what was recorded."""
     from faster.errors import UserError
-    from faster.store.files import read_json
     from faster.store.lock import live_locks
 
     feats = Path(feats)
@@ -196,12 +195,7 @@ def accept(feats: str | Path, name: str) -> str:
     if not path.exists():
         if name not in listed.entries:
             raise UserError(f"--accept {str(path)!r}: no such shard, and no manifest lists it")
-        for m in sorted({m for m, _ in listed.entries[name]}):
-            data = read_json(feats / m)
-            data["shards"] = [e for e in data["shards"] if e.get("name") != name]
-            if "videos" in data and manifest_part(m) is not None:
-                data["videos"] = sum(int(e.get("videos", 0)) for e in data["shards"])
-            write_json(feats / m, data)
+        _relist(feats, listed, {name: None})
         return f"forgot {name}: it is gone (its listing removed from {', '.join(sorted({m for m, _ in listed.entries[name]}))})"
     info, problems, ids = check_shard(path)
     if problems:
@@ -209,10 +203,7 @@ def accept(feats: str | Path, name: str) -> str:
                         + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     entry = manifest.shard_entry(path, len(ids))
     old = sorted({e["sha256"] for _, e in listed.entries.get(name, [])} - {entry["sha256"]})
-    for m in sorted({m for m, _ in listed.entries.get(name, [])}):
-        data = read_json(feats / m)
-        data["shards"] = [entry if e.get("name") == name else e for e in data["shards"]]
-        write_json(feats / m, data)
+    _relist(feats, listed, {name: entry})
     return (f"accepted {name} as it is now: sha256 {entry['sha256'][:16]}"
             + (f" (its manifests listed {', '.join(o[:16] for o in old)})" if old else ""))
 
@@ -258,7 +249,6 @@ def repair_dir(feats: str | Path) -> list[str]:
     import h5py
 
     from faster.errors import UserError
-    from faster.store.files import read_json
     from faster.store.lock import live_locks
     from faster.store.writer import ShardWriter, next_seq
 
@@ -342,17 +332,18 @@ def repair_dir(feats: str | Path) -> list[str]:
         replaced[path.name] = manifest.shard_entry(w.path, len(keep_rows), w.sha256)  # the digest the writer took
         actions.append(f"rewrote {path.name} as {w.path.name} without {len(gone)} videos that are also in "
                        f"{where} ({len(keep_rows)} kept)")
-    if replaced:
-        for name in sorted({m for n in replaced for m, _ in listed.entries.get(n, [])}):
-            data = read_json(feats / name)
-            entries = []
-            for entry in data.get("shards", []):
-                if entry.get("name") not in replaced:
-                    entries.append(entry)
-                elif replaced[entry["name"]] is not None:
-                    entries.append(replaced[entry["name"]])
-            data["shards"] = entries
-            if manifest_part(name) is not None:
-                data["videos"] = sum(e["videos"] for e in entries)
-            write_json(feats / name, data)
+    _relist(feats, listed, replaced)
     return actions
+
+
+def _relist(feats: Path, listed: Listings, new: dict[str, dict[str, Any] | None]) -> None:
+    """Rewrite every manifest of ``feats`` that lists a shard of ``new``: its entry replaced by
+    ``new[name]``, or removed where that is None; a part manifest's video count follows."""
+
+    for m in sorted({m for name in new for m, _ in listed.entries.get(name, [])}):
+        data = read_json(feats / m)
+        entries = [new[e["name"]] if e.get("name") in new else e for e in data.get("shards", [])]
+        data["shards"] = [e for e in entries if e is not None]
+        if "videos" in data and manifest_part(m) is not None:
+            data["videos"] = sum(int(e.get("videos", 0)) for e in data["shards"])
+        write_json(feats / m, data)
