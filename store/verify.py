@@ -272,22 +272,28 @@ def repair_dir(feats: str | Path) -> list[str]:
     dups = {i: c for i, c in copies.items() if len(c) > 1}
     if not dups:
         return []
+    rows_of: dict[Path, list[int]] = {}  # shard -> the rows of its duplicated videos
+    for cs in dups.values():
+        for path, r in cs:
+            rows_of.setdefault(path, []).append(r)
     unchanged: dict[Path, str | None] = {}  # shard -> why it fails its checksum (None: it does not)
-    for path in {p for c in dups.values() for p, _ in c}:
+    problem: dict[tuple[Path, int], str | None] = {}  # (shard, row) -> why that copy fails its checks
+    for path, rows in rows_of.items():
         digests = listed.digests(path.name)
-        actual = sha256_file(path) if digests else None
+        actual = sha256_file(path) if digests else None  # hashed now, as verify does: it decides what is deleted
         bad = [m for m, d in digests if d != actual]
         unchanged[path] = f"its sha256 differs from the one {bad[0]} lists" if bad else None
+        if unchanged[path] is None:
+            with h5py.File(path, "r") as f:  # once per shard, not per copy
+                for r in rows:
+                    problem[path, r] = _copy_problem(f, r, headers[path].header.models)
     actions: list[str] = []
     drop: dict[Path, set[str]] = {}  # shard -> ids whose kept copy is in another shard
     kept_in: dict[Path, set[Path]] = {}  # shard -> the shards keeping the copies it drops
     for i, cs in sorted(dups.items()):
         why: dict[Path, str | None] = {}
         for path, r in cs:
-            why[path] = unchanged[path]
-            if why[path] is None:
-                with h5py.File(path, "r") as f:
-                    why[path] = _copy_problem(f, r, headers[path].header.models)
+            why[path] = unchanged[path] if unchanged[path] is not None else problem[path, r]
         passing = [p for p, _ in cs if why[p] is None]
         if not passing:
             actions.append(f"video {i!r}: no copy passes the checks ("
