@@ -18,7 +18,8 @@ from faster.errors import UserError
 # neither numpy nor h5py (tests/test_decoding.py checks they agree)
 DECODERS = ("auto", "decord", "pyav")
 COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
-DECODER_HELP = "auto: decord, and PyAV (AV1, ...) for a file decord cannot open or decode; or only one of them."
+DECODER_HELP = ("auto: decord, and PyAV for a file decord cannot open or decode (AV1); PyAV first for MPEG "
+                "program/transport streams; or only one of them.")
 ORDERS = ("temporal", "coarse-to-fine")  # faster.aggregate.schedule.ORDERS and EXITS, spelled here for a light --help
 EXITS = ("threshold", "gate")
 EXIT_BUDGET_HELP = "the mean fraction of a video's clips to read, in (0, 1], e.g. 0.5"

@@ -59,7 +59,7 @@ class PredictConfig:
     batch_size: int = 8                                     # clips per backbone forward (of one video)
     workers: int = 1                                        # decoding processes (0: in this process, no timeout)
     timeout: float = 300.0                                  # seconds before a hanging decode counts as failed
-    decoder: str = "auto"                                   # auto (decord, then PyAV), decord or pyav
+    decoder: str = "auto"                                   # auto (video.decode_clips), decord or pyav
     dtype: str = "auto"                                     # auto: as the run's features were extracted; fp32, bf16
     strict: bool = False                                    # raise at the end if any video failed
     order: str | None = None                                # fold the clips in this order (None: the run's)

@@ -115,7 +115,9 @@ def _decode_one(path: str, sampling: Sampling, decoder: str, sink: Any, video_id
         if captured["text"]:
             log.debug("%s: decoder output (dropped, the video decoded): %s", video_id, captured["text"])
         if result[1].fallback:
-            log.info("%s: decord failed (%s); read with PyAV", video_id, result[1].fallback)
+            d = result[1]
+            log.info("%s: %s failed (%s); read with %s", video_id, "pyav" if d.decoder == "decord" else "decord",
+                     d.fallback, d.decoder)
         return result
     return ("err", result[1], result[2], _failure_extra(result[3], captured["text"]))
 

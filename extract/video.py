@@ -375,7 +375,28 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
 # ----------------------------------------------------------------------------------------------
 # Decoding
 
-DECODERS = ("auto", "decord", "pyav")  # --decoder; auto: decord, then PyAV when decord cannot open or decode a file
+DECODERS = ("auto", "decord", "pyav")  # --decoder; auto: see decode_clips
+
+
+def mpeg_stream(path: str | Path) -> bool:
+    """Whether ``path`` is an MPEG program or transport stream (.mpg, .vob, .ts, .m2ts, ... by their
+    first bytes, not their name): decord 0.6 misreads those without an error (docs/pitfalls.md),
+    so ``--decoder auto`` reads them with PyAV first.
+
+    Program stream: a pack header, ``00 00 01 BA``. Transport stream: the sync byte 0x47 every 188
+    bytes (ISO/IEC 13818-1), or every 192 after a 4-byte timestamp (M2TS, Blu-ray and AVCHD .mts).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2 * 192 + 8)
+    except OSError:
+        return False  # the decoders report the error
+    if head[:4] == b"\x00\x00\x01\xba":
+        return True
+    for packet, first in ((188, 0), (192, 4)):
+        if len(head) > first + 2 * packet and all(head[first + k * packet] == 0x47 for k in range(3)):
+            return True
+    return False
 
 
 def check_decoder(name: str) -> str:
@@ -395,7 +416,7 @@ class DecodedVideo:
     clip_start: list[int]
     short: bool  # shorter than one clip span: the last frame is repeated
     decoder: str = "decord"  # which decoder read it: "decord" or "pyav"
-    fallback: str | None = None  # with --decoder auto: decord's error when PyAV read the file instead
+    fallback: str | None = None  # with --decoder auto: the first decoder's error when the other read the file
 
 
 class DecodeError(Exception):
@@ -631,8 +652,9 @@ def decode_clips(path: str | Path, sampling: Sampling, *, out: np.ndarray | None
     """Decode the clips ``sampling`` names (its ``num_clips`` uniformly sampled clips, or only those
     at its ``positions``) of one video (docs/format.md "Clip sampling").
 
-    ``decoder``: "decord", "pyav", or "auto" (decord; PyAV in the same process when decord cannot
-    open or decode the file, e.g. AV1). Only the needed frames are read, in sorted order,
+    ``decoder``: "decord", "pyav", or "auto": decord, and PyAV in the same process when decord cannot
+    open or decode the file (AV1); an MPEG program or transport stream (:func:`mpeg_stream`) PyAV
+    first, decord when PyAV fails. Only the needed frames are read, in sorted order,
     ``CHUNK_FRAMES`` at a time, each chunk resized and cropped before the next is decoded. ``out``
     (``sampling.shape``: n, L, size, size, 3) uint8, when given, receives the frames (a decode
     worker's shared buffer).
@@ -640,21 +662,23 @@ def decode_clips(path: str | Path, sampling: Sampling, *, out: np.ndarray | None
     holds each one's message (stage "open" only when neither could open the file).
     """
     check_decoder(decoder)
-    if decoder == "pyav":
-        return decode_clips_pyav(path, sampling, out=out)
-    if decoder == "decord":
-        return decode_clips_decord(path, sampling, out=out)
+    if decoder != "auto":
+        return _DECODE[decoder](path, sampling, out=out)
+    order = ("pyav", "decord") if mpeg_stream(path) else ("decord", "pyav")
     try:
-        return decode_clips_decord(path, sampling, out=out)
+        return _DECODE[order[0]](path, sampling, out=out)
     except DecodeError as first:
         try:
-            d = decode_clips_pyav(path, sampling, out=out)
+            d = _DECODE[order[1]](path, sampling, out=out)
         except DecodeError as second:
             stage = "open" if first.stage == second.stage == "open" else "decode"
-            errors = {"decord": str(first), "pyav": str(second)}
-            raise DecodeError(stage, f"decord: {first}; pyav: {second}", errors) from None
+            errors = {order[0]: str(first), order[1]: str(second)}
+            raise DecodeError(stage, f"{order[0]}: {first}; {order[1]}: {second}", errors) from None
         d.fallback = str(first)
         return d
+
+
+_DECODE = {"decord": decode_clips_decord, "pyav": decode_clips_pyav}
 
 
 def normalise_clips(clips: Any, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
