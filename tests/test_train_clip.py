@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import numpy as np
 import pytest
@@ -234,30 +234,35 @@ def _small_args(root, out, *extra):
             "--no-progress", *extra]
 
 
+KILL_INSIDE_EPOCH_2 = textwrap.dedent("""
+    import os, signal, sys
+    from faster import cli, engine
+
+    real = engine.Engine._save_state
+
+    def save_state(self, epoch, extra, partial=None):
+        real(self, epoch, extra, partial)
+        if partial and partial["epoch"] == 2 and partial["steps"] >= 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # right after a state saved inside epoch 2 was written
+
+    engine.Engine._save_state = save_state
+    cli.main(sys.argv[1:])
+""")
+
+
 @pytest.mark.slow
 def test_a_run_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(small_videos, tmp_path):
     straight = _faster(*_small_args(small_videos, tmp_path / "straight"))
     assert straight.returncode == 0, straight.stdout[-3000:]
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "faster", *map(str, _small_args(small_videos, killed, "--save-every",
-                                                                                   0.0005))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.run([sys.executable, "-c", KILL_INSIDE_EPOCH_2,
+                           *map(str, _small_args(small_videos, killed, "--save-every", 1e-6))],  # a save at every step
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:]
     state = killed / "last.pt"
-    deadline = time.monotonic() + 300
-    partial = None
-    while time.monotonic() < deadline and proc.poll() is None:  # wait for a save inside epoch 2
-        if state.exists():
-            try:
-                partial = torch.load(state, weights_only=True).get("partial")
-            except Exception:  # replaced while read
-                partial = None
-            if partial and partial["epoch"] == 2 and partial["steps"] >= 1:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert partial and partial["epoch"] == 2, "the run ended before a save inside epoch 2"
+    partial = torch.load(state, weights_only=True)["partial"]
+    assert partial["epoch"] == 2 and partial["steps"] >= 1
     assert not (killed / "result.json").exists()
     refused = _faster(*_small_args(small_videos, killed))
     assert refused.returncode == 1 and "--resume" in refused.stdout
