@@ -223,6 +223,7 @@ class VaRedR2Plus1D(nn.Module):
         self.full_cost: float | None = None  # GFLOPs per clip at full computation, same input shape
         self.last_options: torch.Tensor | None = None  # (B, 4) option per stage
         self._tables: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._stage_costs: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}  # (shape, device) -> per-stage (options,)
 
     def set_progress(self, fraction: float) -> None:
         """Training progress in [0, 1] (train-clip calls it before each epoch): the Gumbel noise of the
@@ -279,25 +280,35 @@ class VaRedR2Plus1D(nn.Module):
             raise BadValue(f"{getattr(self, 'name', type(self).__name__)} expects (B, 3, L>={self.min_frames}, H, W), "
                            f"got {tuple(x.shape)}")
         table = self.cost_table(L, (H, W))
+        stage_costs = self._stage_cost_tensors(table, (L, H, W), x.device)
         x = self.pool1(self.conv1(x))
         cost = torch.full((B,), table["fixed"], device=x.device, dtype=torch.float32)
         options = []
         for name in STAGES:
-            stage, costs = getattr(self, name), table["stages"][name]
+            stage, costs = getattr(self, name), stage_costs[name]
             logits = self.gates[name](x).float()  # (B, options)
             if self.training and self.force is None:
                 x, expected, chosen = self._train_stage(stage, x, logits, costs)
                 cost = cost + expected
             else:
                 x, chosen = self._eval_stage(stage, x, logits)
-                cost = cost + torch.as_tensor(costs, device=x.device, dtype=torch.float32)[chosen]
+                cost = cost + costs[chosen]
             options.append(chosen)
         self.last_cost = cost
         self.full_cost = table["full"]
         self.last_options = torch.stack(options, dim=1)
         return x
 
-    def _train_stage(self, stage: nn.Sequential, x: torch.Tensor, logits: torch.Tensor, costs: list[float]):
+    def _stage_cost_tensors(self, table: dict[str, Any], shape: tuple[int, ...], device: torch.device):
+        """``table``'s per-option stage costs as float32 tensors on ``device``, made once per input
+        shape and device (a forward on CUDA would otherwise copy four small lists to it)."""
+        key = (*shape, str(device))
+        if key not in self._stage_costs:
+            self._stage_costs[key] = {name: torch.tensor(v, dtype=torch.float32, device=device)
+                                      for name, v in table["stages"].items()}
+        return self._stage_costs[key]
+
+    def _train_stage(self, stage: nn.Sequential, x: torch.Tensor, logits: torch.Tensor, costs: torch.Tensor):
         """Every option on the whole batch, mixed by a straight-through Gumbel-softmax sample."""
         u = torch.rand_like(logits).clamp_(1e-10, 1.0 - 1e-7)
         soft = torch.softmax((logits - self.noise * torch.log(-torch.log(u))) / self.tau, dim=1)
@@ -310,7 +321,7 @@ class VaRedR2Plus1D(nn.Module):
                 y = block.forward_option(y, option)
             term = hard[:, option].to(y.dtype).view(-1, 1, 1, 1, 1) * y
             out = term if out is None else out + term
-        expected = torch.softmax(logits, dim=1) @ torch.as_tensor(costs, device=logits.device, dtype=logits.dtype)
+        expected = torch.softmax(logits, dim=1) @ costs.to(logits.dtype)
         return out, expected, hard.argmax(dim=1)
 
     def _eval_stage(self, stage: nn.Sequential, x: torch.Tensor, logits: torch.Tensor):
