@@ -268,7 +268,7 @@ def test_two_extractions_into_one_directory_never_write_a_part_twice(root, refer
     import time
 
     out = tmp_path / "twice"
-    first = subprocess.Popen([*DRIVER, "--fault", "left_000:sleep=6", "--", str(root), "-o", str(out), *OPTS,
+    first = subprocess.Popen([*DRIVER, "--fault", "left_000:sleep=15", "--", str(root), "-o", str(out), *OPTS,
                               "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
