@@ -18,8 +18,8 @@ from faster.errors import UserError
 # neither numpy nor h5py (tests/test_decoding.py checks they agree)
 DECODERS = ("auto", "decord", "pyav")
 COMPRESSIONS = ("none", "lzf", "gzip", "zstd", "lz4")
-DECODER_HELP = ("auto: decord, and PyAV for a file decord cannot open or decode (AV1); PyAV first for MPEG "
-                "program/transport streams; or only one of them.")
+DECODER_HELP = ("auto: decord for H.264, HEVC, VP8/9, ProRes in MP4/MOV/MKV/WebM (what it reads exactly), PyAV "
+                "for the rest (AV1, MPEG-2, MPEG-4 Part 2, AVI, MPEG-PS/TS), each the other's fallback; or only one.")
 ORDERS = ("temporal", "coarse-to-fine")  # faster.aggregate.schedule.ORDERS and EXITS, spelled here for a light --help
 EXITS = ("threshold", "gate")
 EXIT_BUDGET_HELP = "the mean fraction of a video's clips to read, in (0, 1], e.g. 0.5"

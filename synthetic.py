@@ -1,4 +1,5 @@
-"""Synthetic test videos (H.264 mp4 via PyAV; HEVC, VP9, AV1, ProRes, MPEG-2 on request): small labelled sets whose class is a motion direction.
+"""Synthetic test videos (H.264 mp4 via PyAV; HEVC, VP9, AV1, ProRes, MPEG-2, MPEG-4 Part 2 on request):
+small labelled sets whose class is a motion direction.
 
 A square moves across a static textured background in one of several directions. A single frame
 cannot tell the class; the order of frames can, so a temporal backbone (R(2+1)D, paper Table 1)
@@ -36,7 +37,7 @@ def _av():
 
 
 # Codecs write_video encodes (PyAV's FFmpeg): name -> (encoder, pixel format, encoder options).
-# Pick the container by the file name (.mp4 for h264/hevc/mpeg2, .webm for vp9, .mkv for av1, .mov
+# Pick the container by the file name (.mp4 for h264/hevc/mpeg2/mpeg4, .avi, .webm for vp9, .mkv for av1, .mov
 # for prores); fast settings, since these are test inputs, not archives.
 CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
     "h264": ("libx264", "yuv420p", {"crf": "{crf}", "preset": "veryfast"}),
@@ -45,6 +46,7 @@ CODECS: dict[str, tuple[str, str, dict[str, str]]] = {
     "av1": ("libsvtav1", "yuv420p", {"crf": "{crf}", "preset": "10"}),
     "prores": ("prores_ks", "yuv422p10le", {"profile": "0"}),
     "mpeg2": ("mpeg2video", "yuv420p", {"qscale": "3"}),
+    "mpeg4": ("mpeg4", "yuv420p", {"qscale": "3", "bf": "2"}),  # MPEG-4 Part 2 (Xvid/DivX: UCF101, HMDB51)
 }
 _ENCODERS = {enc: name for name, (enc, _, _) in CODECS.items()}
 
@@ -52,7 +54,7 @@ _ENCODERS = {enc: name for name, (enc, _, _) in CODECS.items()}
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 30, codec: str = "h264", crf: int = 23) -> Path:
     """Encode ``frames`` (T, H, W, 3) uint8 RGB into ``path``; H and W must be even.
 
-    ``codec``: a name of ``CODECS`` (h264, hevc, vp9, av1 through libsvtav1, prores, mpeg2) or its
+    ``codec``: a name of ``CODECS`` (h264, hevc, vp9, av1 through libsvtav1, prores, mpeg2, mpeg4) or its
     encoder's name ("libx264"); ``crf`` is the quality of the encoders that take one.
     """
     frames = np.asarray(frames)

@@ -84,7 +84,7 @@ class ExtractConfig:
     shard_index: int = 0  # Slurm array index
     compression: str = "none"  # none, lzf, gzip, zstd or lz4 (zstd and lz4 through hdf5plugin; docs/storage.md)
     spatial_pool: bool = False  # store each map averaged over H' x W' as (N, T', 1, 1, C): pooled aggregators only
-    decoder: str = "auto"  # auto (decord, then PyAV; PyAV first for MPEG-PS/TS), decord or pyav
+    decoder: str = "auto"  # auto (video.auto_order), decord or pyav
     timeout: float = 300.0  # seconds a video may take to decode before its worker is killed
     seed: int = 0  # seed of random initialisation of backbones without weights
     progress: bool = True  # tqdm progress bar

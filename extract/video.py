@@ -378,25 +378,28 @@ def discover(root: str | Path, annotations: str | Path | None = None, classes_fi
 DECODERS = ("auto", "decord", "pyav")  # --decoder; auto: see decode_clips
 
 
-def mpeg_stream(path: str | Path) -> bool:
-    """Whether ``path`` is an MPEG program or transport stream (.mpg, .vob, .ts, .m2ts, ... by their
-    first bytes, not their name): decord 0.6 misreads those without an error (docs/pitfalls.md),
-    so ``--decoder auto`` reads them with PyAV first.
+# What decord 0.6 reads exactly (PyAV's frames, after its seeks, on a loaded machine: docs/decoding.md
+# "Which decoder auto uses"): these codecs in these containers, by PyAV's names. ``--decoder auto``
+# reads anything else with PyAV first: after a seek decord gave other frames of MPEG-4 Part 2 (Xvid,
+# DivX) and MPEG-2 files with B-frames, every frame of an MPEG-2 transport stream wrong, and now and
+# then another last frame from AVI files, all without an error; it cannot open AV1.
+DECORD_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "prores", "mjpeg", "wmv2", "msmpeg4v2"})
+DECORD_CONTAINERS = frozenset({"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm", "flv", "asf"})
 
-    Program stream: a pack header, ``00 00 01 BA``. Transport stream: the sync byte 0x47 every 188
-    bytes (ISO/IEC 13818-1), or every 192 after a 4-byte timestamp (M2TS, Blu-ray and AVCHD .mts).
-    """
+
+def auto_order(path: str | Path) -> tuple[str, str]:
+    """The order ``--decoder auto`` tries the decoders in for ``path``: decord first for a codec of
+    DECORD_CODECS in a container of DECORD_CONTAINERS, PyAV first for any other; decord first when
+    PyAV cannot open the file (its header read: 0.3-7 ms), so both decoders' errors are recorded."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(2 * 192 + 8)
-    except OSError:
-        return False  # the decoders report the error
-    if head[:4] == b"\x00\x00\x01\xba":
-        return True
-    for packet, first in ((188, 0), (192, 4)):
-        if len(head) > first + 2 * packet and all(head[first + k * packet] == 0x47 for k in range(3)):
-            return True
-    return False
+        import av
+
+        with av.open(str(path), mode="r") as container:
+            stream = container.streams.video[0]
+            fmt, codec = container.format.name, stream.codec_context.name
+    except Exception:  # not installed, not a video, no video stream: the decoders report it
+        return ("decord", "pyav")
+    return ("decord", "pyav") if fmt in DECORD_CONTAINERS and codec in DECORD_CODECS else ("pyav", "decord")
 
 
 def check_decoder(name: str) -> str:
@@ -652,9 +655,9 @@ def decode_clips(path: str | Path, sampling: Sampling, *, out: np.ndarray | None
     """Decode the clips ``sampling`` names (its ``num_clips`` uniformly sampled clips, or only those
     at its ``positions``) of one video (docs/format.md "Clip sampling").
 
-    ``decoder``: "decord", "pyav", or "auto": decord, and PyAV in the same process when decord cannot
-    open or decode the file (AV1); an MPEG program or transport stream (:func:`mpeg_stream`) PyAV
-    first, decord when PyAV fails. Only the needed frames are read, in sorted order,
+    ``decoder``: "decord", "pyav", or "auto": the first decoder of :func:`auto_order` (decord for the
+    codecs and containers it reads exactly, PyAV for the rest), and the other in the same process
+    when it cannot open or decode the file. Only the needed frames are read, in sorted order,
     ``CHUNK_FRAMES`` at a time, each chunk resized and cropped before the next is decoded. ``out``
     (``sampling.shape``: n, L, size, size, 3) uint8, when given, receives the frames (a decode
     worker's shared buffer).
@@ -664,7 +667,7 @@ def decode_clips(path: str | Path, sampling: Sampling, *, out: np.ndarray | None
     check_decoder(decoder)
     if decoder != "auto":
         return _DECODE[decoder](path, sampling, out=out)
-    order = ("pyav", "decord") if mpeg_stream(path) else ("decord", "pyav")
+    order = auto_order(path)
     try:
         return _DECODE[order[0]](path, sampling, out=out)
     except DecodeError as first:

@@ -150,16 +150,18 @@ def test_decode_workers_import_no_torch(root):
 # ----------------------------------------------------------------------------------------------
 # Decoders: --decoder auto|decord|pyav, and the decoders' own output
 
-# name -> (codec, file, what `auto` reads it with): decord 0.6 cannot open AV1; MPEG program and
-# transport streams go to PyAV first (decord misreads them without an error: see below)
+# name -> (codec, file, what `auto` reads it with: video.auto_order): decord only the codecs and
+# containers it reads exactly; PyAV AV1 (decord cannot open it), MPEG-2 and MPEG-4 Part 2 (decord
+# misreads them: see below) and anything in AVI
 CODECS = {"h264": ("h264", ".mp4", "decord"), "hevc": ("hevc", ".mp4", "decord"), "vp9": ("vp9", ".webm", "decord"),
           "av1": ("av1", ".mkv", "pyav"), "prores": ("prores", ".mov", "decord"), "mpeg2": ("mpeg2", ".mpg", "pyav"),
-          "mpeg2-ts": ("mpeg2", ".ts", "pyav"), "mpeg2-mkv": ("mpeg2", ".mkv", "decord")}
+          "mpeg2-ts": ("mpeg2", ".ts", "pyav"), "mpeg2-mkv": ("mpeg2", ".mkv", "pyav"),
+          "mpeg4-mkv": ("mpeg4", ".mkv", "pyav"), "mpeg4-avi": ("mpeg4", ".avi", "pyav"), "h264-avi": ("h264", ".avi", "pyav")}
 
 
 @pytest.fixture(scope="module")
 def codec_videos(tmp_path_factory):
-    """One 21-frame 64 px video per codec PyAV encodes here (AV1 through libsvtav1), MPEG-2 in three containers."""
+    """One 21-frame 64 px video per codec PyAV encodes here (AV1 through libsvtav1), some in several containers."""
     root = tmp_path_factory.mktemp("codecs")
     frames = synthetic.motion_frames("down-right", frames=21, size=64, seed=3)
     return {name: synthetic.write_video(root / f"{name}{ext}", frames, codec=codec)
@@ -179,36 +181,42 @@ def test_every_codec_decodes_through_auto_with_its_frame_count(codec_videos, nam
     d = video.decode_clips(path, Sampling(num_clips=3, clip_len=4, size=32))
     assert d.decoder == CODECS[name][2]
     assert d.num_frames == 21 and d.clip_start == sampling.clip_starts(21, 3, 4) and d.fps == pytest.approx(30.0)
-    assert (d.fallback is not None) == (name == "av1")  # only AV1 is read after decord failed
+    assert d.fallback is None  # the first decoder read it
     p = video.decode_clips(path, Sampling(num_clips=3, clip_len=4, size=32), decoder="pyav")  # the same frames
     assert p.num_frames == 21 and p.clip_start == d.clip_start
     diff = np.abs(p.frames.astype(np.int16) - d.frames.astype(np.int16))
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), diff.max())
 
 
-def test_mpeg_program_and_transport_streams_are_told_by_their_first_bytes(codec_videos, tmp_path):
-    ts = codec_videos["mpeg2-ts"].read_bytes()
-    assert len(ts) % 188 == 0
-    m2ts = b"".join(b"\0\0\0\0" + ts[i:i + 188] for i in range(0, len(ts), 188))  # 4-byte timestamp per packet
-    (tmp_path / "a.m2ts").write_bytes(m2ts)
-    (tmp_path / "renamed.mp4").write_bytes(ts)  # the bytes decide, not the name
-    (tmp_path / "tiny.ts").write_bytes(b"\x47" * 10)
-    for path in [codec_videos["mpeg2"], codec_videos["mpeg2-ts"], tmp_path / "a.m2ts", tmp_path / "renamed.mp4"]:
-        assert video.mpeg_stream(path), path
-    for name in ["h264", "vp9", "av1", "prores", "mpeg2-mkv"]:
-        assert not video.mpeg_stream(codec_videos[name]), name
-    assert not video.mpeg_stream(tmp_path / "tiny.ts") and not video.mpeg_stream(tmp_path / "missing.ts")
+def _nearest_source_frames(decoded, clip_start, clip_len):
+    """For each decoded frame, the index of the source frame (resized and cropped as decoded) it is nearest to."""
+    source = video.resize_crop(synthetic.motion_frames("down-right", frames=21, size=64, seed=3), 32).astype(np.int16)
+    frames = decoded.reshape(-1, *decoded.shape[2:]).astype(np.int16)
+    err = np.abs(frames[:, None] - source[None]).mean(axis=(2, 3, 4))  # (decoded, source)
+    want = [s + j for s in clip_start for j in range(clip_len)]
+    return err.argmin(axis=1).tolist(), want
 
 
-def test_auto_reads_an_mpeg_transport_stream_as_its_frames_are(codec_videos):
-    """decord 0.6 returned other frames for every frame of this MPEG-2 transport stream (200 levels
-    off, only a log line), and now and then another last frame of the program stream; auto's PyAV
-    gives the frames of the same stream in Matroska."""
-    clips = Sampling(num_clips=3, clip_len=4, size=32)
-    mkv = video.decode_clips(codec_videos["mpeg2-mkv"], clips, decoder="pyav").frames
-    for name in ["mpeg2-ts", "mpeg2"]:
-        d = video.decode_clips(codec_videos[name], clips)
-        assert d.decoder == "pyav" and np.abs(d.frames.astype(np.int16) - mkv).max() <= 2, name
+@pytest.mark.parametrize("positions", [None, [0, 3]], ids=["all", "subset"])
+@pytest.mark.parametrize("name", list(CODECS))
+def test_auto_gives_each_clip_its_own_frames_in_every_codec_and_container(codec_videos, name, positions):
+    """decord 0.6 gave frames 3-6 for frames 13-16 of the MPEG-4 Part 2 file after frames 0-3 (the
+    subset: clips 0 and 3 of 5, as predict decodes the expensive model's clips), and other frames for
+    every frame of the MPEG-2 transport stream, without an error; auto's choice gives the frames
+    the clips name (each decoded frame is nearest the source frame of its index)."""
+    d = video.decode_clips(codec_videos[name], Sampling(num_clips=5 if positions else 3, clip_len=4, size=32,
+                                                        positions=positions))
+    got, want = _nearest_source_frames(d.frames, d.clip_start, 4)
+    assert got == want, (d.decoder, got)
+
+
+def test_auto_reads_with_pyav_first_what_decord_misreads_and_decord_when_pyav_cannot_open(codec_videos, tmp_path):
+    assert {name: video.auto_order(path)[0] for name, path in codec_videos.items()} == \
+        {name: auto for name, (_, _, auto) in CODECS.items()}
+    (tmp_path / "renamed.avi").write_bytes(codec_videos["h264"].read_bytes())  # the container decides, not the name
+    assert video.auto_order(tmp_path / "renamed.avi") == ("decord", "pyav")
+    assert video.auto_order(_broken(tmp_path)) == ("decord", "pyav")  # both decoders' errors recorded
+    assert video.auto_order(tmp_path / "missing.mp4") == ("decord", "pyav")
 
 
 def test_decord_and_pyav_give_the_same_frames_on_h264(tmp_path):
@@ -297,7 +305,7 @@ def test_extract_reads_every_codec_and_counts_videos_per_decoder(codec_videos, t
             frames.update(zip(f["videos/id"].asstr()[()], f["videos/num_frames"][()].tolist()))
     assert frames == {f"a/{p.name}": 21 for p in codec_videos.values()}
     run = json.loads((out / "manifest-00000.json").read_text())["runs"][-1]
-    assert run["decoders"] == {"decord": 5, "pyav": 3} and run["decoder"] == "auto"  # AV1, MPEG-2 PS and TS
+    assert run["decoders"] == {"decord": 4, "pyav": 7} and run["decoder"] == "auto"  # video.auto_order
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [r["id"] for r in failures] == ["a/broken.mp4"]
     assert set(failures[0]["errors"]) == {"decord", "pyav"} and "video_reader.cc" in failures[0]["log"]
