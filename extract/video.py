@@ -598,7 +598,9 @@ def decode_clips_pyav(path: str | Path, sampling: Sampling, *, out: np.ndarray |
 
     Frame i is the i-th frame the decoder outputs (decode order of presentation, as decord counts);
     the frame count is the container's, or a counted decode when the header has none (WebM, MKV,
-    MPEG-PS) or overstates it. The file is decoded sequentially up to the last needed frame; only
+    MPEG-PS) or overstates it. A frame the container says to show rotated (a phone's portrait video:
+    its display matrix) is turned as shown, as decord does (counter-clockwise by ``frame.rotation``).
+    The file is decoded sequentially up to the last needed frame; only
     needed frames are converted to RGB, resized and cropped, ``CHUNK_FRAMES`` at a time.
     """
     container, stream = _pyav_open(path)
@@ -623,7 +625,9 @@ def decode_clips_pyav(path: str | Path, sampling: Sampling, *, out: np.ndarray |
                     break
                 if index != unique[k]:
                     continue
-                chunk.append(frame.to_ndarray(format="rgb24"))  # (H, W, 3) uint8
+                rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8, as stored
+                turns = round(getattr(frame, "rotation", 0) / 90) % 4  # the display matrix (PyAV >= 13)
+                chunk.append(np.rot90(rgb, turns) if turns else rgb)  # as shown, and as decord gives it
                 k += 1
                 if len(chunk) == CHUNK_FRAMES or k == len(unique):
                     _put_frames(plan, a, chunk)

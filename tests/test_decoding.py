@@ -219,6 +219,34 @@ def test_auto_reads_with_pyav_first_what_decord_misreads_and_decord_when_pyav_ca
     assert video.auto_order(tmp_path / "missing.mp4") == ("decord", "pyav")
 
 
+@pytest.mark.parametrize("degrees", [90, 180, 270])
+def test_a_rotated_video_is_read_as_shown_by_both_decoders(tmp_path, degrees):
+    """A phone's portrait video is stored landscape with a display matrix. PyAV gives the stored
+    frame and its ``rotation``, which decode_clips_pyav applies; decord turns a frame as shown, but
+    its get_batch fails on a quarter turn of a non-square video, so auto reads that with PyAV."""
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display matrix")
+    frames = synthetic.motion_frames("right", frames=12, size=64, seed=2)[:, 8:56]  # 48 x 64: not square
+    path = tmp_path / f"rot{degrees}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(degrees)
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clips = Sampling(num_clips=2, clip_len=4, size=32)
+    shown = np.rot90(frames, degrees // 90, axes=(1, 2))
+    want = video.resize_crop(shown[sampling.clip_starts(12, 2, 4)[0]:][:4], 32).astype(np.int16)
+    for decoder in ("auto", "pyav") + (("decord",) if degrees == 180 else ()):
+        d = video.decode_clips(path, clips, decoder=decoder)
+        assert np.abs(d.frames[0].astype(np.int16) - want).mean() < 4, decoder
+        if decoder == "auto":
+            assert d.decoder == ("decord" if degrees == 180 else "pyav") and (d.fallback is None) == (degrees == 180)
+
+
 def test_decord_and_pyav_give_the_same_frames_on_h264(tmp_path):
     path = synthetic.write_video(tmp_path / "h.mp4", synthetic.motion_frames("left", frames=40, size=64, seed=1))
     a = video.decode_clips(path, Sampling(num_clips=3, clip_len=8, size=48, frame_stride=2), decoder="decord")
