@@ -395,7 +395,7 @@ def auto_order(path: str | Path) -> tuple[str, str]:
         import av
 
         with av.open(str(path), mode="r") as container:
-            stream = container.streams.video[0]
+            stream = container.streams.best("video")
             fmt, codec = container.format.name, stream.codec_context.name
     except Exception:  # not installed, not a video, no video stream: the decoders report it
         return ("decord", "pyav")
@@ -574,16 +574,16 @@ def _pyav_open(path: str | Path):
         container = av.open(str(path), mode="r")
     except Exception as err:  # av.error.FFmpegError subclasses (InvalidDataError, ...) and OSError
         raise DecodeError("open", short_error(err)) from None
-    if not container.streams.video:
+    stream = container.streams.best("video")  # av_find_best_stream, decord's choice: not a cover picture
+    if stream is None:
         container.close()
         raise DecodeError("open", "no video stream")
-    stream = container.streams.video[0]
     stream.thread_count = 1  # one thread per reader, as decord: parallelism comes from the workers
     return container, stream
 
 
 def _pyav_count(path: str | Path) -> int:
-    """Frames of the first video stream, by decoding them all (a container without a frame count)."""
+    """Frames of the video stream, by decoding them all (a container without a frame count)."""
     container, stream = _pyav_open(path)
     with container:
         try:

@@ -188,9 +188,12 @@ def test_every_codec_decodes_through_auto_with_its_frame_count(codec_videos, nam
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), diff.max())
 
 
-def _nearest_source_frames(decoded, clip_start, clip_len):
-    """For each decoded frame, the index of the source frame (resized and cropped as decoded) it is nearest to."""
-    source = video.resize_crop(synthetic.motion_frames("down-right", frames=21, size=64, seed=3), 32).astype(np.int16)
+def _nearest_source_frames(decoded, clip_start, clip_len, source=None):
+    """For each decoded frame, the index of the source frame (resized and cropped as decoded) it is nearest to
+    (``source``: the frames written; the codec fixture's by default)."""
+    if source is None:
+        source = synthetic.motion_frames("down-right", frames=21, size=64, seed=3)
+    source = video.resize_crop(source, 32).astype(np.int16)
     frames = decoded.reshape(-1, *decoded.shape[2:]).astype(np.int16)
     err = np.abs(frames[:, None] - source[None]).mean(axis=(2, 3, 4))  # (decoded, source)
     want = [s + j for s in clip_start for j in range(clip_len)]
@@ -245,6 +248,32 @@ def test_a_rotated_video_is_read_as_shown_by_both_decoders(tmp_path, degrees):
         assert np.abs(d.frames[0].astype(np.int16) - want).mean() < 4, decoder
         if decoder == "auto":
             assert d.decoder == ("decord" if degrees == 180 else "pyav") and (d.fallback is None) == (degrees == 180)
+
+
+def test_both_decoders_read_the_main_video_stream_not_a_picture_before_it(tmp_path):
+    """A file whose first video stream is one picture (a thumbnail) and whose second is the video:
+    PyAV's best stream (av_find_best_stream), as decord chooses, not its first."""
+    frames = synthetic.motion_frames("left", frames=21, size=64, seed=4)
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as container:
+        picture = container.add_stream("mjpeg", rate=1)
+        picture.width, picture.height, picture.pix_fmt = 32, 32, "yuvj420p"
+        main = container.add_stream("libx264", rate=30)
+        main.width, main.height, main.pix_fmt = 64, 64, "yuv420p"
+        for packet in picture.encode(av.VideoFrame.from_ndarray(frames[0, :32, :32], format="rgb24")):
+            container.mux(packet)
+        for packet in picture.encode():
+            container.mux(packet)
+        for f in frames:
+            for packet in main.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in main.encode():
+            container.mux(packet)
+    clips = Sampling(num_clips=3, clip_len=4, size=32)
+    for decoder in ("decord", "pyav", "auto"):
+        d = video.decode_clips(path, clips, decoder=decoder)
+        got, want = _nearest_source_frames(d.frames, d.clip_start, 4, frames)
+        assert d.num_frames == 21 and got == want, decoder
 
 
 def test_decord_and_pyav_give_the_same_frames_on_h264(tmp_path):
