@@ -222,6 +222,24 @@ def test_auto_reads_with_pyav_first_what_decord_misreads_and_decord_when_pyav_ca
     assert video.auto_order(tmp_path / "missing.mp4") == ("decord", "pyav")
 
 
+def _write_streams(path, *streams):
+    """A file of one video stream per (codec, frames (T, H, W, 3) uint8, options) of ``streams``, in
+    that order; options: pix_fmt, rate, rotation (a display matrix)."""
+    with av.open(str(path), "w") as container:
+        added = []
+        for codec, frames, options in streams:  # every stream before the first packet (the header)
+            stream = container.add_stream(codec, rate=options.get("rate", 30))
+            stream.width, stream.height = frames.shape[2], frames.shape[1]
+            stream.pix_fmt = options.get("pix_fmt", "yuv420p")
+            if "rotation" in options:
+                stream.set_display_rotation(options["rotation"])
+            added.append((stream, frames))
+        for stream, frames in added:
+            for f in [*frames, None]:
+                for packet in stream.encode(None if f is None else av.VideoFrame.from_ndarray(f, format="rgb24")):
+                    container.mux(packet)
+
+
 @pytest.mark.parametrize("degrees", [90, 180, 270])
 def test_a_rotated_video_is_read_as_shown_by_both_decoders(tmp_path, degrees):
     """A phone's portrait video is stored landscape with a display matrix. PyAV gives the stored
@@ -231,15 +249,7 @@ def test_a_rotated_video_is_read_as_shown_by_both_decoders(tmp_path, degrees):
         pytest.skip("this PyAV cannot write a display matrix")
     frames = synthetic.motion_frames("right", frames=12, size=64, seed=2)[:, 8:56]  # 48 x 64: not square
     path = tmp_path / f"rot{degrees}.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.set_display_rotation(degrees)
-        for f in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    _write_streams(path, ("libx264", frames, {"rotation": degrees}))
     clips = Sampling(num_clips=2, clip_len=4, size=32)
     shown = np.rot90(frames, degrees // 90, axes=(1, 2))
     want = video.resize_crop(shown[sampling.clip_starts(12, 2, 4)[0]:][:4], 32).astype(np.int16)
@@ -255,20 +265,7 @@ def test_both_decoders_read_the_main_video_stream_not_a_picture_before_it(tmp_pa
     PyAV's best stream (av_find_best_stream), as decord chooses, not its first."""
     frames = synthetic.motion_frames("left", frames=21, size=64, seed=4)
     path = tmp_path / "two.mkv"
-    with av.open(str(path), "w") as container:
-        picture = container.add_stream("mjpeg", rate=1)
-        picture.width, picture.height, picture.pix_fmt = 32, 32, "yuvj420p"
-        main = container.add_stream("libx264", rate=30)
-        main.width, main.height, main.pix_fmt = 64, 64, "yuv420p"
-        for packet in picture.encode(av.VideoFrame.from_ndarray(frames[0, :32, :32], format="rgb24")):
-            container.mux(packet)
-        for packet in picture.encode():
-            container.mux(packet)
-        for f in frames:
-            for packet in main.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                container.mux(packet)
-        for packet in main.encode():
-            container.mux(packet)
+    _write_streams(path, ("mjpeg", frames[:1, :32, :32], {"pix_fmt": "yuvj420p", "rate": 1}), ("libx264", frames, {}))
     clips = Sampling(num_clips=3, clip_len=4, size=32)
     for decoder in ("decord", "pyav", "auto"):
         d = video.decode_clips(path, clips, decoder=decoder)
