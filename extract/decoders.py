@@ -2,8 +2,9 @@
 
 ``DecodePool`` decodes each video in one of ``workers`` processes so that decoding overlaps the
 model and a decoder that hangs (decord can, holding the GIL: docs/pitfalls.md) or dies is killed after
-``timeout`` s, reported as Failed(stage="timeout" / "crash"), and replaced; the other videos it
-had queued go to other workers. Each worker owns ``prefetch`` frame buffers in shared memory
+``timeout`` s and replaced; the other videos it had queued go to other workers. With ``decoder``
+"auto" the video is decoded once more with the other decoder, then reported as
+Failed(stage="timeout" / "crash") holding both tries when that fails too. Each worker owns ``prefetch`` frame buffers in shared memory
 (pipes when /dev/shm is too small): it decodes the next video while the main process copies out
 the last. Workers are recycled every ``recycle_every`` videos (decord leaks a little).
 ``InlineDecoder`` (``workers=0``) decodes in the calling process, without overlap or timeout.
@@ -139,9 +140,9 @@ def _decode_worker(conn, sampling: Sampling, decoder: str, log_path: str | None,
                 break
             if msg[0] == "stop":
                 break
-            _, task_id, path, buf, video_id, own = msg
+            _, task_id, path, buf, video_id, own, retry_with = msg
             out = arrays[buf] if arrays else None
-            r = _decode_one(path, own or sampling, decoder, sink, video_id, out=out)
+            r = _decode_one(path, own or sampling, retry_with or decoder, sink, video_id, out=out)
             if r[0] == "ok":
                 d = r[1]
                 conn.send(("ok", task_id, {"num_frames": d.num_frames, "fps": d.fps, "clip_start": d.clip_start,
@@ -307,7 +308,9 @@ class DecodePool(_Decoder):
 
     A video whose decode takes longer than ``timeout`` seconds has its worker killed and is
     returned as Failed(stage="timeout"); a worker that dies gives Failed(stage="crash"). Both
-    workers are replaced and the other videos they had queued are decoded by others. The workers
+    workers are replaced and the other videos they had queued are decoded by others. With
+    ``decoder`` "auto" such a video is first decoded once more with the other decoder
+    (``video.auto_order``'s second). The workers
     are started by the pool's dispatcher thread: the constructor returns at once.
     """
 
@@ -332,6 +335,10 @@ class DecodePool(_Decoder):
         self.results: queue.Queue = queue.Queue()
         self.max_ready = max(2, workers)  # decoded videos waiting for the model, at most
         self._todo = deque(_jobs(items, sampling, samplings))
+        # item index -> (the decoder it is retried with, the first try's stage, error, log): with
+        # --decoder auto, a video whose decode hung or killed its worker is decoded once more with
+        # the other decoder (decord can hang holding the GIL: docs/pitfalls.md) before it fails
+        self._retries: dict[int, tuple[str, str, str, str]] = {}
         self._stop = threading.Event()
         self._task_id = 0
         self._ctx = mp_context()
@@ -392,13 +399,34 @@ class DecodePool(_Decoder):
             self._todo.appendleft(job)
 
     def _fail_head(self, slot: _Slot, stage: str, error: str) -> None:
-        _, (index, item, _), _ = slot.tasks[0]
+        """The head task's worker hung (stage "timeout") or died ("crash"): kill and replace it, and
+        fail the video, unless --decoder auto retries it with the other decoder first."""
+        _, job, _ = slot.tasks[0]
+        index, item, _ = job
         self._requeue_rest(slot)
         self._kill(slot)
         text = read_log(slot.log_path)
-        self.results.put(Failed(item, stage, error, {"log": text} if text else {}, index))
+        if self.decoder == "auto" and index not in self._retries:
+            other = video.auto_order(item.path)[1]  # the first one tried is the likelier to hang
+            self._retries[index] = (other, stage, error, text)
+            self._todo.appendleft(job)
+            log.warning("%s: %s (%s); decoding it again with %s", item.id, stage, error, other)
+        else:
+            self.results.put(self._failed(item, index, stage, error, {"log": text} if text else {}))
         if not self._stop.is_set():
             self._start(slot)
+
+    def _failed(self, item: video.VideoItem, index: int, stage: str, error: str, extra: dict[str, Any]) -> Failed:
+        """The video's failure, with its first try's when it was retried with the other decoder."""
+        retry = self._retries.get(index)
+        if retry is None:
+            return Failed(item, stage, error, extra, index)
+        other, first_stage, first_error, first_log = retry
+        first = "decord" if other == "pyav" else "pyav"
+        errors = {first: f"{first_stage}: {first_error}", **extra.get("errors", {other: error})}
+        log_text = "\n".join(t for t in (first_log, extra.get("log", "")) if t)
+        return Failed(item, stage, f"{first}: {first_stage}: {first_error}; {other}: {error}",
+                      {**extra, "errors": errors, **({"log": log_text} if log_text else {})}, index)
 
     def _receive(self, slot: _Slot) -> None:
         import torch
@@ -418,8 +446,11 @@ class DecodePool(_Decoder):
                 slot.conn.recv_bytes_into(memoryview(frames.numpy()).cast("B"))
             self.results.put(Decoded(item, frames, meta["num_frames"], meta["fps"], meta["clip_start"], meta["short"],
                                      meta.get("decoder", "decord"), index))
+            if index in self._retries:
+                log.info("%s: read with %s after the first try's %s", item.id, meta.get("decoder"),
+                         self._retries[index][1])
         else:
-            self.results.put(Failed(item, msg[2], msg[3], msg[4], index))
+            self.results.put(self._failed(item, index, msg[2], msg[3], msg[4]))
         slot.free.append(buf)
         slot.since = time.monotonic()
 
@@ -437,7 +468,8 @@ class DecodePool(_Decoder):
                 slot.tasks.append((self._task_id, job, buf))
                 slot.sent += 1
                 try:
-                    slot.conn.send(("task", self._task_id, str(item.path), buf, item.id, own))
+                    retry = self._retries.get(job[0])
+                    slot.conn.send(("task", self._task_id, str(item.path), buf, item.id, own, retry and retry[0]))
                 except OSError:  # the worker died: the wait below sees its sentinel and handles it
                     break
             if slot.sent >= self.recycle_every and not slot.tasks and self._todo:

@@ -26,10 +26,11 @@ def header(models: Sequence[str], *, num_clips: int, clip_len: int = 8, classes:
                                          std=[std] * 3, compute_dtype="float32") for m in models})
 
 
-def _faulty_decode(path: Any, *args: Any, match: str, action: str, seconds: float, decode: Any, **kw: Any) -> Any:
-    """``decode`` (the real decode_clips), except on a video whose path contains ``match``: sleep
-    first, or kill the process."""
-    if match in str(path):
+def _faulty_decode(path: Any, *args: Any, match: str, action: str, seconds: float, decode: Any,
+                  only_decoder: str | None = None, **kw: Any) -> Any:
+    """``decode`` (the real decode_clips), except on a video whose path contains ``match`` (and, with
+    ``only_decoder``, decoded with that --decoder): sleep first, or kill the process."""
+    if match in str(path) and (only_decoder is None or kw.get("decoder", "auto") == only_decoder):
         if action == "exit":
             os._exit(3)  # a decoder that dies
         time.sleep(seconds)  # a decoder that hangs
@@ -37,13 +38,16 @@ def _faulty_decode(path: Any, *args: Any, match: str, action: str, seconds: floa
 
 
 def _parse_fault(spec: str) -> dict[str, Any]:
-    """"SUBSTRING:sleep=SECONDS" or "SUBSTRING:exit" as _faulty_decode's keywords."""
+    """"SUBSTRING:sleep=SECONDS" or "SUBSTRING:exit", optionally "@DECODER" (only a decode with that
+    --decoder), as _faulty_decode's keywords."""
     match, _, action = spec.rpartition(":")
+    action, _, decoder = action.partition("@")
+    only = {"only_decoder": decoder} if decoder else {}
     if action == "exit":
-        return {"match": match, "action": "exit", "seconds": 0.0}
+        return {"match": match, "action": "exit", "seconds": 0.0, **only}
     if action.startswith("sleep="):
-        return {"match": match, "action": "sleep", "seconds": float(action[6:])}
-    raise ValueError(f"fault {spec!r}: expected SUBSTRING:sleep=SECONDS or SUBSTRING:exit")
+        return {"match": match, "action": "sleep", "seconds": float(action[6:]), **only}
+    raise ValueError(f"fault {spec!r}: expected SUBSTRING:sleep=SECONDS or SUBSTRING:exit, then optionally @DECODER")
 
 
 def _patch_decode(spec: str) -> None:

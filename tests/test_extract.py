@@ -170,6 +170,10 @@ def test_decoder_timeout_and_crash_are_recorded_and_the_run_goes_on(root, tmp_pa
     result = invoke(root, "-o", out, *OPTS, "--workers", "2", "--timeout", "2")
     assert result.exit_code == 0, result.output
     assert failures(out) == {**BROKEN, "left/left_001.mp4": "timeout"}
+    record = next(r for r in map(json.loads, (out / "failures.jsonl").read_text().splitlines())
+                  if r["id"] == "left/left_001.mp4")
+    assert set(record["errors"]) == {"decord", "pyav"}  # auto tried the other decoder before giving up
+    assert all("longer than 2 s" in e for e in record["errors"].values())
     assert sorted(read_features(out)) == sorted(set(GOOD) - {"left/left_001.mp4"})
     out2 = tmp_path / "crashy"
     with_fault(monkeypatch, "right_002:exit")
@@ -177,6 +181,19 @@ def test_decoder_timeout_and_crash_are_recorded_and_the_run_goes_on(root, tmp_pa
     assert result.exit_code == 0, result.output
     assert failures(out2) == {**BROKEN, "right/right_002.mp4": "crash"}
     assert len(read_features(out2)) == len(GOOD) - 1
+
+
+@pytest.mark.parametrize("fault", ["left_001:sleep=60@auto", "left_001:exit@auto"], ids=["hang", "crash"])
+def test_a_video_whose_decoder_hangs_or_dies_is_read_with_the_other_one(root, tmp_path, monkeypatch, fault):
+    """decord can hang holding the GIL, or crash, on a file PyAV reads (docs/pitfalls.md): with
+    --decoder auto the video is decoded again with the other decoder, not recorded as failed."""
+    out = tmp_path / "retried"
+    with_fault(monkeypatch, fault)  # only the first try (--decoder auto) hangs or dies; the retry names its decoder
+    result = invoke(root, "-o", out, *OPTS, "--workers", "1", "--timeout", "2")
+    assert result.exit_code == 0, result.output
+    assert failures(out) == BROKEN and sorted(read_features(out)) == sorted(GOOD)
+    runs = [json.loads(p.read_text())["runs"][-1] for p in out.glob("manifest-*.json")]
+    assert sum(r["decoders"].get("pyav", 0) for r in runs) == 1  # left_001, read by PyAV on the retry
 
 
 def test_kinetics_annotations_store_split_and_record_missing(root, tmp_path):
