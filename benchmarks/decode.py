@@ -4,9 +4,10 @@
     python benchmarks/decode.py --seconds 10 --json out.json
 
 Videos: faster.synthetic.write_kinetics_like (a scrolling texture and a moving square, camera-like
-motion) encoded with PyAV in H.264, HEVC, VP9, AV1 (libsvtav1), ProRes 422 Proxy and MPEG-2, at
-340x256 (Kinetics' size) and 1280x720, 30 fps. For each file and decoder (decord, pyav; auto is
-decord with PyAV for what decord cannot open) the process is pinned to one core
+motion) encoded with PyAV in H.264, HEVC, VP9, AV1 (libsvtav1), ProRes 422 Proxy, MPEG-2 and MPEG-4 Part 2
+(Xvid-like, in AVI), at 340x256 (Kinetics' size) and 1280x720, 30 fps. For each file and decoder
+(auto, decord, pyav; auto's row says which one it chose and what choosing cost: its header read,
+``video.auto_order``) the process is pinned to one core
 (sched_setaffinity, torch and the decoders one thread) and ``decode_clips`` samples every frame
 (N x 8 frames, N = frames // 8) at 224 px: frames/s = frames / seconds of decode + RGB
 conversion + resize and crop, what a decode worker does per video. Best of ``--repeat`` runs.
@@ -33,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-CODECS = {"h264": ".mp4", "hevc": ".mp4", "vp9": ".webm", "av1": ".mkv", "prores": ".mov", "mpeg2": ".mpg"}
+CODECS = {"h264": ".mp4", "hevc": ".mp4", "vp9": ".webm", "av1": ".mkv", "prores": ".mov", "mpeg2": ".mpg",
+          "mpeg4": ".avi"}
 SIZES = {"340x256": (340, 256), "720p": (1280, 720)}
 TABLE5_S_PER_VIDEO = (75.7 + 15.1) / 100  # all-e + all-c seconds per video, paper Table 5 (TITAN X)
 FRAMES_PER_VIDEO = 256
@@ -72,7 +74,7 @@ def main() -> None:
     import torch
 
     from faster import synthetic
-    from faster.extract.video import DecodeError, decode_clips
+    from faster.extract.video import DecodeError, auto_order, decode_clips
     from faster.sampling import Sampling
 
     tc = _torchcodec()
@@ -93,23 +95,29 @@ def main() -> None:
             with av.open(str(path)) as c:
                 frames = sum(1 for _ in c.decode(video=0))
             n = max(1, frames // 8)
-            for dec in ("decord", "pyav") + (("torchcodec",) if tc is not None else ()):
-                best, error = None, None
+            for dec in ("auto", "decord", "pyav") + (("torchcodec",) if tc is not None else ()):
+                best, error, note = None, None, ""
                 for _ in range(args.repeat):
                     t = time.perf_counter()
                     try:
                         if dec == "torchcodec":
                             _decode_torchcodec(tc, path, n * 8, args.size)
                         else:
-                            decode_clips(path, Sampling(num_clips=n, clip_len=8, size=args.size), decoder=dec)
+                            d = decode_clips(path, Sampling(num_clips=n, clip_len=8, size=args.size), decoder=dec)
                     except (DecodeError, RuntimeError, ValueError) as err:
                         error = str(err)[:80]
                         break
                     s = time.perf_counter() - t
                     best = s if best is None else min(best, s)
                 fps = round(n * 8 / best, 1) if best else None
+                if dec == "auto" and best:
+                    t = time.perf_counter()
+                    for _ in range(5):
+                        auto_order(path)
+                    probe = (time.perf_counter() - t) / 5
+                    note = f"read with {d.decoder}; choosing took {probe * 1e3:.1f} ms ({probe / best:.2%} of the decode)"
                 rows.append({"size": res, "codec": codec, "decoder": dec, "frames": frames, "frames_per_s": fps,
-                             "error": error, "MiB": round(path.stat().st_size / 2**20, 2)})
+                             "error": error, "note": note, "MiB": round(path.stat().st_size / 2**20, 2)})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     need = FRAMES_PER_VIDEO / TABLE5_S_PER_VIDEO
@@ -124,7 +132,7 @@ def main() -> None:
         fps = r["frames_per_s"]
         r["cores_per_gpu"] = round(need / fps, 2) if fps else None
         print(f"{r['size']:8} {r['codec']:7} {r['decoder']:7} {fps if fps else '-':>9} "
-              f"{r['cores_per_gpu'] if fps else '-':>10}  {r['error'] or ''}")
+              f"{r['cores_per_gpu'] if fps else '-':>10}  {r['error'] or r['note']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "gpu_frames_per_s": need,
                                                "load": os.getloadavg()[0]}, indent=1))
