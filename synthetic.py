@@ -8,7 +8,7 @@ model does not. ``make_motion_dataset`` writes the folder-per-class layout that 
 reads; ``write_kinetics_like`` writes 340x256, 30 fps clips shaped like Kinetics videos for the
 benchmarks; ``write_audio_only`` writes an mp4 with no video stream (a failure case).
 
-PyAV (a runtime dependency: the fallback decoder) is imported lazily, inside the writers.
+PyAV (a runtime dependency: the second decoder) is imported lazily, inside the writers.
 """
 from __future__ import annotations
 

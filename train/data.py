@@ -6,8 +6,8 @@ frames ``frame_stride`` apart at a random start; the short side jittered in [256
 probability 1/2. Every draw is a function of (seed, epoch, video, repeat) (:func:`draws`), not of
 an RNG's state, so a resumed run sees the clips the uninterrupted one saw.
 
-Work is split as extraction splits it: the decode processes (faster.extract.decoders, decord with
-the PyAV fallback) only decode and resize, each clip to a square "canvas" whose side is the top
+Work is split as extraction splits it: the decode processes (faster.extract.decoders, decord and
+PyAV as ``--decoder`` chooses) only decode and resize, each clip to a square "canvas" whose side is the top
 of the jitter range (short side resized to it, centre square kept); the crop, the scale (the crop
 is ``size * canvas / scale`` canvas pixels wide, resized to ``size``), the flip and the
 normalisation run on the training device, on uint8 batches (:func:`augment`). Keeping the centre
