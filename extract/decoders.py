@@ -3,10 +3,10 @@
 ``DecodePool`` decodes each video in one of ``workers`` processes so that decoding overlaps the
 model and a decoder that hangs (decord can, holding the GIL: docs/pitfalls.md) or dies is killed after
 ``timeout`` s and replaced; the other videos it had queued go to other workers. With ``decoder``
-"auto" the video is decoded once more with the other decoder, then reported as
-Failed(stage="timeout" / "crash") holding both tries when that fails too. Each worker owns ``prefetch`` frame buffers in shared memory
-(pipes when /dev/shm is too small): it decodes the next video while the main process copies out
-the last. Workers are recycled every ``recycle_every`` videos (decord leaks a little).
+"auto" the video is decoded once more with the other decoder, and reported as
+Failed(stage="timeout" / "crash"), holding both tries, only when that fails too. Each worker owns
+``prefetch`` frame buffers in shared memory (pipes when /dev/shm is too small): it decodes the
+next video while the main process copies out the last. Workers are recycled every ``recycle_every`` videos (decord leaks a little).
 ``InlineDecoder`` (``workers=0``) decodes in the calling process, without overlap or timeout.
 
 Both take the clips to decode as one faster.sampling.Sampling (or, ``samplings``, one per item of
@@ -310,8 +310,8 @@ class DecodePool(_Decoder):
     returned as Failed(stage="timeout"); a worker that dies gives Failed(stage="crash"). Both
     workers are replaced and the other videos they had queued are decoded by others. With
     ``decoder`` "auto" such a video is first decoded once more with the other decoder
-    (``video.auto_order``'s second). The workers
-    are started by the pool's dispatcher thread: the constructor returns at once.
+    (``video.auto_order``'s second). The workers are started by the pool's dispatcher thread: the
+    constructor returns at once.
     """
 
     def __init__(self, items: list[video.VideoItem], sampling: Sampling, *, workers: int, timeout: float = 300.0,

@@ -611,8 +611,8 @@ def decode_clips_pyav(path: str | Path, sampling: Sampling, *, out: np.ndarray |
     the frame count is the container's, or a counted decode when the header has none (WebM, MKV,
     MPEG-PS) or overstates it. A frame the container says to show rotated (a phone's portrait video:
     its display matrix) is turned as shown, as decord does (counter-clockwise by ``frame.rotation``).
-    The file is decoded sequentially up to the last needed frame; only
-    needed frames are converted to RGB, resized and cropped, ``CHUNK_FRAMES`` at a time.
+    The file is decoded sequentially up to the last needed frame; only needed frames are converted
+    to RGB, resized and cropped, ``CHUNK_FRAMES`` at a time.
     """
     container, stream = _pyav_open(path)
     if num_frames is None and not stream.frames:
