@@ -224,13 +224,14 @@ def test_auto_reads_with_pyav_first_what_decord_misreads_and_decord_when_pyav_ca
 
 def _write_streams(path, *streams):
     """A file of one video stream per (codec, frames (T, H, W, 3) uint8, options) of ``streams``, in
-    that order; options: pix_fmt, rate, rotation (a display matrix)."""
+    that order; options: pix_fmt, rate, rotation (a display matrix), codec (the encoder's own)."""
     with av.open(str(path), "w") as container:
         added = []
         for codec, frames, options in streams:  # every stream before the first packet (the header)
             stream = container.add_stream(codec, rate=options.get("rate", 30))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = options.get("pix_fmt", "yuv420p")
+            stream.options = options.get("codec", {})
             if "rotation" in options:
                 stream.set_display_rotation(options["rotation"])
             added.append((stream, frames))
@@ -271,6 +272,24 @@ def test_both_decoders_read_the_main_video_stream_not_a_picture_before_it(tmp_pa
         d = video.decode_clips(path, clips, decoder=decoder)
         got, want = _nearest_source_frames(d.frames, d.clip_start, 4, frames)
         assert d.num_frames == 21 and got == want, decoder
+
+
+@pytest.mark.parametrize("codec,ext,options", [("libx264", ".mp4", {"g": "12", "bf": "3"}),
+                                               ("libvpx-vp9", ".webm", {"g": "12", "deadline": "realtime"})],
+                         ids=["h264", "vp9"])
+def test_auto_reads_subsets_of_clips_across_keyframes_as_their_frames(tmp_path, codec, ext, options):
+    """What auto reads with decord stays exact when a subset of clips makes it seek across groups of
+    pictures (a keyframe every 12 frames): predict's and train-clip's reads."""
+    frames = synthetic.motion_frames("down-right", frames=60, size=64, seed=6)
+    for i in range(60):  # every frame distinct: a bar that moves 3 px a frame along the top
+        frames[i, :6] = 0
+        frames[i, :6, 3 * i % 63:3 * i % 63 + 3] = 255
+    path = tmp_path / f"gop{ext}"
+    _write_streams(path, (codec, frames, {"codec": options}))
+    for positions in ([1, 5], [3, 7, 9], [8], [0, 9]):
+        d = video.decode_clips(path, Sampling(num_clips=10, clip_len=4, size=32, positions=positions))
+        got, want = _nearest_source_frames(d.frames, d.clip_start, 4, frames)
+        assert d.decoder == "decord" and got == want, (positions, got)
 
 
 def test_decord_and_pyav_give_the_same_frames_on_h264(tmp_path):
