@@ -111,27 +111,23 @@ def test_positions_decode_a_subset_of_the_clips_exactly(root):
 
 
 
-def test_decode_pool_recycles_workers_and_returns_every_video(root):
-    import queue
-
+def test_decode_pool_recycles_workers_and_returns_every_video(root, monkeypatch):
     from faster.extract.decoders import Decoded, DecodePool
 
+    starts = []
+    start = DecodePool._start
+
+    def counted_start(self, slot):  # on the pool's dispatcher thread
+        start(self, slot)
+        starts.append(slot.proc.pid)
+
+    monkeypatch.setattr(DecodePool, "_start", counted_start)
     items = video.discover(root).items
-    got, pids = [], set()
     with DecodePool(items, Sampling(num_clips=2, clip_len=8, size=32), workers=2, recycle_every=1) as pool:
-        while True:
-            try:
-                r = pool.get(timeout=0.1)
-            except queue.Empty:
-                pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
-                continue
-            if r is None:
-                break
-            assert isinstance(r, Decoded) and tuple(r.frames.shape) == (2, 8, 32, 32, 3)
-            got.append(r.item.id)
-            pids.update(s.proc.pid for s in pool.slots if s.proc is not None)
-    assert sorted(got) == sorted(it.id for it in items)
-    assert len(pids) >= 3  # 4 videos, 1 per worker process: workers were replaced
+        results = list(pool)
+    assert all(isinstance(r, Decoded) and tuple(r.frames.shape) == (2, 8, 32, 32, 3) for r in results)
+    assert sorted(r.item.id for r in results) == sorted(it.id for it in items)
+    assert len(set(starts)) >= len(items)  # 1 video per worker process: 2 started, then one per recycled worker
 
 
 def test_decode_workers_import_no_torch(root):
