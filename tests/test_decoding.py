@@ -140,7 +140,8 @@ def test_decode_workers_import_no_torch(root):
         results = list(pool)
         infos = [s.info for s in pool.slots]
     assert all(isinstance(r, Decoded) for r in results) and len(results) == 2
-    assert all(info and info["torch"] is False for info in infos), infos
+    reported = [info for info in infos if info]  # a worker still starting when the other decoded both has none
+    assert reported and all(info["torch"] is False for info in reported), infos
 
 
 # ----------------------------------------------------------------------------------------------
