@@ -27,19 +27,26 @@ def header(models: Sequence[str], *, num_clips: int, clip_len: int = 8, classes:
 
 
 def _faulty_decode(path: Any, *args: Any, match: str, action: str, seconds: float, decode: Any,
-                  only_decoder: str | None = None, **kw: Any) -> Any:
+                  only_decoder: str | None = None, until: str | None = None, **kw: Any) -> Any:
     """``decode`` (the real decode_clips), except on a video whose path contains ``match`` (and, with
-    ``only_decoder``, decoded with that --decoder): sleep first, or kill the process."""
+    ``only_decoder``, decoded with that --decoder): sleep first, wait until the file ``until`` exists
+    (at most ``seconds``), or kill the process."""
     if match in str(path) and (only_decoder is None or kw.get("decoder", "auto") == only_decoder):
         if action == "exit":
             os._exit(3)  # a decoder that dies
-        time.sleep(seconds)  # a decoder that hangs
+        if action == "wait":  # a decoder held until the test releases it
+            deadline = time.monotonic() + seconds
+            while not Path(until).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        else:
+            time.sleep(seconds)  # a decoder that hangs
     return decode(path, *args, **kw)
 
 
 def _parse_fault(spec: str) -> dict[str, Any]:
-    """"SUBSTRING:sleep=SECONDS" or "SUBSTRING:exit", optionally "@DECODER" (only a decode with that
-    --decoder), as _faulty_decode's keywords."""
+    """"SUBSTRING:sleep=SECONDS", "SUBSTRING:wait=PATH" (until PATH exists, at most 300 s) or
+    "SUBSTRING:exit", optionally "@DECODER" (only a decode with that --decoder), as _faulty_decode's
+    keywords."""
     match, _, action = spec.rpartition(":")
     action, _, decoder = action.partition("@")
     only = {"only_decoder": decoder} if decoder else {}
@@ -47,7 +54,10 @@ def _parse_fault(spec: str) -> dict[str, Any]:
         return {"match": match, "action": "exit", "seconds": 0.0, **only}
     if action.startswith("sleep="):
         return {"match": match, "action": "sleep", "seconds": float(action[6:]), **only}
-    raise ValueError(f"fault {spec!r}: expected SUBSTRING:sleep=SECONDS or SUBSTRING:exit, then optionally @DECODER")
+    if action.startswith("wait="):
+        return {"match": match, "action": "wait", "seconds": 300.0, "until": action[5:], **only}
+    raise ValueError(f"fault {spec!r}: expected SUBSTRING:sleep=SECONDS, SUBSTRING:wait=PATH or SUBSTRING:exit, "
+                     f"then optionally @DECODER")
 
 
 def _patch_decode(spec: str) -> None:

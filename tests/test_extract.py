@@ -284,9 +284,11 @@ def test_two_extractions_into_one_directory_never_write_a_part_twice(root, refer
     it waits and finds nothing left; every video is in one shard only."""
     import time
 
-    out = tmp_path / "twice"
-    first = subprocess.Popen([*DRIVER, "--fault", "left_000:sleep=15", "--", str(root), "-o", str(out), *OPTS,
+    out, release = tmp_path / "twice", tmp_path / "release"
+    # the first extraction holds its part (its decoder waits on left_000) until the test creates `release`
+    first = subprocess.Popen([*DRIVER, "--fault", f"left_000:wait={release}", "--", str(root), "-o", str(out), *OPTS,
                               "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    waiting = None
     try:
         deadline = time.monotonic() + 60
         while not (out / ".lock-00000").exists():
@@ -296,13 +298,20 @@ def test_two_extractions_into_one_directory_never_write_a_part_twice(root, refer
                                  "--workers", "0"], capture_output=True, text=True, timeout=60)
         assert second.returncode == 1, second.stderr[-2000:]
         assert f"part 0 is being written by pid {first.pid}" in second.stderr and "--wait" in second.stderr
-        waited = subprocess.run([sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS,
-                                 "--workers", "0", "--wait"], capture_output=True, text=True, timeout=120)
+        waiting = subprocess.Popen([sys.executable, "-m", "faster", "extract", str(root), "-o", str(out), *OPTS,
+                                    "--workers", "0", "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        time.sleep(2)  # it reaches the held lock (either way the first completes before it writes anything)
+        release.touch()
         assert first.wait(timeout=60) == 0, first.stderr.read()[-2000:]
+        stdout, stderr = waiting.communicate(timeout=120)
     finally:
-        first.kill()
-    assert waited.returncode == 0, waited.stderr[-2000:]
-    assert "extracted 0, skipped 7 (done before)" in waited.stdout
+        release.touch()
+        for proc in (first, waiting):
+            if proc is not None:
+                proc.kill()
+    assert waiting.returncode == 0, stderr[-2000:]
+    assert "extracted 0, skipped 7 (done before)" in stdout
     assert sorted(read_features(out)) == sorted(GOOD)  # read_features asserts each id is in one shard
     assert not list(out.glob(".lock-*"))
 
